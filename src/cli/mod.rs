@@ -1,0 +1,92 @@
+//! The `kdist` command line: one file per verb, each with its clap `Args` and `run()`.
+//!
+//! Verbs talk to the daemon through `supervisor::Client`, or work on the data dir
+//! directly when they must run without a daemon. Output meant for scripts has `-o json`.
+
+// The CLI is the one part of the library that talks to the user on stdout.
+#![allow(clippy::print_stdout)]
+
+mod completion;
+mod daemon;
+mod logs;
+mod restart;
+mod start;
+mod status;
+mod stop;
+mod version;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{DEFAULT_DATA_DIR, DataDir};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kdist",
+    version,
+    about = "A local Kubernetes distribution of Amazon EKS Distro"
+)]
+pub struct Cli {
+    /// Data directory of this node.
+    #[arg(long, global = true, env = "KDIST_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Log level of kdist itself (error, warn, info, debug, trace).
+    #[arg(long, global = true, env = "KDIST_LOG", default_value = "info")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the supervisor in the foreground (what a service manager runs).
+    Daemon(daemon::Args),
+    /// Start the daemon in the background and wait until every service is ready.
+    Start(start::Args),
+    /// Stop the daemon and every service; returns when all are gone.
+    Stop(stop::Args),
+    /// Show the services, their state, pid, uptime, restarts, CPU and memory.
+    Status(status::Args),
+    /// Restart one service, re-reading its args file.
+    Restart(restart::Args),
+    /// Show a service's log (`kdist` for the daemon's own).
+    Logs(logs::Args),
+    /// Print kdist's version.
+    Version(version::Args),
+    /// Print a shell completion script.
+    Completion(completion::Args),
+}
+
+/// Output format of commands meant for people and scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+impl Cli {
+    pub fn data(&self) -> DataDir {
+        DataDir::new(&self.data_dir)
+    }
+}
+
+/// Runs the parsed command. The daemon verb builds its own runtime in `main`.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data = cli.data();
+    match cli.command {
+        Command::Daemon(args) => daemon::run(args, data).await,
+        Command::Start(args) => start::run(args, data).await,
+        Command::Stop(args) => stop::run(args, data).await,
+        Command::Status(args) => status::run(args, data).await,
+        Command::Restart(args) => restart::run(args, data).await,
+        Command::Logs(args) => logs::run(args, data).await,
+        Command::Version(args) => version::run(args, data),
+        Command::Completion(args) => completion::run(args),
+    }
+}

@@ -1,0 +1,96 @@
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::{DataDir, NodeConfig};
+use crate::supervisor::{Client, SupervisorError};
+
+use super::status::{print_table, wait_ready};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Install this file as the node's config.yaml (validated first).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Seconds to wait for every service to become ready.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&data);
+    match client.status().await {
+        Ok(report) => {
+            println!("kdist is already running (pid {})", report.daemon.pid);
+            print_table(&report);
+            return Ok(if report.all_ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Err(SupervisorError::NotRunning { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    data.ensure()?;
+    if let Some(file) = &args.config {
+        NodeConfig::seed(&data, file)?;
+    } else {
+        // fail here, with the file named, rather than in the detached daemon's log
+        NodeConfig::load(&data)?;
+    }
+    let log_path = data.log_file("kdist");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the kdist executable")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("--data-dir")
+        .arg(data.root())
+        .args(["daemon", "--detach"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("cannot start the kdist daemon")?;
+    println!(
+        "kdist daemon started (pid {}), log: {}",
+        child.id(),
+        log_path.display()
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    // wait for the control socket, noticing a daemon that dies at once (bad config, lock)
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = crate::supervisor::log_tail(&log_path, 10).join("\n");
+            anyhow::bail!("the kdist daemon exited ({status}); its log ends with:\n{tail}");
+        }
+        match client.status().await {
+            Ok(_) => break,
+            Err(SupervisorError::NotRunning { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let (report, ready) = wait_ready(&client, remaining).await?;
+    print_table(&report);
+    if ready {
+        println!("kdist is ready.");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let names: Vec<_> = report.not_ready().iter().map(|s| s.name.clone()).collect();
+        eprintln!(
+            "not ready after {} s: {}; see `kdist status` and `kdist logs <service>`",
+            args.timeout,
+            names.join(", ")
+        );
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,123 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::DataDir;
+use crate::supervisor::{Client, StatusReport, SupervisorError};
+
+use super::Output;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Block until every service is ready (exit 0) or the timeout passes (exit 1).
+    #[arg(long)]
+    pub wait_ready: bool,
+    /// Seconds to wait with --wait-ready.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&data);
+    let report = match client.status().await {
+        Ok(report) => report,
+        Err(e @ SupervisorError::NotRunning { .. }) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (report, ready) = if args.wait_ready {
+        wait_ready(&client, Duration::from_secs(args.timeout)).await?
+    } else {
+        let ready = report.all_ready();
+        (report, ready)
+    };
+    match args.output {
+        Output::Table => print_table(&report),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+    }
+    if args.wait_ready && !ready {
+        let names: Vec<_> = report.not_ready().iter().map(|s| s.name.clone()).collect();
+        eprintln!("not ready after {} s: {}", args.timeout, names.join(", "));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the daemon until every service is ready or `timeout` passes.
+pub async fn wait_ready(
+    client: &Client,
+    timeout: Duration,
+) -> Result<(StatusReport, bool), SupervisorError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let report = client.status().await?;
+        if report.all_ready() {
+            return Ok((report, true));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok((report, false));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    format!("{:.1}M", bytes as f64 / MIB)
+}
+
+fn human_secs(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+pub fn print_table(report: &StatusReport) {
+    let d = &report.daemon;
+    println!(
+        "kdist {} (pid {}, up {}, cpu {}, rss {}) data dir {}",
+        d.version,
+        d.pid,
+        human_secs(d.uptime_secs),
+        d.cpu_percent
+            .map(|c| format!("{c:.1}%"))
+            .unwrap_or("-".into()),
+        d.rss_bytes.map(human_bytes).unwrap_or("-".into()),
+        d.data_dir
+    );
+    println!(
+        "{:<24} {:<10} {:>8} {:>8} {:>8} {:>6} {:>8}  LAST EXIT",
+        "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "RSS"
+    );
+    let dash = || "-".to_string();
+    for s in &report.services {
+        println!(
+            "{:<24} {:<10} {:>8} {:>8} {:>8} {:>6} {:>8}  {}",
+            s.name,
+            s.state.to_string(),
+            s.pid.map(|p| p.to_string()).unwrap_or_else(dash),
+            s.uptime_secs.map(human_secs).unwrap_or_else(dash),
+            s.restarts,
+            s.cpu_percent
+                .map(|c| format!("{c:.1}%"))
+                .unwrap_or_else(dash),
+            s.rss_bytes.map(human_bytes).unwrap_or_else(dash),
+            s.last_exit.clone().unwrap_or_else(dash),
+        );
+        if !s.ready
+            && let Some(message) = &s.message
+        {
+            println!("    {message}");
+        }
+        for line in &s.log_tail {
+            println!("    | {line}");
+        }
+    }
+}

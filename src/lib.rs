@@ -1,0 +1,23 @@
+//! kdist: a single-binary, snap-like distribution of Amazon EKS Distro.
+//!
+//! Process tree of one node: `kdist daemon` (tokio) owns every service as a child process
+//! in its own process group, started in dependency order behind readiness probes:
+//! the datastore (embedded etcd-v3-over-SQLite, or an etcd child), containerd,
+//! kube-apiserver (:6443), kube-controller-manager (:10257), kube-scheduler (:10259),
+//! kubelet (:10250) and kube-proxy; the cluster agent serves joins on :25000.
+//!
+//! Everything lives under one data directory (default `/var/lib/kdist`): `config.yaml`,
+//! `args/<service>` (editable flags), `certs/`, `kubeconfig/`, `datastore/`,
+//! `components/<release>/`, `logs/`, `run/` (control socket `kdist.sock`, pidfiles) and
+//! `cluster/`. See [`config::DataDir`].
+//!
+//! Trust: kdist's own CAs (cluster, front-proxy, etcd) sign every serving and client
+//! certificate; joiners pin the cluster CA by its SHA-256 fingerprint.
+//!
+//! The CLI (`cli`) talks to the daemon over the control socket; the daemon (`supervisor`)
+//! is the only owner of child processes.
+
+pub mod cli;
+pub mod config;
+pub mod fsutil;
+pub mod supervisor;

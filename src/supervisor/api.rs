@@ -1,0 +1,258 @@
+//! The control API: HTTP/1.1 over the unix socket `<data>/run/kdist.sock` (mode 0600).
+//! The daemon serves it; the CLI is its client. JSON bodies; errors as `{"error": ...}`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::error::SupervisorError;
+use super::runner::Order;
+use super::status::{Board, DaemonStatus, StatusReport};
+use crate::config::DataDir;
+
+/// What request handlers reach: the board, the runners' order channels, shutdown.
+pub struct ApiState {
+    pub board: Board,
+    pub orders: BTreeMap<String, mpsc::Sender<Order>>,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+    pub data: DataDir,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// Serves the control API on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: UnixListener, state: Arc<ApiState>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("control socket accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone()));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &ErrorBody {
+            error: message.into(),
+        },
+    )
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<ApiState>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let response = match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &report(&state).await),
+        (&Method::POST, ["v1", "services", name, "restart"]) => match state.orders.get(*name) {
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown service `{name}`; this node runs: {}",
+                    state.orders.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            Some(tx) => {
+                let (reply, done) = oneshot::channel();
+                if tx.send(Order::Restart(reply)).await.is_err() || done.await.is_err() {
+                    error(StatusCode::CONFLICT, format!("{name} is stopping"))
+                } else {
+                    json(StatusCode::OK, &serde_json::json!({ "restarted": name }))
+                }
+            }
+        },
+        (&Method::POST, ["v1", "shutdown"]) => {
+            state.shutdown.cancel();
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "stopping": true }),
+            )
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {path}")),
+    };
+    Ok(response)
+}
+
+/// Builds the status report, sampling CPU and memory of the daemon and its children.
+async fn report(state: &ApiState) -> StatusReport {
+    let mut services = state.board.snapshot();
+    let me = std::process::id();
+    let mut pids: Vec<u32> = services
+        .iter()
+        .filter_map(|s| s.pid.and_then(|p| u32::try_from(p).ok()))
+        .collect();
+    pids.push(me);
+    let usage = tokio::task::spawn_blocking(move || sample(&pids))
+        .await
+        .unwrap_or_default();
+    for service in &mut services {
+        if let Some(pid) = service.pid.and_then(|p| u32::try_from(p).ok())
+            && let Some((cpu, rss)) = usage.get(&pid)
+        {
+            service.cpu_percent = Some(*cpu);
+            service.rss_bytes = Some(*rss);
+        }
+    }
+    let own = usage.get(&me);
+    StatusReport {
+        daemon: DaemonStatus {
+            pid: me,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            data_dir: state.data.root().display().to_string(),
+            uptime_secs: state.started.elapsed().as_secs(),
+            cpu_percent: own.map(|u| u.0),
+            rss_bytes: own.map(|u| u.1),
+        },
+        services,
+    }
+}
+
+/// CPU % (over a short window) and RSS bytes of `pids`.
+fn sample(pids: &[u32]) -> BTreeMap<u32, (f32, u64)> {
+    use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+    let pids: Vec<Pid> = pids.iter().map(|p| Pid::from_u32(*p)).collect();
+    let kind = ProcessRefreshKind::nothing().with_cpu().with_memory();
+    let Ok(mut system) = System::new() else {
+        return BTreeMap::new();
+    };
+    system.refresh_processes_specifics(ProcessesToUpdate::Some(&pids), true, kind);
+    std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+    system.refresh_processes_specifics(ProcessesToUpdate::Some(&pids), true, kind);
+    pids.iter()
+        .filter_map(|pid| {
+            let p = system.process(*pid)?;
+            Some((pid.as_u32(), (p.cpu_usage(), p.memory())))
+        })
+        .collect()
+}
+
+/// The CLI's side of the control API.
+pub struct Client {
+    socket: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl Client {
+    pub fn new(data: &DataDir) -> Self {
+        Self {
+            socket: data.control_socket(),
+            data_dir: data.root().to_path_buf(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<(StatusCode, Bytes), SupervisorError> {
+        let what = format!("{method} {path}");
+        let api = |source: Box<dyn std::error::Error + Send + Sync>| SupervisorError::Api {
+            what: what.clone(),
+            source,
+        };
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    SupervisorError::NotRunning {
+                        data_dir: self.data_dir.clone(),
+                        socket: self.socket.clone(),
+                    }
+                }
+                _ => api(Box::new(e)),
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| api(Box::new(e)))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "kdist")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| api(Box::new(e)))?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| api(Box::new(e)))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| api(Box::new(e)))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(SupervisorError::Refused { what, message });
+        }
+        Ok((status, body))
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, SupervisorError> {
+        let (_, body) = self.request(Method::GET, "/v1/status").await?;
+        serde_json::from_slice(&body).map_err(|e| SupervisorError::Api {
+            what: "GET /v1/status".into(),
+            source: Box::new(e),
+        })
+    }
+
+    pub async fn restart(&self, service: &str) -> Result<(), SupervisorError> {
+        self.request(Method::POST, &format!("/v1/services/{service}/restart"))
+            .await
+            .map(drop)
+    }
+
+    pub async fn shutdown(&self) -> Result<(), SupervisorError> {
+        self.request(Method::POST, "/v1/shutdown").await.map(drop)
+    }
+}

@@ -1,0 +1,194 @@
+//! The daemon: owns the data dir lock, the runners, the control API and the stop order.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::api::{self, ApiState};
+use super::backoff::RestartPolicy;
+use super::child;
+use super::error::SupervisorError;
+use super::logs;
+use super::runner::{Order, Runner};
+use super::service::{self, ServiceSpec};
+use super::status::Board;
+use crate::config::{DataDir, NodeConfig};
+use crate::fsutil;
+
+/// How long stale children of a killed daemon get to exit before SIGKILL.
+const STALE_GRACE: Duration = Duration::from_secs(10);
+/// Log rotation: check interval, size limit, rotated files kept.
+const LOG_CHECK: Duration = Duration::from_secs(30);
+const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+const LOG_KEEP: usize = 3;
+
+/// A daemon that holds its data dir and is ready to run.
+pub struct Daemon {
+    data: DataDir,
+    specs: Vec<ServiceSpec>,
+    policy: RestartPolicy,
+    // held for the daemon's lifetime: one daemon per data dir
+    _lock: Flock<File>,
+}
+
+impl Daemon {
+    /// Takes the data dir: creates it, locks it against a second daemon, stops what a
+    /// killed daemon left behind, and writes default args files.
+    pub async fn prepare(data: DataDir, config: &NodeConfig) -> Result<Self, SupervisorError> {
+        data.ensure().map_err(|e| SupervisorError::Io {
+            path: data.root().to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let lock_path = data.run_dir().join("kdist.lock");
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| SupervisorError::Io { path, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            let mut pid = String::new();
+            let _ = File::open(data.pidfile("kdist")).and_then(|mut f| f.read_to_string(&mut pid));
+            SupervisorError::AlreadyRunning {
+                data_dir: data.root().to_path_buf(),
+                pid: pid.trim().to_string(),
+            }
+        })?;
+        let pidfile = data.pidfile("kdist");
+        fsutil::atomic_write(
+            &pidfile,
+            format!("{}\n", std::process::id()).as_bytes(),
+            0o644,
+        )
+        .map_err(io(&pidfile))?;
+        child::cleanup_stale(&data, STALE_GRACE).await;
+        let specs = service::plan(&data, config)?;
+        service::write_default_args(&specs)?;
+        Ok(Self {
+            data,
+            specs,
+            policy: RestartPolicy::default(),
+            _lock: lock,
+        })
+    }
+
+    /// Overrides the restart policy (tests use short delays).
+    pub fn with_policy(mut self, policy: RestartPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Runs every service and serves the control API on `listener` until `shutdown`
+    /// is cancelled (by a signal or `POST /v1/shutdown`), then stops the services in
+    /// reverse dependency order.
+    pub async fn run(
+        self,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), SupervisorError> {
+        let names: Vec<String> = self.specs.iter().map(|s| s.name.clone()).collect();
+        let board = Board::new(&names);
+        let mut orders = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for spec in &self.specs {
+            let (tx, rx) = mpsc::channel(4);
+            orders.insert(spec.name.clone(), tx);
+            let runner = Runner {
+                spec: spec.clone(),
+                data: self.data.clone(),
+                board: board.clone(),
+                policy: self.policy,
+                orders: rx,
+            };
+            tasks.push(tokio::spawn(runner.run()));
+        }
+
+        let api_stop = CancellationToken::new();
+        let state = Arc::new(ApiState {
+            board: board.clone(),
+            orders: orders.clone(),
+            shutdown: shutdown.clone(),
+            started: Instant::now(),
+            data: self.data.clone(),
+        });
+        let api_task = tokio::spawn(api::serve(listener, state, api_stop.clone()));
+        let notify_task = tokio::spawn(notify_when_ready(board.clone()));
+        let logs_task = tokio::spawn(logs::rotate_periodically(
+            self.data.logs_dir(),
+            LOG_CHECK,
+            LOG_MAX_BYTES,
+            LOG_KEEP,
+            api_stop.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        info!("stopping services");
+        for spec in self.specs.iter().rev() {
+            if let Some(tx) = orders.get(&spec.name) {
+                let (reply, done) = oneshot::channel();
+                if tx.send(Order::Stop(reply)).await.is_ok() {
+                    let _ = done.await;
+                }
+            }
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        notify_task.abort();
+        api_stop.cancel();
+        let _ = api_task.await;
+        let _ = logs_task.await;
+        let _ = std::fs::remove_file(self.data.control_socket());
+        let _ = std::fs::remove_file(self.data.pidfile("kdist"));
+        info!("all services stopped");
+        Ok(())
+    }
+}
+
+/// Tells systemd (when NOTIFY_SOCKET is set) once every service is ready.
+async fn notify_when_ready(board: Board) {
+    let mut rx = board.subscribe();
+    if rx
+        .wait_for(|map| map.values().all(|s| s.ready))
+        .await
+        .is_ok()
+    {
+        info!("all services ready");
+        if std::env::var_os("NOTIFY_SOCKET").is_some()
+            && let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready])
+        {
+            tracing::warn!("sd_notify: {e}");
+        }
+    }
+}
+
+/// Binds the control socket: removes a stale socket file (we hold the data dir lock, so
+/// no live daemon owns it) and restricts it to root.
+pub fn bind_control_socket(data: &DataDir) -> Result<UnixListener, SupervisorError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data.control_socket();
+    let io = |source| SupervisorError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(&path).map_err(io)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}

@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service definition {path} is invalid")]
+    Definition {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}:{line}: {reason}")]
+    ArgsLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("unknown service `{name}`; run `kdist status` to see the services of this node")]
+    UnknownService { name: String },
+    #[error(
+        "program `{binary}` not found in {searched} nor on PATH; run `kdist components install` or install it"
+    )]
+    BinaryNotFound { binary: String, searched: PathBuf },
+    #[error("cannot start {service} ({program})")]
+    Spawn {
+        service: String,
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another kdist daemon already runs for {data_dir} (pid {pid}); use `kdist status` or `kdist stop`"
+    )]
+    AlreadyRunning { data_dir: PathBuf, pid: String },
+    #[error(
+        "kdist is not running for {data_dir} (no daemon answers on {socket}); run `kdist start`"
+    )]
+    NotRunning { data_dir: PathBuf, socket: PathBuf },
+    #[error("control API request {what} failed")]
+    Api {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the daemon refused {what}: {message}")]
+    Refused { what: String, message: String },
+}

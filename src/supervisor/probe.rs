@@ -1,0 +1,179 @@
+//! Readiness probes: HTTP(S) GET, TCP connect, unix socket connect, or a command.
+
+use std::time::Duration;
+
+use super::service::Probe;
+
+/// A probe with whatever it needs prepared once (an HTTP client with its TLS material).
+pub struct Prober {
+    probe: Probe,
+    http: Option<reqwest::Client>,
+    timeout: Duration,
+}
+
+impl Prober {
+    /// Prepares `probe`. TLS material that cannot be read is reported at each check, so
+    /// a service whose certificates appear later still becomes ready.
+    pub fn new(probe: Probe, timeout: Duration) -> Self {
+        Self {
+            probe,
+            http: None,
+            timeout,
+        }
+    }
+
+    fn http_client(&mut self) -> Result<reqwest::Client, String> {
+        if let Some(client) = &self.http {
+            return Ok(client.clone());
+        }
+        let Probe::Http { ca, cert, key, .. } = &self.probe else {
+            return Err("not an http probe".into());
+        };
+        let mut builder = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .no_proxy()
+            .pool_max_idle_per_host(1);
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("cannot read probe CA {ca}: {e}"))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("probe CA {ca} is not a PEM certificate: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let (Some(cert), Some(key)) = (cert, key) {
+            let mut pem =
+                std::fs::read(cert).map_err(|e| format!("cannot read probe cert {cert}: {e}"))?;
+            pem.extend(
+                std::fs::read(key).map_err(|e| format!("cannot read probe key {key}: {e}"))?,
+            );
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("probe client cert {cert} is unusable: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build probe client: {e}"))?;
+        self.http = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Runs the probe once. `Err` carries a short reason for `kdist status`.
+    pub async fn check(&mut self) -> Result<(), String> {
+        let timeout = self.timeout;
+        match self.probe.clone() {
+            Probe::Http { url, .. } => {
+                let client = self.http_client()?;
+                let response = client.get(&url).send().await.map_err(|e| {
+                    // the TLS material may have been rotated: rebuild next time
+                    self.http = None;
+                    format!("GET {url}: {e}")
+                })?;
+                if response.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("GET {url}: HTTP {}", response.status()))
+                }
+            }
+            Probe::Tcp { address } => {
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&address))
+                    .await
+                    .map_err(|_| format!("connect {address}: timed out"))?
+                    .map(drop)
+                    .map_err(|e| format!("connect {address}: {e}"))
+            }
+            Probe::Unix { path } => {
+                tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&path))
+                    .await
+                    .map_err(|_| format!("connect {path}: timed out"))?
+                    .map(drop)
+                    .map_err(|e| format!("connect {path}: {e}"))
+            }
+            Probe::Command { argv } => {
+                let (program, args) = argv
+                    .split_first()
+                    .ok_or_else(|| "probe command is empty".to_string())?;
+                let mut command = tokio::process::Command::new(program);
+                command
+                    .args(args)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true);
+                let status = tokio::time::timeout(timeout, command.status())
+                    .await
+                    .map_err(|_| format!("{program}: timed out"))?
+                    .map_err(|e| format!("{program}: {e}"))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{program}: {status}"))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prober(probe: Probe) -> Prober {
+        Prober::new(probe, Duration::from_secs(2))
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_follows_the_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let mut p = prober(Probe::Tcp {
+            address: address.clone(),
+        });
+        assert!(p.check().await.is_ok());
+        drop(listener);
+        assert!(p.check().await.unwrap_err().contains(&address));
+    }
+
+    #[tokio::test]
+    async fn command_probe_uses_exit_status() {
+        assert!(
+            prober(Probe::Command {
+                argv: vec!["true".into()]
+            })
+            .check()
+            .await
+            .is_ok()
+        );
+        assert!(
+            prober(Probe::Command {
+                argv: vec!["false".into()]
+            })
+            .check()
+            .await
+            .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn http_probe_needs_2xx() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let reply =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        let mut p = prober(Probe::Http {
+            url: format!("http://127.0.0.1:{port}/health"),
+            ca: None,
+            cert: None,
+            key: None,
+        });
+        assert!(p.check().await.is_ok());
+        assert!(p.check().await.unwrap_err().contains("503"));
+    }
+}
