@@ -27,7 +27,10 @@ const PROBE_READY: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Consecutive probe failures that turn a ready service unhealthy.
 const UNHEALTHY_AFTER: u32 = 3;
-const LOG_TAIL_LINES: usize = 15;
+/// Lines of a crashed run's output shown in status: its start (where usage errors are)
+/// and its end (where crashes are).
+const RUN_HEAD_LINES: usize = 5;
+const RUN_TAIL_LINES: usize = 10;
 
 pub struct Runner {
     pub spec: ServiceSpec,
@@ -39,7 +42,8 @@ pub struct Runner {
 
 /// What ended one run of the child.
 enum RunEnd {
-    Exited(String, Duration),
+    /// How it ended, how long it ran, where its output starts in the log.
+    Exited(String, Duration, u64),
     Restart(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
@@ -59,7 +63,7 @@ impl Runner {
                 Err(message) => {
                     warn!(service = %name, "cannot start: {message}");
                     self.board.update(&name, |s| s.message = Some(message));
-                    RunEnd::Exited("failed to start".into(), Duration::ZERO)
+                    RunEnd::Exited("failed to start".into(), Duration::ZERO, u64::MAX)
                 }
             };
             let _ = std::fs::remove_file(self.data.pidfile(&name));
@@ -73,7 +77,7 @@ impl Runner {
                     let _ = reply.send(());
                     backoff = Backoff::new(self.policy);
                 }
-                RunEnd::Exited(how, ran_for) => {
+                RunEnd::Exited(how, ran_for, log_start) => {
                     let decision = backoff.on_exit(ran_for);
                     let state = if decision.crashloop {
                         ServiceState::Crashloop
@@ -82,7 +86,7 @@ impl Runner {
                     };
                     warn!(service = %name, "exited ({how}) after {ran_for:?}; restarting in {:?}", decision.delay);
                     let tail = if decision.crashloop {
-                        log_tail(&self.data.log_file(&name), LOG_TAIL_LINES)
+                        run_output(&self.data.log_file(&name), log_start)
                     } else {
                         Vec::new()
                     };
@@ -183,6 +187,9 @@ impl Runner {
     async fn supervise(&mut self, mut running: Running, prober: &mut Prober) -> RunEnd {
         let name = self.spec.name.clone();
         let started = Instant::now();
+        let log_start = std::fs::metadata(self.data.log_file(&name))
+            .map(|m| m.len())
+            .unwrap_or(0);
         let mut was_ready = false;
         let mut failures = 0u32;
         loop {
@@ -202,7 +209,7 @@ impl Runner {
                         nix::unistd::Pid::from_raw(running.pid),
                         nix::sys::signal::Signal::SIGKILL,
                     );
-                    return RunEnd::Exited(how, started.elapsed());
+                    return RunEnd::Exited(how, started.elapsed(), log_start);
                 }
                 _ = tokio::time::sleep(interval) => {
                     match prober.check().await {
@@ -260,6 +267,42 @@ impl<E: std::error::Error> SourceText for E {
     fn source_text(&self) -> String {
         self.source().map(|s| s.to_string()).unwrap_or_default()
     }
+}
+
+/// What one run of a child wrote to its log from `start` on: the first and last lines,
+/// joined by "..." when there is more in between.
+fn run_output(path: &Path, start: u64) -> Vec<String> {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // rotated meanwhile, or nothing ran: fall back to the end of the file
+    let start = if start > len {
+        len.saturating_sub(16 * 1024)
+    } else {
+        start
+    };
+    let start = start.max(len.saturating_sub(256 * 1024));
+    let mut buf = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= RUN_HEAD_LINES + RUN_TAIL_LINES {
+        return lines.iter().map(|l| l.to_string()).collect();
+    }
+    let mut out: Vec<String> = lines[..RUN_HEAD_LINES]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    out.push("...".into());
+    out.extend(
+        lines[lines.len() - RUN_TAIL_LINES..]
+            .iter()
+            .map(|l| l.to_string()),
+    );
+    out
 }
 
 /// The last `lines` lines of a log file, reading at most its last 16 KiB.

@@ -1,0 +1,261 @@
+//! The supervisor against a real etcd (Debian etcd-server): start, status, healing,
+//! crash loops, stale children of a killed daemon, side-by-side data dirs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, alive, wait_until};
+
+fn etcd_ready(node: &Node) -> bool {
+    node.service("etcd")
+        .is_some_and(|s| s["state"] == "ready" && s["ready"] == true)
+}
+
+fn etcd_pid(node: &Node) -> i64 {
+    node.service("etcd")
+        .and_then(|s| s["pid"].as_i64())
+        .expect("etcd has a pid")
+}
+
+/// etcd answers a real client write and read on the node's port.
+fn etcdctl_roundtrip(node: &Node, key: &str) {
+    let endpoint = format!("http://127.0.0.1:{}", node.etcd_client_port);
+    let put = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoint, "put", key, "v"])
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let get = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoint, "get", key, "--print-value-only"])
+        .output()
+        .expect("run etcdctl");
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v");
+}
+
+#[test]
+fn start_status_heal_and_stop() {
+    let node = Node::new("heal");
+    let out = node.kdist_ok(&["start", "--timeout", "60"]);
+    assert!(out.contains("etcd"), "{out}");
+    assert!(etcd_ready(&node));
+    etcdctl_roundtrip(&node, "/heal/before");
+
+    // the table has the documented columns
+    let table = node.kdist_ok(&["status"]);
+    for column in [
+        "SERVICE",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "CPU",
+        "RSS",
+        "LAST EXIT",
+    ] {
+        assert!(table.contains(column), "{table}");
+    }
+    let yaml = node.kdist_ok(&["status", "-o", "yaml"]);
+    assert!(yaml.contains("name: etcd"), "{yaml}");
+
+    // kill -9 of etcd: restarted, counted, ready again within 5 s
+    let pid = etcd_pid(&node);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let healed = wait_until(Duration::from_secs(5), || {
+        let s = node.service("etcd")?;
+        (s["ready"] == true && s["pid"].as_i64() != Some(pid)).then_some(s)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "etcd not ready again within 5 s: {:?}",
+            node.service("etcd")
+        )
+    });
+    assert_eq!(healed["restarts"], 1, "{healed}");
+    assert!(
+        healed["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signal: 9"),
+        "{healed}"
+    );
+    etcdctl_roundtrip(&node, "/heal/after");
+
+    // stop returns only when every child is gone
+    let new_pid = etcd_pid(&node);
+    node.kdist_ok(&["stop"]);
+    assert!(!alive(new_pid), "etcd {new_pid} still alive after stop");
+    assert!(kdist::supervisor::find_marked(&node.data()).is_empty());
+    assert!(!node.data().control_socket().exists());
+
+    // status with no daemon: says so and fails
+    let out = node.kdist(&["status"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not running") && err.contains("kdist start"),
+        "{err}"
+    );
+}
+
+#[test]
+fn killed_daemon_leaves_nothing_behind_on_next_start() {
+    let node = Node::new("stale");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let old_etcd = etcd_pid(&node);
+    let daemon: i32 = std::fs::read_to_string(node.data().pidfile("kdist"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || (!alive(daemon as i64))
+            .then_some(()))
+        .is_some()
+    );
+    // the orphaned etcd still runs, still holding its ports
+    assert!(alive(old_etcd));
+
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    assert!(!alive(old_etcd), "stale etcd {old_etcd} was not stopped");
+    let new_etcd = etcd_pid(&node);
+    assert_ne!(new_etcd, old_etcd);
+    assert!(etcd_ready(&node));
+    etcdctl_roundtrip(&node, "/stale/after");
+}
+
+#[test]
+fn bad_flag_is_a_crashloop_with_the_error_text() {
+    let node = Node::new("crashloop");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let args = node.data().args_file("etcd");
+    let mut text = std::fs::read_to_string(&args).unwrap();
+    text.push_str("--no-such-flag=1\n");
+    std::fs::write(&args, text).unwrap();
+    node.kdist_ok(&["restart", "etcd"]);
+
+    let status = wait_until(Duration::from_secs(20), || {
+        let s = node.service("etcd")?;
+        (s["state"] == "crashloop").then_some(s)
+    })
+    .unwrap_or_else(|| panic!("no crashloop: {:?}", node.service("etcd")));
+    let tail = status["log_tail"].to_string();
+    assert!(
+        tail.contains("no-such-flag"),
+        "etcd's own error is shown: {tail}"
+    );
+    let table = node.kdist_ok(&["status"]);
+    assert!(
+        table.contains("crashloop") && table.contains("no-such-flag"),
+        "{table}"
+    );
+
+    // --wait-ready names what is not ready and fails
+    let out = node.kdist(&["status", "--wait-ready", "--timeout", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd"));
+
+    // fixing the file and restarting brings it back
+    let fixed = std::fs::read_to_string(&args)
+        .unwrap()
+        .replace("--no-such-flag=1\n", "");
+    std::fs::write(&args, fixed).unwrap();
+    node.kdist_ok(&["restart", "etcd"]);
+    node.kdist_ok(&["status", "--wait-ready", "--timeout", "20"]);
+}
+
+#[test]
+fn malformed_args_line_is_named() {
+    let node = Node::new("malformed");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let args = node.data().args_file("etcd");
+    let mut text = std::fs::read_to_string(&args).unwrap();
+    text.push_str("listen-on-everything\n");
+    std::fs::write(&args, &text).unwrap();
+    node.kdist_ok(&["restart", "etcd"]);
+    let line = text.lines().count();
+    let expected = format!("{}:{line}", args.display());
+    let status = wait_until(Duration::from_secs(10), || {
+        let s = node.service("etcd")?;
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&expected))
+            .then_some(s)
+    });
+    assert!(status.is_some(), "{:?}", node.service("etcd"));
+}
+
+#[test]
+fn two_data_dirs_side_by_side() {
+    let a = Node::new("side-a");
+    let b = Node::new("side-b");
+    a.kdist_ok(&["start", "--timeout", "60"]);
+    b.kdist_ok(&["start", "--timeout", "60"]);
+    etcdctl_roundtrip(&a, "/a");
+    etcdctl_roundtrip(&b, "/b");
+    let b_etcd = etcd_pid(&b);
+    a.kdist_ok(&["stop"]);
+    assert!(alive(b_etcd), "stopping a touched b");
+    assert!(etcd_ready(&b));
+    // a second daemon on the same data dir is refused
+    let out = b.kdist(&["daemon"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already runs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn restart_applies_edited_args_and_start_is_idempotent() {
+    let node = Node::new("edit");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let again = node.kdist_ok(&["start"]);
+    assert!(again.contains("already running"), "{again}");
+
+    let args = node.data().args_file("etcd");
+    let text = std::fs::read_to_string(&args).unwrap();
+    std::fs::write(&args, format!("{text}--max-txn-ops=321\n")).unwrap();
+    let before = etcd_pid(&node);
+    node.kdist_ok(&["restart", "etcd"]);
+    node.kdist_ok(&["status", "--wait-ready", "--timeout", "20"]);
+    let after = etcd_pid(&node);
+    assert_ne!(before, after);
+    let cmdline = std::fs::read(format!("/proc/{after}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("--max-txn-ops=321"));
+
+    let out = node.kdist(&["restart", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown service"));
+}
+
+#[test]
+fn bad_config_is_refused_naming_the_file() {
+    let node = Node::new("badconfig");
+    let file = node.path("my-config.yaml");
+    std::fs::write(&file, "etcd:\n  client_prot: 1\n").unwrap();
+    let out = node.kdist(&["start", "--config", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("my-config.yaml") && err.contains("client_prot"),
+        "{err}"
+    );
+    assert!(node.status().is_none(), "no daemon was started");
+}
