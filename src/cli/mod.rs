@@ -6,6 +6,7 @@
 // The CLI is the one part of the library that talks to the user on stdout.
 #![allow(clippy::print_stdout)]
 
+mod bench;
 mod completion;
 mod daemon;
 mod logs;
@@ -59,6 +60,8 @@ pub enum Command {
     Version(version::Args),
     /// Print a shell completion script.
     Completion(completion::Args),
+    /// Measure kdist against its peers (figures, not pass/fail).
+    Bench(bench::Args),
 }
 
 /// Output format of commands meant for people and scripts.
@@ -88,5 +91,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => logs::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
+        Command::Bench(args) => bench::run(args, data).await,
     }
 }

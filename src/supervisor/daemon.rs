@@ -14,6 +14,7 @@ use tracing::info;
 
 use super::api::{self, ApiState};
 use super::backoff::RestartPolicy;
+use super::builtin::Builtins;
 use super::child;
 use super::error::SupervisorError;
 use super::logs;
@@ -35,6 +36,7 @@ pub struct Daemon {
     data: DataDir,
     specs: Vec<ServiceSpec>,
     policy: RestartPolicy,
+    builtins: Builtins,
     // held for the daemon's lifetime: one daemon per data dir
     _lock: Flock<File>,
 }
@@ -80,8 +82,15 @@ impl Daemon {
             data,
             specs,
             policy: RestartPolicy::default(),
+            builtins: Builtins::new(),
             _lock: lock,
         })
+    }
+
+    /// Registers the services that run inside the daemon, by service name.
+    pub fn with_builtins(mut self, builtins: Builtins) -> Self {
+        self.builtins = builtins;
+        self
     }
 
     /// Overrides the restart policy (tests use short delays).
@@ -111,6 +120,7 @@ impl Daemon {
                 board: board.clone(),
                 policy: self.policy,
                 orders: rx,
+                builtins: self.builtins.clone(),
             };
             tasks.push(tokio::spawn(runner.run()));
         }

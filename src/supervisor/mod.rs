@@ -8,6 +8,7 @@
 
 mod api;
 mod backoff;
+mod builtin;
 mod child;
 mod daemon;
 mod error;
@@ -19,6 +20,7 @@ mod status;
 
 pub use api::Client;
 pub use backoff::RestartPolicy;
+pub use builtin::{Builtin, Builtins};
 pub use child::find_marked;
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;

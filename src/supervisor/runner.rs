@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::backoff::{Backoff, RestartPolicy};
+use super::builtin::Builtins;
 use super::child::{self, Running};
 use super::probe::Prober;
 use super::service::{self, Origin, ServiceSpec};
@@ -38,6 +39,60 @@ pub struct Runner {
     pub board: Board,
     pub policy: RestartPolicy,
     pub orders: mpsc::Receiver<Order>,
+    pub builtins: Builtins,
+}
+
+/// One run of a service: a child process, or a builtin's task inside the daemon.
+enum Proc {
+    Child(Running),
+    Task {
+        handle: tokio::task::JoinHandle<Result<(), String>>,
+        token: tokio_util::sync::CancellationToken,
+    },
+}
+
+impl Proc {
+    /// Waits for the run to end on its own; says how it ended.
+    async fn wait(&mut self) -> String {
+        match self {
+            Proc::Child(running) => {
+                let how = match running.child.wait().await {
+                    Ok(status) => status.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                // whatever the leader left in its group goes with it
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(running.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                how
+            }
+            Proc::Task { handle, .. } => match handle.await {
+                Ok(Ok(())) => "returned".to_string(),
+                Ok(Err(e)) => format!("failed: {e}"),
+                Err(e) => format!("panicked: {e}"),
+            },
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Result<(), String> {
+        match self {
+            Proc::Child(running) => child::stop(running, grace)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Proc::Task { handle, token } => {
+                token.cancel();
+                match tokio::time::timeout(grace, &mut *handle).await {
+                    Ok(_) => Ok(()),
+                    Err(_) => {
+                        handle.abort();
+                        Err(format!("did not stop within {grace:?}; aborted"))
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What ended one run of the child.
@@ -153,11 +208,29 @@ impl Runner {
         }
     }
 
-    fn start(&self) -> Result<Running, String> {
+    fn start(&self) -> Result<Proc, String> {
         let spec = &self.spec;
+        let Some(binary) = &spec.binary else {
+            let builtin = self.builtins.get(&spec.name).ok_or_else(|| {
+                format!("no builtin `{}` is registered in this daemon", spec.name)
+            })?;
+            let token = tokio_util::sync::CancellationToken::new();
+            let handle = tokio::spawn(builtin.run(token.clone()));
+            info!(service = %spec.name, "started inside the daemon");
+            self.board.update(&spec.name, |s| {
+                s.state = ServiceState::Starting;
+                s.pid = None;
+                s.started_at = Some(SystemTime::now());
+                s.message = None;
+                s.program = Some("(inside the kdist daemon)".into());
+                s.origin = Some("builtin".into());
+                s.description = Some(spec.description.clone());
+            });
+            return Ok(Proc::Task { handle, token });
+        };
         let argv = service::read_args(spec).map_err(|e| e.to_string())?;
         let (program, origin) =
-            service::resolve_binary(&self.data, &spec.binary).map_err(|e| e.to_string())?;
+            service::resolve_binary(&self.data, binary).map_err(|e| e.to_string())?;
         let running = child::spawn(
             &self.data,
             &spec.name,
@@ -178,13 +251,13 @@ impl Runner {
             s.started_at = Some(SystemTime::now());
             s.message = None;
             s.program = Some(program.display().to_string());
-            s.description = Some(spec.description.clone());
             s.origin = Some(origin.to_string());
+            s.description = Some(spec.description.clone());
         });
-        Ok(running)
+        Ok(Proc::Child(running))
     }
 
-    async fn supervise(&mut self, mut running: Running, prober: &mut Prober) -> RunEnd {
+    async fn supervise(&mut self, mut running: Proc, prober: &mut Prober) -> RunEnd {
         let name = self.spec.name.clone();
         let started = Instant::now();
         let log_start = std::fs::metadata(self.data.log_file(&name))
@@ -199,16 +272,7 @@ impl Runner {
                 PROBE_STARTING
             };
             tokio::select! {
-                status = running.child.wait() => {
-                    let how = match status {
-                        Ok(status) => status.to_string(),
-                        Err(e) => format!("wait failed: {e}"),
-                    };
-                    // whatever the leader left in its group goes with it
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(running.pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                how = running.wait() => {
                     return RunEnd::Exited(how, started.elapsed(), log_start);
                 }
                 _ = tokio::time::sleep(interval) => {
@@ -242,7 +306,7 @@ impl Runner {
                 }
                 order = self.orders.recv() => {
                     let grace = self.spec.stop_grace;
-                    if let Err(e) = child::stop(&mut running, grace).await {
+                    if let Err(e) = running.stop(grace).await {
                         warn!(service = %name, "stopping: {e}");
                     }
                     return match order {
@@ -323,4 +387,257 @@ pub fn log_tail(path: &Path, lines: usize) -> Vec<String> {
     let all: Vec<&str> = text.lines().collect();
     let skip = all.len().saturating_sub(lines);
     all[skip..].iter().map(|l| l.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::supervisor::builtin::{Builtin, BuiltinFuture};
+    use crate::supervisor::service::Probe;
+
+    struct Fixture {
+        root: PathBuf,
+        data: DataDir,
+        board: Board,
+    }
+
+    impl Fixture {
+        fn new(tag: &str, names: &[&str]) -> Self {
+            let root =
+                std::env::temp_dir().join(format!("kdist-runner-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            let data = DataDir::new(&root);
+            data.ensure().unwrap();
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            Self {
+                root,
+                data,
+                board: Board::new(&names),
+            }
+        }
+
+        fn spec(&self, name: &str, binary: Option<&str>, args: &str, probe: Probe) -> ServiceSpec {
+            let args_file = self.data.args_file(name);
+            std::fs::write(&args_file, args).unwrap();
+            ServiceSpec {
+                name: name.into(),
+                description: String::new(),
+                binary: binary.map(str::to_string),
+                after: Vec::new(),
+                stop_grace: Duration::from_secs(2),
+                probe,
+                args_file,
+                vars: BTreeMap::new(),
+            }
+        }
+
+        fn runner(&self, spec: ServiceSpec, builtins: Builtins) -> mpsc::Sender<Order> {
+            let (tx, rx) = mpsc::channel(4);
+            let runner = Runner {
+                spec,
+                data: self.data.clone(),
+                board: self.board.clone(),
+                policy: RestartPolicy {
+                    initial: Duration::from_millis(50),
+                    max: Duration::from_millis(200),
+                    stable_after: Duration::from_secs(60),
+                    fast_run: Duration::from_secs(5),
+                    crashloop_after: 3,
+                },
+                orders: rx,
+                builtins,
+            };
+            tokio::spawn(runner.run());
+            tx
+        }
+
+        async fn wait_for(
+            &self,
+            name: &str,
+            what: impl Fn(&crate::supervisor::ServiceStatus) -> bool,
+        ) -> crate::supervisor::ServiceStatus {
+            let mut rx = self.board.subscribe();
+            let found = tokio::time::timeout(Duration::from_secs(10), async {
+                rx.wait_for(|m| m.get(name).is_some_and(&what))
+                    .await
+                    .map(|m| m[name].clone())
+            })
+            .await;
+            match found {
+                Ok(Ok(status)) => status,
+                _ => panic!("{name}: condition not met: {:?}", self.board.snapshot()),
+            }
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn command_probe(ok: bool) -> Probe {
+        Probe::Command {
+            argv: vec![if ok { "true" } else { "false" }.into()],
+        }
+    }
+
+    async fn stop(tx: &mpsc::Sender<Order>) {
+        let (reply, done) = oneshot::channel();
+        tx.send(Order::Stop(reply)).await.unwrap();
+        done.await.unwrap();
+    }
+
+    /// A script that execs `sleep 300`: a long-running child without positional args
+    /// in its args file (args files hold flags only).
+    fn sleeper(f: &Fixture) -> String {
+        let path = f.data.root().join("sleeper.sh");
+        if !path.exists() {
+            std::fs::write(&path, "#!/bin/sh\nexec sleep 300\n").unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        path.display().to_string()
+    }
+
+    fn alive(pid: i32) -> bool {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    }
+
+    #[tokio::test]
+    async fn sleep_becomes_ready_and_stops() {
+        let f = Fixture::new("sleep", &["s"]);
+        let tx = f.runner(
+            f.spec("s", Some(&sleeper(&f)), "", command_probe(true)),
+            Builtins::new(),
+        );
+        let s = f.wait_for("s", |s| s.ready).await;
+        let pid = s.pid.unwrap();
+        assert!(alive(pid));
+        assert_eq!(s.state, ServiceState::Ready);
+        assert!(f.data.pidfile("s").exists());
+        stop(&tx).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!alive(pid), "child {pid} survived stop");
+        assert!(!f.data.pidfile("s").exists());
+        assert_eq!(f.board.snapshot()[0].state, ServiceState::Stopped);
+    }
+
+    #[tokio::test]
+    async fn false_goes_into_crashloop_and_keeps_retrying() {
+        let f = Fixture::new("false", &["f"]);
+        let tx = f.runner(
+            f.spec("f", Some("false"), "", command_probe(true)),
+            Builtins::new(),
+        );
+        let s = f
+            .wait_for("f", |s| s.state == ServiceState::Crashloop)
+            .await;
+        assert_eq!(s.last_exit.as_deref(), Some("exit status: 1"));
+        assert!(!s.ready);
+        let later = f.wait_for("f", |s| s.restarts >= 4).await;
+        assert!(matches!(
+            later.state,
+            ServiceState::Crashloop | ServiceState::Starting
+        ));
+        stop(&tx).await;
+        assert_eq!(f.board.snapshot()[0].state, ServiceState::Stopped);
+    }
+
+    #[tokio::test]
+    async fn dependents_wait_for_readiness() {
+        let f = Fixture::new("deps", &["a", "b"]);
+        let flag = f.data.root().join("a-ready");
+        let probe = Probe::Command {
+            argv: vec!["test".into(), "-e".into(), flag.display().to_string()],
+        };
+        let ta = f.runner(f.spec("a", Some(&sleeper(&f)), "", probe), Builtins::new());
+        let mut b = f.spec("b", Some(&sleeper(&f)), "", command_probe(true));
+        b.after = vec!["a".into()];
+        let tb = f.runner(b, Builtins::new());
+        let a = f.wait_for("a", |s| s.pid.is_some()).await;
+        assert_eq!(a.state, ServiceState::Starting);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let b = &f.board.snapshot()[1];
+        assert_eq!(b.pid, None, "b started before a was ready");
+        assert_eq!(b.message.as_deref(), Some("waiting for a"));
+        std::fs::write(&flag, "").unwrap();
+        f.wait_for("a", |s| s.ready).await;
+        f.wait_for("b", |s| s.ready).await;
+        stop(&tb).await;
+        stop(&ta).await;
+    }
+
+    #[tokio::test]
+    async fn restart_order_replaces_the_process() {
+        let f = Fixture::new("restart", &["r"]);
+        let tx = f.runner(
+            f.spec("r", Some(&sleeper(&f)), "", command_probe(true)),
+            Builtins::new(),
+        );
+        let first = f.wait_for("r", |s| s.ready).await.pid.unwrap();
+        let (reply, done) = oneshot::channel();
+        tx.send(Order::Restart(reply)).await.unwrap();
+        done.await.unwrap();
+        let second = f
+            .wait_for("r", |s| s.ready && s.pid.is_some_and(|p| p != first))
+            .await;
+        assert!(!alive(first));
+        assert_eq!(second.restarts, 0, "a requested restart is not a failure");
+        stop(&tx).await;
+    }
+
+    struct SocketService {
+        path: PathBuf,
+    }
+
+    impl Builtin for SocketService {
+        fn run(&self, shutdown: CancellationToken) -> BuiltinFuture {
+            let path = self.path.clone();
+            Box::pin(async move {
+                let _ = std::fs::remove_file(&path);
+                let listener = tokio::net::UnixListener::bind(&path).map_err(|e| e.to_string())?;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = listener.accept() => {}
+                    }
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn builtin_is_supervised_like_a_child() {
+        let f = Fixture::new("builtin", &["b"]);
+        let socket = f.data.run_dir().join("b.sock");
+        let mut spec = f.spec(
+            "b",
+            None,
+            "",
+            Probe::Unix {
+                path: socket.display().to_string(),
+            },
+        );
+        spec.binary = None;
+        let mut builtins = Builtins::new();
+        builtins.insert(
+            "b".into(),
+            Arc::new(SocketService {
+                path: socket.clone(),
+            }),
+        );
+        let tx = f.runner(spec, builtins);
+        let s = f.wait_for("b", |s| s.ready).await;
+        assert_eq!(s.origin.as_deref(), Some("builtin"));
+        assert_eq!(s.pid, None);
+        stop(&tx).await;
+        assert_eq!(f.board.snapshot()[0].state, ServiceState::Stopped);
+    }
 }

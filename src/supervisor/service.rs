@@ -47,7 +47,12 @@ pub enum Probe {
 #[serde(deny_unknown_fields)]
 struct Definition {
     description: String,
-    binary: String,
+    /// The program to run; absent for a builtin.
+    #[serde(default)]
+    binary: Option<String>,
+    /// Runs inside the daemon (a registered [`super::Builtin`]) instead of as a child.
+    #[serde(default)]
+    builtin: bool,
     #[serde(default)]
     after: Vec<String>,
     #[serde(default = "default_grace")]
@@ -64,8 +69,9 @@ fn default_grace() -> u64 {
 pub struct ServiceSpec {
     pub name: String,
     pub description: String,
-    /// Program name or path; resolved by [`resolve_binary`] at each start.
-    pub binary: String,
+    /// Program name or path, resolved by [`resolve_binary`] at each start; `None` for a
+    /// builtin service, which runs inside the daemon.
+    pub binary: Option<String>,
     /// Services that must be ready before this one starts.
     pub after: Vec<String>,
     pub stop_grace: Duration,
@@ -94,6 +100,13 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                 }
             })?;
             let probe = expand_probe(&def.probe, &vars, &origin)?;
+            if def.builtin == def.binary.is_some() {
+                return Err(SupervisorError::ArgsLine {
+                    path: origin,
+                    line: 0,
+                    reason: "a service has either `binary` or `builtin = true`".into(),
+                });
+            }
             Ok(ServiceSpec {
                 name: name.to_string(),
                 description: def.description,
@@ -126,7 +139,7 @@ pub fn known_services() -> Vec<&'static str> {
 /// files are the user's and are never overwritten.
 pub fn write_default_args(specs: &[ServiceSpec]) -> Result<(), SupervisorError> {
     for spec in specs {
-        if spec.args_file.exists() {
+        if spec.binary.is_none() || spec.args_file.exists() {
             continue;
         }
         let embedded = embedded(&spec.name)?;
