@@ -6,6 +6,7 @@
 // The CLI is the one part of the library that talks to the user on stdout.
 #![allow(clippy::print_stdout)]
 
+mod certs;
 mod completion;
 mod daemon;
 mod logs;
@@ -55,6 +56,8 @@ pub enum Command {
     Restart(restart::Args),
     /// Show a service's log (`kdist` for the daemon's own).
     Logs(logs::Args),
+    /// Certificates: init, check, renew, rotate-ca, add-san.
+    Certs(certs::Args),
     /// Print kdist's version.
     Version(version::Args),
     /// Print a shell completion script.
@@ -86,6 +89,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, data).await,
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
+        Command::Certs(args) => certs::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
     }
