@@ -117,14 +117,20 @@ async fn restart_affected(data: &DataDir, issued: &[Issued]) -> anyhow::Result<E
         Err(e) => return Err(e.into()),
     };
     for service in wanted {
-        if !report.services.iter().any(|s| s.name == service) {
+        let Some(before) = report.services.iter().find(|s| s.name == service) else {
             continue;
-        }
+        };
+        let old_pid = before.pid;
         client.restart(&service).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             let now = client.status().await?;
-            if now.services.iter().any(|s| s.name == service && s.ready) {
+            // a new process, ready: the old one's state may linger right after the order
+            if now
+                .services
+                .iter()
+                .any(|s| s.name == service && s.ready && s.pid.is_some() && s.pid != old_pid)
+            {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
