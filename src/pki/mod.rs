@@ -433,8 +433,13 @@ impl Pki {
         let Some(key_pem) = read_optional(&key_path)? else {
             let dependents = self.dependents_of(spec);
             if !dependents.is_empty() {
+                let title = match spec.id {
+                    CaId::Cluster => "cluster CA",
+                    CaId::FrontProxy => "front-proxy CA",
+                    CaId::Etcd => "etcd CA",
+                };
                 return Err(PkiError::KeyMissing {
-                    what: format!("{} CA", spec.name),
+                    what: title.to_string(),
                     key: key_path,
                     dependents: dependents.join(", "),
                     certs_dir: self.certs.clone(),

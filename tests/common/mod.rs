@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests: a temporary data dir with the real `kdist`
+//! binary pointed at it, free ports, polling, and a guard that stops everything the
+//! test started (by `kdist stop`, then by pid for marked leftovers) and removes the dir.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use kdist::config::DataDir;
+
+pub const KDIST: &str = env!("CARGO_BIN_EXE_kdist");
+
+/// `n` distinct free TCP ports on 127.0.0.1 (held together while chosen, so distinct).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// Polls `check` every `every` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, every: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Stdout and stderr of a finished command, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// One node's data dir in a fresh temp directory. Dropping it stops the daemon and
+/// every process marked for this data dir, then removes the directory.
+pub struct Node {
+    pub root: PathBuf,
+}
+
+impl Node {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        // short: the control socket path must fit in sun_path (108 bytes)
+        let root = std::env::temp_dir().join(format!("kd-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("create temp data dir");
+        Self { root }
+    }
+
+    pub fn data(&self) -> DataDir {
+        DataDir::new(&self.root)
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    pub fn certs(&self, relative: &str) -> PathBuf {
+        self.root.join("certs").join(relative)
+    }
+
+    /// Writes `config.yaml`.
+    pub fn write_config(&self, yaml: &str) {
+        std::fs::write(self.root.join("config.yaml"), yaml).expect("write config.yaml");
+    }
+
+    /// A `kdist` command with `--data-dir` set to this node.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(KDIST);
+        command
+            .arg("--data-dir")
+            .arg(&self.root)
+            .args(args)
+            .env_remove("KDIST_DATA_DIR");
+        command
+    }
+
+    /// Runs `kdist <args>` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run kdist")
+    }
+
+    /// Runs `kdist <args>` and panics with its output unless it succeeds.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "kdist {args:?} failed: {}",
+            describe(&output)
+        );
+        output
+    }
+
+    /// `kdist start`, panicking with the daemon log when it does not become ready.
+    pub fn start(&self) {
+        let output = self.run(&["start", "--timeout", "90"]);
+        if !output.status.success() {
+            let log = std::fs::read_to_string(self.root.join("logs/kdist.log")).unwrap_or_default();
+            panic!(
+                "kdist start failed: {}\n--- kdist.log\n{log}",
+                describe(&output)
+            );
+        }
+    }
+
+    /// The daemon's status report.
+    pub fn status(&self) -> serde_json::Value {
+        let output = self.ok(&["status", "-o", "json"]);
+        serde_json::from_slice(&output.stdout).expect("status json")
+    }
+
+    /// The pid of a service, when it runs.
+    pub fn service_pid(&self, service: &str) -> Option<i64> {
+        let status = self.status();
+        status["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == service)?["pid"]
+            .as_i64()
+    }
+
+    fn kill_leftovers(&self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for pid in kdist::supervisor::find_marked(&self.data()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // the daemon itself carries no marker: its pidfile names it
+        if let Ok(text) = std::fs::read_to_string(self.root.join("run/kdist.pid"))
+            && let Ok(pid) = text.trim().parse::<i32>()
+            && is_our_daemon(pid, &self.root)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether `pid` is a kdist daemon for `root` (its command line names the data dir).
+fn is_our_daemon(pid: i32, root: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let root = root.as_os_str().as_encoded_bytes();
+    cmdline.split(|b| *b == 0).any(|arg| arg == root)
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.root.join("run/kdist.sock").exists() {
+            let _ = self.command(&["stop", "--timeout", "30"]).output();
+        }
+        self.kill_leftovers();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
