@@ -1,6 +1,9 @@
 //! kdist's PKI against real peers: openssl checks every certificate, a real etcd runs
 //! with client and peer mTLS from kdist's certs and is renewed under a writing client.
 
+// unwrap is fine in tests (clippy.toml allows it only inside #[test] fns)
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

@@ -59,7 +59,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Verb::Check { output } => return check(&data, &config, output).await,
         Verb::Init => {
             data.ensure()?;
-            blocking(&data, &config, |d, c| pki::ensure(d, c)).await?
+            blocking(&data, &config, pki::ensure).await?
         }
         Verb::Renew { names, all } => {
             let names = if all { Vec::new() } else { names };

@@ -66,7 +66,7 @@ impl fmt::Display for Lifetime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.0.as_secs();
         for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-            if secs != 0 && secs % size == 0 {
+            if secs != 0 && secs.is_multiple_of(size) {
                 return write!(f, "{}{unit}", secs / size);
             }
         }

@@ -942,6 +942,30 @@ mod tests {
     }
 
     #[test]
+    fn a_new_host_address_reissues_the_serving_certs() {
+        let data = temp_data("newip");
+        let config = NodeConfig::default();
+        ensure(&data, &config).unwrap();
+        let new_ip: std::net::IpAddr = "198.51.100.77".parse().unwrap();
+        let issued = {
+            let mut pki = Pki::open(&data, &config).unwrap();
+            pki.host.addresses.push(new_ip);
+            pki.run(&BTreeSet::new()).unwrap()
+        };
+        let names: Vec<&str> = issued.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["apiserver", "etcd/server", "etcd/peer", "kubelet"]);
+        assert!(issued[0].reason.contains("IP:198.51.100.77"), "{issued:?}");
+        assert_eq!(
+            affected_services(&issued),
+            ["etcd", "kube-apiserver", "kubelet"]
+        );
+        let pem = std::fs::read(data.certs_dir().join("apiserver.crt")).unwrap();
+        let cert = &inspect::parse_pem_bundle(&pem).unwrap()[0];
+        assert!(cert.sans.contains(&San::Ip(new_ip)));
+        std::fs::remove_dir_all(data.root()).unwrap();
+    }
+
+    #[test]
     fn renew_affects_the_services_reading_it() {
         let data = temp_data("renew");
         let config = NodeConfig::default();
