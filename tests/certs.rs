@@ -216,7 +216,10 @@ fn init_writes_kubeadm_layout_that_openssl_accepts() {
 
     let (ok, reports) = check_json(&node);
     assert!(ok, "{reports:#?}");
-    assert_eq!(reports.len(), CAS.len() + 1 + LEAVES.len());
+    assert_eq!(
+        reports.len(),
+        CAS.len() + 1 + LEAVES.len() + KUBECONFIGS.len()
+    );
     let again = node.ok(&["certs", "init"]);
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("nothing to do"),
@@ -456,8 +459,17 @@ fn broken_leaves_are_named_and_renew_fixes_them() {
     assert!(text.contains("front-proxy-client.key is missing"), "{text}");
     assert!(text.contains("not signed by etcd/ca"), "{text}");
 
+    // a kubeconfig that no longer matches its certificate
+    std::fs::copy(
+        node.path("kubeconfig/scheduler.conf"),
+        node.path("kubeconfig/admin.conf"),
+    )
+    .unwrap();
+
     let (ok, reports) = check_json(&node);
     assert!(!ok);
+    assert_eq!(status_of(&reports, "kubeconfig/admin.conf"), "invalid");
+    assert_eq!(status_of(&reports, "kubeconfig/scheduler.conf"), "ok");
     assert_eq!(status_of(&reports, "etcd/peer"), "invalid");
     assert_eq!(status_of(&reports, "front-proxy-client"), "missing");
     assert_eq!(status_of(&reports, "apiserver-etcd-client"), "invalid");
@@ -587,10 +599,14 @@ fn rotate_ca_keeps_old_clients_trusted_during_the_overlap() {
 }
 
 #[test]
-fn check_flags_certs_inside_the_renewal_window() {
+fn check_flags_certs_inside_the_renewal_window_and_start_renews_them() {
     let node = Node::new("window");
-    node.write_config("certs:\n  leaf_validity: 2m\n  renewal_window: 90s\n");
+    let port = etcd_config(
+        &node,
+        "certs:\n  leaf_validity: 2m\n  renewal_window: 90s\n",
+    );
     node.ok(&["certs", "init"]);
+    let first = std::fs::read(node.certs("etcd/server.crt")).unwrap();
     let (ok, _) = check_json(&node);
     assert!(ok);
     // 30 s later every leaf is inside the window: check says so, and fails

@@ -828,7 +828,65 @@ impl Pki {
             }
             reports.push(report);
         }
+        for leaf in spec::LEAVES {
+            if let Some(file) = leaf.kubeconfig {
+                reports.push(self.check_kubeconfig(leaf, file));
+            }
+        }
         reports
+    }
+
+    /// A kubeconfig must embed the current CA file and the current client certificate.
+    fn check_kubeconfig(&self, leaf: &LeafSpec, file: &str) -> CertReport {
+        let path = self.kubeconfigs.join(file);
+        let mut report = blank(&format!("kubeconfig/{file}"), "kubeconfig", &path);
+        let fix = "run `kdist certs init`";
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                report.status = CertStatus::Missing;
+                report.problem = Some(format!("{}: {e}; {fix}", path.display()));
+                return report;
+            }
+        };
+        let decoded = |value: &serde_yaml::Value| -> Option<String> {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str()?)
+                .ok()?;
+            String::from_utf8(bytes).ok()
+        };
+        let parsed: Option<serde_yaml::Value> = serde_yaml::from_str(&text).ok();
+        let embedded = parsed.as_ref().and_then(|v| {
+            Some((
+                decoded(&v["clusters"][0]["cluster"]["certificate-authority-data"])?,
+                decoded(&v["users"][0]["user"]["client-certificate-data"])?,
+            ))
+        });
+        let Some((ca_pem, cert_pem)) = embedded else {
+            report.status = CertStatus::Invalid;
+            report.problem = Some(format!(
+                "not a kubeconfig with embedded certificates; {fix}"
+            ));
+            return report;
+        };
+        if let Ok(mut certs) = inspect::parse_pem_bundle(cert_pem.as_bytes()) {
+            self.fill(&mut report, &certs.remove(0));
+        }
+        let current = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+        if cert_pem != current(self.cert_path(leaf.name)) {
+            report.status = CertStatus::Invalid;
+            report.problem = Some(format!(
+                "does not embed the current {}.crt; {fix}",
+                leaf.name
+            ));
+        } else if ca_pem != current(self.cert_path(spec::ca(leaf.ca).name)) {
+            report.status = CertStatus::Invalid;
+            report.problem = Some(format!("does not embed the current CA; {fix}"));
+        } else if report.status != CertStatus::Ok {
+            report.problem = Some(format!("run `kdist certs renew {}`", leaf.name));
+        }
+        report
     }
 
     fn check_sa(&self) -> CertReport {
