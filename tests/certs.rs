@@ -538,7 +538,8 @@ fn missing_ca_key_with_leaves_is_refused() {
 #[test]
 fn add_san_reissues_the_apiserver_cert() {
     let node = Node::new("san");
-    node.ok(&["certs", "init"]);
+    node.ok(&["certs", "init", "--san", "init.example.test"]);
+    assert!(x509_text(&node.certs("apiserver.crt")).contains("DNS:init.example.test"));
     let out = node.ok(&["certs", "add-san", "10.99.0.7"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("apiserver"),
@@ -549,6 +550,7 @@ fn add_san_reissues_the_apiserver_cert() {
     let text = x509_text(&node.certs("apiserver.crt"));
     assert!(text.contains("IP Address:10.99.0.7"), "{text}");
     assert!(text.contains("DNS:kube.example.test"), "{text}");
+    assert!(text.contains("DNS:init.example.test"), "{text}");
     assert!(verifies(&node, "ca", &node.certs("apiserver.crt")));
     let bad = node.run(&["certs", "add-san", "not a name"]);
     assert!(!bad.status.success());

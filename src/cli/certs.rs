@@ -19,7 +19,12 @@ pub struct Args {
 pub enum Verb {
     /// Create every missing CA, key, certificate and kubeconfig (the daemon does this
     /// at start too).
-    Init,
+    Init {
+        /// An extra IP address or DNS name for the apiserver certificate (repeatable);
+        /// kept like `add-san`.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
     /// Show every certificate with its expiry and state; exit 1 when any is expired,
     /// invalid, missing or inside the renewal window.
     Check {
@@ -57,9 +62,17 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(&data)?;
     let issued = match args.command {
         Verb::Check { output } => return check(&data, &config, output).await,
-        Verb::Init => {
+        Verb::Init { sans } => {
             data.ensure()?;
-            blocking(&data, &config, pki::ensure).await?
+            blocking(&data, &config, move |d, c| {
+                let mut issued = Vec::new();
+                for san in &sans {
+                    issued.extend(pki::add_san(d, c, san)?);
+                }
+                issued.extend(pki::ensure(d, c)?);
+                Ok(issued)
+            })
+            .await?
         }
         Verb::Renew { names, all } => {
             let names = if all { Vec::new() } else { names };
