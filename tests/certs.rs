@@ -513,6 +513,14 @@ fn missing_ca_key_with_leaves_is_refused() {
         assert!(err.contains("apiserver.crt"), "{err}");
         assert!(err.contains("restore"), "{err}");
     }
+    // a leaf of another CA can still be repaired; one of the keyless CA cannot
+    std::fs::write(node.certs("etcd/peer.crt"), "garbage").unwrap();
+    node.ok(&["certs", "renew", "etcd/peer"]);
+    assert!(verifies(&node, "etcd/ca", &node.certs("etcd/peer.crt")));
+    let admin = node.run(&["certs", "renew", "admin"]);
+    assert!(!admin.status.success(), "{}", describe(&admin));
+    assert!(String::from_utf8_lossy(&admin.stderr).contains("ca.key is missing"));
+
     let start = node.run(&["start", "--timeout", "20"]);
     assert!(
         !start.status.success(),

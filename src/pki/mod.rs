@@ -661,29 +661,49 @@ impl Pki {
     }
 
     /// One pass: CAs, SA pair, leaves (those in `force` re-issued regardless), kubeconfigs.
+    ///
+    /// Without `force` (ensure) every CA must be sound. With `force` (renew) only the
+    /// CAs of the forced leaves must be: one leaf can be repaired while an unrelated CA
+    /// waits for its key to be restored, and leaves of that CA are left alone.
     fn run(&self, force: &BTreeSet<&str>) -> Result<Vec<Issued>, PkiError> {
+        let strict = force.is_empty();
         let mut issued = Vec::new();
         let mut cas = Vec::new();
         for spec in spec::CAS {
-            let mut ca = self.load_or_create_ca(spec, &mut issued)?;
-            if spec.id == CaId::Cluster {
-                self.finish_rotation(&mut ca, &mut issued)?;
+            let loaded = self
+                .load_or_create_ca(spec, &mut issued)
+                .and_then(|mut ca| {
+                    if spec.id == CaId::Cluster {
+                        self.finish_rotation(&mut ca, &mut issued)?;
+                    }
+                    Ok(ca)
+                });
+            match loaded {
+                Ok(ca) => cas.push((spec.id, ca)),
+                Err(e) => {
+                    let needed = strict
+                        || spec::LEAVES
+                            .iter()
+                            .any(|l| l.ca == spec.id && force.contains(l.name));
+                    if needed {
+                        return Err(e);
+                    }
+                    tracing::warn!(ca = spec.name, "leaving its certificates alone: {e}");
+                }
             }
-            cas.push((spec.id, ca));
         }
-        let ca_of = |id: CaId| {
-            cas.iter()
-                .find(|(i, _)| *i == id)
-                .map(|(_, ca)| ca)
-                .ok_or_else(|| PkiError::Config {
-                    field: "internal".into(),
-                    reason: format!("CA {id:?} not loaded"),
-                })
-        };
-        self.ensure_sa(&mut issued)?;
+        let ca_of = |id: CaId| cas.iter().find(|(i, _)| *i == id).map(|(_, ca)| ca);
+        if let Err(e) = self.ensure_sa(&mut issued) {
+            if strict {
+                return Err(e);
+            }
+            tracing::warn!("leaving the service-account key pair alone: {e}");
+        }
         let mut reissued = BTreeSet::new();
         for leaf in spec::LEAVES {
-            let ca = ca_of(leaf.ca)?;
+            let Some(ca) = ca_of(leaf.ca) else {
+                continue;
+            };
             let (_, state) = self.leaf_state(leaf, &ca.bundle)?;
             let reason = match state {
                 _ if force.contains(leaf.name) => "renewal requested".to_string(),
@@ -705,7 +725,9 @@ impl Pki {
                 services: leaf.services.iter().map(|s| s.to_string()).collect(),
             });
         }
-        let cluster = ca_of(CaId::Cluster)?;
+        let Some(cluster) = ca_of(CaId::Cluster) else {
+            return Ok(issued);
+        };
         for leaf in spec::LEAVES {
             let Some(file) = leaf.kubeconfig else {
                 continue;
