@@ -12,7 +12,10 @@
 //! `cluster/`. See [`config::DataDir`].
 //!
 //! Trust: kdist's own CAs (cluster, front-proxy, etcd) sign every serving and client
-//! certificate; joiners pin the cluster CA by its SHA-256 fingerprint.
+//! certificate (`pki`, kubeadm's file names under `certs/`, kubeconfigs under
+//! `kubeconfig/`); the daemon renews leaves before they expire and restarts their
+//! readers one at a time; etcd runs with client and peer mTLS; joiners pin the cluster
+//! CA by its SHA-256 fingerprint.
 //!
 //! The CLI (`cli`) talks to the daemon over the control socket; the daemon (`supervisor`)
 //! is the only owner of child processes.
@@ -20,4 +23,5 @@
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod pki;
 pub mod supervisor;

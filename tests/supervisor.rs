@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, alive, wait_until};
+use common::{Node, alive, wait_for};
 
 fn etcd_ready(node: &Node) -> bool {
     node.service("etcd")
@@ -18,34 +18,32 @@ fn etcd_pid(node: &Node) -> i64 {
         .expect("etcd has a pid")
 }
 
-/// etcd answers a real client write and read on the node's port.
-fn etcdctl_roundtrip(node: &Node, key: &str) {
-    let endpoint = format!("http://127.0.0.1:{}", node.etcd_client_port);
-    let put = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &endpoint, "put", key, "v"])
-        .output()
-        .expect("run etcdctl");
+/// A test node whose etcd listens on free ports; returns it with the client port.
+fn etcd_node(tag: &str) -> (Node, u16) {
+    let node = Node::new(tag);
+    let port = node.config_with_etcd_ports("");
+    (node, port)
+}
+
+/// etcd answers a real client write and read (over mTLS) on the node's port.
+fn etcdctl_roundtrip(node: &Node, port: u16, key: &str) {
+    let put = node.etcdctl(port, &["put", key, "v"]);
     assert!(
         put.status.success(),
         "{}",
         String::from_utf8_lossy(&put.stderr)
     );
-    let get = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &endpoint, "get", key, "--print-value-only"])
-        .output()
-        .expect("run etcdctl");
+    let get = node.etcdctl(port, &["get", key, "--print-value-only"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v");
 }
 
 #[test]
 fn start_status_heal_and_stop() {
-    let node = Node::new("heal");
+    let (node, node_port) = etcd_node("heal");
     let out = node.kdist_ok(&["start", "--timeout", "60"]);
     assert!(out.contains("etcd"), "{out}");
     assert!(etcd_ready(&node));
-    etcdctl_roundtrip(&node, "/heal/before");
+    etcdctl_roundtrip(&node, node_port, "/heal/before");
 
     // the table has the documented columns
     let table = node.kdist_ok(&["status"]);
@@ -71,7 +69,7 @@ fn start_status_heal_and_stop() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let healed = wait_until(Duration::from_secs(5), || {
+    let healed = wait_for(Duration::from_secs(5), || {
         let s = node.service("etcd")?;
         (s["ready"] == true && s["pid"].as_i64() != Some(pid)).then_some(s)
     })
@@ -89,7 +87,7 @@ fn start_status_heal_and_stop() {
             .contains("signal: 9"),
         "{healed}"
     );
-    etcdctl_roundtrip(&node, "/heal/after");
+    etcdctl_roundtrip(&node, node_port, "/heal/after");
 
     // stop returns only when every child is gone
     let new_pid = etcd_pid(&node);
@@ -110,7 +108,7 @@ fn start_status_heal_and_stop() {
 
 #[test]
 fn killed_daemon_leaves_nothing_behind_on_next_start() {
-    let node = Node::new("stale");
+    let (node, node_port) = etcd_node("stale");
     node.kdist_ok(&["start", "--timeout", "60"]);
     let old_etcd = etcd_pid(&node);
     let daemon: i32 = std::fs::read_to_string(node.data().pidfile("kdist"))
@@ -124,7 +122,7 @@ fn killed_daemon_leaves_nothing_behind_on_next_start() {
     )
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || (!alive(daemon as i64))
+        wait_for(Duration::from_secs(5), || (!alive(daemon as i64))
             .then_some(()))
         .is_some()
     );
@@ -136,12 +134,12 @@ fn killed_daemon_leaves_nothing_behind_on_next_start() {
     let new_etcd = etcd_pid(&node);
     assert_ne!(new_etcd, old_etcd);
     assert!(etcd_ready(&node));
-    etcdctl_roundtrip(&node, "/stale/after");
+    etcdctl_roundtrip(&node, node_port, "/stale/after");
 }
 
 #[test]
 fn bad_flag_is_a_crashloop_with_the_error_text() {
-    let node = Node::new("crashloop");
+    let (node, _) = etcd_node("crashloop");
     node.kdist_ok(&["start", "--timeout", "60"]);
     let args = node.data().args_file("etcd");
     let mut text = std::fs::read_to_string(&args).unwrap();
@@ -149,7 +147,7 @@ fn bad_flag_is_a_crashloop_with_the_error_text() {
     std::fs::write(&args, text).unwrap();
     node.kdist_ok(&["restart", "etcd"]);
 
-    let status = wait_until(Duration::from_secs(20), || {
+    let status = wait_for(Duration::from_secs(20), || {
         let s = node.service("etcd")?;
         (s["state"] == "crashloop").then_some(s)
     })
@@ -181,7 +179,7 @@ fn bad_flag_is_a_crashloop_with_the_error_text() {
 
 #[test]
 fn malformed_args_line_is_named() {
-    let node = Node::new("malformed");
+    let (node, _) = etcd_node("malformed");
     node.kdist_ok(&["start", "--timeout", "60"]);
     let args = node.data().args_file("etcd");
     let mut text = std::fs::read_to_string(&args).unwrap();
@@ -190,7 +188,7 @@ fn malformed_args_line_is_named() {
     node.kdist_ok(&["restart", "etcd"]);
     let line = text.lines().count();
     let expected = format!("{}:{line}", args.display());
-    let status = wait_until(Duration::from_secs(10), || {
+    let status = wait_for(Duration::from_secs(10), || {
         let s = node.service("etcd")?;
         s["message"]
             .as_str()
@@ -202,12 +200,12 @@ fn malformed_args_line_is_named() {
 
 #[test]
 fn two_data_dirs_side_by_side() {
-    let a = Node::new("side-a");
-    let b = Node::new("side-b");
+    let (a, a_port) = etcd_node("side-a");
+    let (b, b_port) = etcd_node("side-b");
     a.kdist_ok(&["start", "--timeout", "60"]);
     b.kdist_ok(&["start", "--timeout", "60"]);
-    etcdctl_roundtrip(&a, "/a");
-    etcdctl_roundtrip(&b, "/b");
+    etcdctl_roundtrip(&a, a_port, "/a");
+    etcdctl_roundtrip(&b, b_port, "/b");
     let b_etcd = etcd_pid(&b);
     a.kdist_ok(&["stop"]);
     assert!(alive(b_etcd), "stopping a touched b");
@@ -224,7 +222,7 @@ fn two_data_dirs_side_by_side() {
 
 #[test]
 fn restart_applies_edited_args_and_start_is_idempotent() {
-    let node = Node::new("edit");
+    let (node, _) = etcd_node("edit");
     node.kdist_ok(&["start", "--timeout", "60"]);
     let again = node.kdist_ok(&["start"]);
     assert!(again.contains("already running"), "{again}");
@@ -247,7 +245,7 @@ fn restart_applies_edited_args_and_start_is_idempotent() {
 
 #[test]
 fn bad_config_is_refused_naming_the_file() {
-    let node = Node::new("badconfig");
+    let (node, _) = etcd_node("badconfig");
     let file = node.path("my-config.yaml");
     std::fs::write(&file, "etcd:\n  client_prot: 1\n").unwrap();
     let out = node.kdist(&["start", "--config", file.to_str().unwrap()]);
@@ -257,5 +255,5 @@ fn bad_config_is_refused_naming_the_file() {
         err.contains("my-config.yaml") && err.contains("client_prot"),
         "{err}"
     );
-    assert!(node.status().is_none(), "no daemon was started");
+    assert!(node.try_status().is_none(), "no daemon was started");
 }

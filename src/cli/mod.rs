@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod certs;
 mod completion;
 mod daemon;
 mod logs;
@@ -56,6 +57,8 @@ pub enum Command {
     Restart(restart::Args),
     /// Show a service's log (`kdist` for the daemon's own).
     Logs(logs::Args),
+    /// Certificates: init, check, renew, rotate-ca, add-san.
+    Certs(certs::Args),
     /// Print kdist's version.
     Version(version::Args),
     /// Print a shell completion script.
@@ -89,6 +92,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, data).await,
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
+        Command::Certs(args) => certs::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
         Command::Bench(args) => bench::run(args, data).await,

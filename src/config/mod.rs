@@ -3,8 +3,10 @@
 //! Owns where every file of kdist lives and how `config.yaml` is parsed and validated.
 //! It must not start processes or touch anything outside the data directory.
 
+mod certs;
 mod error;
 
+pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use error::ConfigError;
 
 use std::path::{Path, PathBuf};
@@ -145,6 +147,7 @@ pub struct NodeConfig {
     pub node_name: Option<String>,
     pub datastore: DatastoreKind,
     pub etcd: EtcdConfig,
+    pub certs: CertsConfig,
 }
 
 impl NodeConfig {
@@ -221,6 +224,7 @@ impl NodeConfig {
                 ));
             }
         }
+        self.certs.validate(origin)?;
         Ok(())
     }
 
@@ -266,6 +270,21 @@ mod tests {
             .to_string();
         assert!(err.contains("/x/c.yaml"), "{err}");
         assert!(err.contains("client_prot"), "{err}");
+    }
+
+    #[test]
+    fn certs_section_is_read() {
+        let config = NodeConfig::parse(
+            "certs:\n  key_algorithm: rsa-2048\n  leaf_validity: 10m\n  renewal_window: 5m\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(config.certs.key_algorithm, KeyAlgorithm::Rsa2048);
+        assert_eq!(config.certs.leaf_validity, Lifetime::from_secs(600));
+        let err = NodeConfig::parse("certs:\n  leaf_validity: 1y\n", Path::new("/c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/c.yaml") && err.contains("1y"), "{err}");
     }
 
     #[test]

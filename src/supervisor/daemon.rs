@@ -10,7 +10,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::api::{self, ApiState};
 use super::backoff::RestartPolicy;
@@ -23,6 +23,7 @@ use super::service::{self, ServiceSpec};
 use super::status::Board;
 use crate::config::{DataDir, NodeConfig};
 use crate::fsutil;
+use crate::pki;
 
 /// How long stale children of a killed daemon get to exit before SIGKILL.
 const STALE_GRACE: Duration = Duration::from_secs(10);
@@ -30,10 +31,14 @@ const STALE_GRACE: Duration = Duration::from_secs(10);
 const LOG_CHECK: Duration = Duration::from_secs(30);
 const LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 const LOG_KEEP: usize = 3;
+/// How long a service restarted for new certificates gets to become ready again before
+/// the next one is restarted anyway.
+const RENEW_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A daemon that holds its data dir and is ready to run.
 pub struct Daemon {
     data: DataDir,
+    config: NodeConfig,
     specs: Vec<ServiceSpec>,
     policy: RestartPolicy,
     builtins: Builtins,
@@ -43,7 +48,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Takes the data dir: creates it, locks it against a second daemon, stops what a
-    /// killed daemon left behind, and writes default args files.
+    /// killed daemon left behind, makes sure every certificate is in place and valid,
+    /// and writes default args files.
     pub async fn prepare(data: DataDir, config: &NodeConfig) -> Result<Self, SupervisorError> {
         data.ensure().map_err(|e| SupervisorError::Io {
             path: data.root().to_path_buf(),
@@ -76,10 +82,18 @@ impl Daemon {
         )
         .map_err(io(&pidfile))?;
         child::cleanup_stale(&data, STALE_GRACE).await;
+        let (d, c) = (data.clone(), config.clone());
+        tokio::task::spawn_blocking(move || pki::ensure(&d, &c))
+            .await
+            .map_err(|e| SupervisorError::Io {
+                path: data.certs_dir(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
         let specs = service::plan(&data, config)?;
         service::write_default_args(&specs)?;
         Ok(Self {
             data,
+            config: config.clone(),
             specs,
             policy: RestartPolicy::default(),
             builtins: Builtins::new(),
@@ -143,7 +157,17 @@ impl Daemon {
             api_stop.clone(),
         ));
 
+        let renew_task = tokio::spawn(renew_periodically(
+            self.data.clone(),
+            self.config.clone(),
+            orders.clone(),
+            board.clone(),
+        ));
+
         shutdown.cancelled().await;
+        // a renewal must not restart a service the stop sequence is stopping
+        renew_task.abort();
+        let _ = renew_task.await;
         info!("stopping services");
         for spec in self.specs.iter().rev() {
             if let Some(tx) = orders.get(&spec.name) {
@@ -164,6 +188,64 @@ impl Daemon {
         let _ = std::fs::remove_file(self.data.pidfile("kdist"));
         info!("all services stopped");
         Ok(())
+    }
+}
+
+/// Every `certs.check_interval`: renews what is due (or lacks a new host address) and
+/// restarts the services that read it, one at a time, each back to ready before the next.
+async fn renew_periodically(
+    data: DataDir,
+    config: NodeConfig,
+    orders: BTreeMap<String, mpsc::Sender<Order>>,
+    board: Board,
+) {
+    let interval = config.certs.check_interval.duration();
+    loop {
+        tokio::time::sleep(interval).await;
+        let (d, c) = (data.clone(), config.clone());
+        let issued = match tokio::task::spawn_blocking(move || pki::ensure(&d, &c)).await {
+            Ok(Ok(issued)) => issued,
+            Ok(Err(e)) => {
+                warn!("certificate check failed: {e}");
+                continue;
+            }
+            Err(e) => {
+                warn!("certificate check panicked: {e}");
+                continue;
+            }
+        };
+        if issued.is_empty() {
+            tracing::debug!("certificates checked: nothing due");
+            continue;
+        }
+        for service in pki::affected_services(&issued) {
+            let Some(tx) = orders.get(&service) else {
+                continue;
+            };
+            let old_pid = board
+                .snapshot()
+                .into_iter()
+                .find(|s| s.name == service)
+                .and_then(|s| s.pid);
+            info!(service = %service, "restarting to load renewed certificates");
+            let (reply, done) = oneshot::channel();
+            if tx.send(Order::Restart(reply)).await.is_err() || done.await.is_err() {
+                return;
+            }
+            let mut rx = board.subscribe();
+            let back = rx.wait_for(|map| {
+                map.get(&service)
+                    .is_some_and(|s| s.ready && s.pid.is_some() && s.pid != old_pid)
+            });
+            match tokio::time::timeout(RENEW_READY_TIMEOUT, back).await {
+                Ok(Ok(_)) => info!(service = %service, "ready with renewed certificates"),
+                Ok(Err(_)) => return,
+                Err(_) => warn!(
+                    service = %service,
+                    "not ready {RENEW_READY_TIMEOUT:?} after a restart for renewed certificates"
+                ),
+            }
+        }
     }
 }
 

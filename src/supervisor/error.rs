@@ -49,4 +49,6 @@ pub enum SupervisorError {
     },
     #[error("the daemon refused {what}: {message}")]
     Refused { what: String, message: String },
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
 }

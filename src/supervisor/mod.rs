@@ -3,8 +3,10 @@
 //! everything in reverse order. It also serves the control API the CLI talks to.
 //!
 //! It owns child processes, pidfiles under `run/` and logs under `logs/`. It must not
-//! generate certificates, install components or touch the datastore's files: services
-//! find those through their args files.
+//! generate certificates itself (it asks `pki` at start and every
+//! `certs.check_interval`, then restarts what reads the renewed files), install
+//! components or touch the datastore's files: services find those through their args
+//! files.
 
 mod api;
 mod backoff;

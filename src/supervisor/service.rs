@@ -156,6 +156,7 @@ pub fn write_default_args(specs: &[ServiceSpec]) -> Result<(), SupervisorError> 
 fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
     vars.insert("DATA".into(), data.root().display().to_string());
+    vars.insert("CERTS".into(), data.certs_dir().display().to_string());
     vars.insert("NODE_NAME".into(), config.node_name());
     vars.insert(
         "ETCD_CLIENT_PORT".into(),
@@ -346,10 +347,10 @@ mod tests {
         assert_eq!(
             specs[0].probe,
             Probe::Http {
-                url: "http://127.0.0.1:2379/health".into(),
-                ca: None,
-                cert: None,
-                key: None
+                url: "https://127.0.0.1:2379/health".into(),
+                ca: Some("/tmp/kdist-plan-test/certs/etcd/ca.crt".into()),
+                cert: Some("/tmp/kdist-plan-test/certs/etcd/healthcheck-client.crt".into()),
+                key: Some("/tmp/kdist-plan-test/certs/etcd/healthcheck-client.key".into()),
             }
         );
         for spec in &specs {

@@ -1,7 +1,10 @@
-//! Helpers shared by the integration tests: a temp node (data dir + free ports), running
-//! the real `kdist` binary, waiting, and cleanup that stops only what the test started.
+//! Helpers shared by the integration tests: a temporary data dir with the real `kdist`
+//! binary pointed at it, free ports, polling, and a guard that stops everything the
+//! test started (by `kdist stop`, then by pid for marked leftovers) and removes the dir.
+
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,16 +12,39 @@ use std::time::{Duration, Instant};
 
 use kdist::config::DataDir;
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub const KDIST: &str = env!("CARGO_BIN_EXE_kdist");
 
-/// A free TCP port on 127.0.0.1 (released again; fine for tests that bind right away).
+/// `n` distinct free TCP ports on 127.0.0.1 (held together while chosen, so distinct).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
+    free_ports(1)[0]
+}
+
+/// Polls `check` every `every` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, every: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
-pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -31,139 +57,7 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
-/// One kdist node of a test: its own data dir under /tmp and its own etcd ports.
-/// Dropping it stops its daemon and every process carrying its marker, then removes
-/// the data dir.
-pub struct Node {
-    pub dir: PathBuf,
-    pub etcd_client_port: u16,
-    pub etcd_peer_port: u16,
-}
-
-impl Node {
-    pub fn new(name: &str) -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("kdist-test-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create test data dir");
-        let mut node = Self {
-            dir,
-            etcd_client_port: free_port(),
-            etcd_peer_port: free_port(),
-        };
-        while node.etcd_peer_port == node.etcd_client_port {
-            node.etcd_peer_port = free_port();
-        }
-        node.write_config("");
-        node
-    }
-
-    /// Writes config.yaml with this node's ports plus `extra` YAML lines.
-    pub fn write_config(&self, extra: &str) {
-        let text = format!(
-            "etcd:\n  client_port: {}\n  peer_port: {}\n{extra}",
-            self.etcd_client_port, self.etcd_peer_port
-        );
-        std::fs::write(self.dir.join("config.yaml"), text).expect("write config.yaml");
-    }
-
-    pub fn data(&self) -> DataDir {
-        DataDir::new(&self.dir)
-    }
-
-    pub fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kdist"));
-        command.arg("--data-dir").arg(&self.dir);
-        command
-    }
-
-    /// Runs `kdist <args>` against this node and returns its output.
-    pub fn kdist(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().expect("run kdist")
-    }
-
-    /// Runs `kdist <args>` and panics with its output unless it succeeds.
-    pub fn kdist_ok(&self, args: &[&str]) -> String {
-        let out = self.kdist(args);
-        assert!(
-            out.status.success(),
-            "kdist {args:?} failed ({}):\n{}\n{}\nlog:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log("kdist")
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn log(&self, service: &str) -> String {
-        std::fs::read_to_string(self.data().log_file(service)).unwrap_or_default()
-    }
-
-    /// `kdist status -o json`, or None when no daemon answers.
-    pub fn status(&self) -> Option<serde_json::Value> {
-        let out = self.kdist(&["status", "-o", "json"]);
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// The status entry of `service`.
-    pub fn service(&self, service: &str) -> Option<serde_json::Value> {
-        let status = self.status()?;
-        status["services"]
-            .as_array()?
-            .iter()
-            .find(|s| s["name"] == service)
-            .cloned()
-    }
-
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.join(rel)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.command().args(["stop", "--timeout", "30"]).output();
-        kill_daemon(&self.data());
-        kill_marked(&self.data());
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// SIGKILLs every process that carries the marker of `data` (and only those).
-pub fn kill_marked(data: &DataDir) {
-    for pid in kdist::supervisor::find_marked(data) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// SIGKILLs the daemon of `data` named by its pidfile, if that process really is a
-/// kdist daemon of this data dir (its command line names the dir).
-pub fn kill_daemon(data: &DataDir) {
-    let Some(pid) = std::fs::read_to_string(data.pidfile("kdist"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    if cmdline.contains("daemon") && cmdline.contains(&data.root().display().to_string()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// True while a process with this pid exists (zombies count as gone).
+/// True while a process with this pid exists (a zombie counts as gone).
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat
@@ -174,6 +68,208 @@ pub fn alive(pid: i64) -> bool {
     }
 }
 
-pub fn exists(path: &Path) -> bool {
-    path.exists()
+/// Stdout and stderr of a finished command, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// One node's data dir in a fresh temp directory. Dropping it stops the daemon and
+/// every process marked for this data dir, then removes the directory.
+pub struct Node {
+    pub root: PathBuf,
+}
+
+impl Node {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        // short: the control socket path must fit in sun_path (108 bytes)
+        let root = std::env::temp_dir().join(format!("kd-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("create temp data dir");
+        Self { root }
+    }
+
+    pub fn data(&self) -> DataDir {
+        DataDir::new(&self.root)
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    pub fn certs(&self, relative: &str) -> PathBuf {
+        self.root.join("certs").join(relative)
+    }
+
+    /// Writes `config.yaml`.
+    pub fn write_config(&self, yaml: &str) {
+        std::fs::write(self.root.join("config.yaml"), yaml).expect("write config.yaml");
+    }
+
+    /// A `kdist` command with `--data-dir` set to this node.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(KDIST);
+        command
+            .arg("--data-dir")
+            .arg(&self.root)
+            .args(args)
+            .env_remove("KDIST_DATA_DIR");
+        command
+    }
+
+    /// Runs `kdist <args>` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run kdist")
+    }
+
+    /// Runs `kdist <args>` and panics with its output unless it succeeds.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "kdist {args:?} failed: {}",
+            describe(&output)
+        );
+        output
+    }
+
+    /// `kdist start`, panicking with the daemon log when it does not become ready.
+    pub fn start(&self) {
+        let output = self.run(&["start", "--timeout", "90"]);
+        if !output.status.success() {
+            let log = std::fs::read_to_string(self.root.join("logs/kdist.log")).unwrap_or_default();
+            panic!(
+                "kdist start failed: {}\n--- kdist.log\n{log}",
+                describe(&output)
+            );
+        }
+    }
+
+    /// The daemon's status report.
+    pub fn status(&self) -> serde_json::Value {
+        let output = self.ok(&["status", "-o", "json"]);
+        serde_json::from_slice(&output.stdout).expect("status json")
+    }
+
+    /// The pid of a service, when it runs.
+    pub fn service_pid(&self, service: &str) -> Option<i64> {
+        let status = self.status();
+        status["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == service)?["pid"]
+            .as_i64()
+    }
+
+    /// Runs `kdist <args>` and returns its output, whatever the exit status.
+    pub fn kdist(&self, args: &[&str]) -> Output {
+        self.run(args)
+    }
+
+    /// Runs `kdist <args>`, panicking (with the daemon log) unless it succeeds; stdout.
+    pub fn kdist_ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "kdist {args:?} failed: {}\n--- kdist.log\n{}",
+            describe(&output),
+            self.log("kdist")
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The status report, or None when no daemon answers.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let output = self.run(&["status", "-o", "json"]);
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    /// The status entry of `service`, or None when no daemon answers.
+    pub fn service(&self, service: &str) -> Option<serde_json::Value> {
+        self.try_status()?["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == service)
+            .cloned()
+    }
+
+    /// A service's log file as it is now.
+    pub fn log(&self, service: &str) -> String {
+        std::fs::read_to_string(self.data().log_file(service)).unwrap_or_default()
+    }
+
+    /// Writes a config.yaml that puts etcd on two free ports (plus `extra` YAML) and
+    /// returns the client port.
+    pub fn config_with_etcd_ports(&self, extra: &str) -> u16 {
+        let ports = free_ports(2);
+        self.write_config(&format!(
+            "etcd:\n  client_port: {}\n  peer_port: {}\n{extra}",
+            ports[0], ports[1]
+        ));
+        ports[0]
+    }
+
+    /// `etcdctl` against this node's etcd on `port` over mTLS, as the apiserver's etcd
+    /// client.
+    pub fn etcdctl(&self, port: u16, args: &[&str]) -> Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://127.0.0.1:{port}"))
+            .arg(format!("--cacert={}", self.certs("etcd/ca.crt").display()))
+            .arg(format!(
+                "--cert={}",
+                self.certs("apiserver-etcd-client.crt").display()
+            ))
+            .arg(format!(
+                "--key={}",
+                self.certs("apiserver-etcd-client.key").display()
+            ))
+            .args(args)
+            .output()
+            .expect("run etcdctl")
+    }
+
+    fn kill_leftovers(&self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for pid in kdist::supervisor::find_marked(&self.data()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // the daemon itself carries no marker: its pidfile names it
+        if let Ok(text) = std::fs::read_to_string(self.root.join("run/kdist.pid"))
+            && let Ok(pid) = text.trim().parse::<i32>()
+            && is_our_daemon(pid, &self.root)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether `pid` is a kdist daemon for `root` (its command line names the data dir).
+fn is_our_daemon(pid: i32, root: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let root = root.as_os_str().as_encoded_bytes();
+    cmdline.split(|b| *b == 0).any(|arg| arg == root)
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.root.join("run/kdist.sock").exists() {
+            let _ = self.command(&["stop", "--timeout", "30"]).output();
+        }
+        self.kill_leftovers();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
