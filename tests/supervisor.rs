@@ -257,3 +257,47 @@ fn bad_config_is_refused_naming_the_file() {
     );
     assert!(node.try_status().is_none(), "no daemon was started");
 }
+
+#[test]
+fn foreground_daemon_notifies_systemd_and_stops_on_sigterm() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixDatagram;
+
+    let (node, port) = etcd_node("notify");
+    let notify_path = node.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut daemon = node
+        .command(&["daemon"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 60 s");
+    let message = String::from_utf8_lossy(&buf[..n]);
+    assert!(message.contains("READY=1"), "{message}");
+    // READY comes only once every service is ready
+    assert!(etcd_ready(&node));
+    etcdctl_roundtrip(&node, port, "/notify");
+    let mode = std::fs::metadata(node.data().control_socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket is root-only");
+
+    let etcd = etcd_pid(&node);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_for(Duration::from_secs(30), || daemon.try_wait().unwrap())
+        .expect("daemon exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    assert!(!alive(etcd), "etcd survived the daemon's SIGTERM");
+    assert!(kdist::supervisor::find_marked(&node.data()).is_empty());
+}

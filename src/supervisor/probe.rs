@@ -8,6 +8,9 @@ use super::service::Probe;
 pub struct Prober {
     probe: Probe,
     http: Option<reqwest::Client>,
+    /// Modification times of the TLS files the client was built from: a renewed
+    /// certificate is picked up at the next check.
+    tls_stamp: Vec<Option<std::time::SystemTime>>,
     timeout: Duration,
 }
 
@@ -18,17 +21,28 @@ impl Prober {
         Self {
             probe,
             http: None,
+            tls_stamp: Vec::new(),
             timeout,
         }
     }
 
     fn http_client(&mut self) -> Result<reqwest::Client, String> {
-        if let Some(client) = &self.http {
-            return Ok(client.clone());
-        }
         let Probe::Http { ca, cert, key, .. } = &self.probe else {
             return Err("not an http probe".into());
         };
+        let stamp: Vec<_> = [ca, cert, key]
+            .into_iter()
+            .map(|f| {
+                f.as_ref()
+                    .and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+            })
+            .collect();
+        if let Some(client) = &self.http
+            && stamp == self.tls_stamp
+        {
+            return Ok(client.clone());
+        }
+        self.tls_stamp = stamp;
         let mut builder = reqwest::Client::builder()
             .timeout(self.timeout)
             .no_proxy()

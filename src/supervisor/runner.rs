@@ -593,6 +593,27 @@ mod tests {
         stop(&tx).await;
     }
 
+    #[tokio::test]
+    async fn failing_probe_after_ready_is_unhealthy_then_ready_again() {
+        let f = Fixture::new("unhealthy", &["u"]);
+        let flag = f.data.root().join("healthy");
+        std::fs::write(&flag, "").unwrap();
+        let probe = Probe::Command {
+            argv: vec!["test".into(), "-e".into(), flag.display().to_string()],
+        };
+        let tx = f.runner(f.spec("u", Some(&sleeper(&f)), "", probe), Builtins::new());
+        let ready = f.wait_for("u", |s| s.ready).await;
+        std::fs::remove_file(&flag).unwrap();
+        let sick = f
+            .wait_for("u", |s| s.state == ServiceState::Unhealthy)
+            .await;
+        assert_eq!(sick.pid, ready.pid, "an unhealthy child is not restarted");
+        assert!(!sick.ready);
+        std::fs::write(&flag, "").unwrap();
+        f.wait_for("u", |s| s.ready).await;
+        stop(&tx).await;
+    }
+
     struct SocketService {
         path: PathBuf,
     }
