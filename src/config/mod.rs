@@ -3,8 +3,10 @@
 //! Owns where every file of kdist lives and how `config.yaml` is parsed and validated.
 //! It must not start processes or touch anything outside the data directory.
 
+mod components;
 mod error;
 
+pub use components::{ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel};
 pub use error::ConfigError;
 
 use std::path::{Path, PathBuf};
@@ -145,6 +147,7 @@ pub struct NodeConfig {
     pub node_name: Option<String>,
     pub datastore: DatastoreKind,
     pub etcd: EtcdConfig,
+    pub components: ComponentsConfig,
 }
 
 impl NodeConfig {
@@ -208,6 +211,7 @@ impl NodeConfig {
                 "must differ from etcd.client_port",
             ));
         }
+        self.components.validate(origin)?;
         if let Some(name) = &self.node_name {
             let ok = !name.is_empty()
                 && name.len() <= 63
