@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod completion;
+mod components;
 mod daemon;
 mod logs;
 mod restart;
@@ -55,7 +56,9 @@ pub enum Command {
     Restart(restart::Args),
     /// Show a service's log (`kdist` for the daemon's own).
     Logs(logs::Args),
-    /// Print kdist's version.
+    /// Install, list, switch, verify and bundle EKS-D releases.
+    Components(components::Args),
+    /// Print kdist's version and each component's version and origin.
     Version(version::Args),
     /// Print a shell completion script.
     Completion(completion::Args),
@@ -86,6 +89,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, data).await,
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
+        Command::Components(args) => components::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
     }

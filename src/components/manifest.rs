@@ -407,6 +407,51 @@ mod tests {
         assert!(err.contains("m.yaml") && err.contains("kind Release"), "{err}");
     }
 
+    const FIXTURE: &str = include_str!("../../tests/fixtures/kubernetes-1-31-eks-12.yaml");
+
+    #[test]
+    fn published_manifest_shape_parses_and_plans() {
+        let release = Release::parse(FIXTURE, "fixture").unwrap();
+        assert_eq!(release.id().to_string(), "1-31-12");
+        assert_eq!(release.metadata.name, "kubernetes-1-31-eks-12");
+        assert_eq!(release.version_of("kubernetes"), Some("v1.31.4"));
+        assert_eq!(release.version_of("etcd"), Some("v3.5.16"));
+        assert_eq!(release.status.date.as_deref(), Some("2025-01-09T18:22:41Z"));
+        for arch in ["amd64", "arm64"] {
+            let plan = release.plan("linux", arch).unwrap();
+            assert_eq!(plan.len(), KUBE_BINARIES.len() + 2, "{arch}");
+            let apiserver = plan
+                .iter()
+                .find(|p| p.use_ == Use::Binary("kube-apiserver"))
+                .unwrap();
+            assert_eq!(
+                apiserver.uri,
+                format!("https://distro.eks.amazonaws.com/kubernetes-1-31/releases/12/artifacts/kubernetes/v1.31.4/bin/linux/{arch}/kube-apiserver")
+            );
+            assert_eq!(apiserver.file, "kube-apiserver");
+            assert_eq!(apiserver.sha256.len(), 64);
+            assert_eq!(apiserver.sha512.len(), 128);
+            let etcd = plan
+                .iter()
+                .find(|p| p.use_ == Use::Tarball(Extract::Etcd))
+                .unwrap();
+            assert_eq!(etcd.file, format!("etcd-linux-{arch}-v3.5.16.tar.gz"));
+            let cni = plan
+                .iter()
+                .find(|p| p.use_ == Use::Tarball(Extract::Cni))
+                .unwrap();
+            assert_eq!(cni.version, "v1.6.0");
+            // the node tarball also holds a kubelet, but the per-file asset is the one used
+            assert!(plan.iter().all(|p| !p.file.starts_with("kubernetes-")));
+        }
+        // images and other OSes are never picked
+        let err = release.plan("linux", "riscv64").unwrap_err().to_string();
+        assert!(err.contains("linux/riscv64"), "{err}");
+        assert!(err.contains("kube-apiserver") && err.contains("etcd") && err.contains("cni-plugins"), "{err}");
+        let darwin = release.plan("darwin", "amd64").unwrap_err().to_string();
+        assert!(darwin.contains("kubelet") && !darwin.contains("kubectl ("), "{darwin}");
+    }
+
     #[test]
     fn channel_latest_is_read() {
         let text = "apiVersion: distro.eks.amazonaws.com/v1alpha1\nkind: ReleaseChannel\nmetadata: {name: 1-31}\nspec: {snsTopicARN: x}\nstatus: {active: true, latestRelease: 39}\n";
