@@ -291,8 +291,9 @@ fn tar_gz(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
 
 /// A fake binary: a shell script that prints a version, padded to `size` bytes.
 fn script(name: &str, version: &str, number: u32, size: usize) -> Vec<u8> {
-    let mut s = format!("#!/bin/sh\n# {name} of test release {number}\necho \"{name} {version}\"\n")
-        .into_bytes();
+    let mut s =
+        format!("#!/bin/sh\n# {name} of test release {number}\necho \"{name} {version}\"\n")
+            .into_bytes();
     let mut filler = 0u8;
     while s.len() < size {
         s.push(b'#');
@@ -320,7 +321,11 @@ impl Fixture {
         .iter()
         .map(|bin| {
             // kube-apiserver is big enough for a download to be caught half way
-            let size = if *bin == "kube-apiserver" { 4 << 20 } else { 2000 };
+            let size = if *bin == "kube-apiserver" {
+                4 << 20
+            } else {
+                2000
+            };
             (
                 format!("bin/linux/{arch}/{bin}"),
                 artifact(
@@ -331,9 +336,8 @@ impl Fixture {
         })
         .collect();
         // etcd runs the host's real etcd, so `kdist start` can be tested with it
-        let etcd_script = format!(
-            "#!/bin/sh\n# etcd of test release {number}\nexec /usr/bin/etcd \"$@\"\n"
-        );
+        let etcd_script =
+            format!("#!/bin/sh\n# etcd of test release {number}\nexec /usr/bin/etcd \"$@\"\n");
         let dir = format!("etcd-{etcd_version}-linux-{arch}");
         let etcd = tar_gz(&[
             (&format!("{dir}/etcd"), etcd_script.as_bytes(), 0o755),
@@ -344,11 +348,17 @@ impl Fixture {
             ),
             (&format!("{dir}/README.md"), b"etcd readme\n", 0o644),
         ]);
-        let cni_files: Vec<(String, Vec<u8>)> =
-            ["bridge", "host-local", "loopback", "portmap", "bandwidth", "vlan"]
-                .iter()
-                .map(|n| (format!("./{n}"), script(n, &cni_version, number, 300)))
-                .collect();
+        let cni_files: Vec<(String, Vec<u8>)> = [
+            "bridge",
+            "host-local",
+            "loopback",
+            "portmap",
+            "bandwidth",
+            "vlan",
+        ]
+        .iter()
+        .map(|n| (format!("./{n}"), script(n, &cni_version, number, 300)))
+        .collect();
         let mut cni_entries: Vec<(&str, &[u8], u32)> = cni_files
             .iter()
             .map(|(n, b)| (n.as_str(), b.as_slice(), 0o755))
@@ -362,7 +372,9 @@ impl Fixture {
                 etcd,
             ),
             cni: artifact(
-                format!("{base}/plugins/{cni_version}/cni-plugins-linux-{arch}-{cni_version}.tar.gz"),
+                format!(
+                    "{base}/plugins/{cni_version}/cni-plugins-linux-{arch}-{cni_version}.tar.gz"
+                ),
                 cni,
             ),
             kube,
@@ -426,10 +438,7 @@ impl Fixture {
             n = self.number
         );
         m += "  - assets:\n";
-        m += &asset(
-            self.etcd.path.rsplit('/').next().unwrap(),
-            &self.etcd,
-        );
+        m += &asset(self.etcd.path.rsplit('/').next().unwrap(), &self.etcd);
         m += &image("etcd");
         m += &format!("    gitTag: {}\n    name: etcd\n", self.etcd_version);
         m += "  - assets:\n";
@@ -605,7 +614,11 @@ fn happy_path_installs_latest_verified_and_lists_it() {
 
     let out = ok(install(data.path(), &mirror, &["--release", "latest"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("installed EKS-D kubernetes-1-31-eks-2"), "{}", text(&out));
+    assert!(
+        stdout.contains("installed EKS-D kubernetes-1-31-eks-2"),
+        "{}",
+        text(&out)
+    );
     // not a terminal: plain progress lines, one per file at least
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("kube-apiserver: downloading"), "{stderr}");
@@ -622,18 +635,30 @@ fn happy_path_installs_latest_verified_and_lists_it() {
         "kubectl",
     ] {
         let path = current.join("bin").join(bin);
-        assert_eq!(std::fs::read(&path).unwrap(), release.kube_bytes(bin), "{bin}");
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            release.kube_bytes(bin),
+            "{bin}"
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o755, "{bin}");
     }
     let etcd = std::fs::read_to_string(current.join("bin/etcd")).unwrap();
     assert!(etcd.contains("exec /usr/bin/etcd"), "{etcd}");
     assert!(current.join("bin/etcdctl").is_file());
-    assert!(!current.join("bin/README.md").exists(), "only the wanted files are extracted");
+    assert!(
+        !current.join("bin/README.md").exists(),
+        "only the wanted files are extracted"
+    );
     for plugin in ["bridge", "host-local", "loopback", "portmap", "bandwidth"] {
         assert!(current.join("cni").join(plugin).is_file(), "{plugin}");
     }
-    assert!(!current.join("cni/vlan").exists(), "unneeded plugins are left out");
+    assert!(
+        !current.join("cni/vlan").exists(),
+        "unneeded plugins are left out"
+    );
     assert!(!current.join("cni/LICENSE").exists());
     assert!(current.join("manifest.yaml").is_file());
     assert!(
@@ -643,7 +668,10 @@ fn happy_path_installs_latest_verified_and_lists_it() {
 
     // an installed binary runs (it is the test's script)
     let run = Command::new(current.join("bin/kubelet")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "kubelet v1.31.3");
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        "kubelet v1.31.3"
+    );
 
     let list = ok(kdist(data.path(), &["components", "list", "-o", "json"]));
     let json: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
@@ -679,10 +707,16 @@ fn happy_path_installs_latest_verified_and_lists_it() {
     ok(kdist(data.path(), &["components", "verify"]));
     // a changed byte on disk is found by verify
     let victim = data.path().join("components/1-31-2/cni/bridge");
-    let mut f = std::fs::OpenOptions::new().append(true).open(&victim).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&victim)
+        .unwrap();
     f.write_all(b"x").unwrap();
     let err = failed(kdist(data.path(), &["components", "verify"]));
-    assert!(err.contains("cni/bridge") && err.contains("sha256"), "{err}");
+    assert!(
+        err.contains("cni/bridge") && err.contains("sha256"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -703,7 +737,11 @@ fn reinstall_is_a_no_op() {
         "{}",
         text(&out)
     );
-    assert_eq!(mirror.requests(&asset).len(), 1, "no asset is fetched again");
+    assert_eq!(
+        mirror.requests(&asset).len(),
+        1,
+        "no asset is fetched again"
+    );
     assert_eq!(std::fs::metadata(&bin).unwrap().modified().unwrap(), before);
     assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
 }
@@ -723,7 +761,10 @@ fn use_switches_and_remove_refuses_the_active_release() {
     let kubelet = data.path().join("components/current/bin/kubelet");
     assert_eq!(std::fs::read(&kubelet).unwrap(), two.kube_bytes("kubelet"));
 
-    ok(kdist(data.path(), &["components", "use", "kubernetes-1-31-eks-1"]));
+    ok(kdist(
+        data.path(),
+        &["components", "use", "kubernetes-1-31-eks-1"],
+    ));
     assert_eq!(active(data.path()).as_deref(), Some("1-31-1"));
     assert_eq!(std::fs::read(&kubelet).unwrap(), one.kube_bytes("kubelet"));
 
@@ -732,7 +773,10 @@ fn use_switches_and_remove_refuses_the_active_release() {
     ok(kdist(data.path(), &["components", "remove", "1-31-2"]));
     assert_eq!(release_dirs(data.path()), vec!["1-31-1"]);
     let err = failed(kdist(data.path(), &["components", "use", "1-31-2"]));
-    assert!(err.contains("1-31-2") && err.contains("installed: 1-31-1"), "{err}");
+    assert!(
+        err.contains("1-31-2") && err.contains("installed: 1-31-1"),
+        "{err}"
+    );
     let err = failed(kdist(data.path(), &["components", "use", "1.31.2"]));
     assert!(err.contains("`1.31.2` is not a release"), "{err}");
     assert_eq!(active(data.path()).as_deref(), Some("1-31-1"));
@@ -757,10 +801,17 @@ fn tampered(algorithm: &str) {
     assert!(err.contains("kube-scheduler"), "{err}");
     assert!(err.contains(&format!("{algorithm} is")), "{err}");
     assert!(err.contains("tampered"), "{err}");
-    assert_eq!(release_dirs(data.path()), vec!["1-31-1"], "nothing of release 2 is installed");
+    assert_eq!(
+        release_dirs(data.path()),
+        vec!["1-31-1"],
+        "nothing of release 2 is installed"
+    );
     assert_eq!(active(data.path()).as_deref(), Some("1-31-1"));
     let scheduler = data.path().join("components/current/bin/kube-scheduler");
-    assert_eq!(std::fs::read(scheduler).unwrap(), one.kube_bytes("kube-scheduler"));
+    assert_eq!(
+        std::fs::read(scheduler).unwrap(),
+        one.kube_bytes("kube-scheduler")
+    );
     let staged = data
         .path()
         .join("components/.staging-1-31-2/downloads/kube-scheduler");
@@ -794,7 +845,10 @@ fn truncated_downloads_are_resumed_then_fail_clearly() {
     assert_eq!(requests.len(), 3, "{requests:?}");
     assert_eq!(requests[0], None);
     let half = release.kube_bytes("kube-apiserver").len() / 2;
-    assert_eq!(requests[1].as_deref(), Some(format!("bytes={half}-").as_str()));
+    assert_eq!(
+        requests[1].as_deref(),
+        Some(format!("bytes={half}-").as_str())
+    );
     assert_eq!(
         std::fs::read(data.path().join("components/current/bin/kube-apiserver")).unwrap(),
         release.kube_bytes("kube-apiserver")
@@ -833,7 +887,10 @@ fn server_errors_are_retried_then_fail_clearly() {
     // a missing release is not retried and says what to check
     let before = mirror.total_requests();
     let err = failed(install(data.path(), &mirror, &["--release", "9"]));
-    assert!(err.contains("answered 404") && err.contains("--release"), "{err}");
+    assert!(
+        err.contains("answered 404") && err.contains("--release"),
+        "{err}"
+    );
     assert_eq!(mirror.total_requests() - before, 1);
 }
 
@@ -845,7 +902,13 @@ fn release_without_this_arch_names_what_is_missing() {
     let data = TempDir::new("arch");
     let err = failed(install(data.path(), &mirror, &["--release", "2"]));
     assert!(err.contains(&format!("no linux/{} asset", arch())), "{err}");
-    for item in ["kube-apiserver", "kubelet", "kubectl", "etcd", "cni-plugins"] {
+    for item in [
+        "kube-apiserver",
+        "kubelet",
+        "kubectl",
+        "etcd",
+        "cni-plugins",
+    ] {
         assert!(err.contains(item), "{item}: {err}");
     }
     assert_eq!(active(data.path()), None);
@@ -879,7 +942,11 @@ fn bundle_installs_identically_without_network() {
             bundle.to_str().unwrap(),
         ],
     ));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("installed EKS-D"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("installed EKS-D"),
+        "{}",
+        text(&out)
+    );
     let a = tree(&first.path().join("components/1-31-2"));
     let b = tree(&second.path().join("components/1-31-2"));
     let files = |t: &[(String, Vec<u8>)]| {
@@ -908,7 +975,10 @@ fn bundle_installs_identically_without_network() {
         third.path(),
         &["components", "install", "--from", dir.to_str().unwrap()],
     ));
-    assert_eq!(files(&a), files(&tree(&third.path().join("components/1-31-2"))));
+    assert_eq!(
+        files(&a),
+        files(&tree(&third.path().join("components/1-31-2")))
+    );
 
     // a missing file is named
     std::fs::remove_file(dir.join("kubelet")).unwrap();
@@ -956,7 +1026,9 @@ fn kill_9_mid_download_then_next_run_resumes() {
         .path()
         .join("components/.staging-1-31-2/downloads/kube-apiserver.part");
     let caught = wait_until(Duration::from_secs(30), || {
-        std::fs::metadata(&part).map(|m| m.len() as usize == sent).unwrap_or(false)
+        std::fs::metadata(&part)
+            .map(|m| m.len() as usize == sent)
+            .unwrap_or(false)
     });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -1020,4 +1092,146 @@ fn embedded_bundle_is_installed_once_and_again_when_changed() {
         std::fs::read(data.path().join("components/current/bin/kubectl")).unwrap(),
         release.kube_bytes("kubectl")
     );
+}
+
+// ---------------------------------------------------------------------------------
+// `kdist start` and components
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node whose etcd listens on free ports; stopped (by `kdist stop`) on drop.
+struct Node {
+    dir: TempDir,
+}
+
+impl Node {
+    fn new(name: &str, components: &str) -> Self {
+        let dir = TempDir::new(name);
+        let config = format!(
+            "etcd:\n  client_port: {}\n  peer_port: {}\ncomponents:\n{components}",
+            free_port(),
+            free_port()
+        );
+        std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+        Self { dir }
+    }
+    fn data(&self) -> &Path {
+        self.dir.path()
+    }
+    fn start(&self, path_env: Option<&str>) -> Output {
+        let mut cmd = Command::new(KDIST);
+        cmd.arg("--data-dir")
+            .arg(self.data())
+            .args(["start", "--timeout", "60"])
+            .env_remove("KDIST_DATA_DIR")
+            .stdin(Stdio::null());
+        if let Some(path) = path_env {
+            cmd.env("PATH", path);
+        }
+        cmd.output().unwrap()
+    }
+    fn etcd_status(&self) -> serde_json::Value {
+        let out = ok(kdist(self.data(), &["status", "-o", "json"]));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "etcd")
+            .cloned()
+            .unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = kdist(self.data(), &["stop", "--timeout", "30"]);
+    }
+}
+
+#[test]
+fn start_installs_the_latest_release_first_and_runs_it() {
+    let mirror = Mirror::start();
+    let release = Fixture::new(3, arch());
+    release.serve(&mirror);
+    serve_channel(&mirror, 3);
+    let node = Node::new(
+        "start-install",
+        &format!("  channel: \"{CHANNEL}\"\n  base_url: {}\n", mirror.base()),
+    );
+    let out = node.start(None);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("installing EKS-D kubernetes-1-31-eks-3"),
+        "{stderr}"
+    );
+    assert_eq!(active(node.data()).as_deref(), Some("1-31-3"));
+    let etcd = node.etcd_status();
+    assert_eq!(etcd["origin"], "components", "{etcd}");
+    assert_eq!(
+        etcd["program"].as_str().unwrap(),
+        node.data()
+            .join("components/current/bin/etcd")
+            .display()
+            .to_string()
+    );
+    assert_eq!(etcd["ready"], true);
+}
+
+#[test]
+fn start_offline_falls_back_to_path_binaries_with_a_warning() {
+    // nothing listens on the mirror's port
+    let port = free_port();
+    let node = Node::new(
+        "start-offline",
+        &format!("  base_url: http://127.0.0.1:{port}\n"),
+    );
+    let out = node.start(None);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: cannot install EKS-D"), "{stderr}");
+    assert!(stderr.contains("etcd=/usr/bin/etcd"), "{stderr}");
+    assert_eq!(active(node.data()), None);
+    let etcd = node.etcd_status();
+    assert_eq!(etcd["origin"], "PATH (fallback)", "{etcd}");
+    assert_eq!(etcd["ready"], true);
+}
+
+#[test]
+fn start_offline_without_the_binaries_on_path_fails_clearly() {
+    let port = free_port();
+    let node = Node::new(
+        "start-nothing",
+        &format!("  base_url: http://127.0.0.1:{port}\n"),
+    );
+    let empty = TempDir::new("empty-path");
+    let out = node.start(Some(empty.path().to_str().unwrap()));
+    let err = failed(out);
+    assert!(err.contains("not on PATH either: etcd"), "{err}");
+    assert!(err.contains("--from"), "{err}");
+    assert!(
+        !node.data().join("run/kdist.sock").exists(),
+        "no daemon was started"
+    );
+}
+
+#[test]
+fn start_with_auto_install_off_does_not_touch_the_network() {
+    let mirror = Mirror::start();
+    serve_channel(&mirror, 3);
+    let node = Node::new(
+        "start-noauto",
+        &format!("  auto_install: false\n  base_url: {}\n", mirror.base()),
+    );
+    let out = node.start(None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mirror.total_requests(), 0);
+    assert_eq!(node.etcd_status()["origin"], "PATH (fallback)");
 }

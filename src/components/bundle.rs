@@ -118,8 +118,13 @@ pub fn manifest_of(reader: impl Read, origin: &Path) -> Result<String, Component
         let mut entry = entry.map_err(archive_err)?;
         let is_manifest = entry
             .path()
-            .map(|p| p.components().filter(|c| !matches!(c, Component::CurDir)).count() == 1
-                && p.ends_with(MANIFEST_FILE))
+            .map(|p| {
+                p.components()
+                    .filter(|c| !matches!(c, Component::CurDir))
+                    .count()
+                    == 1
+                    && p.ends_with(MANIFEST_FILE)
+            })
             .unwrap_or(false);
         if is_manifest {
             let mut text = String::new();

@@ -47,7 +47,10 @@ pub async fn sync(
         }
         return Ok(None);
     }
-    progress.line(&format!("installing the components embedded in kdist ({})", id.eks_name()));
+    progress.line(&format!(
+        "installing the components embedded in kdist ({})",
+        id.eks_name()
+    ));
     let mut request = Request::from_config(config);
     request.source = Source::Embedded(bundle);
     install::install(data, &request, progress).await.map(Some)

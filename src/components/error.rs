@@ -8,7 +8,9 @@ pub enum ComponentsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot reach {url}; check the network or use `--from DIR|BUNDLE` on a machine without one")]
+    #[error(
+        "cannot reach {url}; check the network or use `--from DIR|BUNDLE` on a machine without one"
+    )]
     Http {
         url: String,
         #[source]
@@ -28,7 +30,11 @@ pub enum ComponentsError {
         source: Box<ComponentsError>,
     },
     #[error("{url} ended after {got} of {expected} bytes")]
-    Truncated { url: String, got: u64, expected: u64 },
+    Truncated {
+        url: String,
+        got: u64,
+        expected: u64,
+    },
     #[error(
         "{what}: {algorithm} is {actual}, the manifest says {expected}; the file is corrupt or was tampered with and was not installed"
     )]
@@ -80,7 +86,7 @@ pub enum ComponentsError {
     #[error("{path}: {reason}")]
     Source { path: PathBuf, reason: String },
     #[error(
-        "cannot install EKS-D {what} and {} not on PATH; install with `kdist components install --from DIR|BUNDLE` (air gap) or put them on PATH",
+        "cannot install EKS-D {what}, and these binaries are not on PATH either: {}; install with `kdist components install --from DIR|BUNDLE` (air gap) or put them on PATH",
         missing.join(", ")
     )]
     NoFallback {

@@ -57,7 +57,12 @@ pub async fn digest_file_async(path: &Path) -> Result<Digests, ComponentsError> 
 
 /// Checks `actual` against the manifest's digests; the error names the algorithm that
 /// failed (both are checked, so a forged file must match both).
-pub fn check(what: &str, actual: &Digests, sha256: &str, sha512: &str) -> Result<(), ComponentsError> {
+pub fn check(
+    what: &str,
+    actual: &Digests,
+    sha256: &str,
+    sha512: &str,
+) -> Result<(), ComponentsError> {
     if !actual.sha256.eq_ignore_ascii_case(sha256) {
         return Err(ComponentsError::Digest {
             what: what.to_string(),
@@ -172,7 +177,9 @@ pub async fn get_text(
 
 fn status_error(url: &str, status: StatusCode) -> ComponentsError {
     let hint = match status.as_u16() {
-        404 => "; check the channel and release number (`kdist components install --channel 1-XX --release N`)",
+        404 => {
+            "; check the channel and release number (`kdist components install --channel 1-XX --release N`)"
+        }
         403 => "; the server refused access",
         _ => "",
     };
@@ -286,7 +293,10 @@ async fn fetch_once(
     part: &Path,
     item: &Item,
 ) -> Result<bool, ComponentsError> {
-    let have = tokio::fs::metadata(part).await.map(|m| m.len()).unwrap_or(0);
+    let have = tokio::fs::metadata(part)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
     let mut request = client.get(job.url);
     if have > 0 {
         request = request.header(RANGE, format!("bytes={have}-"));

@@ -28,7 +28,10 @@ use crate::fsutil;
 #[derive(Debug, Clone)]
 pub enum Source {
     /// EKS-D (or a mirror): the channel's latest or a pinned release.
-    Channel { channel: String, release: ReleasePin },
+    Channel {
+        channel: String,
+        release: ReleasePin,
+    },
     /// A manifest given by URL or file; assets from its URIs.
     Manifest(String),
     /// A directory with `manifest.yaml` and the asset files, or a bundle file.
@@ -120,7 +123,9 @@ async fn install_locked(
                 ReleasePin::Number(n) => *n,
                 ReleasePin::Latest => {
                     let url = manifest::channel_url(&base, channel);
-                    progress.line(&format!("resolving the latest release of channel {channel} ({url})"));
+                    progress.line(&format!(
+                        "resolving the latest release of channel {channel} ({url})"
+                    ));
                     let text = fetch::get_text(&client, &url, request.retry).await?;
                     manifest::parse_channel(&text, &url)?
                 }
@@ -159,7 +164,10 @@ async fn install_locked(
             } else {
                 let file = std::fs::File::open(path).map_err(ComponentsError::io(path))?;
                 let (owned_path, owned_unpack) = (path.clone(), unpack.to_path_buf());
-                blocking(path, move || bundle::unpack(file, &owned_path, &owned_unpack)).await?;
+                blocking(path, move || {
+                    bundle::unpack(file, &owned_path, &owned_unpack)
+                })
+                .await?;
                 LocalFiles {
                     dir: unpack.to_path_buf(),
                     label: format!("bundle:{}", path.display()),
@@ -287,7 +295,10 @@ async fn install_locked(
     {
         let (tree, downloads, planned) = (tree.clone(), downloads.clone(), planned.clone());
         let text = text.clone();
-        blocking(&staging, move || build_tree(&tree, &downloads, &planned, &text, record)).await?;
+        blocking(&staging, move || {
+            build_tree(&tree, &downloads, &planned, &text, record)
+        })
+        .await?;
     }
 
     // 5. into place, then `current`
@@ -371,7 +382,9 @@ fn build_tree(
                     Extract::Etcd => ("bin", ETCD_BINARIES, &[]),
                     Extract::Cni => ("cni", CNI_REQUIRED, CNI_OPTIONAL),
                 };
-                for (rel, digests) in extract_members(&download, &tree.join(dir), required, optional)? {
+                for (rel, digests) in
+                    extract_members(&download, &tree.join(dir), required, optional)?
+                {
                     record.files.push(FileRecord {
                         path: format!("{dir}/{rel}"),
                         component: p.component.clone(),
@@ -443,7 +456,11 @@ fn extract_members(
             continue;
         }
         let path = entry.path().map_err(bad)?.into_owned();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         let wanted = required.contains(&name.as_str()) || optional.contains(&name.as_str());

@@ -205,7 +205,10 @@ impl Release {
         let mut planned = Vec::new();
         let mut missing = Vec::new();
         let fits = |a: &Asset| {
-            a.kind == "Archive" && a.os == os && a.arch.iter().any(|x| x == arch) && a.archive.is_some()
+            a.kind == "Archive"
+                && a.os == os
+                && a.arch.iter().any(|x| x == arch)
+                && a.archive.is_some()
         };
         let kube = self.component("kubernetes");
         for bin in KUBE_BINARIES {
@@ -333,11 +336,7 @@ pub fn rebase(uri: &str, base: &str) -> String {
 }
 
 pub fn manifest_url(base: &str, id: &ReleaseId) -> String {
-    format!(
-        "{base}/kubernetes-{}/{}.yaml",
-        id.channel,
-        id.eks_name()
-    )
+    format!("{base}/kubernetes-{}/{}.yaml", id.channel, id.eks_name())
 }
 
 pub fn channel_url(base: &str, channel: &str) -> String {
@@ -404,7 +403,10 @@ mod tests {
     fn wrong_kind_is_refused() {
         let text = "apiVersion: distro.eks.amazonaws.com/v1alpha1\nkind: ReleaseChannel\nspec: {channel: 1-31, number: 1}\n";
         let err = Release::parse(text, "m.yaml").unwrap_err().to_string();
-        assert!(err.contains("m.yaml") && err.contains("kind Release"), "{err}");
+        assert!(
+            err.contains("m.yaml") && err.contains("kind Release"),
+            "{err}"
+        );
     }
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/kubernetes-1-31-eks-12.yaml");
@@ -426,7 +428,9 @@ mod tests {
                 .unwrap();
             assert_eq!(
                 apiserver.uri,
-                format!("https://distro.eks.amazonaws.com/kubernetes-1-31/releases/12/artifacts/kubernetes/v1.31.4/bin/linux/{arch}/kube-apiserver")
+                format!(
+                    "https://distro.eks.amazonaws.com/kubernetes-1-31/releases/12/artifacts/kubernetes/v1.31.4/bin/linux/{arch}/kube-apiserver"
+                )
             );
             assert_eq!(apiserver.file, "kube-apiserver");
             assert_eq!(apiserver.sha256.len(), 64);
@@ -447,9 +451,15 @@ mod tests {
         // images and other OSes are never picked
         let err = release.plan("linux", "riscv64").unwrap_err().to_string();
         assert!(err.contains("linux/riscv64"), "{err}");
-        assert!(err.contains("kube-apiserver") && err.contains("etcd") && err.contains("cni-plugins"), "{err}");
+        assert!(
+            err.contains("kube-apiserver") && err.contains("etcd") && err.contains("cni-plugins"),
+            "{err}"
+        );
         let darwin = release.plan("darwin", "amd64").unwrap_err().to_string();
-        assert!(darwin.contains("kubelet") && !darwin.contains("kubectl ("), "{darwin}");
+        assert!(
+            darwin.contains("kubelet") && !darwin.contains("kubectl ("),
+            "{darwin}"
+        );
     }
 
     #[test]

@@ -89,7 +89,9 @@ pub async fn prepare_for_start(
     if !config.auto_install {
         return Ok(StartComponents::Skipped);
     }
-    let request = Request::from_config(config);
+    let mut request = Request::from_config(config);
+    // a node without network should not wait long before falling back
+    request.retry = retry_with(3);
     match install(data, &request, &progress).await {
         Ok(outcome) => Ok(StartComponents::Installed(outcome.id)),
         Err(error) => {

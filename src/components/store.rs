@@ -179,7 +179,9 @@ impl Store {
             return Err(self.not_installed(id));
         }
         let link = self.current_link();
-        let tmp = self.root.join(format!(".current.tmp.{}", std::process::id()));
+        let tmp = self
+            .root
+            .join(format!(".current.tmp.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(id.to_string(), &tmp).map_err(ComponentsError::io(&tmp))?;
         std::fs::rename(&tmp, &link).map_err(ComponentsError::io(&link))?;
@@ -214,8 +216,7 @@ impl Store {
             let path = dir.join(rel);
             match fetch::digest_file(&path) {
                 Ok(d) => {
-                    if let Err(e) = fetch::check(&path.display().to_string(), &d, sha256, sha512)
-                    {
+                    if let Err(e) = fetch::check(&path.display().to_string(), &d, sha256, sha512) {
                         problems.push(e.to_string());
                     }
                 }

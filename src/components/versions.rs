@@ -124,8 +124,12 @@ pub fn parse_version(text: &str) -> Option<String> {
         .find(|t| {
             let digits = t.strip_prefix('v').unwrap_or(t);
             let mut parts = digits.split('.');
-            parts.next().is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-                && parts.next().is_some_and(|p| p.chars().next().is_some_and(|c| c.is_ascii_digit()))
+            parts
+                .next()
+                .is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+                && parts
+                    .next()
+                    .is_some_and(|p| p.chars().next().is_some_and(|c| c.is_ascii_digit()))
         })
         .map(str::to_string)
 }
@@ -140,8 +144,14 @@ mod tests {
             parse_version("etcd Version: 3.4.23\nGit SHA: Not provided\n").as_deref(),
             Some("3.4.23")
         );
-        assert_eq!(parse_version("Kubernetes v1.31.2-eks-1-31-12\n").as_deref(), Some("v1.31.2-eks-1-31-12"));
-        assert_eq!(parse_version("Client Version: v1.30.1\nKustomize Version: v5.0.4").as_deref(), Some("v1.30.1"));
+        assert_eq!(
+            parse_version("Kubernetes v1.31.2-eks-1-31-12\n").as_deref(),
+            Some("v1.31.2-eks-1-31-12")
+        );
+        assert_eq!(
+            parse_version("Client Version: v1.30.1\nKustomize Version: v5.0.4").as_deref(),
+            Some("v1.30.1")
+        );
         assert_eq!(parse_version("no version here 3"), None);
     }
 }

@@ -100,11 +100,9 @@ impl Default for ComponentsConfig {
 
 /// Checks the `1-XX` shape of a channel; the message says what is expected.
 pub fn check_channel(channel: &str) -> Result<(), String> {
-    let ok = channel
-        .split_once('-')
-        .is_some_and(|(major, minor)| {
-            major == "1" && !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit())
-        });
+    let ok = channel.split_once('-').is_some_and(|(major, minor)| {
+        major == "1" && !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit())
+    });
     if ok {
         Ok(())
     } else {

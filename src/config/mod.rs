@@ -6,7 +6,9 @@
 mod components;
 mod error;
 
-pub use components::{ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel};
+pub use components::{
+    ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
+};
 pub use error::ConfigError;
 
 use std::path::{Path, PathBuf};
