@@ -2,6 +2,9 @@
 //! tar.gz archives and real digests made here, served by a small hyper server that can
 //! fail, truncate or stall on purpose.
 
+// a test crate: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::Write;
@@ -1092,6 +1095,51 @@ fn embedded_bundle_is_installed_once_and_again_when_changed() {
         std::fs::read(data.path().join("components/current/bin/kubectl")).unwrap(),
         release.kube_bytes("kubectl")
     );
+
+    // a kdist built with other files for the same release replaces them
+    let mut changed = Fixture::new(2, arch());
+    let new_kubectl = script("kubectl", "v1.31.3-rebuilt", 2, 900);
+    let (sha256, sha512) = digests(&new_kubectl);
+    changed.lie("kubectl", Some(sha256), Some(sha512));
+    let mut entries: Vec<(String, Vec<u8>)> =
+        vec![("manifest.yaml".into(), changed.manifest().into_bytes())];
+    for (_, a) in &changed.kube {
+        let name = a.path.rsplit('/').next().unwrap().to_string();
+        let bytes = if name == "kubectl" {
+            new_kubectl.clone()
+        } else {
+            a.bytes.clone()
+        };
+        entries.push((format!("assets/{name}"), bytes));
+    }
+    for a in [&changed.etcd, &changed.cni] {
+        entries.push((
+            format!("assets/{}", a.path.rsplit('/').next().unwrap()),
+            a.bytes.clone(),
+        ));
+    }
+    let refs: Vec<(&str, &[u8], u32)> = entries
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice(), 0o644))
+        .collect();
+    let rebuilt: &'static [u8] = Box::leak(tar_gz(&refs).into_boxed_slice());
+    request.source = kdist::components::Source::Embedded(rebuilt);
+    let third = rt
+        .block_on(kdist::components::install(&dir, &request, &quiet))
+        .unwrap();
+    assert!(third.changed && third.active);
+    assert_eq!(
+        std::fs::read(data.path().join("components/current/bin/kubectl")).unwrap(),
+        new_kubectl
+    );
+    assert_eq!(release_dirs(data.path()), vec!["1-31-2"]);
+    let leftovers: Vec<_> = std::fs::read_dir(data.path().join("components"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".old") || n.starts_with(".unpack") || n.starts_with(".staging"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 // ---------------------------------------------------------------------------------

@@ -77,10 +77,10 @@ pub async fn prepare_for_start(
     needed: &[String],
 ) -> Result<StartComponents, ComponentsError> {
     let progress = Progress::detect();
-    if let Some(bundle) = embed::bundle() {
-        if let Some(outcome) = embed::sync(data, bundle, config, &progress).await? {
-            return Ok(StartComponents::Installed(outcome.id));
-        }
+    if let Some(bundle) = embed::bundle()
+        && let Some(outcome) = embed::sync(data, bundle, config, &progress).await?
+    {
+        return Ok(StartComponents::Installed(outcome.id));
     }
     let store = Store::new(data);
     if let Some(id) = store.active() {
