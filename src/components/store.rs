@@ -240,14 +240,18 @@ impl Store {
         Ok(problems)
     }
 
-    /// Removes what interrupted runs left behind for releases other than `keep`.
+    /// Removes what interrupted runs left behind (not staging: that is resumed).
     pub fn clean_leftovers(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with(".trash-") || name.starts_with(".old-") {
+            // called under the lock: no other install owns an unpack dir now
+            if name.starts_with(".trash-")
+                || name.starts_with(".old-")
+                || name.starts_with(".unpack-")
+            {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
             if name.starts_with(".current.tmp.") {
