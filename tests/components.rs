@@ -1045,6 +1045,12 @@ fn kill_9_mid_download_then_next_run_resumes() {
     assert_eq!(active(data.path()).as_deref(), Some("1-31-1"));
     assert_eq!(release_dirs(data.path()), vec!["1-31-1"]);
     ok(kdist(data.path(), &["components", "verify"]));
+    let list = ok(kdist(data.path(), &["components", "list"]));
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("interrupted install of 1-31-2"),
+        "{}",
+        text(&list)
+    );
 
     mirror.set_mode(&asset, Mode::Normal);
     ok(install(data.path(), &mirror, &["--release", "2"]));

@@ -227,6 +227,14 @@ fn list(args: ListArgs, data: DataDir) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            for id in store.interrupted() {
+                println!(
+                    "interrupted install of {id} ({}): run `kdist components install --channel {} --release {}` to resume it",
+                    store.staging_dir(&id).display(),
+                    id.channel,
+                    id.number
+                );
+            }
             println!();
             print_versions(&listing.binaries);
         }

@@ -379,6 +379,7 @@ pub async fn copy_local(
     item: &Item,
 ) -> Result<Digests, ComponentsError> {
     let digests = digest_file_async(from).await?;
+    item.sized(digests.size);
     if let Err(e) = check(what, &digests, sha256, sha512) {
         item.fail(&e.to_string());
         return Err(e);

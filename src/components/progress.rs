@@ -51,11 +51,11 @@ impl Progress {
         let bar = self.bars.as_ref().map(|bars| {
             let bar = bars.add(ProgressBar::new(0));
             if let Ok(style) = ProgressStyle::with_template(
-                "{msg:28!} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {eta:>4}",
+                "{prefix:28!} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {msg}",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
-            bar.set_message(label.to_string());
+            bar.set_prefix(label.to_string());
             bar
         });
         Item {
@@ -88,6 +88,14 @@ impl Item {
         }
     }
 
+    /// A local file of `size` bytes, handled at once (no transfer to show).
+    pub fn sized(&self, size: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(size);
+            bar.set_position(size);
+        }
+    }
+
     pub fn advance(&self, bytes: u64) {
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
@@ -96,7 +104,7 @@ impl Item {
 
     pub fn note(&self, message: &str) {
         match &self.bar {
-            Some(bar) => bar.set_message(format!("{} ({message})", self.label)),
+            Some(bar) => bar.set_message(message.to_string()),
             None if !self.quiet => eprintln!("{}: {message}", self.label),
             None => {}
         }
@@ -104,7 +112,7 @@ impl Item {
 
     pub fn done(&self, message: &str) {
         match &self.bar {
-            Some(bar) => bar.finish_with_message(format!("{} {message}", self.label)),
+            Some(bar) => bar.finish_with_message(message.to_string()),
             None if !self.quiet => eprintln!("{}: {message}", self.label),
             None => {}
         }
@@ -112,7 +120,7 @@ impl Item {
 
     pub fn fail(&self, message: &str) {
         match &self.bar {
-            Some(bar) => bar.abandon_with_message(format!("{} FAILED: {message}", self.label)),
+            Some(bar) => bar.abandon_with_message(format!("FAILED: {message}")),
             None if !self.quiet => eprintln!("{}: FAILED: {message}", self.label),
             None => {}
         }

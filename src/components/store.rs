@@ -141,6 +141,23 @@ impl Store {
         ids
     }
 
+    /// Releases whose install was interrupted: their staging dir waits to be resumed.
+    pub fn interrupted(&self) -> Vec<ReleaseId> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<ReleaseId> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.strip_prefix(".staging-")
+                    .and_then(|id| ReleaseId::parse(id).ok())
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn record(&self, id: &ReleaseId) -> Result<Record, ComponentsError> {
         let path = self.release_dir(id).join(RECORD_FILE);
         let text = std::fs::read_to_string(&path).map_err(|source| {
