@@ -99,7 +99,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Install(a) => install(a, data).await,
         Command::List(a) => list(a, data),
-        Command::Use(a) => use_release(a, data),
+        Command::Use(a) => use_release(a, data).await,
         Command::Verify(a) => verify(a, data).await,
         Command::Remove(a) => remove(a, data),
         Command::Bundle(a) => bundle(a, data).await,
@@ -255,12 +255,15 @@ pub fn print_versions(versions: &[components::ComponentVersion]) {
     }
 }
 
-fn use_release(args: UseArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+async fn use_release(args: UseArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let id = ReleaseId::parse(&args.release)?;
     let store = Store::new(&data);
     let _lock = store.lock()?;
     store.activate(&id)?;
     println!("EKS-D {} is now active", id.eks_name());
+    if crate::supervisor::Client::new(&data).status().await.is_ok() {
+        println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -137,3 +137,42 @@ pub fn manifest_of(reader: impl Read, origin: &Path) -> Result<String, Component
         reason: format!("is not a kdist bundle (no {MANIFEST_FILE})"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+        for (name, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, *data).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn only_the_manifest_and_assets_are_unpacked() {
+        let dest = std::env::temp_dir().join(format!("kdist-unpack-{}", std::process::id()));
+        let good = tar_gz(&[("manifest.yaml", b"m"), ("./assets/kubelet", b"k")]);
+        unpack(good.as_slice(), Path::new("b.tar.gz"), &dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("assets/kubelet")).unwrap(), b"k");
+        for bad in ["etc/passwd", "assets/sub/x", "bin/kubelet"] {
+            let archive = tar_gz(&[("manifest.yaml", b"m"), (bad, b"x")]);
+            let err = unpack(archive.as_slice(), Path::new("b.tar.gz"), &dest)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("b.tar.gz") && err.contains(bad), "{err}");
+        }
+        let none = tar_gz(&[("assets/kubelet", b"k")]);
+        let err = unpack(none.as_slice(), Path::new("b.tar.gz"), &dest)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a kdist bundle"), "{err}");
+        assert_eq!(manifest_of(good.as_slice(), Path::new("b")).unwrap(), "m");
+        std::fs::remove_dir_all(&dest).unwrap();
+    }
+}

@@ -16,6 +16,14 @@ pub enum ComponentsError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("transfer of {url} broke off; the next attempt resumes it")]
+    Transfer {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} refused to resume a partial download ({have} bytes); starting over")]
+    ResumeRefused { url: String, have: u64 },
     #[error("{url} answered {status}{hint}")]
     HttpStatus {
         url: String,

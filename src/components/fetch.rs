@@ -195,7 +195,10 @@ fn retryable(e: &ComponentsError) -> bool {
         ComponentsError::HttpStatus { status, .. } => {
             *status == 408 || *status == 429 || *status >= 500
         }
-        ComponentsError::Http { .. } | ComponentsError::Truncated { .. } => true,
+        ComponentsError::Http { .. }
+        | ComponentsError::Transfer { .. }
+        | ComponentsError::ResumeRefused { .. }
+        | ComponentsError::Truncated { .. } => true,
         _ => false,
     }
 }
@@ -320,10 +323,9 @@ async fn fetch_once(
         StatusCode::RANGE_NOT_SATISFIABLE => {
             // the partial file is as long as (or longer than) the asset: start over
             remove_if_exists(part).await?;
-            return Err(ComponentsError::Truncated {
+            return Err(ComponentsError::ResumeRefused {
                 url: job.url.to_string(),
-                got: have,
-                expected: 0,
+                have,
             });
         }
         s if s.is_success() => (0, resp.content_length()),
@@ -346,7 +348,10 @@ async fn fetch_once(
             Err(source) => {
                 // keep what arrived: the next attempt resumes from there
                 let _ = file.flush().await;
-                return Err(http(source));
+                return Err(ComponentsError::Transfer {
+                    url: job.url.to_string(),
+                    source,
+                });
             }
         };
         file.write_all(&chunk)
