@@ -54,7 +54,26 @@ pub struct Metadata {
 #[serde(rename_all = "camelCase")]
 pub struct ReleaseSpec {
     pub channel: String,
+    /// An integer in published manifests; the first CRD typed it as a string, so a
+    /// quoted number is read too.
+    #[serde(deserialize_with = "number_or_string")]
     pub number: u32,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u32),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(n),
+        Raw::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("spec.number `{t}` is not a number"))),
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -90,9 +109,31 @@ pub struct Asset {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Archive {
+    /// Absolute URL of the file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub uri: String,
+    /// Path under EKS-D's base URL; newer build tooling records it next to (or
+    /// instead of) `uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub sha256: String,
     pub sha512: String,
+}
+
+impl Archive {
+    /// Where to fetch the file: `uri`, else `path` under the official base URL.
+    pub fn url(&self) -> Option<String> {
+        if !self.uri.is_empty() {
+            return Some(self.uri.clone());
+        }
+        self.path.as_deref().map(|p| {
+            format!(
+                "{}/{}",
+                crate::config::DEFAULT_BASE_URL,
+                p.trim_start_matches('/')
+            )
+        })
+    }
 }
 
 /// A `ReleaseChannel` (`releasechannels/<channel>.yaml`): only its newest release matters.
@@ -208,7 +249,7 @@ impl Release {
             a.kind == "Archive"
                 && a.os == os
                 && a.arch.iter().any(|x| x == arch)
-                && a.archive.is_some()
+                && a.archive.as_ref().and_then(Archive::url).is_some()
         };
         let kube = self.component("kubernetes");
         for bin in KUBE_BINARIES {
@@ -279,24 +320,21 @@ pub struct Planned {
 
 impl Planned {
     fn new(component: &Component, asset: &Asset, use_: Use) -> Self {
-        // plan() only keeps assets with an archive
+        // plan() only keeps assets with an archive that has a URL
         let archive = asset.archive.clone().unwrap_or(Archive {
             uri: String::new(),
+            path: None,
             sha256: String::new(),
             sha512: String::new(),
         });
-        let file = archive
-            .uri
-            .rsplit('/')
-            .next()
-            .unwrap_or(&asset.name)
-            .to_string();
+        let uri = archive.url().unwrap_or_default();
+        let file = uri.rsplit('/').next().unwrap_or(&asset.name).to_string();
         Self {
             component: component.name.clone(),
             version: component.git_tag.clone(),
             asset: asset.name.clone(),
             file,
-            uri: archive.uri,
+            uri,
             sha256: archive.sha256.to_lowercase(),
             sha512: archive.sha512.to_lowercase(),
             use_,
@@ -459,6 +497,29 @@ mod tests {
         assert!(
             darwin.contains("kubelet") && !darwin.contains("kubectl ("),
             "{darwin}"
+        );
+    }
+
+    #[test]
+    fn quoted_numbers_and_path_only_archives_are_read() {
+        let text = "apiVersion: distro.eks.amazonaws.com/v1alpha1\nkind: Release\nspec:\n  channel: 1-31\n  number: \"7\"\nstatus:\n  components:\n  - name: etcd\n    gitTag: v3.5.16\n    assets:\n    - name: etcd-linux-amd64-v3.5.16.tar.gz\n      type: Archive\n      os: linux\n      arch: [amd64]\n      archive:\n        path: kubernetes-1-31/releases/7/artifacts/etcd/v3.5.16/etcd-linux-amd64-v3.5.16.tar.gz\n        sha256: aa\n        sha512: bb\n";
+        let release = Release::parse(text, "m").unwrap();
+        assert_eq!(release.id().to_string(), "1-31-7");
+        let err = release.plan("linux", "amd64").unwrap_err().to_string();
+        // etcd is found (through its path); the others are missing
+        assert!(!err.contains("etcd (a .tar.gz"), "{err}");
+        assert!(err.contains("kubelet"), "{err}");
+        let etcd = &release.status.components[0].assets[0];
+        assert_eq!(
+            etcd.archive.as_ref().unwrap().url().unwrap(),
+            "https://distro.eks.amazonaws.com/kubernetes-1-31/releases/7/artifacts/etcd/v3.5.16/etcd-linux-amd64-v3.5.16.tar.gz"
+        );
+        let bad = text.replace("\"7\"", "seven");
+        let err = Release::parse(&bad, "m.yaml").unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            chain.contains("m.yaml") && chain.contains("seven"),
+            "{chain}"
         );
     }
 
