@@ -44,7 +44,7 @@ pub enum ComponentsError {
         expected: u64,
     },
     #[error(
-        "{what}: {algorithm} is {actual}, the manifest says {expected}; the file is corrupt or was tampered with and was not installed"
+        "{what}: {algorithm} is {actual}, the manifest says {expected}; the file is corrupt or was tampered with and was not installed (the active release is unchanged): check the manifest and mirror before retrying"
     )]
     Digest {
         what: String,
