@@ -1033,6 +1033,13 @@ fn kill_9_mid_download_then_next_run_resumes() {
             .map(|m| m.len() as usize == sent)
             .unwrap_or(false)
     });
+    // a second install waits for nobody: it says another one is at work
+    let busy = kdist(data.path(), &["components", "use", "1-31-1"]);
+    let busy = failed(busy);
+    assert!(
+        busy.contains("another `kdist components` command"),
+        "{busy}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -1288,4 +1295,53 @@ fn start_with_auto_install_off_does_not_touch_the_network() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(mirror.total_requests(), 0);
     assert_eq!(node.etcd_status()["origin"], "PATH (fallback)");
+}
+
+#[test]
+fn manifest_file_installs_and_bad_manifests_are_named() {
+    let mirror = Mirror::start();
+    let release = Fixture::new(4, arch());
+    release.serve(&mirror);
+    let work = TempDir::new("manifest-file");
+    let file = work.path().join("kubernetes-1-31-eks-4.yaml");
+    std::fs::write(&file, release.manifest()).unwrap();
+    let data = TempDir::new("manifest-data");
+    let base = mirror.base();
+    ok(kdist(
+        data.path(),
+        &[
+            "components",
+            "install",
+            "--base-url",
+            &base,
+            "--manifest",
+            file.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(active(data.path()).as_deref(), Some("1-31-4"));
+
+    let bad = work.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: ConfigMap\nspec: {channel: 1-31, number: 1}\n",
+    )
+    .unwrap();
+    let err = failed(kdist(
+        data.path(),
+        &["components", "install", "--manifest", bad.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("bad.yaml") && err.contains("expected kind Release"),
+        "{err}"
+    );
+    std::fs::write(&bad, "kind: [").unwrap();
+    let err = failed(kdist(
+        data.path(),
+        &["components", "install", "--manifest", bad.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("bad.yaml: not a valid EKS-D manifest"),
+        "{err}"
+    );
+    assert_eq!(active(data.path()).as_deref(), Some("1-31-4"));
 }
