@@ -331,7 +331,7 @@ async fn fetch_once(
         s if s.is_success() => (0, resp.content_length()),
         s => return Err(status_error(job.url, s)),
     };
-    let mut file = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .append(offset > 0)
@@ -339,6 +339,8 @@ async fn fetch_once(
         .open(part)
         .await
         .map_err(ComponentsError::io(part))?;
+    // network chunks are small; each write to a tokio File is a trip to a blocking thread
+    let mut file = tokio::io::BufWriter::with_capacity(256 << 10, file);
     item.start(offset, total);
     let mut got = offset;
     loop {
@@ -361,7 +363,10 @@ async fn fetch_once(
         item.advance(chunk.len() as u64);
     }
     file.flush().await.map_err(ComponentsError::io(part))?;
-    file.sync_all().await.map_err(ComponentsError::io(part))?;
+    file.get_ref()
+        .sync_all()
+        .await
+        .map_err(ComponentsError::io(part))?;
     if let Some(total) = total
         && got < total
     {

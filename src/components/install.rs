@@ -93,8 +93,8 @@ pub async fn install(
     result
 }
 
-/// Files of a local source: the directory holding manifest.yaml and the assets, and
-/// whether they may be moved (an unpacked bundle) or must be copied (the user's dir).
+/// Files of a local source: the directory holding manifest.yaml and the asset files
+/// (flat or under assets/), and how the source is named in the record.
 struct LocalFiles {
     dir: PathBuf,
     label: String,
