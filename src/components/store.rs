@@ -257,13 +257,20 @@ impl Store {
         Ok(problems)
     }
 
-    /// Removes what interrupted runs left behind (not staging: that is resumed).
+    /// Tidies what interrupted runs left behind (not staging: that is resumed).
     pub fn clean_leftovers(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().to_string();
+            // a kill between the two renames of a replacement: put the old one back
+            if let Some(id) = name.strip_prefix(".old-")
+                && !self.root.join(id).exists()
+            {
+                let _ = std::fs::rename(entry.path(), self.root.join(id));
+                continue;
+            }
             // called under the lock: no other install owns an unpack dir now
             if name.starts_with(".trash-")
                 || name.starts_with(".old-")
@@ -294,4 +301,64 @@ fn channel_minor(channel: &str) -> u32 {
         .split_once('-')
         .and_then(|(_, m)| m.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_release(store: &Store, id: &str) -> ReleaseId {
+        let id = ReleaseId::parse(id).unwrap();
+        let dir = store.release_dir(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = Record {
+            release: id.to_string(),
+            channel: id.channel.clone(),
+            number: id.number,
+            os: "linux".into(),
+            arch: "amd64".into(),
+            manifest_sha256: String::new(),
+            source: "test".into(),
+            installed_at: 0,
+            assets: Vec::new(),
+            files: Vec::new(),
+        };
+        std::fs::write(dir.join(RECORD_FILE), serde_json::to_vec(&record).unwrap()).unwrap();
+        id
+    }
+
+    #[test]
+    fn activate_remove_and_recover_an_interrupted_replacement() {
+        let root = std::env::temp_dir().join(format!("kdist-store-{}", std::process::id()));
+        let data = DataDir::new(&root);
+        let store = Store::new(&data);
+        store.ensure().unwrap();
+        let one = fake_release(&store, "1-31-1");
+        let two = fake_release(&store, "1-31-2");
+        assert_eq!(store.active(), None);
+        store.activate(&one).unwrap();
+        assert_eq!(store.active(), Some(one.clone()));
+        store.activate(&two).unwrap();
+        assert_eq!(
+            std::fs::read_link(store.current_link()).unwrap(),
+            Path::new("1-31-2")
+        );
+        assert_eq!(store.installed(), vec![one.clone(), two.clone()]);
+        assert!(matches!(
+            store.remove(&two),
+            Err(ComponentsError::Active { .. })
+        ));
+
+        // killed after moving the active release aside, before the new one was in place
+        std::fs::rename(store.release_dir(&two), store.root().join(".old-1-31-2")).unwrap();
+        assert_eq!(store.active(), None);
+        store.clean_leftovers();
+        assert_eq!(store.active(), Some(two.clone()));
+
+        store.remove(&one).unwrap();
+        assert_eq!(store.installed(), vec![two]);
+        let err = store.remove(&one).unwrap_err().to_string();
+        assert!(err.contains("installed: 1-31-2"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
