@@ -112,7 +112,7 @@ pub async fn prepare_for_start(
                 .iter()
                 .filter_map(|n| find_on_path(n).map(|p| format!("{n}={}", p.display())))
                 .collect();
-            tracing::warn!(error = %error, "EKS-D components could not be installed");
+            tracing::debug!(error = %error, "EKS-D components could not be installed");
             progress.line(&format!(
                 "warning: cannot install EKS-D {what}: {}\nwarning: using binaries from PATH as a fallback ({}); they are not EKS-D builds. Run `kdist components install` when the network is back, or set components.auto_install: false to silence this",
                 error_chain(&error),
