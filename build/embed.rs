@@ -24,7 +24,11 @@ pub fn main() {
     println!("cargo:rerun-if-changed={}", source.display());
     if source.is_file() {
         if let Err(e) = fs::copy(&source, &out) {
-            fail(&format!("cannot copy {} to {}: {e}", source.display(), out.display()));
+            fail(&format!(
+                "cannot copy {} to {}: {e}",
+                source.display(),
+                out.display()
+            ));
         }
         return;
     }
@@ -63,7 +67,10 @@ fn pack(dir: &Path, out: &Path) -> std::io::Result<()> {
         paths.sort();
         for path in paths {
             println!("cargo:rerun-if-changed={}", path.display());
-            let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             tar.append_path_with_name(&path, format!("assets/{name}"))?;
         }
     }
