@@ -21,6 +21,7 @@
 //! is the only owner of child processes.
 
 pub mod cli;
+pub mod components;
 pub mod config;
 pub mod fsutil;
 pub mod pki;

@@ -281,7 +281,12 @@ fn foreground_daemon_notifies_systemd_and_stops_on_sigterm() {
     let message = String::from_utf8_lossy(&buf[..n]);
     assert!(message.contains("READY=1"), "{message}");
     // READY comes only once every service is ready
-    assert!(etcd_ready(&node));
+    assert!(
+        etcd_ready(&node),
+        "{:?} {}",
+        node.try_status(),
+        node.log("kdist")
+    );
     etcdctl_roundtrip(&node, port, "/notify");
     let mode = std::fs::metadata(node.data().control_socket())
         .unwrap()

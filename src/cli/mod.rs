@@ -9,6 +9,7 @@
 mod bench;
 mod certs;
 mod completion;
+mod components;
 mod daemon;
 mod logs;
 mod restart;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Certificates: init, check, renew, rotate-ca, add-san.
     Certs(certs::Args),
     /// Print kdist's version.
+    /// Install, list, switch, verify and bundle EKS-D releases.
+    Components(components::Args),
+    /// Print kdist's version and each component's version and origin.
     Version(version::Args),
     /// Print a shell completion script.
     Completion(completion::Args),
@@ -93,6 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
         Command::Certs(args) => certs::run(args, data).await,
+        Command::Components(args) => components::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
         Command::Bench(args) => bench::run(args, data).await,

@@ -35,12 +35,19 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     }
     data.ensure()?;
-    if let Some(file) = &args.config {
-        NodeConfig::seed(&data, file)?;
+    let config = if let Some(file) = &args.config {
+        NodeConfig::seed(&data, file)?
     } else {
         // fail here, with the file named, rather than in the detached daemon's log
-        NodeConfig::load(&data)?;
-    }
+        NodeConfig::load(&data)?
+    };
+    // EKS-D binaries first (installed with progress when none are), PATH as fallback
+    let needed: Vec<String> = crate::supervisor::plan(&data, &config)?
+        .into_iter()
+        .filter_map(|spec| spec.binary)
+        .filter(|binary| !binary.contains('/'))
+        .collect();
+    crate::components::prepare_for_start(&data, &config.components, &needed).await?;
     let log_path = data.log_file("kdist");
     let log = std::fs::OpenOptions::new()
         .create(true)

@@ -4,9 +4,13 @@
 //! It must not start processes or touch anything outside the data directory.
 
 mod certs;
+mod components;
 mod error;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
+pub use components::{
+    ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
+};
 pub use error::ConfigError;
 
 use std::path::{Path, PathBuf};
@@ -148,6 +152,7 @@ pub struct NodeConfig {
     pub datastore: DatastoreKind,
     pub etcd: EtcdConfig,
     pub certs: CertsConfig,
+    pub components: ComponentsConfig,
 }
 
 impl NodeConfig {
@@ -211,6 +216,7 @@ impl NodeConfig {
                 "must differ from etcd.client_port",
             ));
         }
+        self.components.validate(origin)?;
         if let Some(name) = &self.node_name {
             let ok = !name.is_empty()
                 && name.len() <= 63

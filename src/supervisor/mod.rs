@@ -28,4 +28,5 @@ pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;
 pub use runner::log_tail;
 pub use service::{Probe, known_services};
+pub use service::{ServiceSpec, plan};
 pub use status::{ServiceState, ServiceStatus, StatusReport};

@@ -78,6 +78,9 @@ pub fn describe(output: &Output) -> String {
     )
 }
 
+/// The config that keeps `kdist start` from downloading EKS-D releases.
+pub const OFFLINE: &str = "components:\n  auto_install: false\n";
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// One node's data dir in a fresh temp directory. Dropping it stops the daemon and
@@ -93,6 +96,7 @@ impl Node {
         let root = std::env::temp_dir().join(format!("kd-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create temp data dir");
+        std::fs::write(root.join("config.yaml"), OFFLINE).expect("write config.yaml");
         Self { root }
     }
 
@@ -109,8 +113,17 @@ impl Node {
     }
 
     /// Writes `config.yaml`.
+    /// Writes `config.yaml`. Unless `yaml` has a `components:` section, component
+    /// auto-install is turned off: tests never reach for the network.
     pub fn write_config(&self, yaml: &str) {
-        std::fs::write(self.root.join("config.yaml"), yaml).expect("write config.yaml");
+        let mut text = yaml.to_string();
+        if !text.lines().any(|l| l.starts_with("components:")) {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(OFFLINE);
+        }
+        std::fs::write(self.root.join("config.yaml"), text).expect("write config.yaml");
     }
 
     /// A `kdist` command with `--data-dir` set to this node.

@@ -1,0 +1,323 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::components::{
+    self, ComponentsError, Progress, ReleaseId, Request, Source, Store, component_versions,
+};
+use crate::config::{DataDir, NodeConfig, ReleasePin, check_channel};
+
+use super::Output;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Install an EKS-D release (verified, atomic) and make it active.
+    Install(InstallArgs),
+    /// Show installed releases, the active one and the version of each binary.
+    List(ListArgs),
+    /// Make an installed release the active one.
+    Use(UseArgs),
+    /// Re-check the sha256 and sha512 of every installed file.
+    Verify(VerifyArgs),
+    /// Delete an installed release (not the active one).
+    Remove(RemoveArgs),
+    /// Write a release (default: the active one) as one file for `install --from`.
+    Bundle(BundleArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// EKS-D channel (Kubernetes minor as 1-XX); default from config.yaml.
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Release number, or `latest`; default from config.yaml.
+    #[arg(long)]
+    pub release: Option<ReleasePin>,
+    /// A release manifest by URL or file, instead of channel and release.
+    #[arg(long, conflicts_with_all = ["from", "channel", "release"])]
+    pub manifest: Option<String>,
+    /// Install without network from a directory (manifest.yaml + asset files) or a
+    /// bundle written by `kdist components bundle`.
+    #[arg(long, conflicts_with_all = ["channel", "release"])]
+    pub from: Option<PathBuf>,
+    /// Base URL of EKS-D or a mirror; default from config.yaml.
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// Install without making the release active.
+    #[arg(long)]
+    pub no_activate: bool,
+    /// Attempts per download before giving up.
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    /// Downloads at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UseArgs {
+    /// Release as <channel>-<number> (e.g. 1-31-12) or kubernetes-1-31-eks-12.
+    pub release: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Release to check; default the active one.
+    pub release: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RemoveArgs {
+    pub release: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BundleArgs {
+    /// File to write (a .tar.gz).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Release to bundle; default the active one.
+    #[arg(long)]
+    pub release: Option<String>,
+}
+
+pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Install(a) => install(a, data).await,
+        Command::List(a) => list(a, data),
+        Command::Use(a) => use_release(a, data).await,
+        Command::Verify(a) => verify(a, data).await,
+        Command::Remove(a) => remove(a, data),
+        Command::Bundle(a) => bundle(a, data).await,
+    }
+}
+
+async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    data.ensure()?;
+    let config = NodeConfig::load(&data)?.components;
+    let mut request = Request::from_config(&config);
+    if let Some(channel) = &args.channel {
+        check_channel(channel).map_err(|r| anyhow::anyhow!("--channel: {r}"))?;
+    }
+    request.source = match (&args.manifest, &args.from) {
+        (Some(manifest), _) => Source::Manifest(manifest.clone()),
+        (None, Some(from)) => Source::Local(from.clone()),
+        (None, None) => Source::Channel {
+            channel: args.channel.clone().unwrap_or(config.channel.clone()),
+            release: args.release.unwrap_or(config.release),
+        },
+    };
+    if let Some(base) = &args.base_url {
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            anyhow::bail!("--base-url: `{base}` must be an http:// or https:// URL");
+        }
+        request.base_url = base.trim_end_matches('/').to_string();
+    }
+    request.activate = !args.no_activate;
+    request.retry = components::retry_with(args.retries);
+    request.parallel = args.parallel;
+    let outcome = components::install(&data, &request, &Progress::detect()).await?;
+    if !outcome.changed {
+        println!(
+            "EKS-D {} is already installed{}; nothing to do",
+            outcome.id.eks_name(),
+            if outcome.active { " and active" } else { "" }
+        );
+    } else {
+        println!(
+            "installed EKS-D {} ({}){}",
+            outcome.id.eks_name(),
+            outcome.id,
+            if outcome.active { ", active" } else { "" }
+        );
+        if outcome.active && crate::supervisor::Client::new(&data).status().await.is_ok() {
+            println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct ListedRelease {
+    release: String,
+    name: String,
+    active: bool,
+    source: String,
+    installed_at: u64,
+    versions: Vec<(String, String)>,
+}
+
+#[derive(Debug, Serialize)]
+struct Listing {
+    active: Option<String>,
+    releases: Vec<ListedRelease>,
+    binaries: Vec<components::ComponentVersion>,
+}
+
+fn list(args: ListArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&data);
+    let active = store.active();
+    let mut releases = Vec::new();
+    for id in store.installed() {
+        let record = store.record(&id)?;
+        let manifest = store.manifest(&id).ok();
+        let versions = ["kubernetes", "etcd", "cni-plugins"]
+            .iter()
+            .map(|c| {
+                let v = manifest
+                    .as_ref()
+                    .and_then(|m| m.version_of(c))
+                    .unwrap_or("-");
+                (c.to_string(), v.to_string())
+            })
+            .collect();
+        releases.push(ListedRelease {
+            name: id.eks_name(),
+            active: active.as_ref() == Some(&id),
+            release: id.to_string(),
+            source: record.source,
+            installed_at: record.installed_at,
+            versions,
+        });
+    }
+    let listing = Listing {
+        active: active.map(|a| a.to_string()),
+        releases,
+        binaries: component_versions(&data),
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&listing)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&listing)?),
+        Output::Table => {
+            if listing.releases.is_empty() {
+                println!(
+                    "no EKS-D release installed in {}; run `kdist components install`",
+                    store.root().display()
+                );
+            } else {
+                println!(
+                    "{:<3}{:<10} {:<26} {:<12} {:<10} {:<10} SOURCE",
+                    "", "RELEASE", "NAME", "KUBERNETES", "ETCD", "CNI"
+                );
+                for r in &listing.releases {
+                    let v = |i: usize| r.versions.get(i).map(|x| x.1.as_str()).unwrap_or("-");
+                    println!(
+                        "{:<3}{:<10} {:<26} {:<12} {:<10} {:<10} {}",
+                        if r.active { "*" } else { "" },
+                        r.release,
+                        r.name,
+                        v(0),
+                        v(1),
+                        v(2),
+                        r.source
+                    );
+                }
+            }
+            for id in store.interrupted() {
+                println!(
+                    "interrupted install of {id} ({}): run `kdist components install --channel {} --release {}` to resume it",
+                    store.staging_dir(&id).display(),
+                    id.channel,
+                    id.number
+                );
+            }
+            println!();
+            print_versions(&listing.binaries);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The per-binary table shared with `kdist version`.
+pub fn print_versions(versions: &[components::ComponentVersion]) {
+    println!("{:<26} {:<24} ORIGIN", "COMPONENT", "VERSION");
+    for v in versions {
+        println!(
+            "{:<26} {:<24} {}",
+            v.name,
+            v.version.as_deref().unwrap_or("-"),
+            v.origin
+        );
+    }
+}
+
+async fn use_release(args: UseArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let id = ReleaseId::parse(&args.release)?;
+    let store = Store::new(&data);
+    let _lock = store.lock()?;
+    store.activate(&id)?;
+    println!("EKS-D {} is now active", id.eks_name());
+    if crate::supervisor::Client::new(&data).status().await.is_ok() {
+        println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(args: VerifyArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&data);
+    let id = match &args.release {
+        Some(r) => ReleaseId::parse(r)?,
+        None => store.active().ok_or(ComponentsError::NoActive {
+            path: store.current_link(),
+        })?,
+    };
+    let record = store.record(&id)?;
+    let owned = (store.clone(), id.clone());
+    let problems = tokio::task::spawn_blocking(move || owned.0.verify(&owned.1))
+        .await
+        .context("verify task")??;
+    if problems.is_empty() {
+        println!(
+            "EKS-D {}: {} files and {} assets match their sha256 and sha512",
+            id.eks_name(),
+            record.files.len(),
+            record.assets.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    eprintln!(
+        "EKS-D {}: {} problem(s); reinstall with `kdist components remove` + `install` (or `use` another release first)",
+        id.eks_name(),
+        problems.len()
+    );
+    Ok(ExitCode::from(1))
+}
+
+fn remove(args: RemoveArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let id = ReleaseId::parse(&args.release)?;
+    let store = Store::new(&data);
+    let _lock = store.lock()?;
+    store.remove(&id)?;
+    println!("removed EKS-D {}", id.eks_name());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bundle(args: BundleArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let id = args.release.as_deref().map(ReleaseId::parse).transpose()?;
+    let (id, size) = components::write_bundle(&data, id, &args.out).await?;
+    println!(
+        "wrote EKS-D {} to {} ({:.1} MiB); install it with `kdist components install --from {}`",
+        id.eks_name(),
+        args.out.display(),
+        size as f64 / (1024.0 * 1024.0),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

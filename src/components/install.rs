@@ -1,0 +1,500 @@
+//! One install, from the manifest to the `current` switch:
+//! resolve the manifest, plan the assets for this os/arch, fetch them into
+//! `.staging-<release>/downloads` (resumable, verified), build the release tree in
+//! `.staging-<release>/tree`, rename it into place, switch `current`, drop the staging.
+//! Until the rename nothing outside staging changes, so a failure or a kill leaves the
+//! previous release active and the next run picks up the downloads already done.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+
+use super::bundle;
+use super::error::ComponentsError;
+use super::fetch::{self, Digests, Download, RetryPolicy};
+use super::manifest::{
+    self, CNI_OPTIONAL, CNI_REQUIRED, ETCD_BINARIES, Extract, Planned, Release, ReleaseId, Use,
+};
+use super::progress::Progress;
+use super::store::{AssetRecord, FileRecord, MANIFEST_FILE, RECORD_FILE, Record, Store, sync_dir};
+use crate::config::{ComponentsConfig, DataDir, ReleasePin};
+use crate::fsutil;
+
+/// Where the manifest and the files come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// EKS-D (or a mirror): the channel's latest or a pinned release.
+    Channel {
+        channel: String,
+        release: ReleasePin,
+    },
+    /// A manifest given by URL or file; assets from its URIs.
+    Manifest(String),
+    /// A directory with `manifest.yaml` and the asset files, or a bundle file.
+    Local(PathBuf),
+    /// A bundle carried inside the kdist binary.
+    Embedded(&'static [u8]),
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub source: Source,
+    /// Mirror of https://distro.eks.amazonaws.com for manifests and asset URIs.
+    pub base_url: String,
+    /// Make the release active when installed (or when it already was).
+    pub activate: bool,
+    pub retry: RetryPolicy,
+    /// Downloads at once.
+    pub parallel: usize,
+}
+
+impl Request {
+    /// The request `config.yaml` describes.
+    pub fn from_config(config: &ComponentsConfig) -> Self {
+        Self {
+            source: Source::Channel {
+                channel: config.channel.clone(),
+                release: config.release,
+            },
+            base_url: config.base().to_string(),
+            activate: true,
+            retry: RetryPolicy::default(),
+            parallel: 4,
+        }
+    }
+}
+
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub id: ReleaseId,
+    /// False when the same manifest was installed already (nothing was fetched).
+    pub changed: bool,
+    pub active: bool,
+}
+
+pub async fn install(
+    data: &DataDir,
+    request: &Request,
+    progress: &Progress,
+) -> Result<Outcome, ComponentsError> {
+    let store = Store::new(data);
+    let _lock = store.lock()?;
+    store.clean_leftovers();
+    let unpack = store.root().join(format!(".unpack-{}", std::process::id()));
+    let result = install_locked(&store, request, progress, &unpack).await;
+    if unpack.exists() {
+        let _ = std::fs::remove_dir_all(&unpack);
+    }
+    result
+}
+
+/// Files of a local source: the directory holding manifest.yaml and the asset files
+/// (flat or under assets/), and how the source is named in the record.
+struct LocalFiles {
+    dir: PathBuf,
+    label: String,
+}
+
+impl LocalFiles {
+    fn find(&self, file: &str) -> Option<PathBuf> {
+        [self.dir.join("assets").join(file), self.dir.join(file)]
+            .into_iter()
+            .find(|p| p.is_file())
+    }
+}
+
+async fn install_locked(
+    store: &Store,
+    request: &Request,
+    progress: &Progress,
+    unpack: &Path,
+) -> Result<Outcome, ComponentsError> {
+    let base = request.base_url.trim_end_matches('/').to_string();
+    let client = fetch::client()?;
+    // 1. the manifest
+    let (text, origin, local) = match &request.source {
+        Source::Channel { channel, release } => {
+            let number = match release {
+                ReleasePin::Number(n) => *n,
+                ReleasePin::Latest => {
+                    let url = manifest::channel_url(&base, channel);
+                    progress.line(&format!(
+                        "resolving the latest release of channel {channel} ({url})"
+                    ));
+                    let text = fetch::get_text(&client, &url, request.retry).await?;
+                    manifest::parse_channel(&text, &url)?
+                }
+            };
+            let id = ReleaseId {
+                channel: channel.clone(),
+                number,
+            };
+            let url = manifest::manifest_url(&base, &id);
+            let text = fetch::get_text(&client, &url, request.retry).await?;
+            let release = Release::parse(&text, &url)?;
+            if release.id() != id {
+                return Err(ComponentsError::ManifestInvalid {
+                    origin: url,
+                    reason: format!("describes release {}, expected {id}", release.id()),
+                });
+            }
+            (text, url, None)
+        }
+        Source::Manifest(given) => {
+            if given.starts_with("http://") || given.starts_with("https://") {
+                let text = fetch::get_text(&client, given, request.retry).await?;
+                (text, given.clone(), None)
+            } else {
+                let path = PathBuf::from(given);
+                let text = std::fs::read_to_string(&path).map_err(ComponentsError::io(&path))?;
+                (text, path.display().to_string(), None)
+            }
+        }
+        Source::Local(path) => {
+            let local = if path.is_dir() {
+                LocalFiles {
+                    dir: path.clone(),
+                    label: format!("dir:{}", path.display()),
+                }
+            } else {
+                let file = std::fs::File::open(path).map_err(ComponentsError::io(path))?;
+                let (owned_path, owned_unpack) = (path.clone(), unpack.to_path_buf());
+                blocking(path, move || {
+                    bundle::unpack(file, &owned_path, &owned_unpack)
+                })
+                .await?;
+                LocalFiles {
+                    dir: unpack.to_path_buf(),
+                    label: format!("bundle:{}", path.display()),
+                }
+            };
+            let manifest_path = local.dir.join(MANIFEST_FILE);
+            let text = std::fs::read_to_string(&manifest_path).map_err(|_| {
+                ComponentsError::Source {
+                    path: path.clone(),
+                    reason: format!(
+                        "has no {MANIFEST_FILE}; a --from directory holds the release manifest and its asset files (see `kdist components bundle`)"
+                    ),
+                }
+            })?;
+            (text, path.display().to_string(), Some(local))
+        }
+        Source::Embedded(bytes) => {
+            let owned_unpack = unpack.to_path_buf();
+            let bytes: &'static [u8] = bytes;
+            blocking(unpack, move || {
+                bundle::unpack(bytes, Path::new("(embedded components)"), &owned_unpack)
+            })
+            .await?;
+            let text = std::fs::read_to_string(unpack.join(MANIFEST_FILE))
+                .map_err(ComponentsError::io(&unpack.join(MANIFEST_FILE)))?;
+            let local = LocalFiles {
+                dir: unpack.to_path_buf(),
+                label: "embedded".into(),
+            };
+            (text, "embedded components".to_string(), Some(local))
+        }
+    };
+    let release = Release::parse(&text, &origin)?;
+    let id = release.id();
+    let (os, arch) = (manifest::host_os(), manifest::host_arch());
+    let planned = release.plan(os, arch)?;
+    let manifest_sha256 = super::store::sha256_hex(text.as_bytes());
+
+    // 2. the same manifest already installed: nothing to fetch
+    if let Ok(record) = store.record(&id)
+        && record.manifest_sha256 == manifest_sha256
+    {
+        if request.activate && store.active().as_ref() != Some(&id) {
+            store.activate(&id)?;
+        }
+        return Ok(Outcome {
+            active: store.active().as_ref() == Some(&id),
+            id,
+            changed: false,
+        });
+    }
+
+    // 3. every asset into staging, verified
+    let staging = store.staging_dir(&id);
+    let downloads = staging.join("downloads");
+    fsutil::ensure_dir(&downloads, 0o755).map_err(ComponentsError::io(&downloads))?;
+    progress.line(&format!(
+        "installing EKS-D {} ({} assets for {os}/{arch}) from {}",
+        id.eks_name(),
+        planned.len(),
+        local.as_ref().map(|l| l.label.as_str()).unwrap_or(&origin)
+    ));
+    let fetches = planned.iter().map(|p| {
+        let dest = downloads.join(&p.file);
+        let client = &client;
+        let local = local.as_ref();
+        let base = &base;
+        async move {
+            let item = progress.item(&p.label());
+            let what = format!("{} ({})", p.file, p.component);
+            match local {
+                Some(local) => {
+                    let from = local.find(&p.file).ok_or_else(|| ComponentsError::Source {
+                        path: local.dir.clone(),
+                        reason: format!(
+                            "lacks {} (asset {} of component {}); put the file there or make a bundle with `kdist components bundle`",
+                            p.file, p.asset, p.component
+                        ),
+                    })?;
+                    fetch::copy_local(&from, &dest, &p.sha256, &p.sha512, &what, &item).await
+                }
+                None => {
+                    let url = manifest::rebase(&p.uri, base);
+                    let job = Download {
+                        url: &url,
+                        dest: &dest,
+                        sha256: &p.sha256,
+                        sha512: &p.sha512,
+                        what: &what,
+                    };
+                    fetch::download(client, job, request.retry, &item).await
+                }
+            }
+        }
+    });
+    let results: Vec<Result<Digests, ComponentsError>> = futures::stream::iter(fetches)
+        .buffered(request.parallel.max(1))
+        .collect()
+        .await;
+    for result in results {
+        result?;
+    }
+
+    // 4. the release tree, built in staging
+    let tree = staging.join("tree");
+    let source = local
+        .as_ref()
+        .map(|l| l.label.clone())
+        .unwrap_or_else(|| origin.clone());
+    let record = Record {
+        release: id.to_string(),
+        channel: id.channel.clone(),
+        number: id.number,
+        os: os.to_string(),
+        arch: arch.to_string(),
+        manifest_sha256,
+        source,
+        installed_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        assets: Vec::new(),
+        files: Vec::new(),
+    };
+    {
+        let (tree, downloads, planned) = (tree.clone(), downloads.clone(), planned.clone());
+        let text = text.clone();
+        blocking(&staging, move || {
+            build_tree(&tree, &downloads, &planned, &text, record)
+        })
+        .await?;
+    }
+
+    // 5. into place, then `current`
+    let target = store.release_dir(&id);
+    if target.exists() {
+        // same release, different manifest (re-published or embedded one changed)
+        let old = store.root().join(format!(".old-{id}"));
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&target, &old).map_err(ComponentsError::io(&target))?;
+        std::fs::rename(&tree, &target).map_err(ComponentsError::io(&target))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tree, &target).map_err(ComponentsError::io(&target))?;
+    }
+    sync_dir(store.root())?;
+    if request.activate {
+        store.activate(&id)?;
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    progress.line(&format!(
+        "installed EKS-D {} into {}{}",
+        id.eks_name(),
+        target.display(),
+        if request.activate { " (active)" } else { "" }
+    ));
+    Ok(Outcome {
+        active: store.active().as_ref() == Some(&id),
+        id,
+        changed: true,
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, ComponentsError> + Send + 'static,
+) -> Result<T, ComponentsError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ComponentsError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+/// Lays out `tree/` from verified downloads: bin/, cni/, assets/, manifest.yaml and the
+/// record, all synced. Downloads are hard-linked, so they survive a failure here.
+fn build_tree(
+    tree: &Path,
+    downloads: &Path,
+    planned: &[Planned],
+    manifest_text: &str,
+    mut record: Record,
+) -> Result<(), ComponentsError> {
+    if tree.exists() {
+        std::fs::remove_dir_all(tree).map_err(ComponentsError::io(tree))?;
+    }
+    for dir in ["bin", "cni", "assets"] {
+        let path = tree.join(dir);
+        fsutil::ensure_dir(&path, 0o755).map_err(ComponentsError::io(&path))?;
+    }
+    for p in planned {
+        let download = downloads.join(&p.file);
+        let stored_at = match p.use_ {
+            Use::Binary(name) => {
+                let rel = format!("bin/{name}");
+                link_or_copy(&download, &tree.join(&rel), 0o755)?;
+                record.files.push(FileRecord {
+                    path: rel.clone(),
+                    component: p.component.clone(),
+                    version: p.version.clone(),
+                    size: std::fs::metadata(tree.join(&rel))
+                        .map(|m| m.len())
+                        .unwrap_or(0),
+                    sha256: p.sha256.clone(),
+                    sha512: p.sha512.clone(),
+                });
+                rel
+            }
+            Use::Tarball(extract) => {
+                let (dir, required, optional): (&str, &[&str], &[&str]) = match extract {
+                    Extract::Etcd => ("bin", ETCD_BINARIES, &[]),
+                    Extract::Cni => ("cni", CNI_REQUIRED, CNI_OPTIONAL),
+                };
+                for (rel, digests) in
+                    extract_members(&download, &tree.join(dir), required, optional)?
+                {
+                    record.files.push(FileRecord {
+                        path: format!("{dir}/{rel}"),
+                        component: p.component.clone(),
+                        version: p.version.clone(),
+                        size: digests.size,
+                        sha256: digests.sha256,
+                        sha512: digests.sha512,
+                    });
+                }
+                let rel = format!("assets/{}", p.file);
+                link_or_copy(&download, &tree.join(&rel), 0o644)?;
+                rel
+            }
+        };
+        record.assets.push(AssetRecord {
+            component: p.component.clone(),
+            asset: p.asset.clone(),
+            file: p.file.clone(),
+            stored_at,
+            sha256: p.sha256.clone(),
+            sha512: p.sha512.clone(),
+        });
+    }
+    fsutil::atomic_write(&tree.join(MANIFEST_FILE), manifest_text.as_bytes(), 0o644)
+        .map_err(ComponentsError::io(&tree.join(MANIFEST_FILE)))?;
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| ComponentsError::Io {
+        path: tree.join(RECORD_FILE),
+        source: std::io::Error::other(e),
+    })?;
+    // the record is written last: a tree with a record is a complete one
+    fsutil::atomic_write(&tree.join(RECORD_FILE), &json, 0o644)
+        .map_err(ComponentsError::io(&tree.join(RECORD_FILE)))?;
+    for dir in ["bin", "cni", "assets", ""] {
+        sync_dir(&tree.join(dir))?;
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path, mode: u32) -> Result<(), ComponentsError> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).map_err(ComponentsError::io(from))?;
+    }
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))
+        .map_err(ComponentsError::io(to))?;
+    std::fs::File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(ComponentsError::io(to))
+}
+
+/// Extracts the regular files whose base name is wanted into `dest` (by base name only:
+/// nothing in an archive can write outside `dest`). Returns each file's digests.
+fn extract_members(
+    archive: &Path,
+    dest: &Path,
+    required: &[&str],
+    optional: &[&str],
+) -> Result<Vec<(String, Digests)>, ComponentsError> {
+    let file = std::fs::File::open(archive).map_err(ComponentsError::io(archive))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let bad = |source| ComponentsError::Archive {
+        path: archive.to_path_buf(),
+        source,
+    };
+    let mut taken = BTreeSet::new();
+    let mut out = Vec::new();
+    for entry in tar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry.path().map_err(bad)?.into_owned();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let wanted = required.contains(&name.as_str()) || optional.contains(&name.as_str());
+        if !wanted || taken.contains(&name) {
+            continue;
+        }
+        let target = dest.join(&name);
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(bad)?;
+        fsutil::atomic_write(&target, &bytes, 0o755).map_err(ComponentsError::io(&target))?;
+        let digests = fetch::digest_file(&target)?;
+        taken.insert(name.clone());
+        out.push((name, digests));
+    }
+    for name in required {
+        if !taken.contains(*name) {
+            return Err(ComponentsError::MissingMember {
+                archive: archive
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                member: name.to_string(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Default retry policy, with the number of attempts from the command line.
+pub fn retry_with(attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        attempts: attempts.max(1),
+        first_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(10),
+    }
+}
