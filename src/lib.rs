@@ -20,4 +20,5 @@
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod node;
 pub mod supervisor;

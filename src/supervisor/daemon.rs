@@ -35,6 +35,7 @@ pub struct Daemon {
     data: DataDir,
     specs: Vec<ServiceSpec>,
     policy: RestartPolicy,
+    setup: crate::node::NodeSetup,
     // held for the daemon's lifetime: one daemon per data dir
     _lock: Flock<File>,
 }
@@ -74,12 +75,22 @@ impl Daemon {
         )
         .map_err(io(&pidfile))?;
         child::cleanup_stale(&data, STALE_GRACE).await;
+        let setup = {
+            let (node_data, config) = (data.clone(), config.clone());
+            tokio::task::spawn_blocking(move || crate::node::prepare(&node_data, &config))
+                .await
+                .map_err(|e| SupervisorError::Io {
+                    path: data.root().to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
         let specs = service::plan(&data, config)?;
         service::write_default_args(&specs)?;
         Ok(Self {
             data,
             specs,
             policy: RestartPolicy::default(),
+            setup,
             _lock: lock,
         })
     }
@@ -122,6 +133,8 @@ impl Daemon {
             shutdown: shutdown.clone(),
             started: Instant::now(),
             data: self.data.clone(),
+            host: self.setup.report.clone(),
+            notes: self.setup.notes.clone(),
         });
         let api_task = tokio::spawn(api::serve(listener, state, api_stop.clone()));
         let notify_task = tokio::spawn(notify_when_ready(board.clone()));

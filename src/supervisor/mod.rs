@@ -23,5 +23,5 @@ pub use child::find_marked;
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;
 pub use runner::log_tail;
-pub use service::{Probe, known_services};
-pub use status::{ServiceState, ServiceStatus, StatusReport};
+pub use service::{Origin, Probe, known_services, resolve_binary};
+pub use status::{HostFact, ServiceState, ServiceStatus, StatusReport};

@@ -17,11 +17,18 @@ struct Embedded {
     args: &'static str,
 }
 
-const EMBEDDED: &[Embedded] = &[Embedded {
-    name: "etcd",
-    definition: include_str!("../../services/etcd.toml"),
-    args: include_str!("../../services/etcd.args"),
-}];
+const EMBEDDED: &[Embedded] = &[
+    Embedded {
+        name: "etcd",
+        definition: include_str!("../../services/etcd.toml"),
+        args: include_str!("../../services/etcd.args"),
+    },
+    Embedded {
+        name: "containerd",
+        definition: include_str!("../../services/containerd.toml"),
+        args: include_str!("../../services/containerd.args"),
+    },
+];
 
 /// How readiness is decided.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -78,9 +85,12 @@ pub struct ServiceSpec {
 
 /// The services this node runs, in dependency order, for `config`.
 pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, SupervisorError> {
-    let names: &[&str] = match config.datastore {
-        DatastoreKind::Etcd => &["etcd"],
+    let mut names: Vec<&str> = match config.datastore {
+        DatastoreKind::Etcd => vec!["etcd"],
+        // served in-process by the daemon, not a child
+        DatastoreKind::Embedded => vec![],
     };
+    names.push("containerd");
     let vars = variables(data, config);
     names
         .iter()
@@ -149,6 +159,10 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
         config.etcd.client_port.to_string(),
     );
     vars.insert("ETCD_PEER_PORT".into(), config.etcd.peer_port.to_string());
+    vars.insert(
+        "CONTAINERD_SOCKET".into(),
+        data.containerd_socket().display().to_string(),
+    );
     vars
 }
 
