@@ -9,6 +9,7 @@
 mod completion;
 mod daemon;
 mod logs;
+mod reset;
 mod restart;
 mod start;
 mod status;
@@ -55,6 +56,9 @@ pub enum Command {
     Restart(restart::Args),
     /// Show a service's log (`kdist` for the daemon's own).
     Logs(logs::Args),
+    /// Stop the node and remove what kubelet, containerd and CNI left on the host
+    /// (containers, mounts, KUBE-*/CNI-* chains, the bridge); restore host settings.
+    Reset(reset::Args),
     /// Print kdist's version.
     Version(version::Args),
     /// Print a shell completion script.
@@ -86,6 +90,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, data).await,
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
+        Command::Reset(args) => reset::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
     }

@@ -8,14 +8,19 @@
 //! it never spawns long-running processes: the supervisor runs the services.
 
 mod cmd;
+pub mod cni;
 pub mod containerd;
+pub mod egress;
 mod error;
 pub mod host;
+pub mod hostprep;
+mod procs;
+pub mod reset;
 
 pub use error::NodeError;
 pub use host::HostFacts;
 
-use crate::config::{DataDir, NodeConfig};
+use crate::config::{DataDir, Egress, NodeConfig};
 use crate::supervisor::HostFact;
 
 /// What preparing the node found and did, for `kdist status`.
@@ -32,10 +37,51 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     let facts = HostFacts::probe(config);
     let settings = containerd::ContainerdSettings::new(data, config, &facts);
     containerd::write(data, &settings)?;
-    let report = facts.report();
+    let mut notes = Vec::new();
+    let missing = cni::write(data, config, &settings.cni_bin_dir)?;
+    if !missing.is_empty() {
+        notes.push(format!(
+            "CNI plugins missing from {}: {}; pods cannot get a network until they are \
+             installed (`kdist components install`)",
+            settings.cni_bin_dir.display(),
+            missing.join(", ")
+        ));
+    }
+    let mut report = facts.report();
+    report.extend(hostprep::prepare(data, true)?);
+    match config.network.egress {
+        Egress::None => {
+            egress::apply(config)?;
+            report.push(HostFact {
+                name: "egress".into(),
+                value: "none".into(),
+                note: Some(format!(
+                    "traffic of {} and {} only via {} and lo (iptables mangle chain {})",
+                    config.network.pod_cidr,
+                    config.network.service_cidr,
+                    config.network.bridge,
+                    egress::CHAIN
+                )),
+            });
+        }
+        Egress::All => egress::remove()?,
+    }
     Ok(NodeSetup {
         facts,
         report,
-        notes: Vec::new(),
+        notes,
     })
+}
+
+/// Undoes what only makes sense while the node runs, after every service has stopped:
+/// kills what containerd's shims and their containers left (they carry kdist's marker
+/// or descend from a process that does) and removes the egress guard.
+pub fn teardown(data: &DataDir) {
+    let killed = procs::kill_marked_trees(data);
+    if killed > 0 {
+        tracing::info!(count = killed, "killed leftover container processes");
+    }
+    if let Err(e) = egress::remove() {
+        tracing::warn!("removing the egress guard: {e}");
+    }
 }

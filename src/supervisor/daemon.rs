@@ -159,6 +159,8 @@ impl Daemon {
         for task in tasks {
             let _ = task.await;
         }
+        let data = self.data.clone();
+        let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data)).await;
         notify_task.abort();
         api_stop.cancel();
         let _ = api_task.await;

@@ -73,7 +73,7 @@ impl Drop for TempData {
         let _ = Command::new(KDIST)
             .arg("--data-dir")
             .arg(&self.root)
-            .args(["reset", "--yes"])
+            .args(["reset"])
             .output();
         let _ = std::fs::remove_dir_all(&self.root);
     }
