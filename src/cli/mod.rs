@@ -8,6 +8,7 @@
 
 mod completion;
 mod daemon;
+mod images;
 mod logs;
 mod reset;
 mod restart;
@@ -59,6 +60,8 @@ pub enum Command {
     /// Stop the node and remove what kubelet, containerd and CNI left on the host
     /// (containers, mounts, KUBE-*/CNI-* chains, the bridge); restore host settings.
     Reset(reset::Args),
+    /// Manage container images in the node's containerd (`images import FILE`).
+    Images(images::Args),
     /// Print kdist's version.
     Version(version::Args),
     /// Print a shell completion script.
@@ -91,6 +94,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
         Command::Reset(args) => reset::run(args, data).await,
+        Command::Images(args) => images::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
     }

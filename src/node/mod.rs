@@ -14,6 +14,7 @@ pub mod egress;
 mod error;
 pub mod host;
 pub mod hostprep;
+pub mod images;
 mod procs;
 pub mod reset;
 

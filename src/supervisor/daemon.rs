@@ -138,6 +138,7 @@ impl Daemon {
         });
         let api_task = tokio::spawn(api::serve(listener, state, api_stop.clone()));
         let notify_task = tokio::spawn(notify_when_ready(board.clone()));
+        let hooks_task = tokio::spawn(after_ready_hooks(board.clone(), self.data.clone()));
         let logs_task = tokio::spawn(logs::rotate_periodically(
             self.data.logs_dir(),
             LOG_CHECK,
@@ -162,6 +163,7 @@ impl Daemon {
         let data = self.data.clone();
         let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data)).await;
         notify_task.abort();
+        hooks_task.abort();
         api_stop.cancel();
         let _ = api_task.await;
         let _ = logs_task.await;
@@ -169,6 +171,29 @@ impl Daemon {
         let _ = std::fs::remove_file(self.data.pidfile("kdist"));
         info!("all services stopped");
         Ok(())
+    }
+}
+
+/// Work that waits for a service to be ready: image archives dropped in `<data>/images/`
+/// go into containerd; the RBAC the components need goes into the apiserver.
+async fn after_ready_hooks(board: Board, data: DataDir) {
+    let mut rx = board.subscribe();
+    let ready = |map: &BTreeMap<String, super::status::ServiceStatus>, name: &str| {
+        map.get(name).is_some_and(|s| s.ready)
+    };
+    if rx.wait_for(|map| ready(map, "containerd")).await.is_err() {
+        return;
+    }
+    let images_data = data.clone();
+    if let Ok(results) =
+        tokio::task::spawn_blocking(move || crate::node::images::import_dropped(&images_data)).await
+    {
+        for (file, result) in results {
+            match result {
+                Ok(names) => info!(file = %file.display(), "imported {}", names.join(", ")),
+                Err(e) => tracing::warn!(file = %file.display(), "image import failed: {e}"),
+            }
+        }
     }
 }
 

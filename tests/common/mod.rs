@@ -2,6 +2,8 @@
 //! on drop, running the real `kdist` binary, and waiting for conditions.
 #![allow(dead_code)]
 
+pub mod oci;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
