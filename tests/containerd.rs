@@ -1,6 +1,8 @@
 //! containerd really supervised by kdist: generated config, ready, restarted after
 //! kill -9, and the host facts shown by `kdist status`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

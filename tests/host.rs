@@ -3,6 +3,8 @@
 //! `kdist stop` removes the guard; `kdist reset` restores what was there before.
 //! The "outside" is a veth pair into a private network namespace: nothing leaves.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::UdpSocket;
@@ -106,8 +108,8 @@ fn root_propagation() -> String {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = info
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some("/"))
-        .last()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
         .unwrap()
         .to_string();
     if line.contains(" shared:") {

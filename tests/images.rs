@@ -1,6 +1,8 @@
 //! `kdist images import` of OCI archives built offline from busybox-static, and archives
 //! dropped in <data>/images/ imported at start; all checked with containerd's `ctr`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

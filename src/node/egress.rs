@@ -46,7 +46,7 @@ fn iptables() -> Result<PathBuf, NodeError> {
     })
 }
 
-fn ipt(program: &PathBuf, args: &[&str]) -> Result<String, NodeError> {
+fn ipt(program: &std::path::Path, args: &[&str]) -> Result<String, NodeError> {
     let mut full = vec!["-w", "5", "-t", TABLE];
     full.extend_from_slice(args);
     cmd::run(program, &full)

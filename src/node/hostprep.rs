@@ -91,23 +91,21 @@ fn write_sysctl(key: &str, value: &str) -> Result<(), NodeError> {
 /// or `private` (the last entry for a mount point is the visible one).
 pub fn propagation(target: &str) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields.get(4) == Some(&target)).then(|| {
-                let optional = fields[6..].iter().take_while(|f| **f != "-");
-                let mut kind = "private";
-                for field in optional {
-                    if field.starts_with("shared:") {
-                        kind = "shared";
-                    } else if field.starts_with("master:") && kind == "private" {
-                        kind = "slave";
-                    }
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&target)).then(|| {
+            let optional = fields[6..].iter().take_while(|f| **f != "-");
+            let mut kind = "private";
+            for field in optional {
+                if field.starts_with("shared:") {
+                    kind = "shared";
+                } else if field.starts_with("master:") && kind == "private" {
+                    kind = "slave";
                 }
-                kind.to_string()
-            })
+            }
+            kind.to_string()
         })
-        .last()
+    })
 }
 
 fn set_propagation(target: &str, flag: nix::mount::MsFlags) -> Result<(), NodeError> {

@@ -15,7 +15,9 @@ mod error;
 pub mod host;
 pub mod hostprep;
 pub mod images;
+pub mod kube;
 mod procs;
+pub mod rbac;
 pub mod reset;
 
 pub use error::NodeError;
@@ -49,7 +51,28 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         ));
     }
     let mut report = facts.report();
-    report.extend(hostprep::prepare(data, true)?);
+    let kube = kube::detect(data)?;
+    if kube.complete() {
+        let inputs = kube::NodeInputs::new(data, config, &facts);
+        kube::write_configs(data, &inputs, &kube)?;
+        let versions: Vec<String> = kube
+            .found
+            .iter()
+            .map(|(service, (_, version))| format!("{service} {}", version.full))
+            .collect();
+        report.push(HostFact {
+            name: "kubernetes".into(),
+            value: versions.join(", "),
+            note: None,
+        });
+    } else {
+        notes.push(format!(
+            "Kubernetes components are not installed (missing: {}): this node runs only \
+             its datastore and containerd; run `kdist components install`",
+            kube.missing.join(", ")
+        ));
+    }
+    report.extend(hostprep::prepare(data, kube.complete())?);
     match config.network.egress {
         Egress::None => {
             egress::apply(config)?;

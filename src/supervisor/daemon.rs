@@ -84,7 +84,15 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
-        let specs = service::plan(&data, config)?;
+        let specs = {
+            let (plan_data, config) = (data.clone(), config.clone());
+            tokio::task::spawn_blocking(move || service::plan(&plan_data, &config))
+                .await
+                .map_err(|e| SupervisorError::Io {
+                    path: data.root().to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
         service::write_default_args(&specs)?;
         Ok(Self {
             data,
@@ -185,6 +193,7 @@ async fn after_ready_hooks(board: Board, data: DataDir) {
         return;
     }
     let images_data = data.clone();
+    let apiserver = board.snapshot().iter().any(|s| s.name == "kube-apiserver");
     if let Ok(results) =
         tokio::task::spawn_blocking(move || crate::node::images::import_dropped(&images_data)).await
     {
@@ -194,6 +203,19 @@ async fn after_ready_hooks(board: Board, data: DataDir) {
                 Err(e) => tracing::warn!(file = %file.display(), "image import failed: {e}"),
             }
         }
+    }
+    if !apiserver
+        || rx
+            .wait_for(|map| ready(map, "kube-apiserver"))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    match tokio::task::spawn_blocking(move || crate::node::rbac::apply(&data)).await {
+        Ok(Ok(())) => info!("RBAC for the components applied"),
+        Ok(Err(e)) => tracing::warn!("applying RBAC for the components: {e}"),
+        Err(e) => tracing::warn!("applying RBAC for the components: {e}"),
     }
 }
 

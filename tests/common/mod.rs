@@ -1,6 +1,6 @@
 //! Shared helpers of the integration tests: a temporary data dir whose daemon is stopped
 //! on drop, running the real `kdist` binary, and waiting for conditions.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 pub mod oci;
 
