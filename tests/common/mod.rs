@@ -72,11 +72,14 @@ impl Drop for TempData {
             .arg(&self.root)
             .args(["stop", "--timeout", "60"])
             .output();
-        let _ = Command::new(KDIST)
-            .arg("--data-dir")
-            .arg(&self.root)
-            .args(["reset"])
-            .output();
+        // only a node that ran has host changes to undo
+        if self.root.join("node/host-state.json").exists() {
+            let _ = Command::new(KDIST)
+                .arg("--data-dir")
+                .arg(&self.root)
+                .args(["reset"])
+                .output();
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
