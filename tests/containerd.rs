@@ -69,6 +69,20 @@ fn containerd_is_supervised_and_restarted_after_kill() {
         text(&table)
     );
 
+    // without Kubernetes binaries the node runs containerd alone and says what is missing
+    if !common::on_path("kube-apiserver") {
+        let names: Vec<_> = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["containerd"]);
+        let notes = status["notes"].to_string();
+        assert!(notes.contains("kdist components install"), "{notes}");
+        assert!(String::from_utf8_lossy(&table.stdout).contains("kube-apiserver"));
+    }
+
     // kill -9: kdist notices and starts a new containerd that becomes ready again
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
