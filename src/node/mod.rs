@@ -99,6 +99,18 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     })
 }
 
+/// Kills the containers a killed daemon left behind (their shims carry kdist's marker,
+/// the containers do not). Call before the supervisor's own stale-process cleanup.
+pub fn kill_leftover_containers(data: &DataDir) {
+    let killed = procs::kill_leftover_shims(data);
+    if killed > 0 {
+        tracing::info!(
+            count = killed,
+            "killed containers left by an earlier daemon"
+        );
+    }
+}
+
 /// Undoes what only makes sense while the node runs, after every service has stopped:
 /// kills what containerd's shims and their containers left (they carry kdist's marker
 /// or descend from a process that does) and removes the egress guard.

@@ -45,7 +45,23 @@ pub fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
 
 /// SIGKILLs every marked process of `data` with its descendants; returns how many.
 pub fn kill_marked_trees(data: &DataDir) -> usize {
-    let roots = find_marked(data);
+    kill_trees(find_marked(data))
+}
+
+/// SIGKILLs the containerd shims of `data` left by a daemon that died, with their
+/// containers (which do not carry the marker and would outlive a plain cleanup).
+pub fn kill_leftover_shims(data: &DataDir) -> usize {
+    let shims = find_marked(data)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("containerd-shim"))
+        })
+        .collect();
+    kill_trees(shims)
+}
+
+fn kill_trees(roots: Vec<i32>) -> usize {
     if roots.is_empty() {
         return 0;
     }

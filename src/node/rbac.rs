@@ -77,6 +77,27 @@ pub fn apply(data: &DataDir) -> Result<(), NodeError> {
     Err(last.unwrap_or_else(|| NodeError::Api("kubectl apply did not run".into())))
 }
 
+/// Whether node `name` reports Ready (false while the API or the node object is not
+/// there yet). Blocking.
+pub fn node_ready(data: &DataDir, name: &str) -> Result<bool, NodeError> {
+    let kubectl = kubectl(data)?;
+    let kubeconfig = admin_kubeconfig(data).display().to_string();
+    let out = cmd::run(
+        &kubectl,
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "get",
+            "node",
+            name,
+            "--request-timeout=5s",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ],
+    );
+    Ok(out.is_ok_and(|status| status.trim() == "True"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,13 @@ impl Daemon {
             0o644,
         )
         .map_err(io(&pidfile))?;
+        {
+            let shim_data = data.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::node::kill_leftover_containers(&shim_data)
+            })
+            .await;
+        }
         child::cleanup_stale(&data, STALE_GRACE).await;
         let setup = {
             let (node_data, config) = (data.clone(), config.clone());
