@@ -67,6 +67,15 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
             value: versions.join(", "),
             note: None,
         });
+        report.push(HostFact {
+            name: "kubelet protectKernelDefaults".into(),
+            value: "false".into(),
+            note: (!facts.kernel_defaults_match).then(|| {
+                "kernel.panic & co differ from kubelet's values: kubelet sets them, \
+                 `kdist reset` restores the recorded originals"
+                    .to_string()
+            }),
+        });
     } else {
         notes.push(format!(
             "Kubernetes components are not installed (missing: {}): this node runs only \
