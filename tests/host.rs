@@ -11,90 +11,17 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
+use common::outside::Outside;
 use common::{TempData, text, wait_until};
 
 const SERVICE_CIDR: &str = "10.153.7.0/24";
 const TARGET: &str = "10.153.7.99";
 
-/// A veth pair with its far end in a network namespace whose raw table counts the IPv4
-/// packets that reach it for TARGET. Removed on drop.
-struct Outside {
-    ns: String,
-    near: String,
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl Outside {
-    fn new() -> Self {
-        let tag = std::process::id() % 100_000;
-        let ns = format!("kdt-eg-{tag}");
-        let near = format!("kdtg{tag}a");
-        let far = format!("kdtg{tag}b");
-        ip(&["netns", "add", &ns]);
-        let me = Self {
-            ns: ns.clone(),
-            near: near.clone(),
-        };
-        ip(&["link", "add", &near, "type", "veth", "peer", "name", &far]);
-        ip(&["link", "set", &far, "netns", &ns]);
-        ip(&["link", "set", &near, "up"]);
-        ip(&["-n", &ns, "link", "set", &far, "up"]);
-        ip(&["route", "add", SERVICE_CIDR, "dev", &near]);
-        let mac = ip(&["-n", &ns, "-br", "link", "show", &far]);
-        let mac = mac.split_whitespace().nth(2).unwrap().to_string();
-        ip(&["neigh", "replace", TARGET, "lladdr", &mac, "dev", &near]);
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "iptables",
-                "-t",
-                "raw",
-                "-A",
-                "PREROUTING",
-            ])
-            .args(["-d", TARGET])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        me
-    }
-
-    /// IPv4 packets for TARGET that arrived in the namespace.
-    fn arrived(&self) -> u64 {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "iptables", "-t", "raw", "-L"])
-            .args(["PREROUTING", "-v", "-x", "-n"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find(|l| l.contains(TARGET))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    }
-
-    fn send(&self) {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        // EPERM when the guard drops it locally: that is the point
-        let _ = socket.send_to(b"kdist egress test", format!("{TARGET}:9"));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.near])
-            .output();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-    }
+fn send(target: &str) {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    // EPERM when the guard drops it locally: that is the point
+    let _ = socket.send_to(b"kdist egress test", format!("{target}:9"));
+    std::thread::sleep(Duration::from_millis(300));
 }
 
 fn sysctl(key: &str) -> String {
@@ -130,13 +57,13 @@ fn chain_exists() -> bool {
 
 #[test]
 fn host_preparation_and_egress_guard_are_applied_and_undone() {
-    let outside = Outside::new();
+    let outside = Outside::new("eg", "10.153.7.1/24", TARGET);
     let forward_before = sysctl("net/ipv4/ip_forward");
     let propagation_before = root_propagation();
 
     // control: without the guard the packet reaches the namespace
     let before = outside.arrived();
-    outside.send();
+    send(TARGET);
     assert_eq!(
         outside.arrived(),
         before + 1,
@@ -175,15 +102,15 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
 
     // with the guard: the packet to an unserved service IP never leaves
     let guarded = outside.arrived();
-    outside.send();
-    outside.send();
+    send(TARGET);
+    send(TARGET);
     assert_eq!(outside.arrived(), guarded, "egress guard let a packet out");
 
     let out = data.kdist(&["stop"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!chain_exists(), "stop leaves the egress chain");
     let after_stop = outside.arrived();
-    outside.send();
+    send(TARGET);
     assert_eq!(outside.arrived(), after_stop + 1);
 
     let out = data.kdist(&["reset"]);

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::outside::Outside;
 use common::{TempData, oci, text, wait_until};
 
 const BUSYBOX: &str = "kdist.local/test/busybox:1";
@@ -196,6 +197,20 @@ spec:
   ports: [{port: 80, targetPort: 8080}]
 "#;
 
+const PROBER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: prober}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: prober
+    image: kdist.local/test/busybox:1
+    imagePullPolicy: Never
+    # busybox-static's wget crashes (glibc static resolver); nc opens TCP as well
+    command: ["/bin/sh", "-c", "while true; do nc -w 1 10.153.7.99 80 </dev/null; sleep 0.5; done"]
+"#;
+
 fn suite(datastore: &str) {
     let bin = k8s_bin();
     let data = TempData::new(&format!("k8s-{datastore}"));
@@ -350,6 +365,47 @@ fn suite(datastore: &str) {
             .is_some_and(|b| b.contains("kdist-web-ok"))),
         "ClusterIP {service} does not answer"
     );
+
+    // egress: none really holds pod traffic: a pod keeps trying to reach an "outside"
+    // address (a veth into a private namespace, so nothing leaves the host even if the
+    // guard fails); nothing arrives, until the guard's jump is lifted for a moment
+    let outside = Outside::new("po", "10.153.7.1/24", "10.153.7.99");
+    let prober = data.path("prober.yaml");
+    std::fs::write(&prober, PROBER).unwrap();
+    kubectl(&data, &["apply", "-f", prober.to_str().unwrap()]);
+    kubectl(
+        &data,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/prober",
+            "--timeout=120s",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        outside.arrived(),
+        0,
+        "a pod's packet got past the egress guard"
+    );
+    let guard = |op: &str| {
+        let out = Command::new("iptables")
+            .args(["-w", "5", "-t", "mangle", op, "POSTROUTING"])
+            .args(if op == "-I" { &["1"][..] } else { &[][..] })
+            .args(["-j", "KDIST-EGRESS"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    guard("-D");
+    let reached = wait_until(Duration::from_secs(15), || outside.arrived() > 0);
+    guard("-I");
+    assert!(
+        reached,
+        "control failed: the pod cannot reach the stand-in even unguarded"
+    );
+    kubectl(&data, &["delete", "pod", "prober", "--wait=false"]);
+    drop(outside);
 
     // 7: kill -9 of each component; the node recovers
     for service in [

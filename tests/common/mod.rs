@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod oci;
+pub mod outside;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
