@@ -161,7 +161,6 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
         done.push(format!("killed {killed} leftover container process(es)"));
     }
     // what containerd, kubelet and CNI mounted: pod volumes, rootfs, netns, shm
-    let state = hostprep::HostState::load(data)?;
     let mut roots = vec![
         data.kubelet_dir(),
         data.containerd_dir(),
@@ -216,7 +215,6 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
             done.push(format!("removed {}", dir.display()));
         }
     }
-    drop(state);
     done.extend(hostprep::restore(data)?);
     Ok(done)
 }
