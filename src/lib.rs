@@ -18,11 +18,14 @@
 //! CA by its SHA-256 fingerprint.
 //!
 //! The CLI (`cli`) talks to the daemon over the control socket; the daemon (`supervisor`)
-//! is the only owner of child processes.
+//! is the only owner of child processes. `node` generates what the node's services read
+//! (containerd, CNI, kubelet and kube-proxy configs) and prepares the host (sysctls, mount
+//! propagation, egress guard), recording every change so `kdist reset` can undo it.
 
 pub mod cli;
 pub mod components;
 pub mod config;
 pub mod fsutil;
+pub mod node;
 pub mod pki;
 pub mod supervisor;

@@ -10,8 +10,13 @@ mod bench;
 mod certs;
 mod completion;
 mod components;
+mod config;
 mod daemon;
+mod images;
+mod inspect;
+mod kubectl;
 mod logs;
+mod reset;
 mod restart;
 mod start;
 mod status;
@@ -60,6 +65,18 @@ pub enum Command {
     Logs(logs::Args),
     /// Certificates: init, check, renew, rotate-ca, add-san.
     Certs(certs::Args),
+    /// Stop the node and remove what kubelet, containerd and CNI left on the host
+    /// (containers, mounts, KUBE-*/CNI-* chains, the bridge); restore host settings.
+    Reset(reset::Args),
+    /// Print the admin kubeconfig (server = this node's IP; --local for 127.0.0.1).
+    Config(config::Args),
+    /// Run kubectl (the components' one, else PATH's) with the admin kubeconfig.
+    Kubectl(kubectl::Args),
+    /// Write a tarball for bug reports: status, args, versions, logs, certs check
+    /// (never private keys, kubeconfigs or tokens).
+    Inspect(inspect::Args),
+    /// Manage container images in the node's containerd (`images import FILE`).
+    Images(images::Args),
     /// Print kdist's version.
     /// Install, list, switch, verify and bundle EKS-D releases.
     Components(components::Args),
@@ -98,6 +115,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => logs::run(args, data).await,
         Command::Certs(args) => certs::run(args, data).await,
         Command::Components(args) => components::run(args, data).await,
+        Command::Reset(args) => reset::run(args, data).await,
+        Command::Config(args) => config::run(args, data).await,
+        Command::Kubectl(args) => kubectl::run(args, data).await,
+        Command::Inspect(args) => inspect::run(args, data).await,
+        Command::Images(args) => images::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
         Command::Bench(args) => bench::run(args, data).await,

@@ -88,7 +88,34 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     let (report, ready) = wait_ready(&client, remaining).await?;
     print_table(&report);
-    if ready {
+    if ready && report.services.iter().any(|s| s.name == "kubelet") {
+        let config = NodeConfig::load(&data)?;
+        let node = config.node_name();
+        let node_data = data.clone();
+        let node_name = node.clone();
+        let node_ready = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+            while std::time::Instant::now() < deadline.into_std() {
+                if crate::node::rbac::node_ready(&node_data, &node_name)? {
+                    return Ok(true);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Ok(false)
+        })
+        .await??;
+        if !node_ready {
+            eprintln!(
+                "node {node} is not Ready after {} s; see `kdist kubectl describe node {node}` \
+                 and `kdist logs kubelet`",
+                args.timeout
+            );
+            return Ok(ExitCode::from(1));
+        }
+        println!("kdist is ready: node {node} is Ready.");
+        println!("  kdist kubectl get nodes                 # kubectl with the admin kubeconfig");
+        println!("  kdist config > ~/.kube/config           # or use your own kubectl");
+        Ok(ExitCode::SUCCESS)
+    } else if ready {
         println!("kdist is ready.");
         Ok(ExitCode::SUCCESS)
     } else {

@@ -120,4 +120,17 @@ pub fn print_table(report: &StatusReport) {
             println!("    | {line}");
         }
     }
+    if !report.host.is_empty() {
+        println!();
+        println!("HOST");
+        for fact in &report.host {
+            match &fact.note {
+                Some(note) => println!("  {:<36} {}  ({note})", fact.name, fact.value),
+                None => println!("  {:<36} {}", fact.name, fact.value),
+            }
+        }
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
 }

@@ -13,6 +13,7 @@ pub use components::{
 };
 pub use error::ConfigError;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,30 @@ impl DataDir {
     pub fn cluster_dir(&self) -> PathBuf {
         self.root.join("cluster")
     }
+    /// containerd's root (`root/`), state (`state/`), generated `config.toml`, `conf.d/`.
+    pub fn containerd_dir(&self) -> PathBuf {
+        self.root.join("containerd")
+    }
+    /// containerd's gRPC socket, kubelet's container runtime endpoint.
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.run_dir().join("containerd.sock")
+    }
+    /// CNI network configuration read by containerd.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.root.join("cni").join("net.d")
+    }
+    /// Image archives dropped here are imported into containerd at start (air gap).
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    /// Generated node configuration (kubelet, kube-proxy) and the record of host changes.
+    pub fn node_dir(&self) -> PathBuf {
+        self.root.join("node")
+    }
+    /// kubelet's `--root-dir`.
+    pub fn kubelet_dir(&self) -> PathBuf {
+        self.root.join("kubelet")
+    }
 
     /// Creates the directory tree with its modes: private parts 0700, the rest 0755.
     pub fn ensure(&self) -> Result<(), ConfigError> {
@@ -105,6 +130,8 @@ impl DataDir {
             (self.logs_dir(), 0o755),
             (self.run_dir(), 0o700),
             (self.cluster_dir(), 0o700),
+            (self.images_dir(), 0o755),
+            (self.node_dir(), 0o755),
         ];
         for (dir, mode) in dirs {
             fsutil::ensure_dir(&dir, mode).map_err(|source| ConfigError::CreateDir {
@@ -123,6 +150,66 @@ pub enum DatastoreKind {
     /// A real etcd child process.
     #[default]
     Etcd,
+    /// kdist's in-process etcd v3 API over SQLite on `<data>/run/datastore.sock`.
+    Embedded,
+}
+
+/// What forwarded pod and service traffic may leave the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// No restriction (a normal cluster).
+    #[default]
+    All,
+    /// Traffic from the pod and service CIDRs leaves only through the CNI bridge and
+    /// `lo`: isolated labs, and tests on machines whose default route leads away.
+    None,
+}
+
+/// Pod and service networking of this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// The address other nodes and the apiserver use for this node; detected when unset.
+    pub node_ip: Option<IpAddr>,
+    pub pod_cidr: String,
+    pub service_cidr: String,
+    /// The cluster DNS service IP given to pods; inside `service_cidr`.
+    pub cluster_dns: IpAddr,
+    pub cluster_domain: String,
+    /// The CNI bridge interface.
+    pub bridge: String,
+    pub egress: Egress,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            node_ip: None,
+            pod_cidr: "10.1.0.0/16".into(),
+            service_cidr: "10.152.183.0/24".into(),
+            cluster_dns: IpAddr::from([10, 152, 183, 10]),
+            cluster_domain: "cluster.local".into(),
+            bridge: "kdist0".into(),
+            egress: Egress::All,
+        }
+    }
+}
+
+/// Container runtime settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// The pod sandbox ("pause") image; import it with `kdist images import` on air-gapped hosts.
+    pub sandbox_image: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            sandbox_image: "public.ecr.aws/eks-distro/kubernetes/pause:3.9".into(),
+        }
+    }
 }
 
 /// Settings of the etcd child.
@@ -153,6 +240,8 @@ pub struct NodeConfig {
     pub etcd: EtcdConfig,
     pub certs: CertsConfig,
     pub components: ComponentsConfig,
+    pub network: NetworkConfig,
+    pub runtime: RuntimeConfig,
 }
 
 impl NodeConfig {
@@ -217,6 +306,7 @@ impl NodeConfig {
             ));
         }
         self.components.validate(origin)?;
+        self.validate_network(origin)?;
         if let Some(name) = &self.node_name {
             let ok = !name.is_empty()
                 && name.len() <= 63
@@ -234,6 +324,52 @@ impl NodeConfig {
         Ok(())
     }
 
+    fn validate_network(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        let net = &self.network;
+        let pods = parse_cidr(&net.pod_cidr).map_err(|r| invalid("network.pod_cidr", r))?;
+        let services =
+            parse_cidr(&net.service_cidr).map_err(|r| invalid("network.service_cidr", r))?;
+        if pods.contains(&services.network()) || services.contains(&pods.network()) {
+            return Err(invalid(
+                "network.service_cidr",
+                format!("{services} overlaps network.pod_cidr {pods}; pick disjoint ranges"),
+            ));
+        }
+        match net.cluster_dns {
+            IpAddr::V4(ip) if services.contains(&ip) => {}
+            other => {
+                return Err(invalid(
+                    "network.cluster_dns",
+                    format!("{other} is not inside network.service_cidr {services}"),
+                ));
+            }
+        }
+        let bridge_ok = !net.bridge.is_empty()
+            && net.bridge.len() <= 15
+            && net
+                .bridge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !bridge_ok {
+            return Err(invalid(
+                "network.bridge",
+                "must be an interface name: 1 to 15 of a-z, A-Z, 0-9, '-', '_'".into(),
+            ));
+        }
+        if self.runtime.sandbox_image.trim().is_empty() {
+            return Err(invalid(
+                "runtime.sandbox_image",
+                "must name an image, e.g. registry.k8s.io/pause:3.9".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The node name: configured, or the host name in lowercase.
     pub fn node_name(&self) -> String {
         if let Some(name) = &self.node_name {
@@ -245,6 +381,23 @@ impl NodeConfig {
             .map(|h| h.to_lowercase())
             .unwrap_or_else(|| "kdist".to_string())
     }
+}
+
+/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
+pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
+    let net: ipnet::Ipv4Net = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not an IPv4 CIDR like 10.1.0.0/16"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "`{text}` has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    if net.prefix_len() > 28 {
+        return Err(format!("`{text}` is too small; use a /28 or larger"));
+    }
+    Ok(net)
 }
 
 #[cfg(test)]
@@ -299,5 +452,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("etcd.peer_port"), "{err}");
+    }
+
+    #[test]
+    fn network_defaults_and_checks() {
+        let config = NodeConfig::parse("network:\n  egress: none\n", Path::new("c")).unwrap();
+        assert_eq!(config.network.egress, Egress::None);
+        assert_eq!(config.network.pod_cidr, "10.1.0.0/16");
+        let err = NodeConfig::parse("network:\n  pod_cidr: 10.152.0.0/16\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overlaps"), "{err}");
+        let err = NodeConfig::parse("network:\n  cluster_dns: 10.9.9.9\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network.cluster_dns"), "{err}");
+        let err = NodeConfig::parse("network:\n  pod_cidr: 10.1.0.1/16\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("10.1.0.0/16"), "{err}");
     }
 }

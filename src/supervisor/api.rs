@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::SupervisorError;
 use super::runner::Order;
-use super::status::{Board, DaemonStatus, StatusReport};
+use super::status::{Board, DaemonStatus, HostFact, StatusReport};
 use crate::config::DataDir;
 
 /// What request handlers reach: the board, the runners' order channels, shutdown.
@@ -30,6 +30,8 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     pub started: Instant,
     pub data: DataDir,
+    pub host: Vec<HostFact>,
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,6 +149,8 @@ async fn report(state: &ApiState) -> StatusReport {
             rss_bytes: own.map(|u| u.1),
         },
         services,
+        host: state.host.clone(),
+        notes: state.notes.clone(),
     }
 }
 

@@ -42,6 +42,7 @@ pub struct Daemon {
     specs: Vec<ServiceSpec>,
     policy: RestartPolicy,
     builtins: Builtins,
+    setup: crate::node::NodeSetup,
     // held for the daemon's lifetime: one daemon per data dir
     _lock: Flock<File>,
 }
@@ -81,6 +82,13 @@ impl Daemon {
             0o644,
         )
         .map_err(io(&pidfile))?;
+        {
+            let shim_data = data.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::node::kill_leftover_containers(&shim_data)
+            })
+            .await;
+        }
         child::cleanup_stale(&data, STALE_GRACE).await;
         let (d, c) = (data.clone(), config.clone());
         tokio::task::spawn_blocking(move || pki::ensure(&d, &c))
@@ -89,7 +97,24 @@ impl Daemon {
                 path: data.certs_dir(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-        let specs = service::plan(&data, config)?;
+        let setup = {
+            let (node_data, config) = (data.clone(), config.clone());
+            tokio::task::spawn_blocking(move || crate::node::prepare(&node_data, &config))
+                .await
+                .map_err(|e| SupervisorError::Io {
+                    path: data.root().to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
+        let specs = {
+            let (plan_data, config) = (data.clone(), config.clone());
+            tokio::task::spawn_blocking(move || service::plan(&plan_data, &config))
+                .await
+                .map_err(|e| SupervisorError::Io {
+                    path: data.root().to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
         service::write_default_args(&specs)?;
         Ok(Self {
             data,
@@ -97,6 +122,7 @@ impl Daemon {
             specs,
             policy: RestartPolicy::default(),
             builtins: Builtins::new(),
+            setup,
             _lock: lock,
         })
     }
@@ -146,9 +172,12 @@ impl Daemon {
             shutdown: shutdown.clone(),
             started: Instant::now(),
             data: self.data.clone(),
+            host: self.setup.report.clone(),
+            notes: self.setup.notes.clone(),
         });
         let api_task = tokio::spawn(api::serve(listener, state, api_stop.clone()));
         let notify_task = tokio::spawn(notify_when_ready(board.clone()));
+        let hooks_task = tokio::spawn(after_ready_hooks(board.clone(), self.data.clone()));
         let logs_task = tokio::spawn(logs::rotate_periodically(
             self.data.logs_dir(),
             LOG_CHECK,
@@ -180,7 +209,10 @@ impl Daemon {
         for task in tasks {
             let _ = task.await;
         }
+        let data = self.data.clone();
+        let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data)).await;
         notify_task.abort();
+        hooks_task.abort();
         api_stop.cancel();
         let _ = api_task.await;
         let _ = logs_task.await;
@@ -246,6 +278,43 @@ async fn renew_periodically(
                 ),
             }
         }
+    }
+}
+
+/// Work that waits for a service to be ready: image archives dropped in `<data>/images/`
+/// go into containerd; the RBAC the components need goes into the apiserver.
+async fn after_ready_hooks(board: Board, data: DataDir) {
+    let mut rx = board.subscribe();
+    let ready = |map: &BTreeMap<String, super::status::ServiceStatus>, name: &str| {
+        map.get(name).is_some_and(|s| s.ready)
+    };
+    if rx.wait_for(|map| ready(map, "containerd")).await.is_err() {
+        return;
+    }
+    let images_data = data.clone();
+    let apiserver = board.snapshot().iter().any(|s| s.name == "kube-apiserver");
+    if let Ok(results) =
+        tokio::task::spawn_blocking(move || crate::node::images::import_dropped(&images_data)).await
+    {
+        for (file, result) in results {
+            match result {
+                Ok(names) => info!(file = %file.display(), "imported {}", names.join(", ")),
+                Err(e) => tracing::warn!(file = %file.display(), "image import failed: {e}"),
+            }
+        }
+    }
+    if !apiserver
+        || rx
+            .wait_for(|map| ready(map, "kube-apiserver"))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    match tokio::task::spawn_blocking(move || crate::node::rbac::apply(&data)).await {
+        Ok(Ok(())) => info!("RBAC for the components applied"),
+        Ok(Err(e)) => tracing::warn!("applying RBAC for the components: {e}"),
+        Err(e) => tracing::warn!("applying RBAC for the components: {e}"),
     }
 }
 

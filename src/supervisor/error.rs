@@ -47,6 +47,8 @@ pub enum SupervisorError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
     #[error("the daemon refused {what}: {message}")]
     Refused { what: String, message: String },
     #[error(transparent)]

@@ -27,6 +27,5 @@ pub use child::find_marked;
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;
 pub use runner::log_tail;
-pub use service::{Probe, known_services};
-pub use service::{ServiceSpec, plan};
-pub use status::{ServiceState, ServiceStatus, StatusReport};
+pub use service::{Origin, Probe, ServiceSpec, known_services, plan, resolve_binary};
+pub use status::{HostFact, ServiceState, ServiceStatus, StatusReport};

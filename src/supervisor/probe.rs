@@ -27,7 +27,14 @@ impl Prober {
     }
 
     fn http_client(&mut self) -> Result<reqwest::Client, String> {
-        let Probe::Http { ca, cert, key, .. } = &self.probe else {
+        let Probe::Http {
+            ca,
+            cert,
+            key,
+            insecure,
+            ..
+        } = &self.probe
+        else {
             return Err("not an http probe".into());
         };
         let stamp: Vec<_> = [ca, cert, key]
@@ -46,7 +53,8 @@ impl Prober {
         let mut builder = reqwest::Client::builder()
             .timeout(self.timeout)
             .no_proxy()
-            .pool_max_idle_per_host(1);
+            .pool_max_idle_per_host(1)
+            .tls_danger_accept_invalid_certs(*insecure);
         if let Some(ca) = ca {
             let pem = std::fs::read(ca).map_err(|e| format!("cannot read probe CA {ca}: {e}"))?;
             let cert = reqwest::Certificate::from_pem(&pem)
@@ -186,6 +194,7 @@ mod tests {
             ca: None,
             cert: None,
             key: None,
+            insecure: false,
         });
         assert!(p.check().await.is_ok());
         assert!(p.check().await.unwrap_err().contains("503"));

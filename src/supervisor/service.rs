@@ -17,22 +17,58 @@ struct Embedded {
     args: &'static str,
 }
 
-const EMBEDDED: &[Embedded] = &[Embedded {
-    name: "etcd",
-    definition: include_str!("../../services/etcd.toml"),
-    args: include_str!("../../services/etcd.args"),
-}];
+const EMBEDDED: &[Embedded] = &[
+    Embedded {
+        name: "etcd",
+        definition: include_str!("../../services/etcd.toml"),
+        args: include_str!("../../services/etcd.args"),
+    },
+    Embedded {
+        name: "containerd",
+        definition: include_str!("../../services/containerd.toml"),
+        args: include_str!("../../services/containerd.args"),
+    },
+    Embedded {
+        name: "kube-apiserver",
+        definition: include_str!("../../services/kube-apiserver.toml"),
+        args: include_str!("../../services/kube-apiserver.args"),
+    },
+    Embedded {
+        name: "kube-controller-manager",
+        definition: include_str!("../../services/kube-controller-manager.toml"),
+        args: include_str!("../../services/kube-controller-manager.args"),
+    },
+    Embedded {
+        name: "kube-scheduler",
+        definition: include_str!("../../services/kube-scheduler.toml"),
+        args: include_str!("../../services/kube-scheduler.args"),
+    },
+    Embedded {
+        name: "kubelet",
+        definition: include_str!("../../services/kubelet.toml"),
+        args: include_str!("../../services/kubelet.args"),
+    },
+    Embedded {
+        name: "kube-proxy",
+        definition: include_str!("../../services/kube-proxy.toml"),
+        args: include_str!("../../services/kube-proxy.args"),
+    },
+];
 
 /// How readiness is decided.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Probe {
     /// HTTP(S) GET answering 2xx; `ca`, `cert`, `key` are PEM paths for TLS.
+    /// `insecure` skips server verification: only for loopback health endpoints whose
+    /// component serves a self-signed certificate.
     Http {
         url: String,
         ca: Option<String>,
         cert: Option<String>,
         key: Option<String>,
+        #[serde(default)]
+        insecure: bool,
     },
     /// A TCP connect to `host:port`.
     Tcp { address: String },
@@ -83,14 +119,31 @@ pub struct ServiceSpec {
 }
 
 /// The services this node runs, in dependency order, for `config`.
+///
+/// The Kubernetes services are planned as a set, and only when every one of their
+/// binaries resolves (components dir, then PATH): without them the node still runs its
+/// datastore and containerd, and `kdist status` says what is missing. Blocking: it runs
+/// each Kubernetes binary's `--version`.
 pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, SupervisorError> {
-    let names: &[&str] = match config.datastore {
-        DatastoreKind::Etcd => &["etcd"],
+    let datastore_service = match config.datastore {
+        DatastoreKind::Etcd => Some("etcd"),
+        // served in-process by the daemon, not a child
+        DatastoreKind::Embedded => None,
     };
+    let mut names: Vec<&str> = datastore_service.into_iter().collect();
+    names.push("containerd");
+    let kube = crate::node::kube::detect(data)?;
+    if kube.complete() {
+        names.extend(crate::node::kube::SERVICES);
+    }
     let vars = variables(data, config);
     names
         .iter()
         .map(|name| {
+            let mut vars = vars.clone();
+            if let Some(minor) = kube.minor(name) {
+                vars.insert("KUBE_MINOR".into(), minor.to_string());
+            }
             let embedded = embedded(name)?;
             let origin = PathBuf::from(format!("services/{name}.toml"));
             let def: Definition = toml::from_str(embedded.definition).map_err(|source| {
@@ -107,11 +160,20 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                     reason: "a service has either `binary` or `builtin = true`".into(),
                 });
             }
+            // "datastore" names whichever datastore this node runs
+            let after = def
+                .after
+                .into_iter()
+                .filter_map(|dep| match dep.as_str() {
+                    "datastore" => datastore_service.map(str::to_string),
+                    _ => Some(dep),
+                })
+                .collect();
             Ok(ServiceSpec {
                 name: name.to_string(),
                 description: def.description,
                 binary: def.binary,
-                after: def.after,
+                after,
                 stop_grace: Duration::from_secs(def.stop_grace_secs),
                 probe,
                 args_file: data.args_file(name),
@@ -143,14 +205,25 @@ pub fn write_default_args(specs: &[ServiceSpec]) -> Result<(), SupervisorError> 
             continue;
         }
         let embedded = embedded(&spec.name)?;
-        fsutil::atomic_write(&spec.args_file, embedded.args.as_bytes(), 0o644).map_err(
-            |source| SupervisorError::Io {
+        let text = default_args(embedded);
+        fsutil::atomic_write(&spec.args_file, text.as_bytes(), 0o644).map_err(|source| {
+            SupervisorError::Io {
                 path: spec.args_file.clone(),
                 source,
-            },
-        )?;
+            }
+        })?;
     }
     Ok(())
+}
+
+/// The default args file of a service: the embedded text, plus the Kubernetes
+/// version-conditional lines for the Kubernetes services.
+fn default_args(embedded: &Embedded) -> String {
+    if crate::node::kube::SERVICES.contains(&embedded.name) {
+        crate::node::kube::default_args(embedded.name, embedded.args)
+    } else {
+        embedded.args.to_string()
+    }
 }
 
 fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
@@ -163,11 +236,47 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
         config.etcd.client_port.to_string(),
     );
     vars.insert("ETCD_PEER_PORT".into(), config.etcd.peer_port.to_string());
+    vars.insert(
+        "CONTAINERD_SOCKET".into(),
+        data.containerd_socket().display().to_string(),
+    );
+    let dir = |p: std::path::PathBuf| p.display().to_string();
+    vars.insert("CERTS".into(), dir(data.certs_dir()));
+    vars.insert("KUBECONFIGS".into(), dir(data.kubeconfig_dir()));
+    vars.insert("NODE_DIR".into(), dir(data.node_dir()));
+    vars.insert("KUBELET_DIR".into(), dir(data.kubelet_dir()));
+    let node_ip = config
+        .network
+        .node_ip
+        .unwrap_or_else(crate::node::host::detect_node_ip);
+    vars.insert("NODE_IP".into(), node_ip.to_string());
+    vars.insert("POD_CIDR".into(), config.network.pod_cidr.clone());
+    vars.insert("SERVICE_CIDR".into(), config.network.service_cidr.clone());
+    vars.insert(
+        "CLUSTER_DOMAIN".into(),
+        config.network.cluster_domain.clone(),
+    );
+    vars.insert("SANDBOX_IMAGE".into(), config.runtime.sandbox_image.clone());
+    let (datastore, servers) = match config.datastore {
+        DatastoreKind::Etcd => (
+            "etcd",
+            format!("https://127.0.0.1:{}", config.etcd.client_port),
+        ),
+        DatastoreKind::Embedded => (
+            "embedded",
+            format!("unix://{}", data.datastore_socket().display()),
+        ),
+    };
+    vars.insert("DATASTORE".into(), datastore.into());
+    vars.insert("ETCD_SERVERS".into(), servers);
     vars
 }
 
 /// Parses an args file: one flag per line, `#` comments and blank lines ignored,
-/// `${VAR}` expanded. Returns the argv (without the program).
+/// `${VAR}` expanded. A line may start with a condition in brackets: `[1.28-1.34]`,
+/// `[1.31+]` (Kubernetes minor of the binary, `${KUBE_MINOR}`) or `[datastore=etcd]`
+/// (`${DATASTORE}`); it applies only when the condition holds. Returns the argv
+/// (without the program).
 pub fn parse_args(
     text: &str,
     vars: &BTreeMap<String, String>,
@@ -176,9 +285,28 @@ pub fn parse_args(
     let mut argv = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let line_no = index + 1;
-        let line = raw.trim();
+        let mut line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            let (condition, flag) =
+                rest.split_once(']')
+                    .ok_or_else(|| SupervisorError::ArgsLine {
+                        path: origin.to_path_buf(),
+                        line: line_no,
+                        reason: "unclosed `[` condition".into(),
+                    })?;
+            let holds =
+                condition_holds(condition, vars).map_err(|reason| SupervisorError::ArgsLine {
+                    path: origin.to_path_buf(),
+                    line: line_no,
+                    reason,
+                })?;
+            if !holds {
+                continue;
+            }
+            line = flag.trim();
         }
         if !line.starts_with('-') {
             return Err(SupervisorError::ArgsLine {
@@ -195,6 +323,43 @@ pub fn parse_args(
         argv.push(expanded);
     }
     Ok(argv)
+}
+
+/// Evaluates an args-line condition: `1.A-1.B`, `1.A+`, `-1.B` or `NAME=value`.
+fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<bool, String> {
+    let condition = condition.trim();
+    if let Some((name, value)) = condition.split_once('=') {
+        let name = name.trim().to_ascii_uppercase();
+        let actual = vars
+            .get(&name)
+            .ok_or_else(|| format!("condition `[{condition}]` names an unknown setting"))?;
+        return Ok(actual == value.trim());
+    }
+    let minor = |text: &str| -> Result<u32, String> {
+        text.trim()
+            .strip_prefix("1.")
+            .and_then(|m| m.parse().ok())
+            .ok_or_else(|| {
+                format!("`[{condition}]` is not a version range like [1.28-1.34] or [1.31+]")
+            })
+    };
+    let (low, high) = if let Some(low) = condition.strip_suffix('+') {
+        (Some(minor(low)?), None)
+    } else if let Some(high) = condition.strip_prefix('-') {
+        (None, Some(minor(high)?))
+    } else if let Some((low, high)) = condition.split_once('-') {
+        (Some(minor(low)?), Some(minor(high)?))
+    } else {
+        let exact = minor(condition)?;
+        (Some(exact), Some(exact))
+    };
+    let actual: u32 = vars
+        .get("KUBE_MINOR")
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| {
+            format!("`[{condition}]` needs the Kubernetes version of the binary, which is unknown")
+        })?;
+    Ok(low.is_none_or(|l| actual >= l) && high.is_none_or(|h| actual <= h))
 }
 
 /// Reads and parses the service's args file from the data dir.
@@ -242,11 +407,18 @@ fn expand_probe(
     };
     let xo = |s: &Option<String>| s.as_deref().map(x).transpose();
     Ok(match probe {
-        Probe::Http { url, ca, cert, key } => Probe::Http {
+        Probe::Http {
+            url,
+            ca,
+            cert,
+            key,
+            insecure,
+        } => Probe::Http {
             url: x(url)?,
             ca: xo(ca)?,
             cert: xo(cert)?,
             key: xo(key)?,
+            insecure: *insecure,
         },
         Probe::Tcp { address } => Probe::Tcp {
             address: x(address)?,
@@ -340,6 +512,31 @@ mod tests {
     }
 
     #[test]
+    fn conditions_select_lines() {
+        let mut v = vars();
+        v.insert("KUBE_MINOR".into(), "34".into());
+        v.insert("DATASTORE".into(), "embedded".into());
+        let text = "[1.28-1.34] --old\n[1.35+] --new\n[-1.30] --older\n[datastore=etcd] --etcd\n\
+                    [datastore=embedded] --embedded\n[1.34] --exact\n";
+        let argv = parse_args(text, &v, Path::new("f")).unwrap();
+        assert_eq!(argv, ["--old", "--embedded", "--exact"]);
+        v.insert("KUBE_MINOR".into(), "35".into());
+        let argv = parse_args(text, &v, Path::new("f")).unwrap();
+        assert_eq!(argv, ["--new", "--embedded"]);
+        let err = parse_args("[1.x] --a\n", &v, Path::new("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f:1") && err.contains("version range"),
+            "{err}"
+        );
+        let err = parse_args("[1.30+] --a\n", &vars(), Path::new("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown"), "{err}");
+    }
+
+    #[test]
     fn embedded_definitions_parse() {
         let data = DataDir::new("/tmp/kdist-plan-test");
         let specs = plan(&data, &NodeConfig::default()).unwrap();
@@ -351,11 +548,83 @@ mod tests {
                 ca: Some("/tmp/kdist-plan-test/certs/etcd/ca.crt".into()),
                 cert: Some("/tmp/kdist-plan-test/certs/etcd/healthcheck-client.crt".into()),
                 key: Some("/tmp/kdist-plan-test/certs/etcd/healthcheck-client.key".into()),
+                insecure: false,
             }
         );
         for spec in &specs {
             let embedded = embedded(&spec.name).unwrap();
             parse_args(embedded.args, &spec.vars, Path::new("embedded")).unwrap();
         }
+    }
+
+    /// Effective command lines and generated configs per Kubernetes minor, compared with
+    /// tests/golden/1.<minor>/. `KDIST_UPDATE_GOLDEN=1 cargo test golden` rewrites them.
+    #[test]
+    fn golden_args_and_configs_per_minor() {
+        use crate::config::{DatastoreKind, NodeConfig};
+        use crate::node::host::{CgroupVersion, HostFacts};
+        use crate::node::kube;
+
+        let data = DataDir::new("/var/lib/kdist");
+        let mut config = NodeConfig {
+            node_name: Some("node1".into()),
+            ..NodeConfig::default()
+        };
+        config.network.node_ip = Some("192.0.2.10".parse().unwrap());
+        let facts = HostFacts {
+            cgroup: CgroupVersion::V1,
+            systemd: false,
+            oom_score_adj: 0,
+            can_lower_oom_score_adj: false,
+            nofile_hard: 20000,
+            ipvs: false,
+            br_netfilter: true,
+            kernel_defaults_match: false,
+            node_ip: "192.0.2.10".parse().unwrap(),
+        };
+        let mut inputs = kube::NodeInputs::new(&data, &config, &facts);
+        inputs.resolv_conf = "/etc/resolv.conf".into();
+        let update = std::env::var_os("KDIST_UPDATE_GOLDEN").is_some();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+        let mut mismatches = Vec::new();
+        for minor in kube::MIN_MINOR..=kube::MAX_MINOR {
+            let mut files: Vec<(String, String)> = Vec::new();
+            for (datastore, suffix) in [
+                (DatastoreKind::Embedded, ""),
+                (DatastoreKind::Etcd, ".etcd"),
+            ] {
+                config.datastore = datastore;
+                let mut vars = variables(&data, &config);
+                vars.insert("KUBE_MINOR".into(), minor.to_string());
+                for service in kube::SERVICES {
+                    if !suffix.is_empty() && *service != "kube-apiserver" {
+                        continue;
+                    }
+                    let text = default_args(embedded(service).unwrap());
+                    let argv = parse_args(&text, &vars, Path::new(service)).unwrap();
+                    files.push((format!("{service}{suffix}.args"), argv.join("\n") + "\n"));
+                }
+            }
+            files.push(("kubelet.yaml".into(), kube::kubelet_config(&inputs, minor)));
+            files.push((
+                "kube-proxy.yaml".into(),
+                kube::kube_proxy_config(&inputs, minor),
+            ));
+            let dir = root.join(format!("1.{minor}"));
+            for (name, text) in files {
+                let path = dir.join(&name);
+                if update {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    std::fs::write(&path, &text).unwrap();
+                } else if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                    mismatches.push(path.display().to_string());
+                }
+            }
+        }
+        assert!(
+            mismatches.is_empty(),
+            "generated output differs from golden files (review, then rerun with \
+             KDIST_UPDATE_GOLDEN=1): {mismatches:#?}"
+        );
     }
 }

@@ -1,0 +1,134 @@
+//! The node: containerd, CNI, the Kubernetes node and control-plane services' generated
+//! configuration, host preparation (sysctls, mount propagation, the egress guard) and
+//! the node commands (images import, kubeconfig, kubectl, inspect, reset).
+//!
+//! It owns `<data>/containerd`, `<data>/cni`, `<data>/node`, `<data>/kubelet`,
+//! `<data>/images` and the host changes recorded in `<data>/node/host-state.json`. It
+//! reads certificates and kubeconfigs by their kubeadm names but never creates them, and
+//! it never spawns long-running processes: the supervisor runs the services.
+
+mod cmd;
+pub mod cni;
+pub mod containerd;
+pub mod egress;
+mod error;
+pub mod host;
+pub mod hostprep;
+pub mod images;
+pub mod inspect;
+pub mod kube;
+pub mod kubeconfig;
+mod procs;
+pub mod rbac;
+pub mod reset;
+
+pub use error::NodeError;
+pub use host::HostFacts;
+
+use crate::config::{DataDir, Egress, NodeConfig};
+use crate::supervisor::HostFact;
+
+/// What preparing the node found and did, for `kdist status`.
+#[derive(Debug, Clone)]
+pub struct NodeSetup {
+    pub facts: HostFacts,
+    pub report: Vec<HostFact>,
+    pub notes: Vec<String>,
+}
+
+/// Prepares the host and writes the generated configuration, before any service starts.
+/// Blocking (it runs a few short commands): call it off the async workers.
+pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeError> {
+    let facts = HostFacts::probe(config);
+    let settings = containerd::ContainerdSettings::new(data, config, &facts);
+    containerd::write(data, &settings)?;
+    let mut notes = Vec::new();
+    let missing = cni::write(data, config, &settings.cni_bin_dir)?;
+    if !missing.is_empty() {
+        notes.push(format!(
+            "CNI plugins missing from {}: {}; pods cannot get a network until they are \
+             installed (`kdist components install`)",
+            settings.cni_bin_dir.display(),
+            missing.join(", ")
+        ));
+    }
+    let mut report = facts.report();
+    let kube = kube::detect(data)?;
+    if kube.complete() {
+        let inputs = kube::NodeInputs::new(data, config, &facts);
+        kube::write_configs(data, &inputs, &kube)?;
+        let versions: Vec<String> = kube
+            .found
+            .iter()
+            .map(|(service, (_, version))| format!("{service} {}", version.full))
+            .collect();
+        report.push(HostFact {
+            name: "kubernetes".into(),
+            value: versions.join(", "),
+            note: None,
+        });
+        report.push(HostFact {
+            name: "kubelet protectKernelDefaults".into(),
+            value: "false".into(),
+            note: (!facts.kernel_defaults_match).then(|| {
+                "kernel.panic & co differ from kubelet's values: kubelet sets them, \
+                 `kdist reset` restores the recorded originals"
+                    .to_string()
+            }),
+        });
+    } else {
+        notes.push(format!(
+            "Kubernetes components are not installed (missing: {}): this node runs only \
+             its datastore and containerd; run `kdist components install`",
+            kube.missing.join(", ")
+        ));
+    }
+    report.extend(hostprep::prepare(data, kube.complete())?);
+    match config.network.egress {
+        Egress::None => {
+            egress::apply(config)?;
+            report.push(HostFact {
+                name: "egress".into(),
+                value: "none".into(),
+                note: Some(format!(
+                    "traffic of {} and {} only via {} and lo (iptables mangle chain {})",
+                    config.network.pod_cidr,
+                    config.network.service_cidr,
+                    config.network.bridge,
+                    egress::CHAIN
+                )),
+            });
+        }
+        Egress::All => egress::remove()?,
+    }
+    Ok(NodeSetup {
+        facts,
+        report,
+        notes,
+    })
+}
+
+/// Kills the containers a killed daemon left behind (their shims carry kdist's marker,
+/// the containers do not). Call before the supervisor's own stale-process cleanup.
+pub fn kill_leftover_containers(data: &DataDir) {
+    let killed = procs::kill_leftover_shims(data);
+    if killed > 0 {
+        tracing::info!(
+            count = killed,
+            "killed containers left by an earlier daemon"
+        );
+    }
+}
+
+/// Undoes what only makes sense while the node runs, after every service has stopped:
+/// kills what containerd's shims and their containers left (they carry kdist's marker
+/// or descend from a process that does) and removes the egress guard.
+pub fn teardown(data: &DataDir) {
+    let killed = procs::kill_marked_trees(data);
+    if killed > 0 {
+        tracing::info!(count = killed, "killed leftover container processes");
+    }
+    if let Err(e) = egress::remove() {
+        tracing::warn!("removing the egress guard: {e}");
+    }
+}
