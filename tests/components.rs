@@ -1181,11 +1181,16 @@ struct Node {
     dir: TempDir,
 }
 
+/// The fixture's Kubernetes binaries are stand-ins that only print a version: these
+/// tests are about where binaries come from, so the node runs etcd and containerd.
+const DISABLE_KUBE: &str =
+    "disable: [kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy]\n";
+
 impl Node {
     fn new(name: &str, components: &str) -> Self {
         let dir = TempDir::new(name);
         let config = format!(
-            "etcd:\n  client_port: {}\n  peer_port: {}\ncomponents:\n{components}",
+            "etcd:\n  client_port: {}\n  peer_port: {}\n{DISABLE_KUBE}components:\n{components}",
             free_port(),
             free_port()
         );

@@ -242,6 +242,9 @@ pub struct NodeConfig {
     pub components: ComponentsConfig,
     pub network: NetworkConfig,
     pub runtime: RuntimeConfig,
+    /// Services this node does not run (as k0s' `--disable-components`), e.g. a
+    /// datastore-and-runtime-only box: `disable: [kube-proxy]`.
+    pub disable: Vec<String>,
 }
 
 impl NodeConfig {

@@ -48,6 +48,9 @@ pub fn spawn(
         .args(argv)
         .env(MARKER_ENV, data.root())
         .env(SERVICE_ENV, service)
+        // READY=1 to a service manager is the daemon's to send, once all are ready:
+        // etcd and containerd would send their own
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))

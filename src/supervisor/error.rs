@@ -20,6 +20,8 @@ pub enum SupervisorError {
         line: usize,
         reason: String,
     },
+    #[error("config.yaml: `disable` names unknown service `{name}`; known services: {known}")]
+    Disabled { name: String, known: String },
     #[error("unknown service `{name}`; run `kdist status` to see the services of this node")]
     UnknownService { name: String },
     #[error(

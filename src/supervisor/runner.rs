@@ -113,8 +113,12 @@ impl Runner {
                 self.stopped(reply);
                 return;
             }
+            // taken before the spawn: a child that fails at once writes before we look
+            let log_start = std::fs::metadata(self.data.log_file(&name))
+                .map(|m| m.len())
+                .unwrap_or(0);
             let end = match self.start() {
-                Ok(running) => self.supervise(running, &mut prober).await,
+                Ok(running) => self.supervise(running, &mut prober, log_start).await,
                 Err(message) => {
                     warn!(service = %name, "cannot start: {message}");
                     self.board.update(&name, |s| s.message = Some(message));
@@ -257,12 +261,14 @@ impl Runner {
         Ok(Proc::Child(running))
     }
 
-    async fn supervise(&mut self, mut running: Proc, prober: &mut Prober) -> RunEnd {
+    async fn supervise(
+        &mut self,
+        mut running: Proc,
+        prober: &mut Prober,
+        log_start: u64,
+    ) -> RunEnd {
         let name = self.spec.name.clone();
         let started = Instant::now();
-        let log_start = std::fs::metadata(self.data.log_file(&name))
-            .map(|m| m.len())
-            .unwrap_or(0);
         let mut was_ready = false;
         let mut failures = 0u32;
         loop {

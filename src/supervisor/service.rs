@@ -136,6 +136,16 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
     if kube.complete() {
         names.extend(crate::node::kube::SERVICES);
     }
+    for name in &config.disable {
+        if !EMBEDDED.iter().any(|e| e.name == name) {
+            return Err(SupervisorError::Disabled {
+                name: name.clone(),
+                known: known_services().join(", "),
+            });
+        }
+    }
+    names.retain(|n| !config.disable.iter().any(|d| d == n));
+    let planned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let vars = variables(data, config);
     names
         .iter()
@@ -168,6 +178,8 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                     "datastore" => datastore_service.map(str::to_string),
                     _ => Some(dep),
                 })
+                // a disabled dependency is the operator's choice: do not wait for it
+                .filter(|dep| planned.contains(dep))
                 .collect();
             Ok(ServiceSpec {
                 name: name.to_string(),
@@ -534,6 +546,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn disable_removes_services_and_refuses_unknown_names() {
+        let data = DataDir::new("/tmp/kdist-plan-disable");
+        let config = NodeConfig {
+            disable: vec!["containerd".into()],
+            ..NodeConfig::default()
+        };
+        let names: Vec<String> = plan(&data, &config)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert!(!names.contains(&"containerd".to_string()), "{names:?}");
+        assert!(names.contains(&"etcd".to_string()), "{names:?}");
+        let config = NodeConfig {
+            disable: vec!["kube-proxi".into()],
+            ..NodeConfig::default()
+        };
+        let err = plan(&data, &config).unwrap_err().to_string();
+        assert!(
+            err.contains("kube-proxi") && err.contains("kube-proxy"),
+            "{err}"
+        );
     }
 
     #[test]
