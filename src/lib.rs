@@ -19,5 +19,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod datastore;
 pub mod fsutil;
 pub mod supervisor;

@@ -8,6 +8,7 @@
 
 mod completion;
 mod daemon;
+mod datastore;
 mod logs;
 mod restart;
 mod start;
@@ -55,6 +56,8 @@ pub enum Command {
     Restart(restart::Args),
     /// Show a service's log (`kdist` for the daemon's own).
     Logs(logs::Args),
+    /// Operate the datastore: serve, status, backup, restore, compact, defrag.
+    Datastore(datastore::Args),
     /// Print kdist's version.
     Version(version::Args),
     /// Print a shell completion script.
@@ -86,6 +89,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, data).await,
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
+        Command::Datastore(args) => datastore::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
     }

@@ -1,0 +1,127 @@
+//! A relay in front of the unix socket that makes etcd's Go clients acceptable to h2.
+//!
+//! etcd's Go client (the one in kube-apiserver and etcdctl) sends the socket path, e.g.
+//! `/var/lib/kdist/run/datastore.sock`, as the HTTP/2 `:authority` of requests on a
+//! unix socket. That is not a valid authority, and h2 — the HTTP/2 server under tonic —
+//! resets such streams with PROTOCOL_ERROR. So each unix connection is relayed: frames
+//! from the client are decoded, an invalid `:authority` becomes `localhost`, and the
+//! frames are re-encoded to the server over an in-memory pipe; the other direction is
+//! copied as bytes.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use h2::Codec;
+use h2::frame::{BytesStr, Frame};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+const PREFACE_LEN: usize = 24;
+const PIPE_BYTES: usize = 256 * 1024;
+
+/// The server end of one relayed connection.
+pub(crate) struct Relayed(DuplexStream);
+
+impl AsyncRead for Relayed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Relayed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Relayed {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+/// Accepts on `listener` until `shutdown`, yielding relayed connections to serve.
+pub(crate) fn incoming(
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<Relayed>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.cancelled() => return,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "datastore: accept on unix socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (server_end, relay_end) = tokio::io::duplex(PIPE_BYTES);
+            tokio::spawn(relay(stream, relay_end));
+            if tx.send(Ok(Relayed(server_end))).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn relay(client: UnixStream, inner: DuplexStream) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut inner_read, mut inner_write) = tokio::io::split(inner);
+    let down = async move {
+        let _ = tokio::io::copy(&mut inner_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    let up = async move {
+        let mut preface = [0u8; PREFACE_LEN];
+        client_read.read_exact(&mut preface).await?;
+        inner_write.write_all(&preface).await?;
+        let mut reader: Codec<_, Bytes> =
+            Codec::new(tokio::io::join(client_read, tokio::io::sink()));
+        let mut writer: Codec<_, Bytes> =
+            Codec::new(tokio::io::join(tokio::io::empty(), inner_write));
+        while let Some(frame) = reader.next().await {
+            let mut frame = frame.map_err(|e| io::Error::other(format!("{e:?}")))?;
+            if let Frame::Headers(headers) = &mut frame {
+                let pseudo = headers.pseudo_mut();
+                let invalid = pseudo.authority.as_ref().is_some_and(|a| {
+                    tonic::codegen::http::uri::Authority::try_from(a.as_ref()).is_err()
+                });
+                if invalid {
+                    pseudo.authority = BytesStr::try_from(Bytes::from_static(b"localhost")).ok();
+                }
+            }
+            writer.send(frame).await.map_err(|e| io::Error::other(format!("{e:?}")))?;
+        }
+        let _ = writer.close().await;
+        Ok::<_, io::Error>(())
+    };
+    let (up, ()) = tokio::join!(up, down);
+    if let Err(err) = up {
+        tracing::debug!(error = %err, "datastore: unix connection ended");
+    }
+}
