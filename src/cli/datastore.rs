@@ -300,7 +300,10 @@ async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 async fn backup(args: BackupArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     if let Some(endpoint) = &args.target.endpoint {
         if args.file.exists() && !args.force {
-            bail!("{} already exists: pass --force to replace it", args.file.display());
+            bail!(
+                "{} already exists: pass --force to replace it",
+                args.file.display()
+            );
         }
         let channel = client::connect(endpoint).await?;
         let mut stream = MaintenanceClient::new(channel)

@@ -1,9 +1,10 @@
-//! A relay in front of the unix socket that makes etcd's Go clients acceptable to h2.
+//! A relay in front of the listeners that makes etcd's Go clients acceptable to h2.
 //!
 //! etcd's Go client (the one in kube-apiserver and etcdctl) sends the socket path, e.g.
 //! `/var/lib/kdist/run/datastore.sock`, as the HTTP/2 `:authority` of requests on a
-//! unix socket. That is not a valid authority, and h2 — the HTTP/2 server under tonic —
-//! resets such streams with PROTOCOL_ERROR. So each unix connection is relayed: frames
+//! unix socket, and `http://127.0.0.1:2379` (with the scheme) on TCP. Neither is a valid
+//! authority, and h2 — the HTTP/2 server under tonic — resets such streams with
+//! PROTOCOL_ERROR. So each connection is relayed: frames
 //! from the client are decoded, an invalid `:authority` becomes `localhost`, and the
 //! frames are re-encoded to the server over an in-memory pipe; the other direction is
 //! copied as bytes.
@@ -17,7 +18,7 @@ use futures::{SinkExt, StreamExt};
 use h2::Codec;
 use h2::frame::{BytesStr, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -59,9 +60,32 @@ impl tonic::transport::server::Connected for Relayed {
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
+/// A listener whose connections get relayed.
+pub(crate) enum AnyListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+enum AnyStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AnyListener {
+    async fn accept(&self) -> io::Result<AnyStream> {
+        match self {
+            AnyListener::Unix(l) => l.accept().await.map(|(s, _)| AnyStream::Unix(s)),
+            AnyListener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                AnyStream::Tcp(s)
+            }),
+        }
+    }
+}
+
 /// Accepts on `listener` until `shutdown`, yielding relayed connections to serve.
 pub(crate) fn incoming(
-    listener: UnixListener,
+    listener: AnyListener,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<Relayed>> {
     let (tx, rx) = mpsc::channel(16);
@@ -72,7 +96,7 @@ pub(crate) fn incoming(
                 _ = shutdown.cancelled() => return,
             };
             let stream = match accepted {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(err) => {
                     tracing::warn!(error = %err, "datastore: accept on unix socket failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -80,7 +104,10 @@ pub(crate) fn incoming(
                 }
             };
             let (server_end, relay_end) = tokio::io::duplex(PIPE_BYTES);
-            tokio::spawn(relay(stream, relay_end));
+            match stream {
+                AnyStream::Unix(s) => tokio::spawn(relay(s, relay_end)),
+                AnyStream::Tcp(s) => tokio::spawn(relay(s, relay_end)),
+            };
             if tx.send(Ok(Relayed(server_end))).await.is_err() {
                 return;
             }
@@ -89,8 +116,11 @@ pub(crate) fn incoming(
     ReceiverStream::new(rx)
 }
 
-async fn relay(client: UnixStream, inner: DuplexStream) {
-    let (mut client_read, mut client_write) = client.into_split();
+async fn relay<S>(client: S, inner: DuplexStream)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut inner_read, mut inner_write) = tokio::io::split(inner);
     let down = async move {
         let _ = tokio::io::copy(&mut inner_read, &mut client_write).await;
@@ -115,7 +145,10 @@ async fn relay(client: UnixStream, inner: DuplexStream) {
                     pseudo.authority = BytesStr::try_from(Bytes::from_static(b"localhost")).ok();
                 }
             }
-            writer.send(frame).await.map_err(|e| io::Error::other(format!("{e:?}")))?;
+            writer
+                .send(frame)
+                .await
+                .map_err(|e| io::Error::other(format!("{e:?}")))?;
         }
         let _ = writer.close().await;
         Ok::<_, io::Error>(())

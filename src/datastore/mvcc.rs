@@ -387,12 +387,15 @@ pub(crate) fn txn_path(
 }
 
 pub(crate) fn txn_is_read_only(txn: &TxnRequest) -> bool {
-    txn.success.iter().chain(txn.failure.iter()).all(|op| match &op.request {
-        Some(request_op::Request::RequestPut(_))
-        | Some(request_op::Request::RequestDeleteRange(_)) => false,
-        Some(request_op::Request::RequestTxn(inner)) => txn_is_read_only(inner),
-        _ => true,
-    })
+    txn.success
+        .iter()
+        .chain(txn.failure.iter())
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_))
+            | Some(request_op::Request::RequestDeleteRange(_)) => false,
+            Some(request_op::Request::RequestTxn(inner)) => txn_is_read_only(inner),
+            _ => true,
+        })
 }
 
 /// What a check pass looks at (etcd checks puts on the whole path first, then ranges).
@@ -457,7 +460,15 @@ pub(crate) fn check_txn(
     if write {
         check_path(conn, txn, path, &mut 0, CheckPass::Puts, revs, lease_exists)?;
     }
-    check_path(conn, txn, path, &mut 0, CheckPass::Ranges, revs, lease_exists)
+    check_path(
+        conn,
+        txn,
+        path,
+        &mut 0,
+        CheckPass::Ranges,
+        revs,
+        lease_exists,
+    )
 }
 
 /// Applies writes at revision `base_rev + 1` on one connection inside the caller's
@@ -857,11 +868,13 @@ mod tests {
         assert!(check::intervals(&[op(put("a", "1")), op(put("a", "2"))]).is_err());
         assert!(check::intervals(&[op(put("a", "1")), op(put("b", "2"))]).is_ok());
         let del = RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                key: b"a".to_vec(),
-                range_end: b"c".to_vec(),
-                ..Default::default()
-            })),
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: b"a".to_vec(),
+                    range_end: b"c".to_vec(),
+                    ..Default::default()
+                },
+            )),
         };
         assert!(check::intervals(&[del, op(put("b", "1"))]).is_err());
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use super::authority;
@@ -86,16 +85,14 @@ impl Server {
                 .add_service(WatchServer::new(api.clone()).max_decoding_message_size(limit))
                 .add_service(LeaseServer::new(api.clone()).max_decoding_message_size(limit))
                 .add_service(ClusterServer::new(api.clone()).max_decoding_message_size(limit))
-                .add_service(
-                    MaintenanceServer::new(api.clone()).max_decoding_message_size(limit),
-                )
+                .add_service(MaintenanceServer::new(api.clone()).max_decoding_message_size(limit))
         };
         let unix = async {
             match listeners.unix {
                 Some(l) => {
                     router()
                         .serve_with_incoming_shutdown(
-                            authority::incoming(l, shutdown.clone()),
+                            authority::incoming(authority::AnyListener::Unix(l), shutdown.clone()),
                             shutdown.cancelled(),
                         )
                         .await
@@ -108,7 +105,7 @@ impl Server {
                 Some(l) => {
                     router()
                         .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(l),
+                            authority::incoming(authority::AnyListener::Tcp(l), shutdown.clone()),
                             shutdown.cancelled(),
                         )
                         .await

@@ -21,7 +21,8 @@ use tokio::sync::{broadcast, oneshot};
 use super::error::{ApiError, DatastoreError};
 use super::mvcc::{self, Applier};
 use super::proto::etcdserverpb::{
-    ResponseHeader, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, TxnRequest, TxnResponse,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, ResponseHeader, TxnRequest,
+    TxnResponse,
 };
 use super::proto::mvccpb::Event;
 
@@ -71,7 +72,11 @@ pub(crate) enum WriteResult {
     Txn(TxnResponse),
     /// Operations answered by a header only; the revision after them.
     Rev(i64),
-    Grant { id: i64, ttl: i64, rev: i64 },
+    Grant {
+        id: i64,
+        ttl: i64,
+        rev: i64,
+    },
 }
 
 type Reply = oneshot::Sender<Result<WriteResult, ApiError>>;
@@ -158,7 +163,9 @@ impl Store {
     /// Opens `path`, creating a new datastore when the file does not exist. An existing
     /// file that is not an intact datastore is refused and left as it is.
     pub(crate) fn open(path: &Path) -> Result<Store, DatastoreError> {
-        let exists = std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+        let exists = std::fs::metadata(path)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
         if exists {
             verify(path)?;
         }
@@ -418,7 +425,9 @@ pub(crate) fn hash_kv(conn: &Connection, rev: i64) -> rusqlite::Result<u32> {
         hasher.update(lease.to_be_bytes());
     }
     let digest = hasher.finalize();
-    Ok(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]))
+    Ok(u32::from_be_bytes([
+        digest[0], digest[1], digest[2], digest[3],
+    ]))
 }
 
 /// Writes a consistent copy of the database to `dest` (a new file).
@@ -829,9 +838,8 @@ fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<
     let mut doomed: Vec<(Vec<u8>, i64)> = Vec::new();
     let mut next: Option<Vec<u8>> = None;
     {
-        let mut stmt = conn.prepare_cached(
-            "SELECT key, rev, version FROM kv WHERE key >= ?1 ORDER BY key, rev",
-        )?;
+        let mut stmt = conn
+            .prepare_cached("SELECT key, rev, version FROM kv WHERE key >= ?1 ORDER BY key, rev")?;
         let mut rows = stmt.query(params![cursor])?;
         let mut scanned = 0usize;
         // Versions of the current key at or below `rev`: all but the newest go, and the
