@@ -6,6 +6,7 @@
 // The CLI is the one part of the library that talks to the user on stdout.
 #![allow(clippy::print_stdout)]
 
+mod bench;
 mod completion;
 mod daemon;
 mod datastore;
@@ -56,6 +57,8 @@ pub enum Command {
     Restart(restart::Args),
     /// Show a service's log (`kdist` for the daemon's own).
     Logs(logs::Args),
+    /// Benchmark components (`kdist bench datastore --endpoints ...`).
+    Bench(bench::Args),
     /// Operate the datastore: serve, status, backup, restore, compact, defrag.
     Datastore(datastore::Args),
     /// Print kdist's version.
@@ -89,6 +92,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, data).await,
         Command::Restart(args) => restart::run(args, data).await,
         Command::Logs(args) => logs::run(args, data).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Datastore(args) => datastore::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),

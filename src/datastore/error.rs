@@ -38,6 +38,8 @@ pub enum DatastoreError {
         #[source]
         source: ApiError,
     },
+    #[error("benchmark against {endpoint} failed: {reason}")]
+    Bench { endpoint: String, reason: String },
     #[error("bad endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
     #[error("cannot connect to {endpoint}: is the datastore running?")]

@@ -9,6 +9,7 @@
 //! supervisor runs it as an in-process service through [`Server::run`].
 
 mod authority;
+pub mod bench;
 pub mod client;
 mod error;
 mod mvcc;

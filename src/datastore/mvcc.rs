@@ -49,7 +49,7 @@ CREATE TABLE kv (
     version INTEGER NOT NULL,
     value BLOB NOT NULL,
     lease INTEGER NOT NULL,
-    PRIMARY KEY (key, rev)
+    PRIMARY KEY (key, rev, sub)
 ) WITHOUT ROWID;
 CREATE INDEX kv_rev ON kv(rev, sub);
 CREATE TABLE lease (
@@ -100,8 +100,9 @@ impl KeyRange {
 
     fn condition(&self) -> &'static str {
         match self {
-            KeyRange::Single(_) => "key = ?1",
-            KeyRange::From(_) => "key >= ?1",
+            // `?2 IS NULL` keeps the parameter count the same for every shape.
+            KeyRange::Single(_) => "key = ?1 AND ?2 IS NULL",
+            KeyRange::From(_) => "key >= ?1 AND ?2 IS NULL",
             KeyRange::Between(..) => "key >= ?1 AND key < ?2",
         }
     }
@@ -158,10 +159,11 @@ fn count_live(conn: &Connection, range: &KeyRange) -> rusqlite::Result<i64> {
 
 /// Keys of a range as they were at `rev` (newest version <= rev that is not a tombstone).
 fn select_at(conn: &Connection, range: &KeyRange, rev: i64) -> rusqlite::Result<Vec<KeyValue>> {
-    // SQLite takes the bare columns from the row holding max(rev).
+    // SQLite takes the bare columns from the row holding the max(); a key can change
+    // more than once in one revision (a txn may put a key and delete a range over it).
     let sql = format!(
-        "SELECT key, create_rev, max(rev), version, value, lease FROM kv \
-         WHERE {} AND rev <= ?3 GROUP BY key ORDER BY key",
+        "SELECT key, create_rev, rev, version, value, lease, max(rev * 1048576 + sub) \
+         FROM kv WHERE {} AND rev <= ?3 GROUP BY key ORDER BY key",
         range.condition()
     );
     let (a, b) = range.bounds();
@@ -186,7 +188,7 @@ pub(crate) fn prev_version(
     let kv = conn
         .prepare_cached(
             "SELECT key, create_rev, rev, version, value, lease FROM kv \
-             WHERE key = ?1 AND rev < ?2 ORDER BY rev DESC LIMIT 1",
+             WHERE key = ?1 AND rev < ?2 ORDER BY rev DESC, sub DESC LIMIT 1",
         )?
         .query_row(params![key, rev], row_kv)
         .optional()?;
@@ -480,6 +482,9 @@ pub(crate) struct Applier<'a> {
     pub sub: i64,
     pub events: Vec<Event>,
     pub leases: &'a HashMap<i64, i64>,
+    /// State before this revision of each key it changed: watch events carry that as
+    /// their previous value, as etcd reads it at `revision - 1`.
+    before: HashMap<Vec<u8>, Option<KeyValue>>,
 }
 
 impl<'a> Applier<'a> {
@@ -496,7 +501,15 @@ impl<'a> Applier<'a> {
             sub: 0,
             events: Vec::new(),
             leases,
+            before: HashMap::new(),
         }
+    }
+
+    fn state_before(&mut self, key: &[u8], current: &Option<KeyValue>) -> Option<KeyValue> {
+        self.before
+            .entry(key.to_vec())
+            .or_insert_with(|| current.clone())
+            .clone()
     }
 
     pub(crate) fn changed(&self) -> bool {
@@ -519,7 +532,7 @@ impl<'a> Applier<'a> {
         self.sub += 1;
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO kv (key, rev, sub, create_rev, version, value, lease) \
+                "INSERT INTO kv (key, rev, sub, create_rev, version, value, lease) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
@@ -573,10 +586,11 @@ impl<'a> Applier<'a> {
                 kv.lease
             ])?;
         self.record(&kv, false)?;
+        let before = self.state_before(&req.key, &prev);
         self.events.push(Event {
             r#type: event::EventType::Put as i32,
+            prev_kv: if kv.version == 1 { None } else { before },
             kv: Some(kv),
-            prev_kv: prev.clone(),
         });
         Ok(PutResponse {
             header: rev_header(rev),
@@ -611,10 +625,11 @@ impl<'a> Applier<'a> {
             ..Default::default()
         };
         self.record(&tomb, true)?;
+        let before = self.state_before(&prev.key, &Some(prev.clone()));
         self.events.push(Event {
             r#type: event::EventType::Delete as i32,
             kv: Some(tomb),
-            prev_kv: Some(prev),
+            prev_kv: before,
         });
         Ok(())
     }

@@ -225,6 +225,7 @@ impl Store {
                 cursor: Vec::new(),
                 waiters: Vec::new(),
             }),
+            compact_retry: Instant::now(),
             next_lease: 0,
         };
         let handle = std::thread::Builder::new()
@@ -502,6 +503,8 @@ struct Writer {
     /// Lease id -> TTL, the writer's authoritative view of which leases exist.
     leases: HashMap<i64, i64>,
     compaction: Option<Compaction>,
+    /// When a failed compaction step may be tried again.
+    compact_retry: Instant,
     next_lease: i64,
 }
 
@@ -514,13 +517,14 @@ impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         loop {
             let first = if self.compaction.is_some() {
-                match rx.try_recv() {
+                let wait = self.compact_retry.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
                     Ok(job) => job,
-                    Err(mpsc::TryRecvError::Empty) => {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
                         self.compact_step();
                         continue;
                     }
-                    Err(mpsc::TryRecvError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             } else {
                 match rx.recv() {
@@ -555,7 +559,7 @@ impl Writer {
                 break;
             }
             // One bounded step per batch keeps compaction moving under constant load.
-            if self.compaction.is_some() {
+            if self.compaction.is_some() && Instant::now() >= self.compact_retry {
                 self.compact_step();
             }
         }
@@ -820,8 +824,11 @@ impl Writer {
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %err, "datastore: compaction step failed, retrying later");
-                std::thread::sleep(Duration::from_millis(100));
+                tracing::warn!(error = %err, "datastore: compaction step failed, retrying in 5s");
+                self.compact_retry = Instant::now() + Duration::from_secs(5);
+                for (reply, _) in task.waiters.drain(..) {
+                    let _ = reply.send(Err(ApiError::Internal(format!("compaction: {err}"))));
+                }
             }
         }
     }
@@ -835,24 +842,27 @@ enum LeaseChange {
 /// One compaction step from `cursor`: the next cursor, or None when the whole keyspace
 /// has been compacted (and `compact_done` recorded).
 fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
-    let mut doomed: Vec<(Vec<u8>, i64)> = Vec::new();
+    let mut doomed: Vec<(Vec<u8>, i64, i64)> = Vec::new();
     let mut next: Option<Vec<u8>> = None;
     {
-        let mut stmt = conn
-            .prepare_cached("SELECT key, rev, version FROM kv WHERE key >= ?1 ORDER BY key, rev")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT key, rev, sub, version FROM kv WHERE key >= ?1 ORDER BY key, rev, sub",
+        )?;
         let mut rows = stmt.query(params![cursor])?;
         let mut scanned = 0usize;
         // Versions of the current key at or below `rev`: all but the newest go, and the
         // newest too when it is a tombstone.
-        let mut group: Vec<(i64, i64)> = Vec::new();
+        let mut group: Vec<(i64, i64, i64)> = Vec::new();
         let mut group_key: Option<Vec<u8>> = None;
-        let finish = |key: &[u8], group: &mut Vec<(i64, i64)>, doomed: &mut Vec<(Vec<u8>, i64)>| {
-            if let Some(&(last_rev, last_version)) = group.last() {
-                for &(r, _) in &group[..group.len() - 1] {
-                    doomed.push((key.to_vec(), r));
+        let finish = |key: &[u8],
+                      group: &mut Vec<(i64, i64, i64)>,
+                      doomed: &mut Vec<(Vec<u8>, i64, i64)>| {
+            if let Some(&(last_rev, last_sub, last_version)) = group.last() {
+                for &(r, sub, _) in &group[..group.len() - 1] {
+                    doomed.push((key.to_vec(), r, sub));
                 }
                 if last_version == 0 {
-                    doomed.push((key.to_vec(), last_rev));
+                    doomed.push((key.to_vec(), last_rev, last_sub));
                 }
             }
             group.clear();
@@ -860,7 +870,8 @@ fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<
         while let Some(row) = rows.next()? {
             let key: Vec<u8> = row.get(0)?;
             let r: i64 = row.get(1)?;
-            let version: i64 = row.get(2)?;
+            let sub: i64 = row.get(2)?;
+            let version: i64 = row.get(3)?;
             if group_key.as_deref() != Some(key.as_slice()) {
                 if let Some(done_key) = group_key.take() {
                     finish(&done_key, &mut group, &mut doomed);
@@ -873,7 +884,7 @@ fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<
             }
             scanned += 1;
             if r <= rev {
-                group.push((r, version));
+                group.push((r, sub, version));
             }
         }
         if next.is_none()
@@ -884,9 +895,10 @@ fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let work = (|| {
-        let mut del = conn.prepare_cached("DELETE FROM kv WHERE key = ?1 AND rev = ?2")?;
-        for (key, r) in &doomed {
-            del.execute(params![key, r])?;
+        let mut del =
+            conn.prepare_cached("DELETE FROM kv WHERE key = ?1 AND rev = ?2 AND sub = ?3")?;
+        for (key, r, sub) in &doomed {
+            del.execute(params![key, r, sub])?;
         }
         if next.is_none() {
             conn.execute(
