@@ -128,33 +128,48 @@ where
     };
     let up = async move {
         let mut preface = [0u8; PREFACE_LEN];
-        client_read.read_exact(&mut preface).await?;
+        if let Err(err) = client_read.read_exact(&mut preface).await {
+            let _ = inner_write.shutdown().await;
+            return Err(err);
+        }
         inner_write.write_all(&preface).await?;
         let mut reader: Codec<_, Bytes> =
             Codec::new(tokio::io::join(client_read, tokio::io::sink()));
         let mut writer: Codec<_, Bytes> =
             Codec::new(tokio::io::join(tokio::io::empty(), inner_write));
-        while let Some(frame) = reader.next().await {
-            let mut frame = frame.map_err(|e| io::Error::other(format!("{e:?}")))?;
-            if let Frame::Headers(headers) = &mut frame {
-                let pseudo = headers.pseudo_mut();
-                let invalid = pseudo.authority.as_ref().is_some_and(|a| {
-                    tonic::codegen::http::uri::Authority::try_from(a.as_ref()).is_err()
-                });
-                if invalid {
-                    pseudo.authority = BytesStr::try_from(Bytes::from_static(b"localhost")).ok();
-                }
-            }
-            writer
-                .send(frame)
-                .await
-                .map_err(|e| io::Error::other(format!("{e:?}")))?;
-        }
-        let _ = writer.close().await;
-        Ok::<_, io::Error>(())
+        let result = forward(&mut reader, &mut writer).await;
+        // However the client went away, the server must see the end of its input, or
+        // it keeps the connection (and graceful shutdown waits for it) forever.
+        let _ = SinkExt::flush(&mut writer).await;
+        let _ = writer.get_mut().writer_mut().shutdown().await;
+        result
     };
     let (up, ()) = tokio::join!(up, down);
     if let Err(err) = up {
         tracing::debug!(error = %err, "datastore: unix connection ended");
     }
+}
+
+async fn forward<R, W>(reader: &mut Codec<R, Bytes>, writer: &mut Codec<W, Bytes>) -> io::Result<()>
+where
+    R: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(frame) = reader.next().await {
+        let mut frame = frame.map_err(|e| io::Error::other(format!("{e:?}")))?;
+        if let Frame::Headers(headers) = &mut frame {
+            let pseudo = headers.pseudo_mut();
+            let invalid = pseudo.authority.as_ref().is_some_and(|a| {
+                tonic::codegen::http::uri::Authority::try_from(a.as_ref()).is_err()
+            });
+            if invalid {
+                pseudo.authority = BytesStr::try_from(Bytes::from_static(b"localhost")).ok();
+            }
+        }
+        writer
+            .send(frame)
+            .await
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+    }
+    Ok(())
 }
