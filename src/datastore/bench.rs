@@ -120,9 +120,7 @@ pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, Dat
                         ..Default::default()
                     })
                     .await;
-                if let Err(status) = put {
-                    return Err(status);
-                }
+                put?;
                 lat.push(t.elapsed());
                 n += 1;
             }
