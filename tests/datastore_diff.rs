@@ -36,6 +36,9 @@ enum Op {
         ignore_value: bool,
         #[serde(default)]
         ignore_lease: bool,
+        /// When set, the value is this many bytes of 'x' instead of `value`.
+        #[serde(default)]
+        value_size: usize,
     },
     Range {
         key: String,
@@ -137,9 +140,14 @@ fn to_request(op: &Op) -> Option<RequestOp> {
             prev_kv,
             ignore_value,
             ignore_lease,
+            value_size,
         } => R::RequestPut(PutRequest {
             key: b(key),
-            value: b(value),
+            value: if *value_size > 0 {
+                vec![b'x'; *value_size]
+            } else {
+                b(value)
+            },
             lease: *lease,
             prev_kv: *prev_kv,
             ignore_value: *ignore_value,
@@ -519,6 +527,7 @@ fn random_ops(seed: u64, n: usize, lease_base: i64) -> Vec<Op> {
                 prev_kv: rng.random_range(0..2) == 0,
                 ignore_value: rng.random_range(0..12) == 0,
                 ignore_lease: false,
+                value_size: 0,
             },
             4..=5 => Op::Delete {
                 key: key(rng),

@@ -37,6 +37,7 @@ const MAX_BATCH: usize = 512;
 /// Rows one compaction step looks at; small so writes never wait long behind it.
 const COMPACT_STEP_ROWS: usize = 2000;
 const READ_POOL_IDLE: usize = 8;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The events of one revision, in the order they happened.
 #[derive(Debug)]
@@ -103,6 +104,8 @@ pub(crate) struct Store {
     jobs: mpsc::Sender<Job>,
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpoints: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop_checkpoints: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DatastoreError + '_ {
@@ -141,10 +144,33 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "cache_size", -32000)?;
+    conn.pragma_update(None, "cache_size", -4000)?;
+    // Checkpoints run on their own thread (see `checkpointer`), never in a commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
+}
+
+/// Copies committed WAL frames into the database file in the background. PASSIVE
+/// checkpoints take no lock that writers or readers wait for; once everything is copied
+/// and no reader needs the old frames, SQLite starts the WAL over at the next commit.
+fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let conn = match Connection::open(&path) {
+        Ok(conn) => conn,
+        Err(err) => {
+            tracing::warn!(error = %err, "datastore: no checkpointer connection");
+            return;
+        }
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(1));
+    let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %err, "datastore: checkpoint failed");
+        }
+    }
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
@@ -232,11 +258,20 @@ impl Store {
             .name("datastore-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(DatastoreError::Thread)?;
+        let stop_checkpoints = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = stop_checkpoints.clone();
+        let db = path.to_path_buf();
+        let checkpoints = std::thread::Builder::new()
+            .name("datastore-checkpoint".into())
+            .spawn(move || checkpointer(db, stop))
+            .map_err(DatastoreError::Thread)?;
         Ok(Store {
             shared,
             jobs,
             readers: Mutex::new(Vec::new()),
             writer: Mutex::new(Some(handle)),
+            checkpoints: Mutex::new(Some(checkpoints)),
+            stop_checkpoints,
         })
     }
 
@@ -319,6 +354,11 @@ impl Store {
 
     /// Stops the writer after the jobs already queued and waits for it.
     pub(crate) fn close(&self) {
+        self.stop_checkpoints.store(true, Ordering::SeqCst);
+        let handle = self.checkpoints.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
         let _ = self.jobs.send(Job {
             op: WriteOp::Shutdown,
             reply: None,
@@ -569,11 +609,16 @@ impl Writer {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
+    fn exec_cached(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
     fn flush(&mut self, batch: Vec<Job>) {
         if batch.is_empty() {
             return;
         }
-        if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(err) = self.exec_cached("BEGIN IMMEDIATE") {
             tracing::warn!(error = %err, "datastore: cannot begin a write transaction");
             for job in batch {
                 if let Some(reply) = job.reply {
@@ -587,13 +632,13 @@ impl Writer {
         let mut done = Vec::with_capacity(batch.len());
         let mut published: Vec<RevEvents> = Vec::new();
         for job in batch {
-            let _ = self.conn.execute_batch("SAVEPOINT job");
+            let _ = self.exec_cached("SAVEPOINT job");
             let mut events = Vec::new();
             let mut lease_change = None;
             let result = self.apply(job.op, &mut events, &mut lease_change);
             match &result {
                 Ok(_) => {
-                    let _ = self.conn.execute_batch("RELEASE job");
+                    let _ = self.exec_cached("RELEASE job");
                     if !events.is_empty() {
                         self.rev += 1;
                         published.push(RevEvents {
@@ -612,7 +657,8 @@ impl Writer {
                     }
                 }
                 Err(_) => {
-                    let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    let _ = self.exec_cached("ROLLBACK TO job");
+                    let _ = self.exec_cached("RELEASE job");
                 }
             }
             let mut reply = job.reply;
@@ -631,7 +677,7 @@ impl Writer {
                 "UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0",
                 params![self.rev, self.compact_rev],
             )
-            .and_then(|_| self.conn.execute_batch("COMMIT"));
+            .and_then(|_| self.exec_cached("COMMIT"));
         if let Err(err) = commit {
             tracing::error!(error = %err, "datastore: commit failed, batch rolled back");
             let _ = self.conn.execute_batch("ROLLBACK");
