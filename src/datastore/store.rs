@@ -37,6 +37,8 @@ const MAX_BATCH: usize = 512;
 /// Rows one compaction step looks at; small so writes never wait long behind it.
 const COMPACT_STEP_ROWS: usize = 2000;
 const READ_POOL_IDLE: usize = 8;
+/// Longest a batch waits for more concurrent writes before it commits.
+const GATHER_WAIT: Duration = Duration::from_micros(200);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The events of one revision, in the order they happened.
@@ -253,6 +255,7 @@ impl Store {
             }),
             compact_retry: Instant::now(),
             next_lease: 0,
+            recent_batch: 1.0,
         };
         let handle = std::thread::Builder::new()
             .name("datastore-writer".into())
@@ -546,6 +549,8 @@ struct Writer {
     /// When a failed compaction step may be tried again.
     compact_retry: Instant,
     next_lease: i64,
+    /// Moving average of batch sizes: how many writers are typically in flight.
+    recent_batch: f64,
 }
 
 struct Done {
@@ -579,6 +584,23 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // With many concurrent writers, a short wait for the rest of them turns
+            // several commits (fsyncs) into one; a lone writer never waits.
+            let expected = (self.recent_batch as usize).min(MAX_BATCH);
+            if jobs.len() > 1 || expected > 1 {
+                let until = Instant::now() + GATHER_WAIT;
+                while jobs.len() < expected {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.recent_batch = (self.recent_batch * 7.0 + jobs.len() as f64) / 8.0;
             let mut batch = Vec::new();
             let mut stop = false;
             for job in jobs {
