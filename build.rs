@@ -2,7 +2,11 @@
 
 #[path = "build/embed.rs"]
 mod embed;
+#[path = "build/protos.rs"]
+mod protos;
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    protos::main()?;
     embed::main();
+    Ok(())
 }

@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod components;
 pub mod config;
+pub mod datastore;
 pub mod fsutil;
 pub mod node;
 pub mod pki;

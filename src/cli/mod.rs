@@ -12,6 +12,7 @@ mod completion;
 mod components;
 mod config;
 mod daemon;
+mod datastore;
 mod images;
 mod inspect;
 mod kubectl;
@@ -77,6 +78,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Manage container images in the node's containerd (`images import FILE`).
     Images(images::Args),
+    /// Operate the datastore: serve, status, backup, restore, compact, defrag.
+    Datastore(datastore::Args),
     /// Print kdist's version.
     /// Install, list, switch, verify and bundle EKS-D releases.
     Components(components::Args),
@@ -84,7 +87,7 @@ pub enum Command {
     Version(version::Args),
     /// Print a shell completion script.
     Completion(completion::Args),
-    /// Measure kdist against its peers (figures, not pass/fail).
+    /// Measure kdist against its peers (figures, not pass/fail): `idle`, `datastore`.
     Bench(bench::Args),
 }
 
@@ -120,6 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kubectl(args) => kubectl::run(args, data).await,
         Command::Inspect(args) => inspect::run(args, data).await,
         Command::Images(args) => images::run(args, data).await,
+        Command::Datastore(args) => datastore::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
         Command::Bench(args) => bench::run(args, data).await,

@@ -1,0 +1,270 @@
+//! A small benchmark of an etcd v3 endpoint — kdist's datastore or a real etcd — through
+//! one client (the generated stubs), so the two can be compared on the same workload:
+//! concurrent puts, ranges of many keys, and watch delivery latency.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use super::client;
+use super::error::DatastoreError;
+use super::proto::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, watch_client::WatchClient, watch_request,
+};
+
+/// The workload.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Concurrent writers, each on its own connection.
+    pub clients: usize,
+    /// How long the put phase runs.
+    pub put_duration: Duration,
+    pub value_size: usize,
+    /// Keys each range returns.
+    pub range_keys: usize,
+    pub ranges: usize,
+    pub watch_events: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            clients: 16,
+            put_duration: Duration::from_secs(5),
+            value_size: 256,
+            range_keys: 1000,
+            ranges: 200,
+            watch_events: 500,
+        }
+    }
+}
+
+/// Latency summary in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Latency {
+        samples.sort();
+        let at = |q: f64| {
+            if samples.is_empty() {
+                return 0;
+            }
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[i.min(samples.len() - 1)].as_micros() as u64
+        };
+        Latency {
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub endpoint: String,
+    pub puts: u64,
+    pub puts_per_sec: f64,
+    pub put_latency: Latency,
+    pub range_latency: Latency,
+    pub watch_latency: Latency,
+}
+
+fn rpc(endpoint: &str) -> impl Fn(tonic::Status) -> DatastoreError + '_ {
+    move |status| DatastoreError::Bench {
+        endpoint: endpoint.to_string(),
+        reason: status.message().to_string(),
+    }
+}
+
+/// Runs the whole workload against `endpoint`. Keys live under `/kdist-bench/`, which
+/// is deleted before and after.
+pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, DatastoreError> {
+    let err = rpc(endpoint);
+    let channel = client::connect(endpoint).await?;
+    let mut kv = KvClient::new(channel.clone());
+    let prefix = b"/kdist-bench/".to_vec();
+    let prefix_end = b"/kdist-bench0".to_vec();
+    kv.delete_range(DeleteRangeRequest {
+        key: prefix.clone(),
+        range_end: prefix_end.clone(),
+        prev_kv: false,
+    })
+    .await
+    .map_err(&err)?;
+    let value = vec![b'v'; opts.value_size];
+
+    // Puts: `clients` connections writing as fast as they are acknowledged.
+    let mut writers = Vec::new();
+    let deadline = Instant::now() + opts.put_duration;
+    let started = Instant::now();
+    for c in 0..opts.clients {
+        let mut kv = KvClient::new(client::connect(endpoint).await?);
+        let value = value.clone();
+        writers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let put = kv
+                    .put(PutRequest {
+                        key: format!("/kdist-bench/put/{c:02}/{n:08}").into_bytes(),
+                        value: value.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                put?;
+                lat.push(t.elapsed());
+                n += 1;
+            }
+            Ok(lat)
+        }));
+    }
+    let mut put_lat = Vec::new();
+    for w in writers {
+        match w.await {
+            Ok(Ok(lat)) => put_lat.extend(lat),
+            Ok(Err(status)) => return Err(err(status)),
+            Err(e) => {
+                return Err(DatastoreError::Bench {
+                    endpoint: endpoint.into(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let puts = put_lat.len() as u64;
+
+    // Ranges: one prefix holding `range_keys` keys, read whole.
+    for i in 0..opts.range_keys {
+        kv.put(PutRequest {
+            key: format!("/kdist-bench/range/{i:06}").into_bytes(),
+            value: value.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(&err)?;
+    }
+    let mut range_lat = Vec::new();
+    for _ in 0..opts.ranges {
+        let t = Instant::now();
+        let resp = kv
+            .range(RangeRequest {
+                key: b"/kdist-bench/range/".to_vec(),
+                range_end: b"/kdist-bench/range0".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map_err(&err)?
+            .into_inner();
+        range_lat.push(t.elapsed());
+        if resp.kvs.len() != opts.range_keys {
+            return Err(DatastoreError::Bench {
+                endpoint: endpoint.into(),
+                reason: format!("range returned {} keys", resp.kvs.len()),
+            });
+        }
+    }
+
+    // Watch: time from issuing a put to its event arriving on another connection.
+    let watch_lat = watch_latency(endpoint, &mut kv, &value, opts.watch_events).await?;
+
+    kv.delete_range(DeleteRangeRequest {
+        key: prefix,
+        range_end: prefix_end,
+        prev_kv: false,
+    })
+    .await
+    .map_err(&err)?;
+    Ok(BenchResult {
+        endpoint: endpoint.to_string(),
+        puts,
+        puts_per_sec: puts as f64 / elapsed,
+        put_latency: Latency::of(put_lat),
+        range_latency: Latency::of(range_lat),
+        watch_latency: watch_lat,
+    })
+}
+
+async fn watch_latency(
+    endpoint: &str,
+    kv: &mut KvClient<tonic::transport::Channel>,
+    value: &[u8],
+    events: usize,
+) -> Result<Latency, DatastoreError> {
+    let err = rpc(endpoint);
+    let mut watch = WatchClient::new(client::connect(endpoint).await?);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: b"/kdist-bench/watch/".to_vec(),
+                range_end: b"/kdist-bench/watch0".to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .map_err(|e| DatastoreError::Bench {
+        endpoint: endpoint.into(),
+        reason: e.to_string(),
+    })?;
+    let mut stream = watch
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(&err)?
+        .into_inner();
+    // The created response.
+    stream.message().await.map_err(&err)?;
+    let sent: Arc<Mutex<HashMap<Vec<u8>, Instant>>> = Arc::default();
+    let seen = sent.clone();
+    let receiver = tokio::spawn(async move {
+        let mut lat = Vec::new();
+        while lat.len() < events {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    let now = Instant::now();
+                    let sent = seen.lock().await;
+                    for ev in resp.events {
+                        if let Some(t) = ev.kv.and_then(|kv| sent.get(&kv.key).copied()) {
+                            lat.push(now.duration_since(t));
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+        lat
+    });
+    for i in 0..events {
+        let key = format!("/kdist-bench/watch/{i:06}").into_bytes();
+        sent.lock().await.insert(key.clone(), Instant::now());
+        kv.put(PutRequest {
+            key,
+            value: value.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .map_err(&err)?;
+    }
+    let lat = tokio::time::timeout(Duration::from_secs(30), receiver)
+        .await
+        .map_err(|_| DatastoreError::Bench {
+            endpoint: endpoint.into(),
+            reason: "watch events did not all arrive within 30s".into(),
+        })?
+        .map_err(|e| DatastoreError::Bench {
+            endpoint: endpoint.into(),
+            reason: e.to_string(),
+        })?;
+    drop(tx);
+    Ok(Latency::of(lat))
+}

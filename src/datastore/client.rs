@@ -1,0 +1,76 @@
+//! Connecting to an etcd v3 endpoint — kdist's own datastore or a real etcd — with the
+//! generated gRPC stubs. Used by the `kdist datastore` commands and the benchmark.
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::error::DatastoreError;
+
+/// An endpoint as users write it: `unix:///path/to.sock`, `http://host:port` or `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Unix(PathBuf),
+    Http(String),
+}
+
+impl Target {
+    pub fn parse(endpoint: &str) -> Result<Self, DatastoreError> {
+        if let Some(path) = endpoint.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(DatastoreError::Endpoint {
+                    endpoint: endpoint.into(),
+                    reason: "the unix socket path is empty".into(),
+                });
+            }
+            return Ok(Target::Unix(PathBuf::from(path)));
+        }
+        if endpoint.starts_with("https://") {
+            return Err(DatastoreError::Endpoint {
+                endpoint: endpoint.into(),
+                reason: "TLS endpoints are not supported by this client; use http:// or unix://"
+                    .into(),
+            });
+        }
+        let url = if endpoint.starts_with("http://") {
+            endpoint.to_string()
+        } else {
+            format!("http://{endpoint}")
+        };
+        url.parse::<Uri>().map_err(|e| DatastoreError::Endpoint {
+            endpoint: endpoint.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Target::Http(url))
+    }
+}
+
+/// Opens a gRPC channel to `endpoint` (see [`Target::parse`]).
+pub async fn connect(endpoint: &str) -> Result<Channel, DatastoreError> {
+    let failed = |e: tonic::transport::Error| DatastoreError::Connect {
+        endpoint: endpoint.to_string(),
+        source: e,
+    };
+    match Target::parse(endpoint)? {
+        Target::Http(url) => Endpoint::from_shared(url)
+            .map_err(failed)?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(failed),
+        Target::Unix(path) => {
+            // The URI is required by the API but unused: the connector dials the socket.
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .map_err(failed)
+        }
+    }
+}

@@ -1,0 +1,987 @@
+//! The store: one SQLite file, one writer thread doing group commit, a small pool of
+//! read connections, the lease table and the commit broadcast that feeds watches.
+//!
+//! Writes are sent to the writer thread as jobs; it takes every job waiting, applies
+//! them in one SQLite transaction (a savepoint each, so one failing job does not undo
+//! the others), commits once (one fsync, WAL + synchronous=FULL), then publishes the
+//! events and answers. Reads run on their own connections via `spawn_blocking` and see
+//! the last committed state; WAL never makes them wait for the writer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, oneshot};
+
+use super::error::{ApiError, DatastoreError};
+use super::mvcc::{self, Applier};
+use super::proto::etcdserverpb::{
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, ResponseHeader, TxnRequest,
+    TxnResponse,
+};
+use super::proto::mvccpb::Event;
+
+/// etcd's largest lease TTL, in seconds.
+pub(crate) const MAX_LEASE_TTL: i64 = 9_000_000_000;
+/// etcd's smallest lease TTL with its default heartbeat and election timeout.
+pub(crate) const MIN_LEASE_TTL: i64 = 2;
+/// The raft term a single member reports (etcd's first election makes it 2).
+const RAFT_TERM: u64 = 2;
+/// Jobs the writer takes into one transaction at most.
+const MAX_BATCH: usize = 512;
+/// Rows one compaction step looks at; small so writes never wait long behind it.
+const COMPACT_STEP_ROWS: usize = 2000;
+const READ_POOL_IDLE: usize = 8;
+/// Longest a batch waits for more concurrent writes before it commits.
+const GATHER_WAIT: Duration = Duration::from_micros(200);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The events of one revision, in the order they happened.
+#[derive(Debug)]
+pub(crate) struct RevEvents {
+    pub rev: i64,
+    pub events: Vec<Event>,
+}
+
+/// One committed batch: consecutive revisions.
+pub(crate) type Commit = Arc<Vec<RevEvents>>;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseEntry {
+    pub ttl: i64,
+    pub expiry: Instant,
+}
+
+pub(crate) enum WriteOp {
+    Put(PutRequest),
+    Delete(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact { revision: i64, physical: bool },
+    LeaseGrant { id: i64, ttl: i64 },
+    LeaseRevoke { id: i64, only_if_expired: bool },
+    Defrag,
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub(crate) enum WriteResult {
+    Put(PutResponse),
+    Delete(DeleteRangeResponse),
+    Txn(TxnResponse),
+    /// Operations answered by a header only; the revision after them.
+    Rev(i64),
+    Grant {
+        id: i64,
+        ttl: i64,
+        rev: i64,
+    },
+}
+
+type Reply = oneshot::Sender<Result<WriteResult, ApiError>>;
+
+struct Job {
+    op: WriteOp,
+    reply: Option<Reply>,
+}
+
+/// State shared by the writer thread and the async side.
+pub(crate) struct Shared {
+    pub path: PathBuf,
+    pub cluster_id: u64,
+    pub member_id: u64,
+    /// Newest revision whose events have been published.
+    pub rev: AtomicI64,
+    pub compact_rev: AtomicI64,
+    pub commits: broadcast::Sender<Commit>,
+    pub leases: Mutex<HashMap<i64, LeaseEntry>>,
+}
+
+pub(crate) struct Store {
+    pub shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    readers: Mutex<Vec<Connection>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpoints: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop_checkpoints: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DatastoreError + '_ {
+    move |source| DatastoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks that an existing file is an intact kdist datastore, without writing to it.
+pub(crate) fn verify(path: &Path) -> Result<(), DatastoreError> {
+    let corrupt = |reason: String| DatastoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if check != "ok" {
+        return Err(corrupt(format!("integrity check: {check}")));
+    }
+    let schema: Option<i64> = conn
+        .query_row("SELECT schema FROM meta WHERE id = 0", [], |row| row.get(0))
+        .optional()
+        .map_err(|e| corrupt(format!("no kdist schema: {e}")))?;
+    match schema {
+        Some(mvcc::SCHEMA_VERSION) => Ok(()),
+        Some(other) => Err(corrupt(format!("unknown schema version {other}"))),
+        None => Err(corrupt("no kdist schema: empty meta table".into())),
+    }
+}
+
+fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -4000)?;
+    // Checkpoints run on their own thread (see `checkpointer`), never in a commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Copies committed WAL frames into the database file in the background. PASSIVE
+/// checkpoints take no lock that writers or readers wait for; once everything is copied
+/// and no reader needs the old frames, SQLite starts the WAL over at the next commit.
+fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let conn = match Connection::open(&path) {
+        Ok(conn) => conn,
+        Err(err) => {
+            tracing::warn!(error = %err, "datastore: no checkpointer connection");
+            return;
+        }
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(1));
+    let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %err, "datastore: checkpoint failed");
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "cache_size", -16000)?;
+    conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens `path`, creating a new datastore when the file does not exist. An existing
+    /// file that is not an intact datastore is refused and left as it is.
+    pub(crate) fn open(path: &Path) -> Result<Store, DatastoreError> {
+        let exists = std::fs::metadata(path)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
+        if exists {
+            verify(path)?;
+        }
+        let conn = Connection::open(path).map_err(|source| DatastoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        configure_writer(&conn).map_err(sqlite(path))?;
+        if !exists {
+            let cluster_id = rand::random::<u64>() >> 1;
+            let member_id = rand::random::<u64>() >> 1;
+            conn.execute_batch(&format!("BEGIN; {} COMMIT;", mvcc::SCHEMA))
+                .map_err(sqlite(path))?;
+            conn.execute(
+                "INSERT INTO meta (id, schema, cluster_id, member_id, rev, compact_rev, compact_done) \
+                 VALUES (0, ?1, ?2, ?3, 1, -1, -1)",
+                params![mvcc::SCHEMA_VERSION, cluster_id as i64, member_id as i64],
+            )
+            .map_err(sqlite(path))?;
+        }
+        let (cluster_id, member_id, rev, compact_rev, compact_done): (i64, i64, i64, i64, i64) =
+            conn.query_row(
+                "SELECT cluster_id, member_id, rev, compact_rev, compact_done FROM meta",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .map_err(sqlite(path))?;
+        let leases = load_leases(&conn).map_err(sqlite(path))?;
+        // Like etcd after a restart, every lease gets its full TTL again.
+        let now = Instant::now();
+        let lessor: HashMap<i64, LeaseEntry> = leases
+            .iter()
+            .map(|(&id, &ttl)| {
+                let expiry = now + Duration::from_secs(ttl.max(0) as u64);
+                (id, LeaseEntry { ttl, expiry })
+            })
+            .collect();
+        let (commits, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            cluster_id: cluster_id as u64,
+            member_id: member_id as u64,
+            rev: AtomicI64::new(rev),
+            compact_rev: AtomicI64::new(compact_rev),
+            commits,
+            leases: Mutex::new(lessor),
+        });
+        let (jobs, rx) = mpsc::channel();
+        let mut writer = Writer {
+            conn,
+            shared: shared.clone(),
+            rev,
+            compact_rev,
+            leases,
+            compaction: (compact_done < compact_rev).then(|| Compaction {
+                rev: compact_rev,
+                cursor: Vec::new(),
+                waiters: Vec::new(),
+            }),
+            compact_retry: Instant::now(),
+            next_lease: 0,
+            recent_batch: 1.0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("datastore-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(DatastoreError::Thread)?;
+        let stop_checkpoints = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = stop_checkpoints.clone();
+        let db = path.to_path_buf();
+        let checkpoints = std::thread::Builder::new()
+            .name("datastore-checkpoint".into())
+            .spawn(move || checkpointer(db, stop))
+            .map_err(DatastoreError::Thread)?;
+        Ok(Store {
+            shared,
+            jobs,
+            readers: Mutex::new(Vec::new()),
+            writer: Mutex::new(Some(handle)),
+            checkpoints: Mutex::new(Some(checkpoints)),
+            stop_checkpoints,
+        })
+    }
+
+    /// Sends a write to the writer thread and waits for its answer.
+    pub(crate) async fn write(&self, op: WriteOp) -> Result<WriteResult, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                op,
+                reply: Some(tx),
+            })
+            .map_err(|_| ApiError::Stopped)?;
+        rx.await.map_err(|_| ApiError::Stopped)?
+    }
+
+    /// Queues a write nobody waits for (lease expiry).
+    pub(crate) fn write_detached(&self, op: WriteOp) {
+        let _ = self.jobs.send(Job { op, reply: None });
+    }
+
+    /// Runs `f` on a read connection inside one read transaction, off the async workers.
+    pub(crate) async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, ApiError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read_blocking(f))
+            .await
+            .map_err(|_| ApiError::Stopped)?
+    }
+
+    pub(crate) fn read_blocking<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.read_conn(true, f)
+    }
+
+    /// Like `read`, without an enclosing transaction (for statements such as
+    /// `VACUUM INTO` that make their own).
+    pub(crate) async fn read_plain<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, ApiError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read_conn(false, f))
+            .await
+            .map_err(|_| ApiError::Stopped)?
+    }
+
+    fn read_conn<T>(
+        &self,
+        txn: bool,
+        f: impl FnOnce(&Connection) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let pooled = self.readers.lock().ok().and_then(|mut pool| pool.pop());
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open_reader(&self.shared.path)?,
+        };
+        if txn {
+            conn.execute_batch("BEGIN")?;
+        }
+        let result = f(&conn);
+        let ended = if txn {
+            conn.execute_batch("COMMIT")
+        } else {
+            Ok(())
+        };
+        if ended.is_ok()
+            && let Ok(mut pool) = self.readers.lock()
+            && pool.len() < READ_POOL_IDLE
+        {
+            pool.push(conn);
+        }
+        result
+    }
+
+    /// Stops the writer after the jobs already queued and waits for it.
+    pub(crate) fn close(&self) {
+        self.stop_checkpoints.store(true, Ordering::SeqCst);
+        let handle = self.checkpoints.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+        let _ = self.jobs.send(Job {
+            op: WriteOp::Shutdown,
+            reply: None,
+        });
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+        if let Ok(mut pool) = self.readers.lock() {
+            pool.clear();
+        }
+    }
+
+    /// A response header: this member, `revision`.
+    pub(crate) fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.shared.cluster_id,
+            member_id: self.shared.member_id,
+            revision,
+            raft_term: RAFT_TERM,
+        })
+    }
+
+    pub(crate) fn current_rev(&self) -> i64 {
+        self.shared.rev.load(Ordering::SeqCst)
+    }
+
+    /// Renews a lease; its TTL, or None when it does not exist.
+    pub(crate) fn lease_renew(&self, id: i64) -> Option<i64> {
+        let mut leases = self.shared.leases.lock().ok()?;
+        let entry = leases.get_mut(&id)?;
+        entry.expiry = Instant::now() + Duration::from_secs(entry.ttl.max(0) as u64);
+        Some(entry.ttl)
+    }
+
+    pub(crate) fn lease_get(&self, id: i64) -> Option<LeaseEntry> {
+        self.shared.leases.lock().ok()?.get(&id).copied()
+    }
+
+    pub(crate) fn lease_ids(&self) -> Vec<i64> {
+        self.shared
+            .leases
+            .lock()
+            .map(|l| l.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Leases whose time is up.
+    pub(crate) fn expired_leases(&self) -> Vec<i64> {
+        let now = Instant::now();
+        self.shared
+            .leases
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, e)| e.expiry <= now)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn load_leases(conn: &Connection) -> rusqlite::Result<HashMap<i64, i64>> {
+    let mut stmt = conn.prepare("SELECT id, ttl FROM lease")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Keys attached to a lease (read side of TimeToLive).
+pub(crate) fn lease_keys(conn: &Connection, id: i64) -> rusqlite::Result<Vec<Vec<u8>>> {
+    let mut stmt = conn.prepare_cached("SELECT key FROM live WHERE lease = ?1 ORDER BY key")?;
+    let rows = stmt.query_map(params![id], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Size of the database file and the part of it in use, in bytes.
+pub(crate) fn db_size(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok((pages * page_size, (pages - free) * page_size))
+}
+
+/// A digest of every version kept up to `rev` (HashKV). Not etcd's hash function: it
+/// lets two reads of one kdist store be compared, not kdist against etcd.
+pub(crate) fn hash_kv(conn: &Connection, rev: i64) -> rusqlite::Result<u32> {
+    let mut hasher = Sha256::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, rev, version, value, lease FROM kv WHERE rev <= ?1 ORDER BY key, rev",
+    )?;
+    let mut rows = stmt.query(params![rev])?;
+    while let Some(row) = rows.next()? {
+        let key: Vec<u8> = row.get(0)?;
+        let rev: i64 = row.get(1)?;
+        let version: i64 = row.get(2)?;
+        let value: Vec<u8> = row.get(3)?;
+        let lease: i64 = row.get(4)?;
+        hasher.update((key.len() as u64).to_be_bytes());
+        hasher.update(&key);
+        hasher.update(rev.to_be_bytes());
+        hasher.update(version.to_be_bytes());
+        hasher.update((value.len() as u64).to_be_bytes());
+        hasher.update(&value);
+        hasher.update(lease.to_be_bytes());
+    }
+    let digest = hasher.finalize();
+    Ok(u32::from_be_bytes([
+        digest[0], digest[1], digest[2], digest[3],
+    ]))
+}
+
+/// Writes a consistent copy of the database to `dest` (a new file).
+pub(crate) fn copy_into(conn: &Connection, dest: &Path) -> rusqlite::Result<()> {
+    conn.execute("VACUUM INTO ?1", params![dest.to_string_lossy()])?;
+    Ok(())
+}
+
+/// Events with revisions in `[from, to]`, ordered; used to replay history to a watch.
+pub(crate) fn events_between(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+) -> rusqlite::Result<Vec<RevEvents>> {
+    use super::proto::mvccpb::{KeyValue, event};
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, create_rev, rev, version, value, lease FROM kv \
+         WHERE rev >= ?1 AND rev <= ?2 ORDER BY rev, sub",
+    )?;
+    let mut rows = stmt.query(params![from, to])?;
+    let mut out: Vec<RevEvents> = Vec::new();
+    while let Some(row) = rows.next()? {
+        let kv = KeyValue {
+            key: row.get(0)?,
+            create_revision: row.get(1)?,
+            mod_revision: row.get(2)?,
+            version: row.get(3)?,
+            value: row.get(4)?,
+            lease: row.get(5)?,
+        };
+        let rev = kv.mod_revision;
+        let ev = if kv.version == 0 {
+            Event {
+                r#type: event::EventType::Delete as i32,
+                kv: Some(KeyValue {
+                    key: kv.key,
+                    mod_revision: rev,
+                    ..Default::default()
+                }),
+                prev_kv: None,
+            }
+        } else {
+            Event {
+                r#type: event::EventType::Put as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            }
+        };
+        match out.last_mut() {
+            Some(last) if last.rev == rev => last.events.push(ev),
+            _ => out.push(RevEvents {
+                rev,
+                events: vec![ev],
+            }),
+        }
+    }
+    Ok(out)
+}
+
+struct Compaction {
+    rev: i64,
+    /// First key not yet compacted.
+    cursor: Vec<u8>,
+    waiters: Vec<(Reply, i64)>,
+}
+
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    rev: i64,
+    compact_rev: i64,
+    /// Lease id -> TTL, the writer's authoritative view of which leases exist.
+    leases: HashMap<i64, i64>,
+    compaction: Option<Compaction>,
+    /// When a failed compaction step may be tried again.
+    compact_retry: Instant,
+    next_lease: i64,
+    /// Moving average of batch sizes: how many writers are typically in flight.
+    recent_batch: f64,
+}
+
+struct Done {
+    reply: Option<Reply>,
+    result: Result<WriteResult, ApiError>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            let first = if self.compaction.is_some() {
+                let wait = self.compact_retry.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.compact_step();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            // With many concurrent writers, a short wait for the rest of them turns
+            // several commits (fsyncs) into one; a lone writer never waits.
+            let expected = (self.recent_batch as usize).min(MAX_BATCH);
+            if jobs.len() > 1 || expected > 1 {
+                let until = Instant::now() + GATHER_WAIT;
+                while jobs.len() < expected {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.recent_batch = (self.recent_batch * 7.0 + jobs.len() as f64) / 8.0;
+            let mut batch = Vec::new();
+            let mut stop = false;
+            for job in jobs {
+                match job.op {
+                    WriteOp::Shutdown => stop = true,
+                    WriteOp::Defrag => {
+                        self.flush(std::mem::take(&mut batch));
+                        let result = self.defrag();
+                        if let Some(reply) = job.reply {
+                            let _ = reply.send(result);
+                        }
+                    }
+                    _ => batch.push(job),
+                }
+            }
+            self.flush(batch);
+            if stop {
+                break;
+            }
+            // One bounded step per batch keeps compaction moving under constant load.
+            if self.compaction.is_some() && Instant::now() >= self.compact_retry {
+                self.compact_step();
+            }
+        }
+        // Clean close: checkpoint so the WAL does not have to be replayed at next open.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    fn exec_cached(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
+    fn flush(&mut self, batch: Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(err) = self.exec_cached("BEGIN IMMEDIATE") {
+            tracing::warn!(error = %err, "datastore: cannot begin a write transaction");
+            for job in batch {
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(ApiError::Internal(err.to_string())));
+                }
+            }
+            return;
+        }
+        let start_rev = self.rev;
+        let start_leases = self.leases.clone();
+        let mut done = Vec::with_capacity(batch.len());
+        let mut published: Vec<RevEvents> = Vec::new();
+        for job in batch {
+            let _ = self.exec_cached("SAVEPOINT job");
+            let mut events = Vec::new();
+            let mut lease_change = None;
+            let result = self.apply(job.op, &mut events, &mut lease_change);
+            match &result {
+                Ok(_) => {
+                    let _ = self.exec_cached("RELEASE job");
+                    if !events.is_empty() {
+                        self.rev += 1;
+                        published.push(RevEvents {
+                            rev: self.rev,
+                            events,
+                        });
+                    }
+                    match lease_change {
+                        Some(LeaseChange::Granted(id, ttl)) => {
+                            self.leases.insert(id, ttl);
+                        }
+                        Some(LeaseChange::Revoked(id)) => {
+                            self.leases.remove(&id);
+                        }
+                        None => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = self.exec_cached("ROLLBACK TO job");
+                    let _ = self.exec_cached("RELEASE job");
+                }
+            }
+            let mut reply = job.reply;
+            if matches!(result, Ok(WriteResult::Rev(-1)))
+                && let Some(task) = self.compaction.as_mut()
+                && let Some(waiter) = reply.take()
+            {
+                // A physical compaction answers once the last step committed.
+                task.waiters.push((waiter, 0));
+            }
+            done.push(Done { reply, result });
+        }
+        let commit = self
+            .conn
+            .execute(
+                "UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0",
+                params![self.rev, self.compact_rev],
+            )
+            .and_then(|_| self.exec_cached("COMMIT"));
+        if let Err(err) = commit {
+            tracing::error!(error = %err, "datastore: commit failed, batch rolled back");
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.rev = start_rev;
+            self.leases = start_leases;
+            for d in done {
+                if let Some(reply) = d.reply {
+                    let _ = reply.send(Err(ApiError::Internal(err.to_string())));
+                }
+            }
+            return;
+        }
+        // Publish lease table changes and events before anyone hears "done".
+        if let Ok(mut lessor) = self.shared.leases.lock() {
+            lessor.retain(|id, _| self.leases.contains_key(id));
+            let now = Instant::now();
+            for (&id, &ttl) in &self.leases {
+                lessor.entry(id).or_insert(LeaseEntry {
+                    ttl,
+                    expiry: now + Duration::from_secs(ttl.max(0) as u64),
+                });
+            }
+        }
+        self.shared
+            .compact_rev
+            .store(self.compact_rev, Ordering::SeqCst);
+        if !published.is_empty() {
+            let _ = self.shared.commits.send(Arc::new(published));
+        }
+        self.shared.rev.store(self.rev, Ordering::SeqCst);
+        for d in done {
+            if let Some(reply) = d.reply {
+                let _ = reply.send(d.result);
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        op: WriteOp,
+        events: &mut Vec<Event>,
+        lease_change: &mut Option<LeaseChange>,
+    ) -> Result<WriteResult, ApiError> {
+        match op {
+            WriteOp::Put(req) => {
+                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let resp = a.put(&req)?;
+                *events = a.events;
+                Ok(WriteResult::Put(resp))
+            }
+            WriteOp::Delete(req) => {
+                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let resp = a.delete_range(&req)?;
+                *events = a.events;
+                Ok(WriteResult::Delete(resp))
+            }
+            WriteOp::Txn(req) => {
+                let mut path = Vec::new();
+                mvcc::txn_path(&self.conn, &req, &mut path)?;
+                let write = !mvcc::txn_is_read_only(&req);
+                mvcc::check_txn(
+                    &self.conn,
+                    &req,
+                    &path,
+                    (self.rev, self.compact_rev),
+                    write,
+                    &|id| self.leases.contains_key(&id),
+                )?;
+                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let mut resp = a.txn(&req, &path, &mut 0)?;
+                resp.header = mvcc::rev_header(a.cur_rev());
+                *events = a.events;
+                Ok(WriteResult::Txn(resp))
+            }
+            WriteOp::Compact { revision, physical } => {
+                if revision <= self.compact_rev {
+                    return Err(ApiError::Compacted);
+                }
+                if revision > self.rev {
+                    return Err(ApiError::FutureRev);
+                }
+                self.compact_rev = revision;
+                let waiters = self
+                    .compaction
+                    .take()
+                    .map(|c| c.waiters)
+                    .unwrap_or_default();
+                self.compaction = Some(Compaction {
+                    rev: revision,
+                    cursor: Vec::new(),
+                    waiters,
+                });
+                if physical {
+                    // Answered when the last compaction step commits.
+                    return Ok(WriteResult::Rev(-1));
+                }
+                Ok(WriteResult::Rev(self.rev))
+            }
+            WriteOp::LeaseGrant { id, ttl } => {
+                if ttl > MAX_LEASE_TTL {
+                    return Err(ApiError::LeaseTtlTooLarge);
+                }
+                let id = if id == 0 { self.new_lease_id() } else { id };
+                if self.leases.contains_key(&id) {
+                    return Err(ApiError::LeaseExist);
+                }
+                let ttl = ttl.max(MIN_LEASE_TTL);
+                self.conn
+                    .prepare_cached("INSERT INTO lease (id, ttl) VALUES (?1, ?2)")?
+                    .execute(params![id, ttl])?;
+                *lease_change = Some(LeaseChange::Granted(id, ttl));
+                Ok(WriteResult::Grant {
+                    id,
+                    ttl,
+                    rev: self.rev,
+                })
+            }
+            WriteOp::LeaseRevoke {
+                id,
+                only_if_expired,
+            } => {
+                if !self.leases.contains_key(&id) {
+                    return Err(ApiError::LeaseNotFound);
+                }
+                if only_if_expired {
+                    let renewed = self
+                        .shared
+                        .leases
+                        .lock()
+                        .ok()
+                        .and_then(|l| l.get(&id).map(|e| e.expiry > Instant::now()))
+                        .unwrap_or(false);
+                    if renewed {
+                        return Ok(WriteResult::Rev(self.rev));
+                    }
+                }
+                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                a.delete_lease_keys(id)?;
+                let changed = a.changed();
+                *events = a.events;
+                self.conn
+                    .prepare_cached("DELETE FROM lease WHERE id = ?1")?
+                    .execute(params![id])?;
+                *lease_change = Some(LeaseChange::Revoked(id));
+                Ok(WriteResult::Rev(self.rev + i64::from(changed)))
+            }
+            WriteOp::Defrag | WriteOp::Shutdown => Ok(WriteResult::Rev(self.rev)),
+        }
+    }
+
+    fn new_lease_id(&mut self) -> i64 {
+        // Like etcd's generator: member id in the high bits, a time-seeded counter below.
+        if self.next_lease == 0 {
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(1);
+            let member = (self.shared.member_id & 0x7fff) as i64;
+            self.next_lease = (member << 48) | ((millis & 0xff_ffff_ffff) << 8);
+        }
+        loop {
+            self.next_lease = self.next_lease.wrapping_add(1) & i64::MAX;
+            if self.next_lease != 0 && !self.leases.contains_key(&self.next_lease) {
+                return self.next_lease;
+            }
+        }
+    }
+
+    fn defrag(&mut self) -> Result<WriteResult, ApiError> {
+        self.conn.execute_batch("VACUUM")?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(WriteResult::Rev(self.rev))
+    }
+
+    /// Removes a bounded number of versions no revision >= the compacted one can see.
+    fn compact_step(&mut self) {
+        let Some(task) = self.compaction.as_mut() else {
+            return;
+        };
+        let result = compact_rows(&self.conn, task.rev, &task.cursor);
+        match result {
+            Ok(Some(next)) => task.cursor = next,
+            Ok(None) => {
+                if let Some(task) = self.compaction.take() {
+                    tracing::debug!(revision = task.rev, "datastore: compaction finished");
+                    for (reply, _) in task.waiters {
+                        let _ = reply.send(Ok(WriteResult::Rev(self.rev)));
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "datastore: compaction step failed, retrying in 5s");
+                self.compact_retry = Instant::now() + Duration::from_secs(5);
+                for (reply, _) in task.waiters.drain(..) {
+                    let _ = reply.send(Err(ApiError::Internal(format!("compaction: {err}"))));
+                }
+            }
+        }
+    }
+}
+
+enum LeaseChange {
+    Granted(i64, i64),
+    Revoked(i64),
+}
+
+/// One compaction step from `cursor`: the next cursor, or None when the whole keyspace
+/// has been compacted (and `compact_done` recorded).
+fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
+    let mut doomed: Vec<(Vec<u8>, i64, i64)> = Vec::new();
+    let mut next: Option<Vec<u8>> = None;
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT key, rev, sub, version FROM kv WHERE key >= ?1 ORDER BY key, rev, sub",
+        )?;
+        let mut rows = stmt.query(params![cursor])?;
+        let mut scanned = 0usize;
+        // Versions of the current key at or below `rev`: all but the newest go, and the
+        // newest too when it is a tombstone.
+        let mut group: Vec<(i64, i64, i64)> = Vec::new();
+        let mut group_key: Option<Vec<u8>> = None;
+        let finish = |key: &[u8],
+                      group: &mut Vec<(i64, i64, i64)>,
+                      doomed: &mut Vec<(Vec<u8>, i64, i64)>| {
+            if let Some(&(last_rev, last_sub, last_version)) = group.last() {
+                for &(r, sub, _) in &group[..group.len() - 1] {
+                    doomed.push((key.to_vec(), r, sub));
+                }
+                if last_version == 0 {
+                    doomed.push((key.to_vec(), last_rev, last_sub));
+                }
+            }
+            group.clear();
+        };
+        while let Some(row) = rows.next()? {
+            let key: Vec<u8> = row.get(0)?;
+            let r: i64 = row.get(1)?;
+            let sub: i64 = row.get(2)?;
+            let version: i64 = row.get(3)?;
+            if group_key.as_deref() != Some(key.as_slice()) {
+                if let Some(done_key) = group_key.take() {
+                    finish(&done_key, &mut group, &mut doomed);
+                }
+                if scanned >= COMPACT_STEP_ROWS {
+                    next = Some(key);
+                    break;
+                }
+                group_key = Some(key);
+            }
+            scanned += 1;
+            if r <= rev {
+                group.push((r, sub, version));
+            }
+        }
+        if next.is_none()
+            && let Some(done_key) = group_key.take()
+        {
+            finish(&done_key, &mut group, &mut doomed);
+        }
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let work = (|| {
+        let mut del =
+            conn.prepare_cached("DELETE FROM kv WHERE key = ?1 AND rev = ?2 AND sub = ?3")?;
+        for (key, r, sub) in &doomed {
+            del.execute(params![key, r, sub])?;
+        }
+        if next.is_none() {
+            conn.execute(
+                "UPDATE meta SET compact_done = ?1 WHERE id = 0",
+                params![rev],
+            )?;
+        }
+        Ok::<_, rusqlite::Error>(())
+    })();
+    match work {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(err) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(err);
+        }
+    }
+    Ok(next)
+}
