@@ -95,7 +95,7 @@ fn status_of<'a>(reports: &'a [serde_json::Value], name: &str) -> &'a str {
 fn etcd_config(node: &Node, extra: &str) -> u16 {
     let ports = free_ports(2);
     node.write_config(&format!(
-        "node_name: testnode\netcd:\n  client_port: {}\n  peer_port: {}\n{extra}",
+        "node_name: testnode\ndatastore: etcd\netcd:\n  client_port: {}\n  peer_port: {}\n{extra}",
         ports[0], ports[1]
     ));
     ports[0]

@@ -1190,7 +1190,7 @@ impl Node {
     fn new(name: &str, components: &str) -> Self {
         let dir = TempDir::new(name);
         let config = format!(
-            "etcd:\n  client_port: {}\n  peer_port: {}\n{DISABLE_KUBE}components:\n{components}",
+            "datastore: etcd\netcd:\n  client_port: {}\n  peer_port: {}\n{DISABLE_KUBE}components:\n{components}",
             free_port(),
             free_port()
         );

@@ -306,3 +306,60 @@ fn foreground_daemon_notifies_systemd_and_stops_on_sigterm() {
     assert!(!alive(etcd), "etcd survived the daemon's SIGTERM");
     assert!(kdist::supervisor::find_marked(&node.data()).is_empty());
 }
+
+/// etcdctl against the embedded datastore's unix socket.
+fn etcdctl_unix(node: &Node, args: &[&str]) -> std::process::Output {
+    let endpoint = format!("unix://{}", node.data().datastore_socket().display());
+    std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("run etcdctl")
+}
+
+#[test]
+fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
+    let node = Node::new("embedded");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let ds = node.service("datastore").expect("a datastore service");
+    assert_eq!(ds["ready"], true, "{ds}");
+    assert_eq!(ds["origin"], "builtin", "{ds}");
+    assert!(ds["pid"].is_null(), "runs inside the daemon: {ds}");
+    assert!(node.service("etcd").is_none(), "no etcd child by default");
+
+    let put = etcdctl_unix(&node, &["put", "/embedded/k", "v1"]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+
+    // a daemon killed with SIGKILL loses no acknowledged write
+    let daemon: i32 = std::fs::read_to_string(node.data().pidfile("kdist"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || (!alive(daemon as i64))
+            .then_some(()))
+        .is_some()
+    );
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let get = etcdctl_unix(&node, &["get", "/embedded/k", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v1");
+
+    // restart of the builtin service: the socket comes back and serves the same data
+    node.kdist_ok(&["restart", "datastore"]);
+    node.kdist_ok(&["status", "--wait-ready", "--timeout", "20"]);
+    let get = etcdctl_unix(&node, &["get", "/embedded/k", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v1");
+    node.kdist_ok(&["stop"]);
+    assert!(!node.data().datastore_socket().exists());
+}

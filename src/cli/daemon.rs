@@ -6,7 +6,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DataDir, NodeConfig};
-use crate::supervisor::{Daemon, bind_control_socket};
+use std::sync::Arc;
+
+use crate::supervisor::{Builtins, Daemon, bind_control_socket};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,7 +30,14 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Some(file) => NodeConfig::seed(&data, file)?,
         None => NodeConfig::load(&data)?,
     };
-    let daemon = Daemon::prepare(data.clone(), &config).await?;
+    let mut builtins = Builtins::new();
+    builtins.insert(
+        "datastore".to_string(),
+        Arc::new(crate::datastore::Embedded::new(data.clone())),
+    );
+    let daemon = Daemon::prepare(data.clone(), &config)
+        .await?
+        .with_builtins(builtins);
     let listener = bind_control_socket(&data)?;
     let shutdown = CancellationToken::new();
     // signals are handled here and nowhere else: they only ask for a clean stop

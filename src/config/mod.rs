@@ -148,9 +148,9 @@ impl DataDir {
 #[serde(rename_all = "lowercase")]
 pub enum DatastoreKind {
     /// A real etcd child process.
-    #[default]
     Etcd,
     /// kdist's in-process etcd v3 API over SQLite on `<data>/run/datastore.sock`.
+    #[default]
     Embedded,
 }
 

@@ -22,6 +22,9 @@ mod watch;
 
 use std::path::{Path, PathBuf};
 
+mod embedded;
+
+pub use embedded::Embedded;
 pub use error::{ApiError, DatastoreError};
 pub use ops::{LocalStatus, backup_file, compact_file, defrag_file, local_status, restore_file};
 pub use server::{Listeners, Server};

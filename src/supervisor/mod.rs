@@ -22,7 +22,7 @@ mod status;
 
 pub use api::Client;
 pub use backoff::RestartPolicy;
-pub use builtin::{Builtin, Builtins};
+pub use builtin::{Builtin, BuiltinFuture, Builtins};
 pub use child::find_marked;
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;

@@ -19,6 +19,11 @@ struct Embedded {
 
 const EMBEDDED: &[Embedded] = &[
     Embedded {
+        name: "datastore",
+        definition: include_str!("../../services/datastore.toml"),
+        args: include_str!("../../services/datastore.args"),
+    },
+    Embedded {
         name: "etcd",
         definition: include_str!("../../services/etcd.toml"),
         args: include_str!("../../services/etcd.args"),
@@ -127,8 +132,8 @@ pub struct ServiceSpec {
 pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, SupervisorError> {
     let datastore_service = match config.datastore {
         DatastoreKind::Etcd => Some("etcd"),
-        // served in-process by the daemon, not a child
-        DatastoreKind::Embedded => None,
+        // served in-process by the daemon (a builtin), not a child
+        DatastoreKind::Embedded => Some("datastore"),
     };
     let mut names: Vec<&str> = datastore_service.into_iter().collect();
     names.push("containerd");

@@ -225,12 +225,12 @@ impl Node {
         std::fs::read_to_string(self.data().log_file(service)).unwrap_or_default()
     }
 
-    /// Writes a config.yaml that puts etcd on two free ports (plus `extra` YAML) and
+    /// Writes a config.yaml that runs the etcd datastore (a child) on two free ports (plus `extra` YAML) and
     /// returns the client port.
     pub fn config_with_etcd_ports(&self, extra: &str) -> u16 {
         let ports = free_ports(2);
         self.write_config(&format!(
-            "etcd:\n  client_port: {}\n  peer_port: {}\n{extra}",
+            "datastore: etcd\netcd:\n  client_port: {}\n  peer_port: {}\n{extra}",
             ports[0], ports[1]
         ));
         ports[0]
