@@ -566,7 +566,7 @@ mod tests {
             .map(|s| s.name)
             .collect();
         assert!(!names.contains(&"containerd".to_string()), "{names:?}");
-        assert!(names.contains(&"etcd".to_string()), "{names:?}");
+        assert!(names.contains(&"datastore".to_string()), "{names:?}");
         let config = NodeConfig {
             disable: vec!["kube-proxi".into()],
             ..NodeConfig::default()
@@ -581,7 +581,14 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let data = DataDir::new("/tmp/kdist-plan-test");
-        let specs = plan(&data, &NodeConfig::default()).unwrap();
+        let embedded = plan(&data, &NodeConfig::default()).unwrap();
+        assert_eq!(embedded[0].name, "datastore", "embedded is the default");
+        assert_eq!(embedded[0].binary, None);
+        let config = NodeConfig {
+            datastore: DatastoreKind::Etcd,
+            ..NodeConfig::default()
+        };
+        let specs = plan(&data, &config).unwrap();
         assert_eq!(specs[0].name, "etcd");
         assert_eq!(
             specs[0].probe,
