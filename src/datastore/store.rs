@@ -40,6 +40,8 @@ const READ_POOL_IDLE: usize = 8;
 /// Longest a batch waits for more concurrent writes before it commits.
 const GATHER_WAIT: Duration = Duration::from_micros(200);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// WAL length (in 4 KiB frames, so 32 MiB) past which the checkpointer makes it restart.
+const WAL_RESTART_FRAMES: i64 = 8192;
 
 /// The events of one revision, in the order they happened.
 #[derive(Debug)]
@@ -149,6 +151,8 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -4000)?;
     // Checkpoints run on their own thread (see `checkpointer`), never in a commit.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // A WAL that grew under load is cut back when it starts over.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
@@ -169,8 +173,23 @@ fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
     let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(CHECKPOINT_INTERVAL);
-        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %err, "datastore: checkpoint failed");
+        let passive: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        match passive {
+            // Under a constant write load a passive checkpoint never catches up with the
+            // end of the WAL, so the WAL never starts over and grows without bound,
+            // slowing every page lookup. Past a limit, a RESTART checkpoint waits for the
+            // current write (a few ms at most, as the passive one copied nearly all) so
+            // the next commit starts the WAL from the beginning.
+            Ok((_, log, _)) if log > WAL_RESTART_FRAMES => {
+                if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                    tracing::debug!(error = %err, "datastore: restart checkpoint failed");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::debug!(error = %err, "datastore: checkpoint failed"),
         }
     }
 }
