@@ -70,7 +70,13 @@ async fn acknowledged_puts_survive_kill_9() {
                 }
             }));
         }
-        let load = rand::rng().random_range(150..400);
+        // The kill lands at a random point once the load is flowing (a loaded machine
+        // can take a while for the first acknowledgement).
+        let flowing = Instant::now() + Duration::from_secs(20);
+        while acked.lock().expect("lock").is_empty() && Instant::now() < flowing {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let load = rand::rng().random_range(50..300);
         tokio::time::sleep(Duration::from_millis(load)).await;
         ds.proc.kill9();
         for w in writers {

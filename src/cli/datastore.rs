@@ -148,6 +148,8 @@ async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     } else {
         args.listen.clone()
     };
+    // The store is ready before anything can connect.
+    let server = Server::open(&db)?;
     let mut listeners = Listeners::default();
     let mut urls = Vec::new();
     for url in &listen {
@@ -172,7 +174,7 @@ async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
             listeners.tcp = Some(l);
         }
     }
-    let server = Server::open(&db)?.with_options(ServerOptions {
+    let server = server.with_options(ServerOptions {
         name: args.name.clone(),
         client_urls: urls.clone(),
         progress_interval: std::time::Duration::from_secs(args.progress_interval.max(1)),

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use h2::Codec;
 use h2::frame::{BytesStr, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
@@ -150,26 +150,46 @@ where
     }
 }
 
+fn recv_err(e: impl std::fmt::Debug) -> io::Error {
+    io::Error::other(format!("{e:?}"))
+}
+
+fn send_err(e: h2::SendError) -> io::Error {
+    io::Error::other(format!("{e:?}"))
+}
+
+fn fix_authority(mut frame: Frame) -> Frame {
+    if let Frame::Headers(headers) = &mut frame {
+        let pseudo = headers.pseudo_mut();
+        let invalid = pseudo
+            .authority
+            .as_ref()
+            .is_some_and(|a| tonic::codegen::http::uri::Authority::try_from(a.as_ref()).is_err());
+        if invalid {
+            pseudo.authority = BytesStr::try_from(Bytes::from_static(b"localhost")).ok();
+        }
+    }
+    frame
+}
+
 async fn forward<R, W>(reader: &mut Codec<R, Bytes>, writer: &mut Codec<W, Bytes>) -> io::Result<()>
 where
     R: AsyncRead + AsyncWrite + Unpin,
     W: AsyncRead + AsyncWrite + Unpin,
 {
     while let Some(frame) = reader.next().await {
-        let mut frame = frame.map_err(|e| io::Error::other(format!("{e:?}")))?;
-        if let Frame::Headers(headers) = &mut frame {
-            let pseudo = headers.pseudo_mut();
-            let invalid = pseudo.authority.as_ref().is_some_and(|a| {
-                tonic::codegen::http::uri::Authority::try_from(a.as_ref()).is_err()
-            });
-            if invalid {
-                pseudo.authority = BytesStr::try_from(Bytes::from_static(b"localhost")).ok();
-            }
-        }
         writer
-            .send(frame)
+            .feed(fix_authority(frame.map_err(recv_err)?))
             .await
-            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            .map_err(send_err)?;
+        // Pass on whatever else already arrived before waking the server.
+        while let Some(Some(frame)) = reader.next().now_or_never() {
+            writer
+                .feed(fix_authority(frame.map_err(recv_err)?))
+                .await
+                .map_err(send_err)?;
+        }
+        SinkExt::flush(writer).await.map_err(send_err)?;
     }
     Ok(())
 }
