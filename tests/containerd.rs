@@ -69,7 +69,8 @@ fn containerd_is_supervised_and_restarted_after_kill() {
         text(&table)
     );
 
-    // without Kubernetes binaries the node runs containerd alone and says what is missing
+    // without Kubernetes binaries the node runs its datastore and containerd only, and
+    // says what is missing
     if !common::on_path("kube-apiserver") {
         let names: Vec<_> = status["services"]
             .as_array()
@@ -77,7 +78,7 @@ fn containerd_is_supervised_and_restarted_after_kill() {
             .iter()
             .map(|s| s["name"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(names, ["containerd"]);
+        assert_eq!(names, ["datastore", "containerd"]);
         let notes = status["notes"].to_string();
         assert!(notes.contains("kdist components install"), "{notes}");
         assert!(String::from_utf8_lossy(&table.stdout).contains("kube-apiserver"));
