@@ -275,6 +275,14 @@ pub fn kubelet_config(inputs: &NodeInputs, minor: u32) -> String {
         "protectKernelDefaults": false,
         "failSwapOn": false,
         "serializeImagePulls": false,
+        // absolute floors, as MicroK8s sets them: kubelet's percentage defaults (10 % /
+        // 15 % free) taint a node on any large, well-filled disk and make kubelet delete
+        // images imported for air-gapped use
+        "evictionHard": {
+            "memory.available": "100Mi",
+            "nodefs.available": "1Gi",
+            "imagefs.available": "1Gi",
+        },
     });
     if facts.cgroup == CgroupVersion::V1
         && rule("kubelet", "failCgroupV1").is_some_and(|r| r.applies(minor))

@@ -581,9 +581,9 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let data = DataDir::new("/tmp/kdist-plan-test");
-        let embedded = plan(&data, &NodeConfig::default()).unwrap();
-        assert_eq!(embedded[0].name, "datastore", "embedded is the default");
-        assert_eq!(embedded[0].binary, None);
+        let default_plan = plan(&data, &NodeConfig::default()).unwrap();
+        assert_eq!(default_plan[0].name, "datastore", "embedded is the default");
+        assert_eq!(default_plan[0].binary, None);
         let config = NodeConfig {
             datastore: DatastoreKind::Etcd,
             ..NodeConfig::default()
