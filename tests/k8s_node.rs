@@ -149,6 +149,39 @@ fn kubectl(data: &TempData, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits for a pod to be Ready; on timeout the panic says why: the pod's events and the
+/// node's conditions and taints (a disk-pressure taint from the kubelet's default hard
+/// eviction thresholds, nodefs.available<10% / imagefs.available<15% of the host file
+/// system, keeps every pod Pending and lets the kubelet delete the imported images).
+fn wait_ready(data: &TempData, pod: &str) {
+    let target = format!("pod/{pod}");
+    let out = data.kdist(&[
+        "kubectl",
+        "wait",
+        "--for=condition=Ready",
+        &target,
+        "--timeout=120s",
+    ]);
+    if out.status.success() {
+        return;
+    }
+    let describe = data.kdist(&["kubectl", "describe", &target]);
+    let node = data.kdist(&[
+        "kubectl",
+        "get",
+        "node",
+        &node_name(),
+        "-o",
+        "jsonpath={range .status.conditions[*]}{.type}={.status} {end}taints={.spec.taints}",
+    ]);
+    panic!(
+        "{target} not Ready: {}\n{}\nnode: {}",
+        text(&out),
+        text(&describe),
+        text(&node)
+    );
+}
+
 fn http_get(address: &str) -> Option<String> {
     let mut stream =
         TcpStream::connect_timeout(&address.parse().ok()?, Duration::from_secs(2)).ok()?;
@@ -341,15 +374,7 @@ fn suite(datastore: &str) {
     let manifest = data.path("workload.yaml");
     std::fs::write(&manifest, WORKLOAD).unwrap();
     kubectl(&data, &["apply", "-f", manifest.to_str().unwrap()]);
-    kubectl(
-        &data,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/hello",
-            "--timeout=120s",
-        ],
-    );
+    wait_ready(&data, "hello");
     kubectl(
         &data,
         &["rollout", "status", "deployment/web", "--timeout=120s"],
@@ -373,15 +398,7 @@ fn suite(datastore: &str) {
     let prober = data.path("prober.yaml");
     std::fs::write(&prober, PROBER).unwrap();
     kubectl(&data, &["apply", "-f", prober.to_str().unwrap()]);
-    kubectl(
-        &data,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/prober",
-            "--timeout=120s",
-        ],
-    );
+    wait_ready(&data, "prober");
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
         outside.arrived(),
