@@ -23,6 +23,7 @@
 //! propagation, egress guard), recording every change so `kdist reset` can undo it.
 
 pub mod cli;
+pub mod cluster;
 pub mod components;
 pub mod config;
 pub mod fsutil;

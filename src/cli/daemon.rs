@@ -44,6 +44,37 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         token.cancel();
     });
     tracing::info!(data_dir = %data.root().display(), pid = std::process::id(), "kdist daemon up");
+    start_cluster_agent(&data, &config, &shutdown).await;
     daemon.run(listener, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the cluster agent on `cluster.agent_port` (all interfaces) on a control-plane
+/// node. A port in use or a missing CA leaves the node running without it, with a
+/// warning: joins are then refused by connection, nothing else depends on the agent.
+async fn start_cluster_agent(data: &DataDir, config: &NodeConfig, shutdown: &CancellationToken) {
+    if config.role == crate::config::Role::Worker {
+        return;
+    }
+    let address = std::net::SocketAddr::from(([0, 0, 0, 0], config.cluster.agent_port));
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%address, error = %e, "cluster agent not started: cannot bind; set cluster.agent_port in config.yaml");
+            return;
+        }
+    };
+    let (d, c) = (data.clone(), config.clone());
+    let agent = match tokio::task::spawn_blocking(move || crate::cluster::Agent::new(d, c)).await {
+        Ok(Ok(agent)) => agent,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cluster agent not started");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster agent not started");
+            return;
+        }
+    };
+    tokio::spawn(agent.run(listener, shutdown.clone()));
 }

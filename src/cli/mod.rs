@@ -6,6 +6,7 @@
 // The CLI is the one part of the library that talks to the user on stdout.
 #![allow(clippy::print_stdout)]
 
+mod add_node;
 mod bench;
 mod certs;
 mod completion;
@@ -14,6 +15,7 @@ mod config;
 mod daemon;
 mod images;
 mod inspect;
+mod join;
 mod kubectl;
 mod logs;
 mod reset;
@@ -84,6 +86,10 @@ pub enum Command {
     Version(version::Args),
     /// Print a shell completion script.
     Completion(completion::Args),
+    /// Create a join token and print the `kdist join` command for a new node.
+    AddNode(add_node::Args),
+    /// Join the cluster of another node (run on the stopped new node).
+    Join(join::Args),
     /// Measure kdist against its peers (figures, not pass/fail).
     Bench(bench::Args),
 }
@@ -122,6 +128,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Images(args) => images::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
+        Command::AddNode(args) => add_node::run(args, data).await,
+        Command::Join(args) => join::run(args, data).await,
         Command::Bench(args) => bench::run(args, data).await,
     }
 }

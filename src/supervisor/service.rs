@@ -130,11 +130,18 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
         // served in-process by the daemon, not a child
         DatastoreKind::Embedded => None,
     };
+    let worker = config.role == crate::config::Role::Worker;
+    let datastore_service = if worker { None } else { datastore_service };
     let mut names: Vec<&str> = datastore_service.into_iter().collect();
     names.push("containerd");
     let kube = crate::node::kube::detect(data)?;
     if kube.complete() {
-        names.extend(crate::node::kube::SERVICES);
+        // a worker runs only the node services; its control plane is elsewhere
+        names.extend(
+            crate::node::kube::SERVICES
+                .iter()
+                .filter(|s| !worker || matches!(**s, "kubelet" | "kube-proxy")),
+        );
     }
     for name in &config.disable {
         if !EMBEDDED.iter().any(|e| e.name == name) {

@@ -1,0 +1,23 @@
+//! Clustering: join tokens (`kdist add-node`), the cluster agent that serves joins over
+//! HTTPS inside the daemon, and the joiner (`kdist join`).
+//!
+//! It owns `<data>/cluster/` (hashed tokens, node records, the agent's certificate).
+//! It signs joiners' CSRs with the cluster CA but never writes this node's own
+//! certificates (that is `pki`), and never starts processes (that is the supervisor).
+
+mod agent;
+mod error;
+mod join;
+mod nodes;
+mod protocol;
+mod sign;
+mod tls;
+mod token;
+
+pub use agent::{Agent, MAX_FAILURES, WINDOW};
+pub use error::ClusterError;
+pub use join::{join, post};
+pub use nodes::{Joined, NodeRecord, forget, joined, list as list_nodes};
+pub use protocol::{Connection, JoinRequest, JoinResponse};
+pub use tls::{cluster_ca, host_addresses};
+pub use token::{TokenRecord, TokenStore, parse_ttl};
