@@ -1,0 +1,470 @@
+//! Clustering against the real `kdist` binary: join tokens, the cluster agent, the
+//! joiner's CA pinning, and worker joins.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{KDIST, Node, describe, free_port};
+use http_body_util::{BodyExt, Full};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// A started control-plane node that runs only the daemon and its cluster agent (no
+/// child services: the agent needs none), on a free port.
+fn agent_node(tag: &str) -> (Node, u16) {
+    let node = Node::new(tag);
+    let port = free_port();
+    node.write_config(&format!(
+        "disable: [etcd, containerd]\ncluster:\n  agent_port: {port}\nnetwork:\n  node_ip: 127.0.0.1\n"
+    ));
+    node.start();
+    assert!(
+        common::wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            node.log("kdist").contains("cluster agent listening")
+        }),
+        "agent did not start: {}",
+        node.log("kdist")
+    );
+    (node, port)
+}
+
+/// `kdist add-node -o json <extra>`: (token, ca fingerprint, id).
+fn add_node(node: &Node, extra: &[&str]) -> (String, String, String) {
+    let mut args = vec!["add-node", "-o", "json"];
+    args.extend_from_slice(extra);
+    let out = node.kdist_ok(&args);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        v["token"].as_str().unwrap().to_string(),
+        v["ca_sha256"].as_str().unwrap().to_string(),
+        v["id"].as_str().unwrap().to_string(),
+    )
+}
+
+fn conn(port: u16, token: &str, fp: &str) -> String {
+    format!("127.0.0.1:{port}/{token}/{fp}")
+}
+
+/// A fresh node directory that has not run.
+fn joiner(tag: &str, name: &str) -> Node {
+    let node = Node::new(tag);
+    node.write_config(&format!("node_name: {name}\n"));
+    node
+}
+
+fn join_requests(node: &Node) -> usize {
+    node.log("kdist").matches("join request").count()
+}
+
+#[test]
+fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
+    let (cp, port) = agent_node("pin");
+    let (token, fp, _) = add_node(&cp, &["--worker"]);
+    // same length, one digit changed: a CA the attacker could present would differ more
+    let mut wrong = fp.clone().into_bytes();
+    wrong[10] = if wrong[10] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    let worker = joiner("pinw", "w-pin");
+    let out = worker.kdist(&["join", &conn(port, &token, &wrong), "--worker"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not the pinned")
+            && stderr.contains(&fp)
+            && stderr.contains("nothing was sent"),
+        "{stderr}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        join_requests(&cp),
+        0,
+        "the agent saw a request: {}",
+        cp.log("kdist")
+    );
+    assert!(!worker.path("cluster/joined.json").exists());
+    assert!(!worker.path("certs/kubelet-client.crt").exists());
+    // the token was never spent: the right pin joins with it
+    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    assert_eq!(join_requests(&cp), 1);
+}
+
+#[test]
+fn worker_join_exchanges_certificates_and_never_a_ca_key() {
+    let (cp, port) = agent_node("wj");
+    let (token, fp, _) = add_node(&cp, &["--worker", "--ttl", "1h"]);
+    let worker = joiner("wjw", "w-one");
+    let out = worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    assert!(out.contains("worker") && out.contains("w-one"), "{out}");
+    // the CA certificate is the control plane's, byte for byte its first certificate
+    let ca = std::fs::read(cp.certs("ca.crt")).unwrap();
+    let got = std::fs::read(worker.certs("ca.crt")).unwrap();
+    let first = |pem: &[u8]| CertificateDer::pem_slice_iter(pem).next().unwrap().unwrap();
+    assert_eq!(first(&ca), first(&got));
+    // no CA key anywhere on the worker
+    for entry in walk(&worker.root) {
+        let name = entry.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.contains("ca.key"), "worker holds {}", entry.display());
+        if name.ends_with(".key") {
+            let text = std::fs::read_to_string(&entry).unwrap();
+            let cp_ca_key = std::fs::read_to_string(cp.certs("ca.key")).unwrap();
+            assert_ne!(text, cp_ca_key);
+        }
+    }
+    // signed by the control plane's CA, with the node identity, for the worker's own keys
+    for (cert, subject) in [
+        ("kubelet-client.crt", "system:node:w-one"),
+        ("kube-proxy.crt", "system:kube-proxy"),
+        ("kubelet.crt", "w-one"),
+    ] {
+        let path = worker.certs(cert);
+        let verify = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(cp.certs("ca.crt"))
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{cert}: {}", describe(&verify));
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout).to_string();
+        assert!(text.contains(subject), "{cert}: {text}");
+        let key = path.with_extension("key");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        let pubkey = |args: &[&str], file: &std::path::Path| {
+            let out = Command::new("openssl")
+                .args(args)
+                .arg(file)
+                .output()
+                .unwrap();
+            out.stdout
+        };
+        assert_eq!(
+            pubkey(&["x509", "-noout", "-pubkey", "-in"], &path),
+            pubkey(&["pkey", "-pubout", "-in"], &key),
+            "{cert} is not for the worker's key"
+        );
+    }
+    let kubelet_conf = std::fs::read_to_string(worker.path("kubeconfig/kubelet.conf")).unwrap();
+    assert!(
+        kubelet_conf.contains("https://127.0.0.1:6443"),
+        "{kubelet_conf}"
+    );
+    let config = std::fs::read_to_string(worker.path("config.yaml")).unwrap();
+    assert!(config.contains("role: worker"), "{config}");
+    // the control plane records the node
+    let nodes = std::fs::read_to_string(cp.path("cluster/nodes.json")).unwrap();
+    assert!(nodes.contains("w-one"), "{nodes}");
+    // a worker cannot hand out tokens
+    let out = worker.kdist(&["add-node"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("worker"),
+        "{}",
+        describe(&out)
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
+    let (cp, port) = agent_node("bad");
+    let fp = add_node(&cp, &["--worker"]).1;
+    let refused_as = |name: &str, connection: String, expect: &str, role: &[&str]| {
+        let w = joiner(&format!("b{name}"), name);
+        let mut args = vec!["join", connection.as_str()];
+        args.extend_from_slice(role);
+        let out = w.kdist(&args);
+        assert!(!out.status.success(), "{name}: {}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            stderr.contains(expect),
+            "{name}: expected `{expect}` in {stderr}"
+        );
+        assert!(!w.path("cluster/joined.json").exists());
+        stderr
+    };
+    let refused = |name: &str, connection: String, expect: &str| {
+        refused_as(name, connection, expect, &["--worker"])
+    };
+    // expired
+    let (token, _, _) = add_node(&cp, &["--worker", "--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    refused("expired", conn(port, &token, &fp), "has expired");
+    // reused
+    let (token, _, _) = add_node(&cp, &["--worker"]);
+    joiner("reuse1", "first").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    refused("reused", conn(port, &token, &fp), "already been used");
+    // revoked
+    let (token, _, id) = add_node(&cp, &["--worker", "--uses", "3"]);
+    let listed = cp.kdist_ok(&["add-node", "--list"]);
+    assert!(listed.contains(&id) && !listed.contains(&token), "{listed}");
+    cp.kdist_ok(&["add-node", "--revoke", &id]);
+    assert!(!cp.kdist_ok(&["add-node", "--list"]).contains(&id));
+    refused("revoked", conn(port, &token, &fp), "not known");
+    // random, well-formed
+    let random = "5a".repeat(32);
+    refused("random", conn(port, &random, &fp), "not known");
+    // malformed: refused by the joiner, and by the agent when sent anyway
+    let stderr = refused("malformed", conn(port, "abc", &fp), "malformed");
+    assert!(!stderr.contains("abc/"), "the token is echoed: {stderr}");
+    let (status, body) = raw_post(
+        port,
+        None,
+        &cp,
+        &serde_json::json!({
+            "token": "zz", "node_name": "x", "role": "worker",
+            "kubelet_client_csr": "", "kube_proxy_csr": "", "kubelet_serving_csr": ""
+        })
+        .to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("malformed"), "{body}");
+    // a worker token cannot make a control plane; the token stays usable
+    let (token, _, _) = add_node(&cp, &["--worker"]);
+    refused_as(
+        "cpwithworker",
+        conn(port, &token, &fp),
+        "allows only worker joins",
+        &[],
+    );
+    joiner("cpw2", "w-after").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    // the token files hold no token
+    let stored = std::fs::read_to_string(cp.path("cluster/tokens.json")).unwrap();
+    assert!(!stored.contains(&token));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(cp.path("cluster/tokens.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn one_single_use_token_raced_by_100_joiners_admits_exactly_one() {
+    let (cp, port) = agent_node("race");
+    let (token, fp, _) = add_node(&cp, &["--worker"]);
+    let joiners: Vec<Node> = (0..100)
+        .map(|i| joiner("r", &format!("racer-{i}")))
+        .collect();
+    let connection = conn(port, &token, &fp);
+    let children: Vec<_> = joiners
+        .iter()
+        .map(|j| {
+            j.command(&["join", &connection, "--worker"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let ok = outputs.iter().filter(|o| o.status.success()).count();
+    let joined = joiners
+        .iter()
+        .filter(|j| j.path("cluster/joined.json").exists())
+        .count();
+    assert_eq!(ok, 1, "successes: {ok}");
+    assert_eq!(joined, 1);
+    for out in outputs.iter().filter(|o| !o.status.success()) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("already been used") || stderr.contains("too many failed"),
+            "{stderr}"
+        );
+    }
+    let nodes = std::fs::read_to_string(cp.path("cluster/nodes.json")).unwrap();
+    assert_eq!(nodes.matches("racer-").count(), 1, "{nodes}");
+}
+
+/// A TLS client trusting `node`'s CA, optionally from `local` (a loopback address).
+fn client_config(node: &Node) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(node.certs("ca.crt")).unwrap();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(port: u16, local: Option<IpAddr>, config: Arc<rustls::ClientConfig>) -> Sender {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(ip) = local {
+        socket.bind(SocketAddr::new(ip, 0)).unwrap();
+    }
+    let tcp = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into()),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send(sender: &mut Sender, method: &str, path: &str, body: String) -> (u16, String) {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+fn raw_post(port: u16, local: Option<IpAddr>, node: &Node, body: &str) -> (u16, String) {
+    let config = client_config(node);
+    let body = body.to_string();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let mut sender = connect(port, local, config).await;
+            send(&mut sender, "POST", "/v1/join", body).await
+        })
+}
+
+fn join_body(token: &str, name: &str) -> String {
+    let csr = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    };
+    serde_json::json!({
+        "token": token, "node_name": name, "role": "worker",
+        "kubelet_client_csr": csr(), "kube_proxy_csr": csr(), "kubelet_serving_csr": csr(),
+    })
+    .to_string()
+}
+
+#[test]
+fn ten_thousand_bad_attempts_are_all_refused_and_the_agent_stays_responsive() {
+    let (cp, port) = agent_node("flood");
+    let (token, _, _) = add_node(&cp, &["--worker"]);
+    let config = client_config(&cp);
+    let attempts = 10_000;
+    let (statuses, health_ms, limited_valid, other_valid) = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+            let mut sender = connect(port, None, config.clone()).await;
+            for i in 0..attempts {
+                // a new connection now and then, as a real flood would do
+                if i % 1000 == 999 {
+                    sender = connect(port, None, config.clone()).await;
+                }
+                let random: [u8; 32] = rand::random();
+                let body = serde_json::json!({
+                    "token": hex::encode(random), "node_name": "attacker", "role": "worker",
+                    "kubelet_client_csr": "", "kube_proxy_csr": "", "kubelet_serving_csr": "",
+                })
+                .to_string();
+                let (status, _) = send(&mut sender, "POST", "/v1/join", body).await;
+                *statuses.entry(status).or_default() += 1;
+            }
+            let started = Instant::now();
+            let mut fresh = connect(port, None, config.clone()).await;
+            let (health, _) = send(&mut fresh, "GET", "/v1/health", String::new()).await;
+            assert_eq!(health, 200);
+            let health_ms = started.elapsed().as_millis();
+            // the flooding address is refused even with a valid token, without spending it
+            let (limited_valid, _) =
+                send(&mut fresh, "POST", "/v1/join", join_body(&token, "valid")).await;
+            // another address is not affected
+            let mut other = connect(port, Some(IpAddr::from([127, 0, 0, 2])), config).await;
+            let (other_valid, body) =
+                send(&mut other, "POST", "/v1/join", join_body(&token, "valid")).await;
+            assert_eq!(other_valid, 200, "{body}");
+            (statuses, health_ms, limited_valid, other_valid)
+        });
+    eprintln!("statuses of {attempts} bad attempts: {statuses:?}; health after: {health_ms} ms");
+    assert!(!statuses.contains_key(&200), "{statuses:?}");
+    assert_eq!(statuses.values().sum::<usize>(), attempts);
+    assert_eq!(
+        statuses.get(&401).copied().unwrap_or(0),
+        kdist::cluster::MAX_FAILURES as usize,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.get(&429).copied().unwrap_or(0),
+        attempts - kdist::cluster::MAX_FAILURES as usize
+    );
+    assert!(health_ms < 2000, "health took {health_ms} ms");
+    assert_eq!(limited_valid, 429);
+    assert_eq!(other_valid, 200);
+}
+
+#[test]
+fn join_errors_name_what_to_do() {
+    let worker = joiner("jerr", "w-err");
+    let out = worker.kdist(&["join", "nonsense", "--worker"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("kdist add-node"), "{stderr}");
+    // nothing listens on this port
+    let port = free_port();
+    let out = worker.kdist(&[
+        "join",
+        &conn(port, &"ab".repeat(32), &"cd".repeat(32)),
+        "--worker",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cannot reach"),
+        "{stderr}"
+    );
+    let _ = KDIST;
+}
