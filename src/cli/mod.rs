@@ -17,7 +17,9 @@ mod images;
 mod inspect;
 mod join;
 mod kubectl;
+mod leave;
 mod logs;
+mod remove_node;
 mod reset;
 mod restart;
 mod start;
@@ -90,6 +92,10 @@ pub enum Command {
     AddNode(add_node::Args),
     /// Join the cluster of another node (run on the stopped new node).
     Join(join::Args),
+    /// Remove a node from this node's cluster (etcd member, Kubernetes Node).
+    RemoveNode(remove_node::Args),
+    /// Leave the cluster and become a fresh single node.
+    Leave(leave::Args),
     /// Measure kdist against its peers (figures, not pass/fail).
     Bench(bench::Args),
 }
@@ -130,6 +136,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Completion(args) => completion::run(args),
         Command::AddNode(args) => add_node::run(args, data).await,
         Command::Join(args) => join::run(args, data).await,
+        Command::RemoveNode(args) => remove_node::run(args, data).await,
+        Command::Leave(args) => leave::run(args, data).await,
         Command::Bench(args) => bench::run(args, data).await,
     }
 }

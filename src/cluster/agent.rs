@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::error::ClusterError;
-use super::protocol::{ErrorBody, JoinRequest, JoinResponse};
+use super::etcd::Etcdctl;
+use super::protocol::{
+    CONTROL_PLANE_FILES, ControlPlaneMaterial, ErrorBody, JoinRequest, JoinResponse,
+};
 use super::token::TokenStore;
 use super::{nodes, sign};
 use crate::config::{DataDir, NodeConfig, Role};
@@ -32,6 +35,7 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 const MAX_BODY: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 256;
+const PROMOTE_EVERY: Duration = Duration::from_secs(3);
 
 /// Counts failed attempts per source address.
 #[derive(Default)]
@@ -69,6 +73,7 @@ pub struct Agent {
     config: NodeConfig,
     tls: Arc<rustls::ServerConfig>,
     limiter: Arc<Mutex<Limiter>>,
+    membership: Mutex<()>,
 }
 
 impl Agent {
@@ -87,11 +92,21 @@ impl Agent {
             config,
             tls: Arc::new(tls),
             limiter: Arc::new(Mutex::new(Limiter::default())),
+            membership: Mutex::new(()),
         })
     }
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        if self.config.datastore == crate::config::DatastoreKind::Etcd
+            && !self.config.disable.iter().any(|d| d == "etcd")
+        {
+            tokio::spawn(promote_learners(
+                self.data.clone(),
+                self.config.clone(),
+                shutdown.clone(),
+            ));
+        }
         let acceptor = TlsAcceptor::from(self.tls.clone());
         let shared = Arc::new(self);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -215,22 +230,88 @@ impl Agent {
         request: JoinRequest,
         peer: IpAddr,
     ) -> Result<JoinResponse, ClusterError> {
-        if request.role == Role::ControlPlane {
-            if self.config.datastore == crate::config::DatastoreKind::Embedded {
-                return Err(ClusterError::EmbeddedDatastore);
-            }
-            // check the token's role before refusing for a missing feature, so a
-            // worker token still reads "worker only"
-            let store = TokenStore::new(&self.data);
-            store.check_role(&request.token, Role::ControlPlane)?;
-            return Err(ClusterError::ControlPlaneUnsupported);
-        }
         let store = TokenStore::new(&self.data);
+        if request.role == Role::ControlPlane
+            && self.config.datastore == crate::config::DatastoreKind::Embedded
+        {
+            // say which token role is wrong before saying the datastore is
+            store.check_role(&request.token, Role::ControlPlane)?;
+            return Err(ClusterError::EmbeddedDatastore);
+        }
         let record = store.consume(&request.token, request.role)?;
-        let answer = sign::worker(&self.data, &self.config, &request, peer)?;
+        let answer = match request.role {
+            Role::Worker => sign::worker(&self.data, &self.config, &request, peer),
+            Role::ControlPlane => self.control_plane(&request, peer),
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(err) => {
+                // the joiner did nothing wrong: its token stays good for another try
+                let _ = store.refund(&record.id);
+                return Err(err);
+            }
+        };
         nodes::record(&self.data, &request.node_name, request.role, peer)?;
         info!(node = %request.node_name, role = %request.role, token = %record.id, "node joined");
         Ok(answer)
+    }
+
+    /// Adds the joiner to etcd as a learner and hands it the cluster's CAs and keys.
+    fn control_plane(
+        &self,
+        request: &JoinRequest,
+        peer: IpAddr,
+    ) -> Result<JoinResponse, ClusterError> {
+        // one membership change at a time
+        let _guard = self.membership.lock().map_err(|_| ClusterError::Internal {
+            reason: "membership lock poisoned".into(),
+        })?;
+        let mut answer = sign::worker(&self.data, &self.config, request, peer)?;
+        let mut files = std::collections::BTreeMap::new();
+        for name in CONTROL_PLANE_FILES {
+            let path = self.data.certs_dir().join(name);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| ClusterError::Io { path, source })?;
+            files.insert(name.to_string(), text);
+        }
+        let etcd = Etcdctl::new(&self.data, &self.config);
+        let node_ip = self
+            .config
+            .network
+            .node_ip
+            .unwrap_or_else(crate::node::host::detect_node_ip);
+        etcd.advertise_node_ip(
+            &self.config.node_name(),
+            node_ip,
+            self.config.etcd.peer_port,
+        )?;
+        let port = request.etcd_peer_port.unwrap_or(self.config.etcd.peer_port);
+        let peer_url = format!("https://{}", SocketAddr::new(peer, port));
+        let initial = etcd.add_learner(&request.node_name, &peer_url)?;
+        info!(node = %request.node_name, %peer_url, "added to etcd as a learner");
+        answer.control_plane = Some(ControlPlaneMaterial {
+            files,
+            etcd_initial_cluster: initial,
+        });
+        Ok(answer)
+    }
+}
+
+/// Promotes etcd learners once they have caught up, every few seconds.
+async fn promote_learners(data: DataDir, config: NodeConfig, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROMOTE_EVERY) => {}
+        }
+        let (d, c) = (data.clone(), config.clone());
+        let result =
+            tokio::task::spawn_blocking(move || Etcdctl::new(&d, &c).promote_learners()).await;
+        if let Ok(Ok(promoted)) = result {
+            for name in promoted {
+                info!(node = %name, "etcd learner promoted to voting member");
+            }
+        }
     }
 }
 

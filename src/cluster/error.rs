@@ -39,8 +39,6 @@ pub enum ClusterError {
         "this node runs the embedded datastore, which serves a single node; run `kdist datastore migrate --to etcd` on it first, then create a new token"
     )]
     EmbeddedDatastore,
-    #[error("control-plane join is not implemented yet in this kdist; join with --worker")]
-    ControlPlaneUnsupported,
     #[error("this node is a worker; run `kdist add-node` on a control-plane node")]
     NotControlPlane,
     #[error("certificate error ({what})")]
@@ -71,6 +69,8 @@ pub enum ClusterError {
     Refused { address: String, message: String },
     #[error("this node already belongs to a cluster ({path} exists); run `kdist leave` first")]
     AlreadyJoined { path: PathBuf },
+    #[error("etcd refused `{command}`: {message}; check `kdist status` and `kdist logs etcd`")]
+    Etcd { command: String, message: String },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }
@@ -87,8 +87,9 @@ impl ClusterError {
             | ClusterError::UsedToken { .. } => 401,
             ClusterError::WrongRole { .. } | ClusterError::NotControlPlane => 403,
             ClusterError::NoSuchTokenId { .. } => 404,
-            ClusterError::EmbeddedDatastore | ClusterError::ControlPlaneUnsupported => 409,
+            ClusterError::EmbeddedDatastore => 409,
             ClusterError::RateLimited { .. } => 429,
+            ClusterError::Etcd { .. } => 503,
             _ => 500,
         }
     }

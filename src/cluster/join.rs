@@ -13,8 +13,11 @@ use tokio_rustls::TlsConnector;
 use tracing::info;
 
 use super::error::ClusterError;
+use super::etcd::{InitialCluster, write_initial_cluster};
 use super::nodes::{self, Joined};
-use super::protocol::{Connection, ErrorBody, JoinRequest, JoinResponse};
+use super::protocol::{
+    CONTROL_PLANE_FILES, Connection, ControlPlaneMaterial, ErrorBody, JoinRequest, JoinResponse,
+};
 use super::tls::{PinnedCaVerifier, pinned_client_config};
 use crate::config::{DataDir, NodeConfig, Role};
 use crate::fsutil;
@@ -110,9 +113,6 @@ pub async fn post(
 /// Joins the cluster of `conn` as `role` and writes this node's certificates,
 /// kubeconfigs and config. Run it on a stopped node.
 pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joined, ClusterError> {
-    if role == Role::ControlPlane {
-        // the agent refuses too; asking first keeps the token unspent
-    }
     let joined_path = nodes::joined_file(data);
     if joined_path.exists() {
         return Err(ClusterError::AlreadyJoined { path: joined_path });
@@ -122,6 +122,7 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
         reason: e.to_string(),
     })?;
     let node_name = config.node_name();
+    let peer_port = config.etcd.peer_port;
     let (keys, request) = tokio::task::spawn_blocking(move || {
         let (kubelet_key, kubelet_csr) = key_and_csr("kubelet client key")?;
         let (proxy_key, proxy_csr) = key_and_csr("kube-proxy key")?;
@@ -142,6 +143,7 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
         kubelet_client_csr: request.0,
         kube_proxy_csr: request.1,
         kubelet_serving_csr: request.2,
+        etcd_peer_port: (role == Role::ControlPlane).then_some(peer_port),
     };
     let body = serde_json::to_vec(&body).map_err(|e| ClusterError::Internal {
         reason: e.to_string(),
@@ -170,13 +172,94 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
     };
     let data = data.clone();
     let record = joined.clone();
-    tokio::task::spawn_blocking(move || write_worker(&data, config, &answer, &keys, &record))
-        .await
-        .map_err(|e| ClusterError::Internal {
-            reason: e.to_string(),
-        })??;
+    tokio::task::spawn_blocking(move || match (role, &answer.control_plane) {
+        (Role::ControlPlane, Some(material)) => {
+            write_control_plane(&data, config, material, &record)
+        }
+        (Role::ControlPlane, None) => Err(ClusterError::Refused {
+            address: record.agent.clone(),
+            message: "the answer holds no control-plane material".into(),
+        }),
+        (Role::Worker, _) => write_worker(&data, config, &answer, &keys, &record),
+    })
+    .await
+    .map_err(|e| ClusterError::Internal {
+        reason: e.to_string(),
+    })??;
     info!(agent = %joined.agent, role = %role, "joined the cluster");
     Ok(joined)
+}
+
+/// Moves what this node made for itself as a single node out of the way (into
+/// `cluster/before-join/`): its certificates, kubeconfigs, etcd member and etcd args.
+fn set_aside(data: &DataDir) -> Result<(), ClusterError> {
+    let aside = data.cluster_dir().join("before-join");
+    let _ = std::fs::remove_dir_all(&aside);
+    fsutil::ensure_dir(&aside, 0o700).map_err(|source| ClusterError::Io {
+        path: aside.clone(),
+        source,
+    })?;
+    for (path, name) in [
+        (data.certs_dir(), "certs"),
+        (data.kubeconfig_dir(), "kubeconfig"),
+        (data.datastore_dir().join("etcd"), "etcd"),
+        (data.args_file("etcd"), "etcd.args"),
+    ] {
+        if path.exists() {
+            std::fs::rename(&path, aside.join(name))
+                .map_err(|source| ClusterError::Io { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+fn write_control_plane(
+    data: &DataDir,
+    mut config: NodeConfig,
+    material: &ControlPlaneMaterial,
+    joined: &Joined,
+) -> Result<(), ClusterError> {
+    set_aside(data)?;
+    let certs = data.certs_dir();
+    for dir in [certs.clone(), certs.join("etcd")] {
+        fsutil::ensure_dir(&dir, 0o700).map_err(|source| ClusterError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    for name in CONTROL_PLANE_FILES {
+        let text = material
+            .files
+            .get(*name)
+            .ok_or_else(|| ClusterError::Refused {
+                address: joined.agent.clone(),
+                message: format!("the answer lacks certs/{name}"),
+            })?;
+        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+        let path = certs.join(name);
+        fsutil::atomic_write(&path, text.as_bytes(), mode)
+            .map_err(|source| ClusterError::Io { path, source })?;
+    }
+    write_initial_cluster(
+        data,
+        &InitialCluster {
+            initial_cluster: material.etcd_initial_cluster.clone(),
+            state: "existing".into(),
+        },
+    )?;
+    config.role = Role::ControlPlane;
+    config.datastore = crate::config::DatastoreKind::Etcd;
+    write_config(data, &config)?;
+    nodes::write_joined(data, joined)
+}
+
+fn write_config(data: &DataDir, config: &NodeConfig) -> Result<(), ClusterError> {
+    let yaml = serde_yaml::to_string(config).map_err(|e| ClusterError::Internal {
+        reason: e.to_string(),
+    })?;
+    let path = data.config_file();
+    fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
+        .map_err(|source| ClusterError::Io { path, source })
 }
 
 fn write_worker(
@@ -192,12 +275,7 @@ fn write_worker(
     };
     let certs = data.certs_dir();
     // a worker holds no CA key: whatever this node issued for itself is set aside
-    if certs.exists() {
-        let aside = data.cluster_dir().join("certs.before-join");
-        let _ = std::fs::remove_dir_all(&aside);
-        fsutil::ensure_dir(&data.cluster_dir(), 0o700).map_err(io(&data.cluster_dir()))?;
-        std::fs::rename(&certs, &aside).map_err(io(&certs))?;
-    }
+    set_aside(data)?;
     fsutil::ensure_dir(&certs, 0o700).map_err(io(&certs))?;
     let write = |name: &str, text: &str, mode: u32| {
         let path = certs.join(name);
@@ -244,10 +322,6 @@ fn write_worker(
         fsutil::atomic_write(&path, text.as_bytes(), 0o600).map_err(io(&path))?;
     }
     config.role = Role::Worker;
-    let yaml = serde_yaml::to_string(&config).map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
-    })?;
-    let path = data.config_file();
-    fsutil::atomic_write(&path, yaml.as_bytes(), 0o644).map_err(io(&path))?;
+    write_config(data, &config)?;
     nodes::write_joined(data, joined)
 }

@@ -7,7 +7,9 @@
 
 mod agent;
 mod error;
+mod etcd;
 mod join;
+mod membership;
 mod nodes;
 mod protocol;
 mod sign;
@@ -16,7 +18,9 @@ mod token;
 
 pub use agent::{Agent, MAX_FAILURES, WINDOW};
 pub use error::ClusterError;
+pub use etcd::{Etcdctl, Member, etcd_initial_cluster};
 pub use join::{join, post};
+pub use membership::{Removed, leave_etcd, remove_node, reset_to_single};
 pub use nodes::{Joined, NodeRecord, forget, joined, list as list_nodes};
 pub use protocol::{Connection, JoinRequest, JoinResponse};
 pub use tls::{cluster_ca, host_addresses};

@@ -19,6 +19,9 @@ pub struct JoinRequest {
     pub kubelet_client_csr: String,
     pub kube_proxy_csr: String,
     pub kubelet_serving_csr: String,
+    /// The joiner's etcd peer port (control-plane joins).
+    #[serde(default)]
+    pub etcd_peer_port: Option<u16>,
 }
 
 impl JoinRequest {
@@ -56,7 +59,32 @@ pub struct JoinResponse {
     pub cluster_dns: String,
     pub pod_cidr: String,
     pub service_cidr: String,
+    /// What a control plane needs beyond a worker; absent for workers.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneMaterial>,
 }
+
+/// The cluster's CAs (certificate and key), the service-account key pair and how to
+/// join etcd. The joiner issues its own serving and client certificates from them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlPlaneMaterial {
+    /// Path under `certs/` -> PEM (`ca.crt`, `ca.key`, `etcd/ca.key`, `sa.pub`, ...).
+    pub files: std::collections::BTreeMap<String, String>,
+    /// `--initial-cluster` for the joiner's first etcd start (state `existing`).
+    pub etcd_initial_cluster: String,
+}
+
+/// The files under `certs/` a control-plane joiner receives.
+pub const CONTROL_PLANE_FILES: &[&str] = &[
+    "ca.crt",
+    "ca.key",
+    "front-proxy-ca.crt",
+    "front-proxy-ca.key",
+    "etcd/ca.crt",
+    "etcd/ca.key",
+    "sa.key",
+    "sa.pub",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

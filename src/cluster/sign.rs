@@ -92,5 +92,6 @@ pub fn worker(
         cluster_dns: config.network.cluster_dns.to_string(),
         pod_cidr: config.network.pod_cidr.clone(),
         service_cidr: config.network.service_cidr.clone(),
+        control_plane: None,
     })
 }

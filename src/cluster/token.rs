@@ -185,6 +185,17 @@ impl TokenStore {
             .collect())
     }
 
+    /// Gives back one use of the token `id` (a join that failed on this side).
+    pub fn refund(&self, id: &str) -> Result<(), ClusterError> {
+        let _lock = self.locked()?;
+        let mut stored = self.read()?;
+        if let Some(record) = stored.tokens.iter_mut().find(|t| t.id == id) {
+            record.uses_left = record.uses_left.saturating_add(1);
+            self.write(&stored)?;
+        }
+        Ok(())
+    }
+
     /// Removes the token with this id.
     pub fn revoke(&self, id: &str) -> Result<TokenRecord, ClusterError> {
         let _lock = self.locked()?;

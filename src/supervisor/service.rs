@@ -269,6 +269,29 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
         .node_ip
         .unwrap_or_else(crate::node::host::detect_node_ip);
     vars.insert("NODE_IP".into(), node_ip.to_string());
+    let (client, peer) = (config.etcd.client_port, config.etcd.peer_port);
+    let url = |ip: std::net::IpAddr, port: u16| {
+        format!("https://{}", std::net::SocketAddr::new(ip, port))
+    };
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let (listen_client, listen_peer) = if node_ip.is_loopback() {
+        (url(loopback, client), url(loopback, peer))
+    } else {
+        (
+            format!("{},{}", url(loopback, client), url(node_ip, client)),
+            url(node_ip, peer),
+        )
+    };
+    vars.insert("ETCD_LISTEN_CLIENT_URLS".into(), listen_client);
+    vars.insert("ETCD_LISTEN_PEER_URLS".into(), listen_peer);
+    let (initial, state) = crate::cluster::etcd_initial_cluster(data).unwrap_or_else(|| {
+        (
+            format!("{}={}", config.node_name(), url(node_ip, peer)),
+            "new".into(),
+        )
+    });
+    vars.insert("ETCD_INITIAL_CLUSTER".into(), initial);
+    vars.insert("ETCD_INITIAL_CLUSTER_STATE".into(), state);
     vars.insert("POD_CIDR".into(), config.network.pod_cidr.clone());
     vars.insert("SERVICE_CIDR".into(), config.network.service_cidr.clone());
     vars.insert(
