@@ -468,3 +468,274 @@ fn join_errors_name_what_to_do() {
     );
     let _ = KDIST;
 }
+
+/// Network namespaces on a bridge the test creates, in 10.203.0.0/24 (the host side of
+/// the bridge is .254). Everything is removed on drop, even when the test fails.
+struct Lab {
+    bridge: String,
+    namespaces: Vec<String>,
+    veths: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", describe(&out));
+}
+
+impl Lab {
+    fn new(nodes: usize) -> Self {
+        let tag = std::process::id() % 100_000;
+        let mut lab = Lab {
+            bridge: format!("kdbr{tag}"),
+            namespaces: Vec::new(),
+            veths: Vec::new(),
+        };
+        ip(&["link", "add", &lab.bridge, "type", "bridge"]);
+        ip(&["addr", "add", "10.203.0.254/24", "dev", &lab.bridge]);
+        ip(&["link", "set", &lab.bridge, "up"]);
+        for i in 1..=nodes {
+            let ns = format!("kdns{tag}-{i}");
+            let (host, inner) = (format!("kdh{tag}-{i}"), format!("kdn{tag}-{i}"));
+            ip(&["netns", "add", &ns]);
+            lab.namespaces.push(ns.clone());
+            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner]);
+            lab.veths.push(host.clone());
+            ip(&["link", "set", &inner, "netns", &ns]);
+            ip(&["link", "set", &host, "master", &lab.bridge]);
+            ip(&["link", "set", &host, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.203.0.{i}/24"),
+                "dev",
+                &inner,
+            ]);
+            ip(&["-n", &ns, "link", "set", &inner, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        lab
+    }
+
+    fn ns(&self, i: usize) -> &str {
+        &self.namespaces[i - 1]
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        for veth in &self.veths {
+            let _ = Command::new("ip").args(["link", "del", veth]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+/// `kdist <args>` for `node`, run inside network namespace `ns`.
+fn in_ns(ns: &str, node: &Node, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns, KDIST, "--data-dir"])
+        .arg(&node.root)
+        .args(args)
+        .env_remove("KDIST_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+fn in_ns_ok(ns: &str, node: &Node, args: &[&str]) -> String {
+    let out = in_ns(ns, node, args);
+    assert!(
+        out.status.success(),
+        "kdist {args:?} in {ns} failed: {}\n--- kdist.log\n{}\n--- etcd.log\n{}",
+        describe(&out),
+        node.log("kdist"),
+        node.log("etcd")
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// etcdctl from the host against node `i` (10.203.0.i:2379), with `certs_of`'s client cert.
+fn etcdctl_at(certs_of: &Node, endpoints: &[usize], args: &[&str]) -> std::process::Output {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|i| format!("https://10.203.0.{i}:2379"))
+        .collect();
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg(format!(
+            "--cacert={}",
+            certs_of.certs("etcd/ca.crt").display()
+        ))
+        .arg(format!(
+            "--cert={}",
+            certs_of.certs("apiserver-etcd-client.crt").display()
+        ))
+        .arg(format!(
+            "--key={}",
+            certs_of.certs("apiserver-etcd-client.key").display()
+        ))
+        .arg("--dial-timeout=3s")
+        .arg("--command-timeout=10s")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// (name, is_learner) of every member, asked through node `via`.
+fn members(certs_of: &Node, via: usize) -> Option<Vec<(String, bool)>> {
+    let out = etcdctl_at(certs_of, &[via], &["member", "list", "-w", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v["members"]
+            .as_array()?
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or("").to_string(),
+                    m["isLearner"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn voting(certs_of: &Node, via: usize) -> Vec<String> {
+    let mut names: Vec<String> = members(certs_of, via)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(name, learner)| !learner && !name.is_empty())
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names
+}
+
+fn join_control_plane(lab: &Lab, first: &Node, i: usize, node: &Node) {
+    let out = in_ns_ok(lab.ns(1), first, &["add-node", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let connection = format!(
+        "10.203.0.1:25000/{}/{}",
+        v["token"].as_str().unwrap(),
+        v["ca_sha256"].as_str().unwrap()
+    );
+    in_ns_ok(lab.ns(i), node, &["join", &connection]);
+    in_ns_ok(lab.ns(i), node, &["start", "--timeout", "120"]);
+    let name = format!("n{i}");
+    let promoted = common::wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
+        voting(first, 1).contains(&name)
+    });
+    assert!(
+        promoted,
+        "{name} not promoted: {:?}\n--- n1 kdist.log\n{}\n--- {name} etcd.log\n{}",
+        members(first, 1),
+        first.log("kdist"),
+        node.log("etcd")
+    );
+}
+
+fn ha_node(tag: &str, i: usize) -> Node {
+    let node = Node::new(tag);
+    node.write_config(&format!(
+        "node_name: n{i}\ndatastore: etcd\ndisable: [containerd]\nnetwork:\n  node_ip: 10.203.0.{i}\n"
+    ));
+    node
+}
+
+#[test]
+fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms() {
+    // dropped last: the nodes (declared after) stop first
+    let lab = Lab::new(3);
+    let n1 = ha_node("ha1", 1);
+    let n2 = ha_node("ha2", 2);
+    let n3 = ha_node("ha3", 3);
+    in_ns_ok(lab.ns(1), &n1, &["start", "--timeout", "120"]);
+    assert_eq!(voting(&n1, 1), ["n1"]);
+
+    join_control_plane(&lab, &n1, 2, &n2);
+    join_control_plane(&lab, &n1, 3, &n3);
+    assert_eq!(voting(&n1, 1), ["n1", "n2", "n3"]);
+    // the joiners hold their own serving certificates from the shared etcd CA, with mTLS
+    let health = etcdctl_at(&n3, &[1, 2, 3], &["endpoint", "health", "--cluster"]);
+    let text = String::from_utf8_lossy(&health.stdout).to_string()
+        + &String::from_utf8_lossy(&health.stderr);
+    assert!(health.status.success(), "{text}");
+    assert_eq!(text.matches("is healthy").count(), 3, "{text}");
+    let no_cert = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints=https://10.203.0.3:2379", "--dial-timeout=3s"])
+        .arg(format!("--cacert={}", n1.certs("etcd/ca.crt").display()))
+        .args(["get", "x"])
+        .output()
+        .unwrap();
+    assert!(
+        !no_cert.status.success(),
+        "etcd answered without a client certificate"
+    );
+
+    // a write through node 1 is read through node 3
+    let put = etcdctl_at(&n1, &[1], &["put", "/kdist-test/a", "one"]);
+    assert!(put.status.success(), "{}", describe(&put));
+    let get = etcdctl_at(&n1, &[3], &["get", "/kdist-test/a", "--print-value-only"]);
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout).trim(),
+        "one",
+        "{}",
+        describe(&get)
+    );
+
+    // node 2 stops: quorum holds (2 of 3), writes go on
+    n2.ok(&["stop", "--timeout", "60"]);
+    let put = etcdctl_at(&n1, &[1], &["put", "/kdist-test/b", "while-n2-down"]);
+    assert!(put.status.success(), "{}", describe(&put));
+    let get = etcdctl_at(&n1, &[3], &["get", "/kdist-test/b", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "while-n2-down");
+
+    // node 2 comes back and catches up: its own (serializable) read sees the write
+    in_ns_ok(lab.ns(2), &n2, &["start", "--timeout", "120"]);
+    let caught_up = common::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+        let get = etcdctl_at(
+            &n1,
+            &[2],
+            &[
+                "get",
+                "/kdist-test/b",
+                "--print-value-only",
+                "--consistency=s",
+            ],
+        );
+        String::from_utf8_lossy(&get.stdout).trim() == "while-n2-down"
+    });
+    assert!(caught_up, "n2 did not catch up: {}", n2.log("etcd"));
+
+    // remove-node of node 3 leaves a healthy 2-member cluster
+    let out = in_ns_ok(lab.ns(1), &n1, &["remove-node", "n3"]);
+    assert!(out.contains("etcd member removed"), "{out}");
+    assert_eq!(voting(&n1, 1), ["n1", "n2"]);
+    let health = etcdctl_at(&n1, &[1, 2], &["endpoint", "health", "--cluster"]);
+    let text = String::from_utf8_lossy(&health.stdout).to_string()
+        + &String::from_utf8_lossy(&health.stderr);
+    assert!(health.status.success(), "{text}");
+    assert_eq!(text.matches("is healthy").count(), 2, "{text}");
+    let put = etcdctl_at(&n1, &[2], &["put", "/kdist-test/c", "two-members"]);
+    assert!(put.status.success(), "{}", describe(&put));
+
+    // node 3 leaves (it is already out of etcd) and re-joins with a new token
+    let out = in_ns_ok(lab.ns(3), &n3, &["leave"]);
+    assert!(out.contains("fresh single node"), "{out}");
+    assert!(!n3.path("cluster/joined.json").exists());
+    assert!(!n3.certs("ca.key").exists());
+    join_control_plane(&lab, &n1, 3, &n3);
+    assert_eq!(voting(&n1, 1), ["n1", "n2", "n3"]);
+    let get = etcdctl_at(&n1, &[3], &["get", "/kdist-test/c", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "two-members");
+}

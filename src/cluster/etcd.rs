@@ -11,6 +11,9 @@ use super::error::ClusterError;
 use crate::config::{DataDir, NodeConfig};
 use crate::fsutil;
 
+/// How long a membership change is retried while etcd says it is not ready for one.
+const ADD_RETRY: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// One member as `etcdctl member list -w json` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -125,6 +128,25 @@ impl Etcdctl {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// A membership change, retried while etcd refuses it for now: a cluster that just
+    /// changed must have been healthy for a few seconds, and it takes one learner at a
+    /// time.
+    pub fn change(&self, args: &[&str]) -> Result<String, ClusterError> {
+        let deadline = std::time::Instant::now() + ADD_RETRY;
+        loop {
+            match self.run(args) {
+                Err(ClusterError::Etcd { message, .. })
+                    if (message.contains("unhealthy cluster")
+                        || message.contains("too many learner"))
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub fn members(&self) -> Result<Vec<Member>, ClusterError> {
         let text = self.run(&["member", "list", "-w", "json"])?;
         let list: MemberList = serde_json::from_str(&text).map_err(|e| ClusterError::Etcd {
@@ -143,15 +165,10 @@ impl Etcdctl {
             .find(|m| m.name == name || m.peer_urls.iter().any(|u| u == peer_url))
         {
             // a node that left uncleanly (or was reset) joins again under its name
-            self.run(&["member", "remove", &stale.hex_id()])?;
+            self.change(&["member", "remove", &stale.hex_id()])?;
         }
-        self.run(&[
-            "member",
-            "add",
-            name,
-            &format!("--peer-urls={peer_url}"),
-            "--learner",
-        ])?;
+        let peer_flag = format!("--peer-urls={peer_url}");
+        self.change(&["member", "add", name, &peer_flag, "--learner"])?;
         let mut parts: Vec<String> = self
             .members()?
             .into_iter()

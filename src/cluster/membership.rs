@@ -85,7 +85,7 @@ pub fn remove_node(
         match etcd.members() {
             Ok(members) => match members.iter().find(|m| m.name == name) {
                 Some(member) => {
-                    etcd.run(&["member", "remove", &member.hex_id()])?;
+                    etcd.change(&["member", "remove", &member.hex_id()])?;
                     removed.etcd_member = true;
                 }
                 None => removed.notes.push(format!("{name} is not an etcd member")),
@@ -120,7 +120,18 @@ pub fn leave_etcd(
         return Ok(notes);
     }
     let own = config.node_name();
-    let local = Etcdctl::new(data, config);
+    // this node's etcd may already have stopped (a remove-node from another node):
+    // ask the node it joined through as well
+    let mut endpoints = vec![format!("https://127.0.0.1:{}", config.etcd.client_port)];
+    if let Some(joined) = nodes::joined(data)?
+        && let Ok(agent) = joined.agent.parse::<SocketAddr>()
+    {
+        endpoints.push(format!(
+            "https://{}",
+            SocketAddr::new(agent.ip(), config.etcd.client_port)
+        ));
+    }
+    let local = Etcdctl::new(data, config).with_endpoints(endpoints);
     let members = match local.members() {
         Ok(m) => m,
         Err(e) if force => {
@@ -135,16 +146,18 @@ pub fn leave_etcd(
         .filter_map(|m| m.client_urls.first().cloned())
         .collect();
     let Some(me) = members.iter().find(|m| m.name == own) else {
-        notes.push("this node is not an etcd member".into());
+        notes.push("this node is no longer an etcd member".into());
         return Ok(notes);
     };
     if others.is_empty() {
         notes.push("this node is the only etcd member: nothing to leave".into());
         return Ok(notes);
     }
-    Etcdctl::new(data, config)
-        .with_endpoints(others)
-        .run(&["member", "remove", &me.hex_id()])?;
+    Etcdctl::new(data, config).with_endpoints(others).change(&[
+        "member",
+        "remove",
+        &me.hex_id(),
+    ])?;
     notes.push(format!("removed etcd member {own}"));
     Ok(notes)
 }

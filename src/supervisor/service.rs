@@ -279,7 +279,7 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
     } else {
         (
             format!("{},{}", url(loopback, client), url(node_ip, client)),
-            url(node_ip, peer),
+            format!("{},{}", url(loopback, peer), url(node_ip, peer)),
         )
     };
     vars.insert("ETCD_LISTEN_CLIENT_URLS".into(), listen_client);
