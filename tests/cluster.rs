@@ -664,6 +664,24 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
     join_control_plane(&lab, &n1, 2, &n2);
     join_control_plane(&lab, &n1, 3, &n3);
     assert_eq!(voting(&n1, 1), ["n1", "n2", "n3"]);
+    // `kdist status` shows the nodes and the members with their health
+    let healthy = common::wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        let out = in_ns_ok(lab.ns(1), &n1, &["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let members = v["cluster"]["members"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        members.len() == 3
+            && members
+                .iter()
+                .all(|m| m["healthy"] == true && m["learner"] == false)
+    });
+    assert!(healthy, "{}", in_ns_ok(lab.ns(1), &n1, &["status"]));
+    let table = in_ns_ok(lab.ns(1), &n1, &["status"]);
+    assert!(table.contains("CLUSTER") && table.contains("n3"), "{table}");
+    let joined = in_ns_ok(lab.ns(2), &n2, &["status", "-o", "json"]);
+    assert!(joined.contains("10.203.0.1:25000"), "{joined}");
     // the joiners hold their own serving certificates from the shared etcd CA, with mTLS
     let health = etcdctl_at(&n3, &[1, 2, 3], &["endpoint", "health", "--cluster"]);
     let text = String::from_utf8_lossy(&health.stdout).to_string()

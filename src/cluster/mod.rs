@@ -13,6 +13,7 @@ mod membership;
 mod nodes;
 mod protocol;
 mod sign;
+mod status;
 mod tls;
 mod token;
 
@@ -23,5 +24,6 @@ pub use join::{join, post};
 pub use membership::{Removed, leave_etcd, remove_node, reset_to_single};
 pub use nodes::{Joined, NodeRecord, forget, joined, list as list_nodes};
 pub use protocol::{Connection, JoinRequest, JoinResponse};
+pub use status::{ClusterStatus, MemberStatus, cluster_status};
 pub use tls::{cluster_ca, host_addresses};
 pub use token::{TokenRecord, TokenStore, parse_ttl};
