@@ -757,3 +757,141 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
     let get = etcdctl_at(&n1, &[3], &["get", "/kdist-test/c", "--print-value-only"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "two-members");
 }
+
+#[test]
+fn a_joined_worker_runs_only_node_services_and_issues_no_certificates() {
+    let (cp, port) = agent_node("wr");
+    let (token, fp, _) = add_node(&cp, &["--worker"]);
+    let worker = joiner("wrw", "w-run");
+    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    let before = std::fs::read(worker.certs("ca.crt")).unwrap();
+    // keep the host untouched: no containerd in this test
+    let config = std::fs::read_to_string(worker.path("config.yaml")).unwrap();
+    let config = config.replace("disable: []", "disable: [containerd]");
+    assert!(config.contains("disable: [containerd]"), "{config}");
+    std::fs::write(worker.path("config.yaml"), config).unwrap();
+    worker.start();
+    let status = worker.status();
+    let services: Vec<&str> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(!services.contains(&"etcd"), "{services:?}");
+    assert!(!worker.log("kdist").contains("cluster agent listening"));
+    // no CA key was made, the received CA stays
+    assert!(!worker.certs("ca.key").exists());
+    assert_eq!(std::fs::read(worker.certs("ca.crt")).unwrap(), before);
+    assert!(!worker.certs("etcd").exists());
+    // it shows what it joined
+    let status = worker.kdist_ok(&["status"]);
+    assert!(status.contains("CLUSTER (this node: worker)"), "{status}");
+    worker.ok(&["stop"]);
+    let out = worker.kdist_ok(&["leave"]);
+    assert!(out.contains("fresh single node"), "{out}");
+    assert!(!worker.path("cluster/joined.json").exists());
+    let config = std::fs::read_to_string(worker.path("config.yaml")).unwrap();
+    assert!(config.contains("role: control-plane"), "{config}");
+}
+
+#[test]
+fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
+    let node = Node::new("emb");
+    let port = free_port();
+    node.write_config(&format!(
+        "datastore: embedded\ndisable: [containerd]\ncluster:\n  agent_port: {port}\nnetwork:\n  node_ip: 127.0.0.1\n"
+    ));
+    node.start();
+    assert!(common::wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || node.log("kdist").contains("cluster agent listening")
+    ));
+    let (token, fp, _) = add_node(&node, &[]);
+    let cp = joiner("embj", "cp-two");
+    let out = cp.kdist(&["join", &conn(port, &token, &fp)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("kdist datastore migrate --to etcd"),
+        "{stderr}"
+    );
+    // the refusal did not spend the token: a worker can still use it
+    cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+}
+
+/// A worker that joins a control plane with real Kubernetes binaries registers as a
+/// Node and becomes Ready (each node in its own network namespace).
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn worker_registers_and_becomes_ready() {
+    let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
+    let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    let lab = Lab::new(2);
+    let cp = Node::new("k8cp");
+    let worker = Node::new("k8w");
+    let common_yaml = "network:\n  egress: none\n";
+    cp.write_config(&format!(
+        "node_name: cp1\n{common_yaml}  node_ip: 10.203.0.1\n"
+    ));
+    worker.write_config(&format!(
+        "node_name: w1\n{common_yaml}  node_ip: 10.203.0.2\n"
+    ));
+    let run = |ns: &str, node: &Node, args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, KDIST, "--data-dir"])
+            .arg(&node.root)
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{}",
+            describe(&out),
+            node.log("kdist")
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(lab.ns(1), &cp, &["start", "--timeout", "300"]);
+    let v: serde_json::Value = serde_json::from_str(&run(
+        lab.ns(1),
+        &cp,
+        &["add-node", "--worker", "-o", "json"],
+    ))
+    .unwrap();
+    let connection = format!(
+        "10.203.0.1:25000/{}/{}",
+        v["token"].as_str().unwrap(),
+        v["ca_sha256"].as_str().unwrap()
+    );
+    run(lab.ns(2), &worker, &["join", &connection, "--worker"]);
+    run(lab.ns(2), &worker, &["start", "--timeout", "300"]);
+    let ready = common::wait_until(Duration::from_secs(240), Duration::from_secs(2), || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", lab.ns(1), KDIST, "--data-dir"])
+            .arg(&cp.root)
+            .args([
+                "kubectl",
+                "get",
+                "node",
+                "w1",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "True"
+    });
+    assert!(ready, "w1 not Ready: {}", worker.log("kubelet"));
+    let services: Vec<String> = worker.status()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(services, ["containerd", "kubelet", "kube-proxy"]);
+    run(lab.ns(1), &cp, &["remove-node", "w1"]);
+}

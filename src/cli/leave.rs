@@ -21,11 +21,20 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             println!("{note}");
         }
         super::stop::run(super::stop::Args { timeout: 120 }, data.clone()).await?;
-    } else if !args.force && crate::cluster::joined(&data)?.is_some() {
+    } else if !args.force
+        && config.role == crate::config::Role::ControlPlane
+        && crate::cluster::joined(&data)?.is_some()
+    {
         anyhow::bail!(
             "kdist is not running on this node, so it cannot remove itself from the cluster's \
              etcd; run `kdist start` then `kdist leave`, or `kdist leave --force` and \
              `kdist remove-node {}` on a remaining node",
+            config.node_name()
+        );
+    }
+    if config.role == crate::config::Role::Worker {
+        println!(
+            "On a control plane, run `kdist remove-node {}` to delete its Node object and record.",
             config.node_name()
         );
     }

@@ -322,6 +322,12 @@ fn write_worker(
         fsutil::atomic_write(&path, text.as_bytes(), 0o600).map_err(io(&path))?;
     }
     config.role = Role::Worker;
+    // pods must find the cluster's DNS and services where the control plane put them
+    if let Ok(dns) = answer.cluster_dns.parse() {
+        config.network.cluster_dns = dns;
+    }
+    config.network.cluster_domain = answer.cluster_domain.clone();
+    config.network.service_cidr = answer.service_cidr.clone();
     write_config(data, &config)?;
     nodes::write_joined(data, joined)
 }
