@@ -336,3 +336,32 @@ fn error_response(err: &ClusterError) -> Response<Full<Bytes>> {
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_refuses_an_address_after_max_failures_only() {
+        let mut limiter = Limiter::default();
+        let (bad, good) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..MAX_FAILURES {
+            assert!(!limiter.limited(bad));
+            limiter.fail(bad);
+        }
+        assert!(limiter.limited(bad));
+        assert!(!limiter.limited(good));
+    }
+
+    #[test]
+    fn every_error_maps_to_one_http_status() {
+        assert_eq!(ClusterError::UnknownToken.http_status(), 401);
+        assert_eq!(
+            ClusterError::RateLimited { peer: "x".into() }.http_status(),
+            429
+        );
+        assert_eq!(ClusterError::EmbeddedDatastore.http_status(), 409);
+        assert!(!ClusterError::EmbeddedDatastore.is_bad_attempt());
+        assert!(ClusterError::UnknownToken.is_bad_attempt());
+    }
+}

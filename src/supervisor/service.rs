@@ -604,6 +604,46 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_plans_no_datastore() {
+        let data = DataDir::new("/tmp/kdist-plan-worker");
+        let config = NodeConfig {
+            role: crate::config::Role::Worker,
+            ..NodeConfig::default()
+        };
+        let names: Vec<String> = plan(&data, &config)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert!(!names.contains(&"etcd".to_string()), "{names:?}");
+        assert!(names.contains(&"containerd".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn etcd_serves_loopback_and_the_node_ip_and_starts_alone_unless_joined() {
+        let data = DataDir::new("/tmp/kdist-plan-etcd-urls");
+        let mut config = NodeConfig {
+            node_name: Some("n1".into()),
+            ..NodeConfig::default()
+        };
+        config.network.node_ip = Some("192.0.2.10".parse().unwrap());
+        let vars = variables(&data, &config);
+        assert_eq!(
+            vars["ETCD_LISTEN_PEER_URLS"],
+            "https://127.0.0.1:2380,https://192.0.2.10:2380"
+        );
+        assert_eq!(
+            vars["ETCD_LISTEN_CLIENT_URLS"],
+            "https://127.0.0.1:2379,https://192.0.2.10:2379"
+        );
+        assert_eq!(vars["ETCD_INITIAL_CLUSTER"], "n1=https://192.0.2.10:2380");
+        assert_eq!(vars["ETCD_INITIAL_CLUSTER_STATE"], "new");
+        config.network.node_ip = Some("127.0.0.1".parse().unwrap());
+        let vars = variables(&data, &config);
+        assert_eq!(vars["ETCD_LISTEN_PEER_URLS"], "https://127.0.0.1:2380");
+    }
+
+    #[test]
     fn embedded_definitions_parse() {
         let data = DataDir::new("/tmp/kdist-plan-test");
         let specs = plan(&data, &NodeConfig::default()).unwrap();
