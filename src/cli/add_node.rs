@@ -104,6 +104,8 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         })
         .collect();
     if args.output != Output::Table {
+        // scripts run `kdist join` right away: give the daemon its moment to listen
+        agent_answers(port).await;
         let value = serde_json::json!({
             "id": record.id,
             "token": token,
@@ -127,10 +129,29 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     for line in &lines {
         println!("  {line}");
     }
+    if !agent_answers(port).await {
+        println!(
+            "warning: the cluster agent does not answer on port {port} yet: is `kdist` running \
+             on this node? See {}",
+            data.log_file("kdist").display()
+        );
+    }
     if lines.is_empty() {
         println!(
             "  (no usable address found) kdist join <this-node-ip>:{port}/{token}/{fingerprint}{flag}"
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits up to 5 s for the cluster agent (started by the daemon once a token exists).
+async fn agent_answers(port: u16) -> bool {
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }

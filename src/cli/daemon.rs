@@ -49,32 +49,47 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts the cluster agent on `cluster.agent_port` (all interfaces) on a control-plane
-/// node. A port in use or a missing CA leaves the node running without it, with a
-/// warning: joins are then refused by connection, nothing else depends on the agent.
+/// Runs the cluster agent on `cluster.agent_port` (all interfaces) of a control-plane
+/// node once the node is clustered or has join tokens (`kdist add-node`): a single node
+/// opens no port for joins. A port in use is retried every 10 s with a warning; nothing
+/// else depends on the agent.
 async fn start_cluster_agent(data: &DataDir, config: &NodeConfig, shutdown: &CancellationToken) {
     if config.role == crate::config::Role::Worker {
         return;
     }
-    let address = std::net::SocketAddr::from(([0, 0, 0, 0], config.cluster.agent_port));
-    let listener = match tokio::net::TcpListener::bind(address).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(%address, error = %e, "cluster agent not started: cannot bind; set cluster.agent_port in config.yaml");
-            return;
+    let (data, config, shutdown) = (data.clone(), config.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let pause = |secs| {
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => false,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(secs)) => true,
+                }
+            }
+        };
+        while !crate::cluster::agent_wanted(&data) {
+            if !pause(1).await {
+                return;
+            }
         }
-    };
-    let (d, c) = (data.clone(), config.clone());
-    let agent = match tokio::task::spawn_blocking(move || crate::cluster::Agent::new(d, c)).await {
-        Ok(Ok(agent)) => agent,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cluster agent not started");
-            return;
+        let address = std::net::SocketAddr::from(([0, 0, 0, 0], config.cluster.agent_port));
+        let listener = loop {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(%address, error = %e, "cluster agent cannot listen; set cluster.agent_port in config.yaml (retrying)");
+                    if !pause(10).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let (d, c) = (data.clone(), config.clone());
+        match tokio::task::spawn_blocking(move || crate::cluster::Agent::new(d, c)).await {
+            Ok(Ok(agent)) => agent.run(listener, shutdown).await,
+            Ok(Err(e)) => tracing::warn!(error = %e, "cluster agent not started"),
+            Err(e) => tracing::warn!(error = %e, "cluster agent not started"),
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cluster agent not started");
-            return;
-        }
-    };
-    tokio::spawn(agent.run(listener, shutdown.clone()));
+    });
 }

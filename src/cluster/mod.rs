@@ -18,6 +18,15 @@ mod tls;
 mod token;
 
 pub use agent::{Agent, MAX_FAILURES, WINDOW};
+
+/// Whether this node's daemon should run the cluster agent: it has join tokens, nodes
+/// joined through it, or it joined a cluster itself.
+pub fn agent_wanted(data: &crate::config::DataDir) -> bool {
+    let dir = data.cluster_dir();
+    ["tokens.json", "nodes.json", "joined.json"]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
 pub use error::ClusterError;
 pub use etcd::{Etcdctl, Member, etcd_initial_cluster};
 pub use join::{join, post};
