@@ -87,8 +87,22 @@ fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
     );
     assert!(!worker.path("cluster/joined.json").exists());
     assert!(!worker.path("certs/kubelet-client.crt").exists());
-    // the token was never spent: the right pin joins with it
-    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    // the token was never spent: the right pin joins with it (read from stdin, so the
+    // token stays out of the process list)
+    let mut child = worker
+        .command(&["join", "-", "--worker"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", conn(port, &token, &fp)).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(join_requests(&cp), 1);
 }
 

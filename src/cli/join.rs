@@ -6,7 +6,8 @@ use crate::supervisor::Client;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The connection string printed by `kdist add-node`: <host>:<port>/<token>/<ca-sha256>.
+    /// The connection string printed by `kdist add-node`: <host>:<port>/<token>/<ca-sha256>;
+    /// `-` reads it from stdin (keeps the token out of the process list).
     pub connection: String,
     /// Join as a worker (containerd, kubelet, kube-proxy only).
     #[arg(long)]
@@ -14,7 +15,14 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
-    let conn = Connection::parse(&args.connection)?;
+    let text = if args.connection == "-" {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim().to_string()
+    } else {
+        args.connection.clone()
+    };
+    let conn = Connection::parse(&text)?;
     if Client::new(&data).status().await.is_ok() {
         anyhow::bail!(
             "kdist is running on this node ({}); run `kdist stop` first, then join",

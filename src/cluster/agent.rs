@@ -176,7 +176,12 @@ impl Agent {
                         {
                             limiter.fail(peer.ip());
                         }
-                        warn!(%peer, error = %err, "join refused");
+                        if matches!(err, ClusterError::RateLimited { .. }) {
+                            // a flood would fill the log: the first refusals said it all
+                            debug!(%peer, "join refused: rate limited");
+                        } else {
+                            warn!(%peer, error = %err, "join refused");
+                        }
                         error_response(&err)
                     }
                 }
