@@ -21,8 +21,13 @@
 //! is the only owner of child processes. `node` generates what the node's services read
 //! (containerd, CNI, kubelet and kube-proxy configs) and prepares the host (sysctls, mount
 //! propagation, egress guard), recording every change so `kdist reset` can undo it.
+//! `cluster` hands out hashed join tokens (`kdist add-node`), runs the cluster agent in
+//! the daemon (HTTPS :25000, once the node has tokens or is clustered) that signs
+//! workers' CSRs and adds control planes to etcd as learners, and joins (`kdist join`),
+//! removes (`kdist remove-node`) and leaves.
 
 pub mod cli;
+pub mod cluster;
 pub mod components;
 pub mod config;
 pub mod datastore;

@@ -53,6 +53,52 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         token.cancel();
     });
     tracing::info!(data_dir = %data.root().display(), pid = std::process::id(), "kdist daemon up");
+    start_cluster_agent(&data, &config, &shutdown).await;
     daemon.run(listener, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the cluster agent on `cluster.agent_port` (all interfaces) of a control-plane
+/// node once the node is clustered or has join tokens (`kdist add-node`): a single node
+/// opens no port for joins. A port in use is retried every 10 s with a warning; nothing
+/// else depends on the agent.
+async fn start_cluster_agent(data: &DataDir, config: &NodeConfig, shutdown: &CancellationToken) {
+    if config.role == crate::config::Role::Worker {
+        return;
+    }
+    let (data, config, shutdown) = (data.clone(), config.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let pause = |secs| {
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => false,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(secs)) => true,
+                }
+            }
+        };
+        while !crate::cluster::agent_wanted(&data) {
+            if !pause(1).await {
+                return;
+            }
+        }
+        let address = std::net::SocketAddr::from(([0, 0, 0, 0], config.cluster.agent_port));
+        let listener = loop {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(%address, error = %e, "cluster agent cannot listen; set cluster.agent_port in config.yaml (retrying)");
+                    if !pause(10).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let (d, c) = (data.clone(), config.clone());
+        match tokio::task::spawn_blocking(move || crate::cluster::Agent::new(d, c)).await {
+            Ok(Ok(agent)) => agent.run(listener, shutdown).await,
+            Ok(Err(e)) => tracing::warn!(error = %e, "cluster agent not started"),
+            Err(e) => tracing::warn!(error = %e, "cluster agent not started"),
+        }
+    });
 }

@@ -6,6 +6,7 @@
 // The CLI is the one part of the library that talks to the user on stdout.
 #![allow(clippy::print_stdout)]
 
+mod add_node;
 mod bench;
 mod certs;
 mod completion;
@@ -15,8 +16,11 @@ mod daemon;
 mod datastore;
 mod images;
 mod inspect;
+mod join;
 mod kubectl;
+mod leave;
 mod logs;
+mod remove_node;
 mod reset;
 mod restart;
 mod start;
@@ -87,6 +91,14 @@ pub enum Command {
     Version(version::Args),
     /// Print a shell completion script.
     Completion(completion::Args),
+    /// Create a join token and print the `kdist join` command for a new node.
+    AddNode(add_node::Args),
+    /// Join the cluster of another node (run on the stopped new node).
+    Join(join::Args),
+    /// Remove a node from this node's cluster (etcd member, Kubernetes Node).
+    RemoveNode(remove_node::Args),
+    /// Leave the cluster and become a fresh single node.
+    Leave(leave::Args),
     /// Measure kdist against its peers (figures, not pass/fail): `idle`, `datastore`.
     Bench(bench::Args),
 }
@@ -126,6 +138,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Datastore(args) => datastore::run(args, data).await,
         Command::Version(args) => version::run(args, data),
         Command::Completion(args) => completion::run(args),
+        Command::AddNode(args) => add_node::run(args, data).await,
+        Command::Join(args) => join::run(args, data).await,
+        Command::RemoveNode(args) => remove_node::run(args, data).await,
+        Command::Leave(args) => leave::run(args, data).await,
         Command::Bench(args) => bench::run(args, data).await,
     }
 }

@@ -34,10 +34,34 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         let ready = report.all_ready();
         (report, ready)
     };
+    let cluster = {
+        let d = data.clone();
+        tokio::task::spawn_blocking(move || {
+            let config = crate::config::NodeConfig::load(&d).ok()?;
+            crate::cluster::cluster_status(&d, &config)
+        })
+        .await
+        .ok()
+        .flatten()
+    };
     match args.output {
-        Output::Table => print_table(&report),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+        Output::Table => {
+            print_table(&report);
+            if let Some(cluster) = &cluster {
+                print_cluster(cluster);
+            }
+        }
+        Output::Json | Output::Yaml => {
+            let mut value = serde_json::to_value(&report)?;
+            if let (Some(cluster), Some(map)) = (&cluster, value.as_object_mut()) {
+                map.insert("cluster".into(), serde_json::to_value(cluster)?);
+            }
+            if args.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", serde_yaml::to_string(&value)?);
+            }
+        }
     }
     if args.wait_ready && !ready {
         let names: Vec<_> = report.not_ready().iter().map(|s| s.name.clone()).collect();
@@ -132,5 +156,43 @@ pub fn print_table(report: &StatusReport) {
     }
     for note in &report.notes {
         println!("note: {note}");
+    }
+}
+
+fn print_cluster(cluster: &crate::cluster::ClusterStatus) {
+    println!();
+    println!("CLUSTER (this node: {})", cluster.role);
+    if let Some(joined) = &cluster.joined {
+        println!("  joined through {} as {}", joined.agent, joined.node_name);
+    }
+    if !cluster.nodes.is_empty() {
+        println!("  {:<24} {:<14} ADDRESS", "NODE", "ROLE");
+        for node in &cluster.nodes {
+            println!(
+                "  {:<24} {:<14} {}",
+                node.name,
+                node.role.to_string(),
+                node.address
+            );
+        }
+    }
+    if !cluster.members.is_empty() {
+        println!(
+            "  {:<24} {:<17} {:<8} {:<8} PEER",
+            "ETCD MEMBER", "ID", "VOTING", "HEALTH"
+        );
+        for m in &cluster.members {
+            println!(
+                "  {:<24} {:<17} {:<8} {:<8} {}",
+                m.name,
+                m.id,
+                if m.learner { "learner" } else { "yes" },
+                if m.healthy { "ok" } else { "down" },
+                m.peer_url
+            );
+        }
+    }
+    if let Some(err) = &cluster.members_error {
+        println!("  etcd members unknown: {err}");
     }
 }

@@ -4,10 +4,12 @@
 //! It must not start processes or touch anything outside the data directory.
 
 mod certs;
+mod cluster;
 mod components;
 mod error;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
+pub use cluster::{ClusterConfig, Role};
 pub use components::{
     ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
 };
@@ -236,6 +238,8 @@ impl Default for EtcdConfig {
 pub struct NodeConfig {
     /// Node name; defaults to the host name.
     pub node_name: Option<String>,
+    /// control-plane (default) or worker; `kdist join --worker` sets it.
+    pub role: Role,
     pub datastore: DatastoreKind,
     pub etcd: EtcdConfig,
     pub certs: CertsConfig,
@@ -245,6 +249,7 @@ pub struct NodeConfig {
     /// Services this node does not run (as k0s' `--disable-components`), e.g. a
     /// datastore-and-runtime-only box: `disable: [kube-proxy]`.
     pub disable: Vec<String>,
+    pub cluster: ClusterConfig,
 }
 
 impl NodeConfig {
@@ -306,6 +311,12 @@ impl NodeConfig {
             return Err(invalid(
                 "etcd.peer_port",
                 "must differ from etcd.client_port",
+            ));
+        }
+        if self.cluster.agent_port == 0 {
+            return Err(invalid(
+                "cluster.agent_port",
+                "must be a port number from 1 to 65535",
             ));
         }
         self.components.validate(origin)?;

@@ -14,7 +14,7 @@ mod kubeconfig;
 mod spec;
 
 pub use error::PkiError;
-pub use kubeconfig::DEFAULT_SERVER;
+pub use kubeconfig::{DEFAULT_SERVER, render as render_kubeconfig};
 pub use spec::RESTART_ORDER;
 
 use std::collections::BTreeSet;

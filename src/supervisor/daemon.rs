@@ -90,13 +90,16 @@ impl Daemon {
             .await;
         }
         child::cleanup_stale(&data, STALE_GRACE).await;
-        let (d, c) = (data.clone(), config.clone());
-        tokio::task::spawn_blocking(move || pki::ensure(&d, &c))
-            .await
-            .map_err(|e| SupervisorError::Io {
-                path: data.certs_dir(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
+        // a worker holds certificates signed by its control plane and no CA key
+        if config.role != crate::config::Role::Worker {
+            let (d, c) = (data.clone(), config.clone());
+            tokio::task::spawn_blocking(move || pki::ensure(&d, &c))
+                .await
+                .map_err(|e| SupervisorError::Io {
+                    path: data.certs_dir(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+        }
         let setup = {
             let (node_data, config) = (data.clone(), config.clone());
             tokio::task::spawn_blocking(move || crate::node::prepare(&node_data, &config))
@@ -231,6 +234,10 @@ async fn renew_periodically(
     orders: BTreeMap<String, mpsc::Sender<Order>>,
     board: Board,
 ) {
+    // a worker cannot renew without the CA key; it re-joins for new certificates
+    if config.role == crate::config::Role::Worker {
+        return;
+    }
     let interval = config.certs.check_interval.duration();
     loop {
         tokio::time::sleep(interval).await;

@@ -135,11 +135,18 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
         // served in-process by the daemon (a builtin), not a child
         DatastoreKind::Embedded => Some("datastore"),
     };
+    let worker = config.role == crate::config::Role::Worker;
+    let datastore_service = if worker { None } else { datastore_service };
     let mut names: Vec<&str> = datastore_service.into_iter().collect();
     names.push("containerd");
     let kube = crate::node::kube::detect(data)?;
     if kube.complete() {
-        names.extend(crate::node::kube::SERVICES);
+        // a worker runs only the node services; its control plane is elsewhere
+        names.extend(
+            crate::node::kube::SERVICES
+                .iter()
+                .filter(|s| !worker || matches!(**s, "kubelet" | "kube-proxy")),
+        );
     }
     for name in &config.disable {
         if !EMBEDDED.iter().any(|e| e.name == name) {
@@ -267,6 +274,29 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
         .node_ip
         .unwrap_or_else(crate::node::host::detect_node_ip);
     vars.insert("NODE_IP".into(), node_ip.to_string());
+    let (client, peer) = (config.etcd.client_port, config.etcd.peer_port);
+    let url = |ip: std::net::IpAddr, port: u16| {
+        format!("https://{}", std::net::SocketAddr::new(ip, port))
+    };
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let (listen_client, listen_peer) = if node_ip.is_loopback() {
+        (url(loopback, client), url(loopback, peer))
+    } else {
+        (
+            format!("{},{}", url(loopback, client), url(node_ip, client)),
+            format!("{},{}", url(loopback, peer), url(node_ip, peer)),
+        )
+    };
+    vars.insert("ETCD_LISTEN_CLIENT_URLS".into(), listen_client);
+    vars.insert("ETCD_LISTEN_PEER_URLS".into(), listen_peer);
+    let (initial, state) = crate::cluster::etcd_initial_cluster(data).unwrap_or_else(|| {
+        (
+            format!("{}={}", config.node_name(), url(node_ip, peer)),
+            "new".into(),
+        )
+    });
+    vars.insert("ETCD_INITIAL_CLUSTER".into(), initial);
+    vars.insert("ETCD_INITIAL_CLUSTER_STATE".into(), state);
     vars.insert("POD_CIDR".into(), config.network.pod_cidr.clone());
     vars.insert("SERVICE_CIDR".into(), config.network.service_cidr.clone());
     vars.insert(
@@ -576,6 +606,46 @@ mod tests {
             err.contains("kube-proxi") && err.contains("kube-proxy"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_worker_plans_no_datastore() {
+        let data = DataDir::new("/tmp/kdist-plan-worker");
+        let config = NodeConfig {
+            role: crate::config::Role::Worker,
+            ..NodeConfig::default()
+        };
+        let names: Vec<String> = plan(&data, &config)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert!(!names.contains(&"etcd".to_string()), "{names:?}");
+        assert!(names.contains(&"containerd".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn etcd_serves_loopback_and_the_node_ip_and_starts_alone_unless_joined() {
+        let data = DataDir::new("/tmp/kdist-plan-etcd-urls");
+        let mut config = NodeConfig {
+            node_name: Some("n1".into()),
+            ..NodeConfig::default()
+        };
+        config.network.node_ip = Some("192.0.2.10".parse().unwrap());
+        let vars = variables(&data, &config);
+        assert_eq!(
+            vars["ETCD_LISTEN_PEER_URLS"],
+            "https://127.0.0.1:2380,https://192.0.2.10:2380"
+        );
+        assert_eq!(
+            vars["ETCD_LISTEN_CLIENT_URLS"],
+            "https://127.0.0.1:2379,https://192.0.2.10:2379"
+        );
+        assert_eq!(vars["ETCD_INITIAL_CLUSTER"], "n1=https://192.0.2.10:2380");
+        assert_eq!(vars["ETCD_INITIAL_CLUSTER_STATE"], "new");
+        config.network.node_ip = Some("127.0.0.1".parse().unwrap());
+        let vars = variables(&data, &config);
+        assert_eq!(vars["ETCD_LISTEN_PEER_URLS"], "https://127.0.0.1:2380");
     }
 
     #[test]

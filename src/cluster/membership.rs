@@ -1,0 +1,200 @@
+//! Removing nodes: `kdist remove-node` (from a remaining control plane) and
+//! `kdist leave` (on the node itself). Blocking.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use super::error::ClusterError;
+use super::etcd::{Etcdctl, remove_initial_cluster};
+use super::nodes;
+use crate::config::{DataDir, DatastoreKind, NodeConfig, Role};
+
+/// What a removal did, for the CLI to print.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removed {
+    pub etcd_member: bool,
+    pub kubernetes_node: Option<bool>,
+    pub record: bool,
+    pub notes: Vec<String>,
+}
+
+fn apiserver_up() -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], 6443)),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+}
+
+/// Deletes the Kubernetes Node `name` when this node's apiserver answers.
+fn delete_kube_node(data: &DataDir, name: &str, removed: &mut Removed) {
+    if !apiserver_up() {
+        removed
+            .notes
+            .push("no apiserver on this node: Kubernetes Node object left alone".into());
+        return;
+    }
+    let kubectl = crate::supervisor::resolve_binary(data, "kubectl")
+        .map(|(p, _)| p)
+        .unwrap_or_else(|_| "kubectl".into());
+    let out = Command::new(kubectl)
+        .arg(format!(
+            "--kubeconfig={}",
+            data.kubeconfig_dir().join("admin.conf").display()
+        ))
+        .args([
+            "delete",
+            "node",
+            name,
+            "--ignore-not-found",
+            "--request-timeout=20s",
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => removed.kubernetes_node = Some(true),
+        Ok(o) => removed.notes.push(format!(
+            "deleting Kubernetes Node {name} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => removed.notes.push(format!("cannot run kubectl: {e}")),
+    }
+}
+
+/// Removes `name` from this node's cluster: its etcd member, its Kubernetes Node and
+/// its record. Without `force` an etcd error stops it; `force` goes on (a node that is
+/// gone for good).
+pub fn remove_node(
+    data: &DataDir,
+    config: &NodeConfig,
+    name: &str,
+    force: bool,
+) -> Result<Removed, ClusterError> {
+    if config.role == Role::Worker {
+        return Err(ClusterError::NotControlPlane);
+    }
+    if name == config.node_name() {
+        return Err(ClusterError::Invalid {
+            what: format!("remove-node {name}"),
+            reason: "that is this node; run `kdist leave` on it instead".into(),
+        });
+    }
+    let mut removed = Removed::default();
+    if config.datastore == DatastoreKind::Etcd {
+        let etcd = Etcdctl::new(data, config);
+        match etcd.members() {
+            Ok(members) => match members.iter().find(|m| m.name == name) {
+                Some(member) => {
+                    etcd.change(&["member", "remove", &member.hex_id()])?;
+                    removed.etcd_member = true;
+                }
+                None => removed.notes.push(format!("{name} is not an etcd member")),
+            },
+            Err(e) if force => removed.notes.push(format!("etcd not reachable: {e}")),
+            Err(e) => return Err(e),
+        }
+    }
+    delete_kube_node(data, name, &mut removed);
+    removed.record = nodes::forget(data, name)?;
+    if !removed.etcd_member && !removed.record && removed.kubernetes_node.is_none() && !force {
+        return Err(ClusterError::Invalid {
+            what: format!("remove-node {name}"),
+            reason: "no such node: not an etcd member, not recorded, no apiserver to ask; \
+                     check the name with `kdist status`, or use --force"
+                .into(),
+        });
+    }
+    Ok(removed)
+}
+
+/// Takes this node out of its cluster: removes its own etcd member through the other
+/// members (while its etcd still runs). The caller stops the daemon, then calls
+/// [`reset_to_single`].
+pub fn leave_etcd(
+    data: &DataDir,
+    config: &NodeConfig,
+    force: bool,
+) -> Result<Vec<String>, ClusterError> {
+    let mut notes = Vec::new();
+    if config.role == Role::Worker || config.datastore != DatastoreKind::Etcd {
+        return Ok(notes);
+    }
+    let own = config.node_name();
+    // this node's etcd may already have stopped (a remove-node from another node):
+    // ask the node it joined through as well
+    let mut endpoints = vec![format!("https://127.0.0.1:{}", config.etcd.client_port)];
+    if let Some(joined) = nodes::joined(data)?
+        && let Ok(agent) = joined.agent.parse::<SocketAddr>()
+    {
+        endpoints.push(format!(
+            "https://{}",
+            SocketAddr::new(agent.ip(), config.etcd.client_port)
+        ));
+    }
+    let local = Etcdctl::new(data, config).with_endpoints(endpoints);
+    let members = match local.members() {
+        Ok(m) => m,
+        Err(e) if force => {
+            notes.push(format!("etcd not reachable, member not removed: {e}"));
+            return Ok(notes);
+        }
+        Err(e) => return Err(e),
+    };
+    let others: Vec<String> = members
+        .iter()
+        .filter(|m| m.name != own && !m.is_learner)
+        .filter_map(|m| m.client_urls.first().cloned())
+        .collect();
+    let Some(me) = members.iter().find(|m| m.name == own) else {
+        notes.push("this node is no longer an etcd member".into());
+        return Ok(notes);
+    };
+    if others.is_empty() {
+        notes.push("this node is the only etcd member: nothing to leave".into());
+        return Ok(notes);
+    }
+    Etcdctl::new(data, config).with_endpoints(others).change(&[
+        "member",
+        "remove",
+        &me.hex_id(),
+    ])?;
+    notes.push(format!("removed etcd member {own}"));
+    Ok(notes)
+}
+
+/// Resets a stopped node to a fresh single node: its certificates, kubeconfigs, etcd
+/// member, etcd args and cluster records go; the next `kdist start` makes new ones.
+pub fn reset_to_single(data: &DataDir) -> Result<(), ClusterError> {
+    let remove = |path: std::path::PathBuf| -> Result<(), ClusterError> {
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ClusterError::Io { path, source }),
+        }
+    };
+    remove(data.certs_dir())?;
+    remove(data.kubeconfig_dir())?;
+    remove(data.datastore_dir().join("etcd"))?;
+    remove(data.args_file("etcd"))?;
+    remove(nodes::joined_file(data))?;
+    remove(data.cluster_dir().join("nodes.json"))?;
+    remove(data.cluster_dir().join("tokens.json"))?;
+    remove(data.cluster_dir().join("before-join"))?;
+    remove_initial_cluster(data);
+    let path = data.config_file();
+    let mut config = NodeConfig::load(data).map_err(|e| ClusterError::Invalid {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    config.role = Role::ControlPlane;
+    let yaml = serde_yaml::to_string(&config).map_err(|e| ClusterError::Internal {
+        reason: e.to_string(),
+    })?;
+    crate::fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
+        .map_err(|source| ClusterError::Io { path, source })
+}
