@@ -7,6 +7,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::server::Server;
+use crate::components::error_chain;
 use crate::config::DataDir;
 use crate::supervisor::{Builtin, BuiltinFuture};
 
@@ -48,16 +49,4 @@ impl Builtin for Embedded {
             result.map_err(|e| error_chain(&e))
         })
     }
-}
-
-/// An error and its causes on one line, for `kdist status`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
