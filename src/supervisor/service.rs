@@ -17,47 +17,26 @@ struct Embedded {
     args: &'static str,
 }
 
-const EMBEDDED: &[Embedded] = &[
-    Embedded {
-        name: "datastore",
-        definition: include_str!("../../services/datastore.toml"),
-        args: include_str!("../../services/datastore.args"),
-    },
-    Embedded {
-        name: "etcd",
-        definition: include_str!("../../services/etcd.toml"),
-        args: include_str!("../../services/etcd.args"),
-    },
-    Embedded {
-        name: "containerd",
-        definition: include_str!("../../services/containerd.toml"),
-        args: include_str!("../../services/containerd.args"),
-    },
-    Embedded {
-        name: "kube-apiserver",
-        definition: include_str!("../../services/kube-apiserver.toml"),
-        args: include_str!("../../services/kube-apiserver.args"),
-    },
-    Embedded {
-        name: "kube-controller-manager",
-        definition: include_str!("../../services/kube-controller-manager.toml"),
-        args: include_str!("../../services/kube-controller-manager.args"),
-    },
-    Embedded {
-        name: "kube-scheduler",
-        definition: include_str!("../../services/kube-scheduler.toml"),
-        args: include_str!("../../services/kube-scheduler.args"),
-    },
-    Embedded {
-        name: "kubelet",
-        definition: include_str!("../../services/kubelet.toml"),
-        args: include_str!("../../services/kubelet.args"),
-    },
-    Embedded {
-        name: "kube-proxy",
-        definition: include_str!("../../services/kube-proxy.toml"),
-        args: include_str!("../../services/kube-proxy.args"),
-    },
+/// Embeds `services/<name>.toml` and `services/<name>.args` of each named service.
+macro_rules! embedded_services {
+    ($($name:literal),* $(,)?) => {
+        &[$(Embedded {
+            name: $name,
+            definition: include_str!(concat!("../../services/", $name, ".toml")),
+            args: include_str!(concat!("../../services/", $name, ".args")),
+        }),*]
+    };
+}
+
+const EMBEDDED: &[Embedded] = embedded_services![
+    "datastore",
+    "etcd",
+    "containerd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
 ];
 
 /// How readiness is decided.
