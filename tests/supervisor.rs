@@ -18,6 +18,25 @@ fn etcd_pid(node: &Node) -> i64 {
         .expect("etcd has a pid")
 }
 
+/// SIGKILLs the node's daemon (named by its pidfile) and waits until it is gone,
+/// leaving its children behind as a crashed daemon would.
+fn sigkill_daemon(node: &Node) {
+    let daemon: i32 = std::fs::read_to_string(node.data().pidfile("kdist"))
+        .expect("daemon pidfile")
+        .trim()
+        .parse()
+        .expect("pid in the pidfile");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the daemon");
+    let gone = wait_for(Duration::from_secs(5), || {
+        (!alive(daemon as i64)).then_some(())
+    });
+    assert!(gone.is_some(), "daemon {daemon} survived SIGKILL");
+}
+
 /// A test node whose etcd listens on free ports; returns it with the client port.
 fn etcd_node(tag: &str) -> (Node, u16) {
     let node = Node::new(tag);
@@ -111,21 +130,7 @@ fn killed_daemon_leaves_nothing_behind_on_next_start() {
     let (node, node_port) = etcd_node("stale");
     node.kdist_ok(&["start", "--timeout", "60"]);
     let old_etcd = etcd_pid(&node);
-    let daemon: i32 = std::fs::read_to_string(node.data().pidfile("kdist"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || (!alive(daemon as i64))
-            .then_some(()))
-        .is_some()
-    );
+    sigkill_daemon(&node);
     // the orphaned etcd still runs, still holding its ports
     assert!(alive(old_etcd));
 
@@ -336,21 +341,7 @@ fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
     );
 
     // a daemon killed with SIGKILL loses no acknowledged write
-    let daemon: i32 = std::fs::read_to_string(node.data().pidfile("kdist"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || (!alive(daemon as i64))
-            .then_some(()))
-        .is_some()
-    );
+    sigkill_daemon(&node);
     node.kdist_ok(&["start", "--timeout", "60"]);
     let get = etcdctl_unix(&node, &["get", "/embedded/k", "--print-value-only"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v1");
