@@ -34,4 +34,5 @@ pub mod datastore;
 pub mod fsutil;
 pub mod node;
 pub mod pki;
+pub mod report;
 pub mod supervisor;

@@ -29,6 +29,7 @@ pub use versions::{ComponentVersion, ORIGIN_PATH, component_versions, find_on_pa
 use std::path::Path;
 
 use crate::config::{ComponentsConfig, DataDir};
+use crate::report::error_chain;
 
 /// Writes release `id` (or the active one) as an air-gap bundle; returns its size.
 pub async fn write_bundle(
@@ -121,16 +122,4 @@ pub async fn prepare_for_start(
             Ok(StartComponents::PathFallback)
         }
     }
-}
-
-/// An error with its causes, on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

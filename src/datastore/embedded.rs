@@ -7,8 +7,8 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::server::Server;
-use crate::components::error_chain;
 use crate::config::DataDir;
+use crate::report::error_chain;
 use crate::supervisor::{Builtin, BuiltinFuture};
 
 /// The `datastore` service of a node whose config says `datastore: embedded`.
