@@ -34,6 +34,8 @@ pub enum Cmd {
     Compact(CompactArgs),
     /// Rewrite the database file to give free space back.
     Defrag(TargetArgs),
+    /// Move the running node to another datastore (etcd or embedded), every key checked.
+    Migrate(super::migrate::MigrateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +114,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Cmd::Restore(a) => restore(a, data).await,
         Cmd::Compact(a) => compact(a, data).await,
         Cmd::Defrag(a) => defrag(a, data).await,
+        Cmd::Migrate(a) => super::migrate::run(a, data).await,
     }
 }
 

@@ -20,6 +20,7 @@ mod join;
 mod kubectl;
 mod leave;
 mod logs;
+mod migrate;
 mod remove_node;
 mod reset;
 mod restart;

@@ -98,9 +98,8 @@ impl Agent {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
-        if self.config.datastore == crate::config::DatastoreKind::Etcd
-            && !self.config.disable.iter().any(|d| d == "etcd")
-        {
+        // promotes only while the node runs etcd: `kdist datastore migrate` may move it there
+        if !self.config.disable.iter().any(|d| d == "etcd") {
             tokio::spawn(promote_learners(
                 self.data.clone(),
                 self.config.clone(),
@@ -236,8 +235,12 @@ impl Agent {
         peer: IpAddr,
     ) -> Result<JoinResponse, ClusterError> {
         let store = TokenStore::new(&self.data);
+        // read now: `kdist datastore migrate` switches config.yaml under a running agent
+        let datastore = NodeConfig::load(&self.data)
+            .map(|c| c.datastore)
+            .unwrap_or(self.config.datastore);
         if request.role == Role::ControlPlane
-            && self.config.datastore == crate::config::DatastoreKind::Embedded
+            && datastore == crate::config::DatastoreKind::Embedded
         {
             // say which token role is wrong before saying the datastore is
             store.check_role(&request.token, Role::ControlPlane)?;
@@ -308,6 +311,12 @@ async fn promote_learners(data: DataDir, config: NodeConfig, shutdown: Cancellat
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PROMOTE_EVERY) => {}
+        }
+        let on_etcd = NodeConfig::load(&data)
+            .map(|c| c.datastore == crate::config::DatastoreKind::Etcd)
+            .unwrap_or(false);
+        if !on_etcd {
+            continue;
         }
         let (d, c) = (data.clone(), config.clone());
         let result =

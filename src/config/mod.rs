@@ -289,6 +289,49 @@ impl NodeConfig {
         Ok(config)
     }
 
+    /// Switches `<data>/config.yaml` to `kind` in one atomic write, keeping the rest of
+    /// the file (comments included) as it is.
+    pub fn set_datastore(data: &DataDir, kind: DatastoreKind) -> Result<Self, ConfigError> {
+        let path = data.config_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let name = match kind {
+            DatastoreKind::Embedded => "embedded",
+            DatastoreKind::Etcd => "etcd",
+        };
+        let line = format!("datastore: {name}");
+        let mut replaced = false;
+        let mut lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("datastore:") {
+                    replaced = true;
+                    line.clone()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        if !replaced {
+            lines.push(line);
+        }
+        let new = lines.join("\n") + "\n";
+        let config = Self::parse(&new, &path)?;
+        if config.datastore != kind {
+            return Err(ConfigError::Invalid {
+                path,
+                field: "datastore".into(),
+                reason: "could not be switched: edit the file by hand".into(),
+            });
+        }
+        fsutil::atomic_write(&path, new.as_bytes(), 0o644)
+            .map_err(|source| ConfigError::Write { path, source })?;
+        Ok(config)
+    }
+
     fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
         let invalid = |field: &str, reason: &str| ConfigError::Invalid {
             path: origin.to_path_buf(),

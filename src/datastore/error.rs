@@ -42,6 +42,22 @@ pub enum DatastoreError {
     Bench { endpoint: String, reason: String },
     #[error("bad endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("{endpoint}: {what} failed")]
+    Rpc {
+        endpoint: String,
+        what: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error(
+        "the target datastore {target} is not empty ({reason}); migration refused. Move it \
+         away (it may be data of an earlier migration) and run the command again"
+    )]
+    TargetNotEmpty { target: String, reason: String },
+    #[error("migration check failed: {reason}; the node stays on its current datastore")]
+    Verify { reason: String },
+    #[error("cannot read TLS material {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
     #[error("cannot connect to {endpoint}: is the datastore running?")]
     Connect {
         endpoint: String,

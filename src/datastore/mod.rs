@@ -12,6 +12,7 @@ mod authority;
 pub mod bench;
 pub mod client;
 mod error;
+pub mod migrate;
 mod mvcc;
 mod ops;
 pub mod proto;

@@ -171,7 +171,7 @@ fn copy_snapshot(from: &Path, to: &Path) -> Result<(), DatastoreError> {
     std::fs::write(to, db).map_err(io(to))
 }
 
-fn temp_beside(path: &Path) -> PathBuf {
+pub(crate) fn temp_beside(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -179,7 +179,7 @@ fn temp_beside(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
-fn sync_and_rename(tmp: &Path, dest: &Path) -> Result<(), DatastoreError> {
+pub(crate) fn sync_and_rename(tmp: &Path, dest: &Path) -> Result<(), DatastoreError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| DatastoreError::Io { path: p, source }

@@ -15,10 +15,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::error::SupervisorError;
+use super::fleet::SharedFleet;
 use super::runner::Order;
 use super::status::{Board, DaemonStatus, HostFact, StatusReport};
 use crate::config::DataDir;
@@ -26,7 +27,9 @@ use crate::config::DataDir;
 /// What request handlers reach: the board, the runners' order channels, shutdown.
 pub struct ApiState {
     pub board: Board,
-    pub orders: BTreeMap<String, mpsc::Sender<Order>>,
+    pub(crate) fleet: SharedFleet,
+    /// One datastore migration at a time.
+    pub migration: tokio::sync::Mutex<()>,
     pub shutdown: CancellationToken,
     pub started: Instant,
     pub data: DataDir,
@@ -89,12 +92,17 @@ async fn handle(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let response = match (req.method(), segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &report(&state).await),
-        (&Method::POST, ["v1", "services", name, "restart"]) => match state.orders.get(*name) {
+        (&Method::POST, ["v1", "services", name, "restart"]) => {
+            let (tx, known) = {
+                let fleet = state.fleet.lock().await;
+                (fleet.sender(name), fleet.names())
+            };
+            match tx {
             None => error(
                 StatusCode::NOT_FOUND,
                 format!(
                     "unknown service `{name}`; this node runs: {}",
-                    state.orders.keys().cloned().collect::<Vec<_>>().join(", ")
+                    known.join(", ")
                 ),
             ),
             Some(tx) => {
@@ -105,7 +113,24 @@ async fn handle(
                     json(StatusCode::OK, &serde_json::json!({ "restarted": name }))
                 }
             }
-        },
+            }
+        }
+        (&Method::POST, ["v1", "datastore", "migrate"]) => {
+            let to = req.uri().query().unwrap_or_default().strip_prefix("to=");
+            match to.and_then(super::migrate::parse_kind) {
+                None => error(
+                    StatusCode::BAD_REQUEST,
+                    "say where to: ?to=etcd or ?to=embedded",
+                ),
+                Some(to) => {
+                    let _one = state.migration.lock().await;
+                    match super::migrate::migrate(&state.fleet, &state.data, to).await {
+                        Ok(report) => json(StatusCode::OK, &report),
+                        Err(e) => error(StatusCode::CONFLICT, crate::report::error_chain(&e)),
+                    }
+                }
+            }
+        }
         (&Method::POST, ["v1", "shutdown"]) => {
             state.shutdown.cancel();
             json(
@@ -254,6 +279,20 @@ impl Client {
         self.request(Method::POST, &format!("/v1/services/{service}/restart"))
             .await
             .map(drop)
+    }
+
+    /// Moves the node's datastore (see `supervisor::migrate`); answers when done.
+    pub async fn migrate(
+        &self,
+        to: crate::config::DatastoreKind,
+    ) -> Result<super::migrate::MigrationReport, SupervisorError> {
+        let to = super::migrate::kind_name(to);
+        let path = format!("/v1/datastore/migrate?to={to}");
+        let (_, body) = self.request(Method::POST, &path).await?;
+        serde_json::from_slice(&body).map_err(|e| SupervisorError::Api {
+            what: format!("POST {path}"),
+            source: Box::new(e),
+        })
     }
 
     pub async fn shutdown(&self) -> Result<(), SupervisorError> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -18,7 +18,8 @@ use super::builtin::Builtins;
 use super::child;
 use super::error::SupervisorError;
 use super::logs;
-use super::runner::{Order, Runner};
+use super::fleet::{Fleet, SharedFleet};
+use super::runner::Order;
 use super::service::{self, ServiceSpec};
 use super::status::Board;
 use crate::config::{DataDir, NodeConfig};
@@ -152,26 +153,19 @@ impl Daemon {
     ) -> Result<(), SupervisorError> {
         let names: Vec<String> = self.specs.iter().map(|s| s.name.clone()).collect();
         let board = Board::new(&names);
-        let mut orders = BTreeMap::new();
-        let mut tasks = Vec::new();
-        for spec in &self.specs {
-            let (tx, rx) = mpsc::channel(4);
-            orders.insert(spec.name.clone(), tx);
-            let runner = Runner {
-                spec: spec.clone(),
-                data: self.data.clone(),
-                board: board.clone(),
-                policy: self.policy,
-                orders: rx,
-                builtins: self.builtins.clone(),
-            };
-            tasks.push(tokio::spawn(runner.run()));
-        }
+        let fleet: SharedFleet = Arc::new(tokio::sync::Mutex::new(Fleet::start(
+            self.specs.clone(),
+            board.clone(),
+            self.data.clone(),
+            self.policy,
+            self.builtins.clone(),
+        )));
 
         let api_stop = CancellationToken::new();
         let state = Arc::new(ApiState {
             board: board.clone(),
-            orders: orders.clone(),
+            fleet: fleet.clone(),
+            migration: tokio::sync::Mutex::new(()),
             shutdown: shutdown.clone(),
             started: Instant::now(),
             data: self.data.clone(),
@@ -192,7 +186,7 @@ impl Daemon {
         let renew_task = tokio::spawn(renew_periodically(
             self.data.clone(),
             self.config.clone(),
-            orders.clone(),
+            fleet.clone(),
             board.clone(),
         ));
 
@@ -201,17 +195,7 @@ impl Daemon {
         renew_task.abort();
         let _ = renew_task.await;
         info!("stopping services");
-        for spec in self.specs.iter().rev() {
-            if let Some(tx) = orders.get(&spec.name) {
-                let (reply, done) = oneshot::channel();
-                if tx.send(Order::Stop(reply)).await.is_ok() {
-                    let _ = done.await;
-                }
-            }
-        }
-        for task in tasks {
-            let _ = task.await;
-        }
+        fleet.lock().await.stop_all().await;
         let data = self.data.clone();
         let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data)).await;
         notify_task.abort();
@@ -231,7 +215,7 @@ impl Daemon {
 async fn renew_periodically(
     data: DataDir,
     config: NodeConfig,
-    orders: BTreeMap<String, mpsc::Sender<Order>>,
+    fleet: SharedFleet,
     board: Board,
 ) {
     // a worker cannot renew without the CA key; it re-joins for new certificates
@@ -258,7 +242,7 @@ async fn renew_periodically(
             continue;
         }
         for service in pki::affected_services(&issued) {
-            let Some(tx) = orders.get(&service) else {
+            let Some(tx) = fleet.lock().await.sender(&service) else {
                 continue;
             };
             let old_pid = board

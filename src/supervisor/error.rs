@@ -55,4 +55,17 @@ pub enum SupervisorError {
     Refused { what: String, message: String },
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Datastore(#[from] crate::datastore::DatastoreError),
+    #[error("datastore migration refused: {reason}")]
+    MigrateRefused { reason: String },
+    #[error("datastore migration failed while {step}; the node is back on its {from} datastore")]
+    MigrateFailed {
+        step: String,
+        from: String,
+        #[source]
+        source: Box<SupervisorError>,
+    },
 }

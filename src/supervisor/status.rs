@@ -130,7 +130,8 @@ impl StatusReport {
 #[derive(Clone)]
 pub struct Board {
     tx: watch::Sender<BTreeMap<String, ServiceStatus>>,
-    order: Vec<String>,
+    // shared by every clone: a datastore migration changes the set of services
+    order: std::sync::Arc<std::sync::RwLock<Vec<String>>>,
 }
 
 impl Board {
@@ -142,7 +143,22 @@ impl Board {
         let (tx, _) = watch::channel(map);
         Self {
             tx,
-            order: names.to_vec(),
+            order: std::sync::Arc::new(std::sync::RwLock::new(names.to_vec())),
+        }
+    }
+
+    /// Makes `names` the services shown, in this order: entries of names not shown
+    /// before start fresh, entries of names no longer shown are dropped.
+    pub fn set_services(&self, names: &[String]) {
+        self.tx.send_modify(|map| {
+            map.retain(|name, _| names.contains(name));
+            for name in names {
+                map.entry(name.clone())
+                    .or_insert_with(|| ServiceStatus::new(name));
+            }
+        });
+        if let Ok(mut order) = self.order.write() {
+            *order = names.to_vec();
         }
     }
 
@@ -163,7 +179,8 @@ impl Board {
     pub fn snapshot(&self) -> Vec<ServiceStatus> {
         let map = self.tx.borrow();
         let now = SystemTime::now();
-        self.order
+        let order = self.order.read().map(|o| o.clone()).unwrap_or_default();
+        order
             .iter()
             .filter_map(|n| map.get(n).cloned())
             .map(|mut s| {

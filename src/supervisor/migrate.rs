@@ -1,0 +1,460 @@
+//! `kdist datastore migrate`: moves a running node between the embedded datastore and
+//! etcd. The daemon stops the writers (the apiserver and what waits on it), starts the
+//! target next to the source, has `datastore::migrate` copy and check every key, then
+//! switches config.yaml in one atomic write, stops the old datastore, moves its data
+//! aside (kept, never deleted) and starts the apiserver and the rest on the new one.
+//! Before the switch any failure ends with the target's new data removed, config.yaml
+//! untouched and the stopped services started again on the old datastore.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::error::SupervisorError;
+use super::fleet::SharedFleet;
+use super::service::{self, ServiceSpec};
+use crate::config::{DataDir, DatastoreKind, NodeConfig, Role};
+use crate::datastore::migrate::{self as copy, Side, Snapshot};
+
+/// How long the target datastore gets to become ready.
+const TARGET_READY: Duration = Duration::from_secs(90);
+/// How long the restarted services get to become ready before the answer goes back.
+const SERVICES_READY: Duration = Duration::from_secs(180);
+
+/// What `kdist datastore migrate` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub from: String,
+    pub to: String,
+    /// The source's revision the copy was taken at, and the target's afterwards.
+    pub source_revision: i64,
+    pub target_revision: i64,
+    /// Keys copied and the SHA-256 over the sorted keys, values and leases, equal on
+    /// both sides.
+    pub keys: usize,
+    pub sha256: String,
+    /// Keys whose mod revision (resourceVersion) is the same on the target.
+    pub mod_revisions_kept: usize,
+    pub leases: usize,
+    /// Keys not copied because their lease expired meanwhile.
+    pub expired_keys: usize,
+    /// Services stopped for the copy and started again on the target.
+    pub restarted: Vec<String>,
+    /// Whether they were all ready again when the answer was sent.
+    pub ready: bool,
+    /// Where the data of the old datastore is kept.
+    pub old_data: String,
+    pub seconds: f64,
+}
+
+pub fn parse_kind(text: &str) -> Option<DatastoreKind> {
+    match text {
+        "etcd" => Some(DatastoreKind::Etcd),
+        "embedded" => Some(DatastoreKind::Embedded),
+        _ => None,
+    }
+}
+
+pub fn kind_name(kind: DatastoreKind) -> &'static str {
+    match kind {
+        DatastoreKind::Etcd => "etcd",
+        DatastoreKind::Embedded => "embedded",
+    }
+}
+
+/// The service that runs a datastore of `kind`.
+fn service_name(kind: DatastoreKind) -> &'static str {
+    match kind {
+        DatastoreKind::Etcd => "etcd",
+        DatastoreKind::Embedded => "datastore",
+    }
+}
+
+fn refused(reason: impl Into<String>) -> SupervisorError {
+    SupervisorError::MigrateRefused {
+        reason: reason.into(),
+    }
+}
+
+/// Services that wait, directly or through others, on `root`, in start order.
+fn dependents(specs: &[ServiceSpec], root: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for spec in specs {
+        if spec
+            .after
+            .iter()
+            .any(|d| d == root || found.iter().any(|f| f == d))
+        {
+            found.push(spec.name.clone());
+        }
+    }
+    found
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SupervisorError> + Send + 'static,
+) -> Result<T, SupervisorError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SupervisorError::Io {
+            path: "migration".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+/// Waits until every one of `names` is ready on the board.
+async fn wait_ready(fleet: &SharedFleet, names: &[String], timeout: Duration) -> bool {
+    let mut rx = fleet.lock().await.board.subscribe();
+    let all = rx.wait_for(|map| {
+        names
+            .iter()
+            .all(|n| map.get(n).is_some_and(|s| s.ready))
+    });
+    matches!(tokio::time::timeout(timeout, all).await, Ok(Ok(_)))
+}
+
+/// Runs the migration of this node's datastore to `to`.
+pub(crate) async fn migrate(
+    fleet: &SharedFleet,
+    data: &DataDir,
+    to: DatastoreKind,
+) -> Result<MigrationReport, SupervisorError> {
+    let started = Instant::now();
+    let config = NodeConfig::load(data)?;
+    let from = config.datastore;
+    if from == to {
+        return Err(refused(format!(
+            "this node already runs the {} datastore ({})",
+            kind_name(to),
+            data.config_file().display()
+        )));
+    }
+    if config.role == Role::Worker {
+        return Err(refused(
+            "a worker runs no datastore; migrate on a control-plane node",
+        ));
+    }
+    let (old_name, new_name) = (service_name(from), service_name(to));
+    let running_old = fleet.lock().await.sender(old_name).is_some();
+    if !running_old {
+        return Err(refused(format!(
+            "the {old_name} service does not run on this node (config.yaml `disable`?)"
+        )));
+    }
+    copy::check_target_free(data, to)?;
+    let mut new_config = config.clone();
+    new_config.datastore = to;
+    let new_specs = {
+        let (d, c) = (data.clone(), new_config.clone());
+        blocking(move || {
+            let specs = service::plan(&d, &c)?;
+            service::write_default_args(&specs)?;
+            Ok(specs)
+        })
+        .await?
+    };
+    let source = Side::of(data, from, config.etcd.client_port);
+    let source_name = source.name();
+    let src = source.connect().await?;
+    if from == DatastoreKind::Etcd {
+        let members = copy::member_count(&src, &source_name).await?;
+        if members > 1 {
+            return Err(refused(format!(
+                "this node's etcd has {members} members; remove the other nodes first \
+                 (`kdist remove-node`), the embedded datastore serves one node"
+            )));
+        }
+    }
+
+    let (old_specs, restarted) = {
+        let fleet = fleet.lock().await;
+        (fleet.specs.clone(), dependents(&fleet.specs, old_name))
+    };
+    info!(from = kind_name(from), to = kind_name(to), stopping = ?restarted, "datastore migration: stopping writers");
+    {
+        let mut fleet = fleet.lock().await;
+        for name in restarted.iter().rev() {
+            fleet.stop(name).await;
+        }
+    }
+
+    let mut target_started = false;
+    let outcome = copy_and_check(
+        fleet,
+        data,
+        &src,
+        &source_name,
+        to,
+        &new_specs,
+        &mut target_started,
+    )
+    .await;
+    let (snap, checked) = match outcome {
+        Ok(done) => done,
+        Err((step, err)) => {
+            warn!(step = %step, error = %crate::report::error_chain(&err), "datastore migration failed; rolling back");
+            rollback(fleet, data, to, new_name, target_started, &old_specs, &restarted).await;
+            return Err(SupervisorError::MigrateFailed {
+                step,
+                from: kind_name(from).into(),
+                source: Box::new(err),
+            });
+        }
+    };
+
+    // the switch: from here on the node runs on the target
+    if let Err(err) = NodeConfig::set_datastore(data, to) {
+        rollback(fleet, data, to, new_name, target_started, &old_specs, &restarted).await;
+        return Err(SupervisorError::MigrateFailed {
+            step: "writing config.yaml".into(),
+            from: kind_name(from).into(),
+            source: Box::new(err.into()),
+        });
+    }
+    info!(to = kind_name(to), "datastore migration: config.yaml switched");
+    {
+        let mut fleet = fleet.lock().await;
+        fleet.stop(old_name).await;
+        fleet.specs = new_specs.clone();
+        let names: Vec<String> = new_specs.iter().map(|s| s.name.clone()).collect();
+        fleet.board.set_services(&names);
+        for spec in new_specs.iter().filter(|s| restarted.contains(&s.name)) {
+            fleet.spawn(spec.clone());
+        }
+    }
+    let old_data = {
+        let d = data.clone();
+        match blocking(move || Ok(copy::retire(&d, from)?)).await {
+            Ok(path) => path.display().to_string(),
+            Err(e) => {
+                let kept = copy::location(data, from);
+                warn!(error = %crate::report::error_chain(&e), "old datastore data left in place");
+                kept.display().to_string()
+            }
+        }
+    };
+    let ready = wait_ready(fleet, &restarted, SERVICES_READY).await;
+    let report = MigrationReport {
+        from: kind_name(from).into(),
+        to: kind_name(to).into(),
+        source_revision: snap.revision,
+        target_revision: checked.revision,
+        keys: checked.keys,
+        sha256: checked.sha256,
+        mod_revisions_kept: checked.mod_revisions_kept,
+        leases: snap.leases.len(),
+        expired_keys: snap.expired,
+        restarted,
+        ready,
+        old_data,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    info!(keys = report.keys, sha256 = %report.sha256, seconds = report.seconds, "datastore migration done");
+    Ok(report)
+}
+
+/// What the checks found on the target.
+struct Checked {
+    revision: i64,
+    keys: usize,
+    sha256: String,
+    mod_revisions_kept: usize,
+}
+
+/// Reads the source, starts and fills the target, and compares both. Errors carry the
+/// step they happened in.
+async fn copy_and_check(
+    fleet: &SharedFleet,
+    data: &DataDir,
+    src: &tonic::transport::Channel,
+    source_name: &str,
+    to: DatastoreKind,
+    new_specs: &[ServiceSpec],
+    target_started: &mut bool,
+) -> Result<(Snapshot, Checked), (String, SupervisorError)> {
+    let at = |step: &str| {
+        let step = step.to_string();
+        move |e: crate::datastore::DatastoreError| (step, SupervisorError::from(e))
+    };
+    let snap = copy::read(src, source_name)
+        .await
+        .map_err(at("reading the source datastore"))?;
+    info!(keys = snap.kvs.len(), revision = snap.revision, "datastore migration: source read");
+    let new_name = service_name(to);
+    let spec = new_specs
+        .iter()
+        .find(|s| s.name == new_name)
+        .cloned()
+        .ok_or_else(|| {
+            (
+                "planning the target".to_string(),
+                refused(format!("the {new_name} service is disabled in config.yaml")),
+            )
+        })?;
+    let config = NodeConfig::load(data)
+        .map_err(|e| ("reading config.yaml".to_string(), e.into()))?;
+    let target = Side::of(data, to, config.etcd.client_port);
+    let target_name = target.name();
+    if to == DatastoreKind::Embedded {
+        let (path, s) = (crate::datastore::db_path(data), snap.clone());
+        blocking(move || Ok(copy::write_embedded(&path, &s)?))
+            .await
+            .map_err(|e| ("writing the embedded datastore".to_string(), e))?;
+    }
+    {
+        let mut fleet = fleet.lock().await;
+        let mut names: Vec<String> = fleet.specs.iter().map(|s| s.name.clone()).collect();
+        names.insert(0, new_name.to_string());
+        fleet.board.set_services(&names);
+        fleet.spawn(spec);
+        *target_started = true;
+    }
+    if !wait_ready(fleet, &[new_name.to_string()], TARGET_READY).await {
+        return Err((
+            format!("starting {new_name}"),
+            refused(format!(
+                "{new_name} was not ready within {TARGET_READY:?}; see `kdist logs {new_name}`"
+            )),
+        ));
+    }
+    let dst = target
+        .connect()
+        .await
+        .map_err(at("connecting to the target"))?;
+    if to == DatastoreKind::Etcd {
+        let copied = copy::copy_to_etcd(&dst, &target_name, &snap)
+            .await
+            .map_err(at("copying into etcd"))?;
+        info!(pad_writes = copied.pad_writes, revision = copied.revision, "datastore migration: keys written");
+    }
+    let written = copy::read(&dst, &target_name)
+        .await
+        .map_err(at("reading the target back"))?;
+    // a lease may have run out meanwhile, on either side: compare what both still hold
+    let alive = |kv: &crate::datastore::proto::mvccpb::KeyValue| {
+        kv.lease == 0 || written.leases.contains_key(&kv.lease)
+    };
+    let mut expected = snap.clone();
+    expected.kvs.retain(alive);
+    // the embedded target keeps create revision and version too
+    let exact = to == DatastoreKind::Embedded;
+    let (want, got) = (expected.checksum(exact), written.checksum(exact));
+    if want != got {
+        return Err((
+            "checking the copy".into(),
+            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify {
+                reason: format!(
+                    "source {source_name} has {} keys with SHA-256 {}, target {target_name} \
+                     has {} keys with SHA-256 {}",
+                    want.keys, want.sha256, got.keys, got.sha256
+                ),
+            }),
+        ));
+    }
+    if written.revision < snap.revision {
+        return Err((
+            "checking the copy".into(),
+            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify {
+                reason: format!(
+                    "target revision {} is below the source's {}",
+                    written.revision, snap.revision
+                ),
+            }),
+        ));
+    }
+    // nobody else may have written to the source meanwhile
+    let after = copy::read(src, source_name)
+        .await
+        .map_err(at("reading the source again"))?;
+    let mut still = snap.clone();
+    still
+        .kvs
+        .retain(|kv| kv.lease == 0 || after.leases.contains_key(&kv.lease));
+    if still.checksum(true) != after.checksum(true) {
+        return Err((
+            "checking the source did not change".into(),
+            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify {
+                reason: format!(
+                    "{source_name} changed during the migration (revision {} then {}): \
+                     something other than the stopped services writes to it",
+                    snap.revision, after.revision
+                ),
+            }),
+        ));
+    }
+    let by_key: std::collections::HashMap<&[u8], i64> = expected
+        .kvs
+        .iter()
+        .map(|kv| (kv.key.as_slice(), kv.mod_revision))
+        .collect();
+    let mod_revisions_kept = written
+        .kvs
+        .iter()
+        .filter(|kv| by_key.get(kv.key.as_slice()) == Some(&kv.mod_revision))
+        .count();
+    Ok((
+        snap,
+        Checked {
+            revision: written.revision,
+            keys: got.keys,
+            sha256: got.sha256,
+            mod_revisions_kept,
+        },
+    ))
+}
+
+/// Undoes a migration that did not switch: the target stops and its new data goes, the
+/// stopped services start again on the old datastore (which kept running).
+async fn rollback(
+    fleet: &SharedFleet,
+    data: &DataDir,
+    to: DatastoreKind,
+    new_name: &str,
+    target_started: bool,
+    old_specs: &[ServiceSpec],
+    restarted: &[String],
+) {
+    let mut fleet = fleet.lock().await;
+    if target_started {
+        fleet.stop(new_name).await;
+    }
+    copy::discard_target(data, to);
+    let names: Vec<String> = old_specs.iter().map(|s| s.name.clone()).collect();
+    fleet.board.set_services(&names);
+    fleet.specs = old_specs.to_vec();
+    for spec in old_specs.iter().filter(|s| restarted.contains(&s.name)) {
+        fleet.spawn(spec.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependents_follow_the_chain_from_the_datastore() {
+        let spec = |name: &str, after: &[&str]| ServiceSpec {
+            name: name.into(),
+            description: String::new(),
+            binary: None,
+            after: after.iter().map(|s| s.to_string()).collect(),
+            stop_grace: Duration::ZERO,
+            probe: service::Probe::Unix { path: "x".into() },
+            args_file: "x".into(),
+            vars: Default::default(),
+        };
+        let specs = [
+            spec("datastore", &[]),
+            spec("containerd", &[]),
+            spec("kube-apiserver", &["datastore"]),
+            spec("kube-scheduler", &["kube-apiserver"]),
+            spec("kubelet", &["containerd"]),
+        ];
+        assert_eq!(
+            dependents(&specs, "datastore"),
+            ["kube-apiserver", "kube-scheduler"]
+        );
+        assert!(dependents(&specs, "etcd").is_empty());
+    }
+}
