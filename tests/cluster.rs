@@ -654,10 +654,10 @@ fn join_control_plane(lab: &Lab, first: &Node, i: usize, node: &Node) {
     );
 }
 
-fn ha_node(tag: &str, i: usize) -> Node {
+fn ha_node(tag: &str, i: usize, datastore: &str) -> Node {
     let node = Node::new(tag);
     node.write_config(&format!(
-        "node_name: n{i}\ndatastore: etcd\ndisable: [containerd]\nnetwork:\n  node_ip: 10.203.0.{i}\n"
+        "node_name: n{i}\ndatastore: {datastore}\ndisable: [containerd]\nnetwork:\n  node_ip: 10.203.0.{i}\n"
     ));
     node
 }
@@ -666,11 +666,23 @@ fn ha_node(tag: &str, i: usize) -> Node {
 fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms() {
     // dropped last: the nodes (declared after) stop first
     let lab = Lab::new(3);
-    let n1 = ha_node("ha1", 1);
-    let n2 = ha_node("ha2", 2);
-    let n3 = ha_node("ha3", 3);
+    // node 1 starts alone on the embedded default and migrates to etcd before others join
+    let n1 = ha_node("ha1", 1, "embedded");
+    let n2 = ha_node("ha2", 2, "etcd");
+    let n3 = ha_node("ha3", 3, "etcd");
     in_ns_ok(lab.ns(1), &n1, &["start", "--timeout", "120"]);
+    let socket = format!("--endpoints=unix://{}", n1.data().datastore_socket().display());
+    let put = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([socket.as_str(), "put", "/kdist-test/before-migrate", "embedded"])
+        .output()
+        .unwrap();
+    assert!(put.status.success(), "{}", describe(&put));
+    let out = in_ns_ok(lab.ns(1), &n1, &["datastore", "migrate", "--to", "etcd"]);
+    assert!(out.contains("migrated from embedded to etcd"), "{out}");
     assert_eq!(voting(&n1, 1), ["n1"]);
+    let get = etcdctl_at(&n1, &[1], &["get", "/kdist-test/before-migrate", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "embedded", "{}", describe(&get));
 
     join_control_plane(&lab, &n1, 2, &n2);
     join_control_plane(&lab, &n1, 3, &n3);
@@ -721,6 +733,9 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
         "{}",
         describe(&get)
     );
+    // so is what node 1 held before it migrated
+    let get = etcdctl_at(&n1, &[3], &["get", "/kdist-test/before-migrate", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "embedded");
 
     // node 2 stops: quorum holds (2 of 3), writes go on
     n2.ok(&["stop", "--timeout", "60"]);
