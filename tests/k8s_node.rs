@@ -485,3 +485,135 @@ fn node_on_embedded_datastore() {
 fn node_on_etcd() {
     suite("etcd");
 }
+
+const MIGRATE_WORKLOAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: mig}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: mig}}
+  template:
+    metadata: {labels: {app: mig}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: mig
+        image: kdist.local/test/busybox:1
+        imagePullPolicy: Never
+        command: ["/bin/sh", "-c", "exec sleep 3600"]
+"#;
+
+/// Pod name -> (uid, phase, restart count) of the `mig` Deployment's pods.
+fn mig_pods(data: &TempData) -> Vec<(String, String, String, String)> {
+    kubectl(
+        data,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=mig",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.uid} {.status.phase} {.status.containerStatuses[0].restartCount}{\"\\n\"}{end}",
+        ],
+    )
+    .lines()
+    .filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 4).then(|| (f[0].into(), f[1].into(), f[2].into(), f[3].into()))
+    })
+    .collect()
+}
+
+/// A node on the embedded datastore with a configmap and a running Deployment moves to
+/// etcd with `kdist datastore migrate --to etcd`: the apiserver is ready again on etcd,
+/// the configmap is there with the same resourceVersion, the pods kept running, and
+/// the cluster takes new objects and schedules new pods.
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn node_migrates_from_embedded_to_etcd() {
+    let bin = k8s_bin();
+    let data = TempData::new("k8s-mig");
+    let _standins = prepare(&data, false);
+    let config = data.config(&format!(
+        "datastore: embedded\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
+         etcd:\n  client_port: {}\n  peer_port: {}\n",
+        free_port(),
+        free_port()
+    ));
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = data.kdist_env(
+        &["start", "--config", config.to_str().unwrap(), "--timeout", "180"],
+        &[("PATH", &path)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    kubectl(&data, &["create", "configmap", "before", "--from-literal=where=embedded"]);
+    let manifest = data.path("mig.yaml");
+    std::fs::write(&manifest, MIGRATE_WORKLOAD).unwrap();
+    kubectl(&data, &["apply", "-f", manifest.to_str().unwrap()]);
+    kubectl(&data, &["rollout", "status", "deployment/mig", "--timeout=120s"]);
+    let rv = kubectl(
+        &data,
+        &["get", "configmap", "before", "-o", "jsonpath={.metadata.resourceVersion}"],
+    );
+    let pods = mig_pods(&data);
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    assert!(pods.iter().all(|p| p.2 == "Running"), "{pods:?}");
+
+    let started = Instant::now();
+    let out = data.kdist(&["datastore", "migrate", "--to", "etcd"]);
+    assert!(
+        out.status.success(),
+        "{}\n--- kdist.log\n{}",
+        text(&out),
+        std::fs::read_to_string(data.path("logs/kdist.log")).unwrap_or_default()
+    );
+    eprintln!("migrate --to etcd: {:?}\n{}", started.elapsed(), text(&out));
+    let status = data.status();
+    for service in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+        assert_eq!(
+            TempData::service(&status, service)["ready"],
+            true,
+            "{service}: {status:#}"
+        );
+    }
+    assert!(
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["name"] != "datastore"),
+        "{status:#}"
+    );
+    let args = std::fs::read_to_string(data.path("config.yaml")).unwrap();
+    assert!(args.contains("datastore: etcd"), "{args}");
+
+    // the data came along, resourceVersion included
+    assert_eq!(
+        kubectl(&data, &["get", "configmap", "before", "-o", "jsonpath={.data.where}"]),
+        "embedded"
+    );
+    assert_eq!(
+        kubectl(
+            &data,
+            &["get", "configmap", "before", "-o", "jsonpath={.metadata.resourceVersion}"]
+        ),
+        rv
+    );
+    // the pods kept running through it: same pods, no restarts
+    let after = mig_pods(&data);
+    assert_eq!(after, pods, "pods changed across the migration");
+    // the cluster works on etcd: new objects, new pods scheduled and started
+    kubectl(&data, &["create", "configmap", "after", "--from-literal=where=etcd"]);
+    kubectl(&data, &["scale", "deployment/mig", "--replicas=3"]);
+    kubectl(&data, &["rollout", "status", "deployment/mig", "--timeout=120s"]);
+    assert_eq!(mig_pods(&data).len(), 3);
+    let out = data.kdist(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = data.kdist(&["reset"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
