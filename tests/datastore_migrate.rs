@@ -237,3 +237,35 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already runs"));
 }
+
+#[test]
+fn a_failed_migration_leaves_the_node_on_its_datastore() {
+    let node = Node::new("migf");
+    let port = node.config_with_etcd_ports("disable: [containerd]\n");
+    let text = std::fs::read_to_string(node.path("config.yaml")).unwrap();
+    std::fs::write(node.path("config.yaml"), text.replace("datastore: etcd\n", "")).unwrap();
+    node.start();
+    ok(unix_etcdctl(&node, &["put", "/registry/k", "v"], None));
+    let (_, before) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
+    // etcd cannot listen: its client port is taken
+    let blocker = std::net::TcpListener::bind(("127.0.0.1", port)).expect("hold the etcd port");
+    let out = node.kdist(&["datastore", "migrate", "--to", "etcd"]);
+    drop(blocker);
+    assert!(!out.status.success(), "migrated with etcd unable to listen");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("starting etcd") && err.contains("back on its embedded datastore"),
+        "{err}"
+    );
+    assert_eq!(config_datastore(&node), "embedded");
+    assert_eq!(state(&node, "datastore").as_deref(), Some("ready"));
+    assert!(state(&node, "etcd").is_none(), "etcd left running");
+    assert!(!node.path("datastore/etcd").exists(), "the failed target's data is removed");
+    assert!(migrated_dirs(&node, "embedded").is_empty(), "nothing moved aside");
+    let (_, after) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
+    assert_eq!(after, before);
+    // with the port free again the same command succeeds
+    node.kdist_ok(&["datastore", "migrate", "--to", "etcd"]);
+    let get = node.etcdctl(port, &["get", "/registry/k", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v");
+}

@@ -114,6 +114,29 @@ async fn wait_ready(fleet: &SharedFleet, names: &[String], timeout: Duration) ->
     matches!(tokio::time::timeout(timeout, all).await, Ok(Ok(_)))
 }
 
+/// Waits for the target datastore to be ready; a target that exits fails at once.
+async fn wait_target(fleet: &SharedFleet, name: &str) -> Result<(), String> {
+    use super::status::ServiceState;
+    let mut rx = fleet.lock().await.board.subscribe();
+    let settled = rx.wait_for(|map| {
+        map.get(name).is_some_and(|s| {
+            s.ready || matches!(s.state, ServiceState::Backoff | ServiceState::Crashloop)
+        })
+    });
+    match tokio::time::timeout(TARGET_READY, settled).await {
+        Ok(Ok(map)) => match map.get(name) {
+            Some(s) if s.ready => Ok(()),
+            Some(s) => Err(format!(
+                "{name} exited while starting ({})",
+                s.last_exit.as_deref().or(s.message.as_deref()).unwrap_or("no reason given")
+            )),
+            None => Err(format!("{name} is not on the board")),
+        },
+        Ok(Err(_)) => Err("the daemon is stopping".into()),
+        Err(_) => Err(format!("{name} was not ready within {TARGET_READY:?}")),
+    }
+}
+
 /// Runs the migration of this node's datastore to `to`.
 pub(crate) async fn migrate(
     fleet: &SharedFleet,
@@ -310,12 +333,10 @@ async fn copy_and_check(
         fleet.spawn(spec);
         *target_started = true;
     }
-    if !wait_ready(fleet, &[new_name.to_string()], TARGET_READY).await {
+    if let Err(reason) = wait_target(fleet, new_name).await {
         return Err((
             format!("starting {new_name}"),
-            refused(format!(
-                "{new_name} was not ready within {TARGET_READY:?}; see `kdist logs {new_name}`"
-            )),
+            refused(format!("{reason}; see `kdist logs {new_name}`")),
         ));
     }
     let dst = target
