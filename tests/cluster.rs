@@ -671,18 +671,35 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
     let n2 = ha_node("ha2", 2, "etcd");
     let n3 = ha_node("ha3", 3, "etcd");
     in_ns_ok(lab.ns(1), &n1, &["start", "--timeout", "120"]);
-    let socket = format!("--endpoints=unix://{}", n1.data().datastore_socket().display());
+    let socket = format!(
+        "--endpoints=unix://{}",
+        n1.data().datastore_socket().display()
+    );
     let put = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args([socket.as_str(), "put", "/kdist-test/before-migrate", "embedded"])
+        .args([
+            socket.as_str(),
+            "put",
+            "/kdist-test/before-migrate",
+            "embedded",
+        ])
         .output()
         .unwrap();
     assert!(put.status.success(), "{}", describe(&put));
     let out = in_ns_ok(lab.ns(1), &n1, &["datastore", "migrate", "--to", "etcd"]);
     assert!(out.contains("migrated from embedded to etcd"), "{out}");
     assert_eq!(voting(&n1, 1), ["n1"]);
-    let get = etcdctl_at(&n1, &[1], &["get", "/kdist-test/before-migrate", "--print-value-only"]);
-    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "embedded", "{}", describe(&get));
+    let get = etcdctl_at(
+        &n1,
+        &[1],
+        &["get", "/kdist-test/before-migrate", "--print-value-only"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout).trim(),
+        "embedded",
+        "{}",
+        describe(&get)
+    );
 
     join_control_plane(&lab, &n1, 2, &n2);
     join_control_plane(&lab, &n1, 3, &n3);
@@ -734,7 +751,11 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
         describe(&get)
     );
     // so is what node 1 held before it migrated
-    let get = etcdctl_at(&n1, &[3], &["get", "/kdist-test/before-migrate", "--print-value-only"]);
+    let get = etcdctl_at(
+        &n1,
+        &[3],
+        &["get", "/kdist-test/before-migrate", "--print-value-only"],
+    );
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "embedded");
 
     // node 2 stops: quorum holds (2 of 3), writes go on

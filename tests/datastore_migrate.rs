@@ -3,6 +3,7 @@
 //! a leased key) move to etcd with mTLS and back, every key, value, lease and
 //! mod revision read back with etcdctl; a target that is not empty is refused and the
 //! node stays where it was.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -94,8 +95,10 @@ fn migrated_dirs(node: &Node, kind: &str) -> Vec<std::path::PathBuf> {
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("migrated-{kind}-")))
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy()
+                    .starts_with(&format!("migrated-{kind}-"))
+            })
         })
         .collect()
 }
@@ -108,7 +111,10 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
     let text = std::fs::read_to_string(node.path("config.yaml")).unwrap();
     std::fs::write(
         node.path("config.yaml"),
-        text.replace("datastore: etcd\n", "# the datastore, see README\ndatastore: embedded\n"),
+        text.replace(
+            "datastore: etcd\n",
+            "# the datastore, see README\ndatastore: embedded\n",
+        ),
     )
     .unwrap();
     node.start();
@@ -125,22 +131,41 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
         ok(unix_etcdctl(&node, &["txn"], Some(script.as_bytes())));
     }
     for i in 0..100 {
-        ok(unix_etcdctl(&node, &["put", &format!("/registry/single/{i:03}"), &format!("v{i}")], None));
+        ok(unix_etcdctl(
+            &node,
+            &["put", &format!("/registry/single/{i:03}"), &format!("v{i}")],
+            None,
+        ));
     }
     // overwrites (versions above 1) and deletes (gaps in the revisions)
     for i in 0..10 {
-        ok(unix_etcdctl(&node, &["put", &format!("/registry/single/{i:03}"), "again"], None));
-        ok(unix_etcdctl(&node, &["del", &format!("/registry/t0/k{i:03}")], None));
+        ok(unix_etcdctl(
+            &node,
+            &["put", &format!("/registry/single/{i:03}"), "again"],
+            None,
+        ));
+        ok(unix_etcdctl(
+            &node,
+            &["del", &format!("/registry/t0/k{i:03}")],
+            None,
+        ));
     }
     // binary values, NUL bytes included, and a binary key
     let binary: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
-    ok(unix_etcdctl(&node, &["put", "/registry/binary/all-bytes"], Some(&binary)));
+    ok(unix_etcdctl(
+        &node,
+        &["put", "/registry/binary/all-bytes"],
+        Some(&binary),
+    ));
     {
         use std::os::unix::ffi::OsStrExt;
         let key = std::ffi::OsStr::from_bytes(b"/registry/binary/\xff\xfe\x01key");
         let out = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=unix://{}", node.data().datastore_socket().display()))
+            .arg(format!(
+                "--endpoints=unix://{}",
+                node.data().datastore_socket().display()
+            ))
             .arg("put")
             .arg(key)
             .arg(std::ffi::OsStr::from_bytes(b"\x80\x81\xc3"))
@@ -149,9 +174,21 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
         ok(out);
     }
     let grant = ok(unix_etcdctl(&node, &["lease", "grant", "600"], None));
-    let lease = grant.split_whitespace().nth(1).expect("lease id").to_string();
-    ok(unix_etcdctl(&node, &["put", "--lease", &lease, "/registry/leased", "held"], None));
-    let (before_rev, before) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
+    let lease = grant
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    ok(unix_etcdctl(
+        &node,
+        &["put", "--lease", &lease, "/registry/leased", "held"],
+        None,
+    ));
+    let (before_rev, before) = read_all(unix_etcdctl(
+        &node,
+        &["get", "", "--prefix", "-w", "json"],
+        None,
+    ));
     assert_eq!(before.len(), 390 + 100 + 2 + 1, "keys written");
     assert!(before.values().any(|v| v.3 > 1), "an overwritten key");
 
@@ -162,19 +199,32 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
     assert_eq!(report["source_revision"], before_rev, "{report}");
     assert_eq!(report["mod_revisions_kept"], before.len(), "{report}");
     assert_eq!(state(&node, "etcd").as_deref(), Some("ready"));
-    assert!(state(&node, "datastore").is_none(), "the embedded datastore no longer runs");
+    assert!(
+        state(&node, "datastore").is_none(),
+        "the embedded datastore no longer runs"
+    );
     assert!(!node.data().datastore_socket().exists());
     assert_eq!(config_datastore(&node), "etcd");
     let kept = migrated_dirs(&node, "embedded");
     assert_eq!(kept.len(), 1);
     assert!(kept[0].join("state.db").exists(), "old SQLite data kept");
-    assert!(report["old_data"].as_str().unwrap().contains("migrated-embedded-"));
+    assert!(
+        report["old_data"]
+            .as_str()
+            .unwrap()
+            .contains("migrated-embedded-")
+    );
 
     let (etcd_rev, on_etcd) = read_all(node.etcdctl(port, &["get", "", "--prefix", "-w", "json"]));
-    assert!(etcd_rev >= before_rev, "revision went back: {etcd_rev} < {before_rev}");
+    assert!(
+        etcd_rev >= before_rev,
+        "revision went back: {etcd_rev} < {before_rev}"
+    );
     assert_eq!(on_etcd.len(), before.len());
     for (key, (value, _, modr, _, lease)) in &before {
-        let got = on_etcd.get(key).unwrap_or_else(|| panic!("{key:?} missing on etcd"));
+        let got = on_etcd
+            .get(key)
+            .unwrap_or_else(|| panic!("{key:?} missing on etcd"));
         assert_eq!(&got.0, value, "value of {key:?}");
         assert_eq!(got.2, *modr, "mod revision of {key:?}");
         assert_eq!(got.4, *lease, "lease of {key:?}");
@@ -205,13 +255,27 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
     assert_eq!(state(&node, "datastore").as_deref(), Some("ready"));
     assert!(state(&node, "etcd").is_none());
     assert_eq!(config_datastore(&node), "embedded");
-    let (back_rev, back) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
-    assert_eq!(back_rev, etcd_rev, "the embedded store continues at etcd's revision");
+    let (back_rev, back) = read_all(unix_etcdctl(
+        &node,
+        &["get", "", "--prefix", "-w", "json"],
+        None,
+    ));
+    assert_eq!(
+        back_rev, etcd_rev,
+        "the embedded store continues at etcd's revision"
+    );
     assert_eq!(back, on_etcd, "keys, values, revisions, versions, leases");
     let etcd_kept = migrated_dirs(&node, "etcd");
     assert_eq!(etcd_kept.len(), 1);
-    assert!(etcd_kept[0].join("etcd/member").exists(), "old etcd data kept");
-    let ttl = ok(unix_etcdctl(&node, &["lease", "timetolive", &lease, "--keys"], None));
+    assert!(
+        etcd_kept[0].join("etcd/member").exists(),
+        "old etcd data kept"
+    );
+    let ttl = ok(unix_etcdctl(
+        &node,
+        &["lease", "timetolive", &lease, "--keys"],
+        None,
+    ));
     assert!(ttl.contains("/registry/leased"), "{ttl}");
     ok(unix_etcdctl(&node, &["put", "/registry/after2", "y"], None));
 
@@ -226,11 +290,21 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
     let out = node.kdist(&["datastore", "migrate", "--to", "etcd"]);
     assert!(!out.status.success(), "migrated onto a non-empty etcd");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not empty") && err.contains("datastore/etcd"), "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("datastore/etcd"),
+        "{err}"
+    );
     assert_eq!(config_datastore(&node), "embedded");
     assert_eq!(state(&node, "datastore").as_deref(), Some("ready"));
-    assert!(node.path("datastore/etcd/member").exists(), "the refused target is left alone");
-    let (_, still) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
+    assert!(
+        node.path("datastore/etcd/member").exists(),
+        "the refused target is left alone"
+    );
+    let (_, still) = read_all(unix_etcdctl(
+        &node,
+        &["get", "", "--prefix", "-w", "json"],
+        None,
+    ));
     assert_eq!(still.len(), back.len() + 1);
     // and the same node refuses to "migrate" to where it is
     let out = node.kdist(&["datastore", "migrate", "--to", "embedded"]);
@@ -243,10 +317,18 @@ fn a_failed_migration_leaves_the_node_on_its_datastore() {
     let node = Node::new("migf");
     let port = node.config_with_etcd_ports("disable: [containerd]\n");
     let text = std::fs::read_to_string(node.path("config.yaml")).unwrap();
-    std::fs::write(node.path("config.yaml"), text.replace("datastore: etcd\n", "")).unwrap();
+    std::fs::write(
+        node.path("config.yaml"),
+        text.replace("datastore: etcd\n", ""),
+    )
+    .unwrap();
     node.start();
     ok(unix_etcdctl(&node, &["put", "/registry/k", "v"], None));
-    let (_, before) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
+    let (_, before) = read_all(unix_etcdctl(
+        &node,
+        &["get", "", "--prefix", "-w", "json"],
+        None,
+    ));
     // etcd cannot listen: its client port is taken
     let blocker = std::net::TcpListener::bind(("127.0.0.1", port)).expect("hold the etcd port");
     let out = node.kdist(&["datastore", "migrate", "--to", "etcd"]);
@@ -260,9 +342,19 @@ fn a_failed_migration_leaves_the_node_on_its_datastore() {
     assert_eq!(config_datastore(&node), "embedded");
     assert_eq!(state(&node, "datastore").as_deref(), Some("ready"));
     assert!(state(&node, "etcd").is_none(), "etcd left running");
-    assert!(!node.path("datastore/etcd").exists(), "the failed target's data is removed");
-    assert!(migrated_dirs(&node, "embedded").is_empty(), "nothing moved aside");
-    let (_, after) = read_all(unix_etcdctl(&node, &["get", "", "--prefix", "-w", "json"], None));
+    assert!(
+        !node.path("datastore/etcd").exists(),
+        "the failed target's data is removed"
+    );
+    assert!(
+        migrated_dirs(&node, "embedded").is_empty(),
+        "nothing moved aside"
+    );
+    let (_, after) = read_all(unix_etcdctl(
+        &node,
+        &["get", "", "--prefix", "-w", "json"],
+        None,
+    ));
     assert_eq!(after, before);
     // with the port free again the same command succeeds
     node.kdist_ok(&["datastore", "migrate", "--to", "etcd"]);

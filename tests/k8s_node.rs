@@ -547,18 +547,41 @@ fn node_migrates_from_embedded_to_etcd() {
         std::env::var("PATH").unwrap_or_default()
     );
     let out = data.kdist_env(
-        &["start", "--config", config.to_str().unwrap(), "--timeout", "180"],
+        &[
+            "start",
+            "--config",
+            config.to_str().unwrap(),
+            "--timeout",
+            "180",
+        ],
         &[("PATH", &path)],
     );
     assert!(out.status.success(), "{}", text(&out));
-    kubectl(&data, &["create", "configmap", "before", "--from-literal=where=embedded"]);
+    kubectl(
+        &data,
+        &[
+            "create",
+            "configmap",
+            "before",
+            "--from-literal=where=embedded",
+        ],
+    );
     let manifest = data.path("mig.yaml");
     std::fs::write(&manifest, MIGRATE_WORKLOAD).unwrap();
     kubectl(&data, &["apply", "-f", manifest.to_str().unwrap()]);
-    kubectl(&data, &["rollout", "status", "deployment/mig", "--timeout=120s"]);
+    kubectl(
+        &data,
+        &["rollout", "status", "deployment/mig", "--timeout=120s"],
+    );
     let rv = kubectl(
         &data,
-        &["get", "configmap", "before", "-o", "jsonpath={.metadata.resourceVersion}"],
+        &[
+            "get",
+            "configmap",
+            "before",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
     );
     let pods = mig_pods(&data);
     assert_eq!(pods.len(), 2, "{pods:?}");
@@ -574,7 +597,12 @@ fn node_migrates_from_embedded_to_etcd() {
     );
     eprintln!("migrate --to etcd: {:?}\n{}", started.elapsed(), text(&out));
     let status = data.status();
-    for service in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+    for service in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ] {
         assert_eq!(
             TempData::service(&status, service)["ready"],
             true,
@@ -594,13 +622,22 @@ fn node_migrates_from_embedded_to_etcd() {
 
     // the data came along, resourceVersion included
     assert_eq!(
-        kubectl(&data, &["get", "configmap", "before", "-o", "jsonpath={.data.where}"]),
+        kubectl(
+            &data,
+            &["get", "configmap", "before", "-o", "jsonpath={.data.where}"]
+        ),
         "embedded"
     );
     assert_eq!(
         kubectl(
             &data,
-            &["get", "configmap", "before", "-o", "jsonpath={.metadata.resourceVersion}"]
+            &[
+                "get",
+                "configmap",
+                "before",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}"
+            ]
         ),
         rv
     );
@@ -608,9 +645,15 @@ fn node_migrates_from_embedded_to_etcd() {
     let after = mig_pods(&data);
     assert_eq!(after, pods, "pods changed across the migration");
     // the cluster works on etcd: new objects, new pods scheduled and started
-    kubectl(&data, &["create", "configmap", "after", "--from-literal=where=etcd"]);
+    kubectl(
+        &data,
+        &["create", "configmap", "after", "--from-literal=where=etcd"],
+    );
     kubectl(&data, &["scale", "deployment/mig", "--replicas=3"]);
-    kubectl(&data, &["rollout", "status", "deployment/mig", "--timeout=120s"]);
+    kubectl(
+        &data,
+        &["rollout", "status", "deployment/mig", "--timeout=120s"],
+    );
     assert_eq!(mig_pods(&data).len(), 3);
     let out = data.kdist(&["stop"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -51,7 +51,10 @@ pub async fn run(args: MigrateArgs, data: DataDir) -> anyhow::Result<ExitCode> {
                 "  leases      {} re-granted with their remaining TTL{}",
                 report.leases,
                 if report.expired_keys > 0 {
-                    format!("; {} keys of expired leases not copied", report.expired_keys)
+                    format!(
+                        "; {} keys of expired leases not copied",
+                        report.expired_keys
+                    )
                 } else {
                     String::new()
                 }
@@ -63,7 +66,11 @@ pub async fn run(args: MigrateArgs, data: DataDir) -> anyhow::Result<ExitCode> {
                 } else {
                     report.restarted.join(", ")
                 },
-                if report.ready { " (ready)" } else { " (not ready yet: see `kdist status`)" }
+                if report.ready {
+                    " (ready)"
+                } else {
+                    " (not ready yet: see `kdist status`)"
+                }
             );
             println!("  old data    {} (kept)", report.old_data);
         }

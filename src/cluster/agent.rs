@@ -239,8 +239,7 @@ impl Agent {
         let datastore = NodeConfig::load(&self.data)
             .map(|c| c.datastore)
             .unwrap_or(self.config.datastore);
-        if request.role == Role::ControlPlane
-            && datastore == crate::config::DatastoreKind::Embedded
+        if request.role == Role::ControlPlane && datastore == crate::config::DatastoreKind::Embedded
         {
             // say which token role is wrong before saying the datastore is
             store.check_role(&request.token, Role::ControlPlane)?;

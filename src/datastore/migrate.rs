@@ -32,8 +32,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use super::error::DatastoreError;
 use super::proto::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, LeaseLeasesRequest, LeaseTimeToLiveRequest,
-    MemberListRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, cluster_client::ClusterClient,
-    kv_client::KvClient, lease_client::LeaseClient, request_op,
+    MemberListRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient, request_op,
 };
 use super::proto::mvccpb::KeyValue;
 use crate::config::{DataDir, DatastoreKind};
@@ -135,9 +135,7 @@ fn tls_config(tls: &Tls) -> Result<rustls::ClientConfig, DatastoreError> {
     };
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs(&tls.ca)? {
-        roots
-            .add(cert)
-            .map_err(|e| bad(&tls.ca, e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(&tls.ca, e.to_string()))?;
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| bad(&tls.key, e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -662,7 +660,9 @@ mod tests {
         let refs: Vec<&KeyValue> = kvs.iter().collect();
         let sizes: Vec<usize> = batches(&refs).iter().map(Vec::len).collect();
         assert_eq!(sizes, [128, 72]);
-        let large: Vec<KeyValue> = (0..3).map(|i| kv(&format!("b{i}"), &big, 3, 3, 1, 0)).collect();
+        let large: Vec<KeyValue> = (0..3)
+            .map(|i| kv(&format!("b{i}"), &big, 3, 3, 1, 0))
+            .collect();
         let refs: Vec<&KeyValue> = large.iter().collect();
         assert_eq!(batches(&refs).len(), 2);
     }

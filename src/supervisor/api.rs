@@ -98,21 +98,21 @@ async fn handle(
                 (fleet.sender(name), fleet.names())
             };
             match tx {
-            None => error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "unknown service `{name}`; this node runs: {}",
-                    known.join(", ")
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "unknown service `{name}`; this node runs: {}",
+                        known.join(", ")
+                    ),
                 ),
-            ),
-            Some(tx) => {
-                let (reply, done) = oneshot::channel();
-                if tx.send(Order::Restart(reply)).await.is_err() || done.await.is_err() {
-                    error(StatusCode::CONFLICT, format!("{name} is stopping"))
-                } else {
-                    json(StatusCode::OK, &serde_json::json!({ "restarted": name }))
+                Some(tx) => {
+                    let (reply, done) = oneshot::channel();
+                    if tx.send(Order::Restart(reply)).await.is_err() || done.await.is_err() {
+                        error(StatusCode::CONFLICT, format!("{name} is stopping"))
+                    } else {
+                        json(StatusCode::OK, &serde_json::json!({ "restarted": name }))
+                    }
                 }
-            }
             }
         }
         (&Method::POST, ["v1", "datastore", "migrate"]) => {

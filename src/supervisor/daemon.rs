@@ -17,8 +17,8 @@ use super::backoff::RestartPolicy;
 use super::builtin::Builtins;
 use super::child;
 use super::error::SupervisorError;
-use super::logs;
 use super::fleet::{Fleet, SharedFleet};
+use super::logs;
 use super::runner::Order;
 use super::service::{self, ServiceSpec};
 use super::status::Board;
@@ -212,12 +212,7 @@ impl Daemon {
 
 /// Every `certs.check_interval`: renews what is due (or lacks a new host address) and
 /// restarts the services that read it, one at a time, each back to ready before the next.
-async fn renew_periodically(
-    data: DataDir,
-    config: NodeConfig,
-    fleet: SharedFleet,
-    board: Board,
-) {
+async fn renew_periodically(data: DataDir, config: NodeConfig, fleet: SharedFleet, board: Board) {
     // a worker cannot renew without the CA key; it re-joins for new certificates
     if config.role == crate::config::Role::Worker {
         return;

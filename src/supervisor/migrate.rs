@@ -106,11 +106,7 @@ async fn blocking<T: Send + 'static>(
 /// Waits until every one of `names` is ready on the board.
 async fn wait_ready(fleet: &SharedFleet, names: &[String], timeout: Duration) -> bool {
     let mut rx = fleet.lock().await.board.subscribe();
-    let all = rx.wait_for(|map| {
-        names
-            .iter()
-            .all(|n| map.get(n).is_some_and(|s| s.ready))
-    });
+    let all = rx.wait_for(|map| names.iter().all(|n| map.get(n).is_some_and(|s| s.ready)));
     matches!(tokio::time::timeout(timeout, all).await, Ok(Ok(_)))
 }
 
@@ -128,7 +124,10 @@ async fn wait_target(fleet: &SharedFleet, name: &str) -> Result<(), String> {
             Some(s) if s.ready => Ok(()),
             Some(s) => Err(format!(
                 "{name} exited while starting ({})",
-                s.last_exit.as_deref().or(s.message.as_deref()).unwrap_or("no reason given")
+                s.last_exit
+                    .as_deref()
+                    .or(s.message.as_deref())
+                    .unwrap_or("no reason given")
             )),
             None => Err(format!("{name} is not on the board")),
         },
@@ -217,7 +216,16 @@ pub(crate) async fn migrate(
         Ok(done) => done,
         Err((step, err)) => {
             warn!(step = %step, error = %crate::report::error_chain(&err), "datastore migration failed; rolling back");
-            rollback(fleet, data, to, new_name, target_started, &old_specs, &restarted).await;
+            rollback(
+                fleet,
+                data,
+                to,
+                new_name,
+                target_started,
+                &old_specs,
+                &restarted,
+            )
+            .await;
             return Err(SupervisorError::MigrateFailed {
                 step,
                 from: kind_name(from).into(),
@@ -228,14 +236,26 @@ pub(crate) async fn migrate(
 
     // the switch: from here on the node runs on the target
     if let Err(err) = NodeConfig::set_datastore(data, to) {
-        rollback(fleet, data, to, new_name, target_started, &old_specs, &restarted).await;
+        rollback(
+            fleet,
+            data,
+            to,
+            new_name,
+            target_started,
+            &old_specs,
+            &restarted,
+        )
+        .await;
         return Err(SupervisorError::MigrateFailed {
             step: "writing config.yaml".into(),
             from: kind_name(from).into(),
             source: Box::new(err.into()),
         });
     }
-    info!(to = kind_name(to), "datastore migration: config.yaml switched");
+    info!(
+        to = kind_name(to),
+        "datastore migration: config.yaml switched"
+    );
     {
         let mut fleet = fleet.lock().await;
         fleet.stop(old_name).await;
@@ -303,7 +323,11 @@ async fn copy_and_check(
     let snap = copy::read(src, source_name)
         .await
         .map_err(at("reading the source datastore"))?;
-    info!(keys = snap.kvs.len(), revision = snap.revision, "datastore migration: source read");
+    info!(
+        keys = snap.kvs.len(),
+        revision = snap.revision,
+        "datastore migration: source read"
+    );
     let new_name = service_name(to);
     let spec = new_specs
         .iter()
@@ -315,8 +339,8 @@ async fn copy_and_check(
                 refused(format!("the {new_name} service is disabled in config.yaml")),
             )
         })?;
-    let config = NodeConfig::load(data)
-        .map_err(|e| ("reading config.yaml".to_string(), e.into()))?;
+    let config =
+        NodeConfig::load(data).map_err(|e| ("reading config.yaml".to_string(), e.into()))?;
     let target = Side::of(data, to, config.etcd.client_port);
     let target_name = target.name();
     if to == DatastoreKind::Embedded {
@@ -347,7 +371,11 @@ async fn copy_and_check(
         let copied = copy::copy_to_etcd(&dst, &target_name, &snap)
             .await
             .map_err(at("copying into etcd"))?;
-        info!(pad_writes = copied.pad_writes, revision = copied.revision, "datastore migration: keys written");
+        info!(
+            pad_writes = copied.pad_writes,
+            revision = copied.revision,
+            "datastore migration: keys written"
+        );
     }
     let written = copy::read(&dst, &target_name)
         .await
