@@ -653,7 +653,7 @@ mod tests {
 
     #[test]
     fn one_source_revision_is_split_only_at_etcd_limits() {
-        let big = vec![0u8; 600 * 1024];
+        let big = vec![0u8; 400 * 1024];
         let kvs: Vec<KeyValue> = (0..200)
             .map(|i| kv(&format!("k{i}"), b"v", 3, 3, 1, 0))
             .collect();
