@@ -26,6 +26,9 @@ pub(crate) struct Fleet {
     builtins: Builtins,
     orders: BTreeMap<String, mpsc::Sender<Order>>,
     tasks: BTreeMap<String, JoinHandle<()>>,
+    /// Set by `stop_all`: the daemon is stopping, nothing starts any more (a migration
+    /// that ends meanwhile must not leave children behind).
+    closed: bool,
 }
 
 impl Fleet {
@@ -45,6 +48,7 @@ impl Fleet {
             builtins,
             orders: BTreeMap::new(),
             tasks: BTreeMap::new(),
+            closed: false,
         };
         for spec in specs {
             fleet.spawn(spec);
@@ -54,6 +58,9 @@ impl Fleet {
 
     /// Starts a runner for `spec`; its board entry must exist.
     pub fn spawn(&mut self, spec: ServiceSpec) {
+        if self.closed {
+            return;
+        }
         let (tx, rx) = mpsc::channel(4);
         let name = spec.name.clone();
         let runner = Runner {
@@ -94,6 +101,7 @@ impl Fleet {
 
     /// Stops every service in reverse dependency order.
     pub async fn stop_all(&mut self) {
+        self.closed = true;
         let names: Vec<String> = self.specs.iter().rev().map(|s| s.name.clone()).collect();
         for name in names {
             self.stop(&name).await;
