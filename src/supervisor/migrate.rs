@@ -363,6 +363,7 @@ async fn copy_and_check(
             refused(format!("{reason}; see `kdist logs {new_name}`")),
         ));
     }
+    info!(service = new_name, "datastore migration: target ready");
     let dst = target
         .connect()
         .await
