@@ -504,6 +504,27 @@ mod tests {
     }
 
     #[test]
+    fn set_datastore_switches_the_line_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        // no file: the line is the whole file
+        let config = NodeConfig::set_datastore(&data, DatastoreKind::Etcd).unwrap();
+        assert_eq!(config.datastore, DatastoreKind::Etcd);
+        let text =
+            "# my node\nnode_name: n1 # named\ndatastore: etcd\netcd:\n  client_port: 2399\n";
+        std::fs::write(data.config_file(), text).unwrap();
+        NodeConfig::set_datastore(&data, DatastoreKind::Embedded).unwrap();
+        let after = std::fs::read_to_string(data.config_file()).unwrap();
+        assert_eq!(
+            after,
+            text.replace("datastore: etcd", "datastore: embedded")
+        );
+        let config = NodeConfig::load(&data).unwrap();
+        assert_eq!(config.etcd.client_port, 2399);
+        assert_eq!(config.datastore, DatastoreKind::Embedded);
+    }
+
+    #[test]
     fn clashing_ports_are_refused() {
         let err = NodeConfig::parse("etcd:\n  client_port: 5\n  peer_port: 5\n", Path::new("c"))
             .unwrap_err()
