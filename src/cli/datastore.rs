@@ -1,4 +1,3 @@
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -6,11 +5,12 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
 use super::Output;
-use crate::config::DataDir;
+use crate::config::{DataDir, ListenAddr};
 use crate::datastore::proto::etcdserverpb::{
     CompactionRequest, DefragmentRequest, RangeRequest, SnapshotRequest, StatusRequest,
     kv_client::KvClient, maintenance_client::MaintenanceClient,
 };
+use crate::datastore::tls::{self, TlsFiles};
 use crate::datastore::{self, Listeners, Server, ServerOptions, client};
 use crate::supervisor::Client;
 
@@ -52,10 +52,20 @@ pub struct ServeArgs {
     /// Database file [default: <data>/datastore/state.db].
     #[arg(long, value_name = "FILE")]
     pub db: Option<PathBuf>,
-    /// Where to listen: unix:///path.sock or 127.0.0.1:PORT; repeat for several
-    /// [default: unix://<data>/run/datastore.sock].
+    /// Where to listen: unix:///path.sock, https://IP:PORT (TLS, client certificate of
+    /// the etcd CA required; also a bare IP:PORT) or http://IP:PORT (plain TCP); repeat
+    /// for several [default: unix://<data>/run/datastore.sock].
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
+    /// Serving certificate for https listeners [default: <data>/certs/etcd/server.crt].
+    #[arg(long, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key [default: <data>/certs/etcd/server.key].
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA that signs client certificates [default: <data>/certs/etcd/ca.crt].
+    #[arg(long, value_name = "FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
     /// Member name reported by MemberList.
     #[arg(long, default_value = "kdist")]
     pub name: String,
@@ -148,6 +158,12 @@ async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     } else {
         args.listen.clone()
     };
+    let defaults = TlsFiles::etcd_server(&data);
+    let tls_files = TlsFiles {
+        ca: args.trusted_ca_file.clone().unwrap_or(defaults.ca),
+        cert: args.cert_file.clone().unwrap_or(defaults.cert),
+        key: args.key_file.clone().unwrap_or(defaults.key),
+    };
     // The store is ready before anything can connect.
     let server = Server::open(&db)?;
     let mut listeners = Listeners::default();
@@ -160,18 +176,20 @@ async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
             listeners.unix = Some(bind_unix(Path::new(path)).await?);
             urls.push(url.clone());
         } else {
-            if listeners.tcp.is_some() {
-                bail!("--listen {url}: only one TCP address can be served");
-            }
-            let addr: SocketAddr = url
-                .trim_start_matches("http://")
+            let listen: ListenAddr = url
                 .parse()
-                .with_context(|| format!("--listen {url}: expected unix:///path or IP:PORT"))?;
-            let l = tokio::net::TcpListener::bind(addr)
+                .map_err(|reason| anyhow::anyhow!("--listen {url}: {reason}"))?;
+            let l = tokio::net::TcpListener::bind(listen.addr)
                 .await
                 .with_context(|| format!("--listen {url}: cannot bind"))?;
-            urls.push(format!("http://{}", l.local_addr()?));
-            listeners.tcp = Some(l);
+            urls.push(listen.url(l.local_addr()?));
+            if listen.tls {
+                let config = tls::server_config(&tls_files, listen.addr.ip(), true)
+                    .with_context(|| format!("--listen {url}"))?;
+                listeners.tls.push((l, config));
+            } else {
+                listeners.tcp.push(l);
+            }
         }
     }
     let server = server.with_options(ServerOptions {

@@ -42,6 +42,8 @@ pub enum DatastoreError {
     Bench { endpoint: String, reason: String },
     #[error("bad endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("TLS material {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
     #[error("cannot connect to {endpoint}: is the datastore running?")]
     Connect {
         endpoint: String,

@@ -18,6 +18,7 @@ pub mod proto;
 mod server;
 mod service;
 mod store;
+pub mod tls;
 mod watch;
 
 use std::path::{Path, PathBuf};

@@ -59,6 +59,13 @@ pub fn affected_services(issued: &[Issued]) -> Vec<String> {
 }
 
 /// Names accepted by `kdist certs renew`: every leaf.
+/// Whether the first certificate of `pem` names `ip` among its subject alternative names.
+pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, String> {
+    let certs = inspect::parse_pem_bundle(pem)?;
+    let first = certs.first().ok_or("holds no certificate")?;
+    Ok(first.sans.contains(&San::Ip(ip)))
+}
+
 pub fn leaf_names() -> Vec<&'static str> {
     spec::LEAVES.iter().map(|l| l.name).collect()
 }
@@ -387,12 +394,17 @@ impl Pki {
     fn expected_sans(&self, leaf: &LeafSpec) -> Result<BTreeSet<San>, PkiError> {
         let mut extra = self.config.certs.extra_sans.clone();
         extra.extend(self.added_sans()?);
-        Ok(spec::sans_for(
-            leaf.sans,
-            &self.host,
-            self.service_ip()?,
-            &extra,
-        ))
+        let mut sans = spec::sans_for(leaf.sans, &self.host, self.service_ip()?, &extra);
+        // the embedded datastore serves TLS on its configured addresses with this cert
+        if leaf.name == spec::DATASTORE_SERVING_LEAF {
+            for listen in &self.config.embedded.listen {
+                let ip = listen.addr.ip();
+                if !ip.is_unspecified() {
+                    sans.insert(San::Ip(ip));
+                }
+            }
+        }
+        Ok(sans)
     }
 
     fn common_name(&self, leaf: &LeafSpec) -> String {
