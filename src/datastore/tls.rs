@@ -110,7 +110,9 @@ impl ResolvesServerCert for ReloadingCert {
             match certified_key(&self.files, &self.provider) {
                 Ok(key) => *current = (stamp, Arc::new(key)),
                 // keep serving the previous certificate while a renewal is half written
-                Err(err) => tracing::warn!(error = %err, "datastore: cannot reload the serving certificate"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "datastore: cannot reload the serving certificate")
+                }
             }
         }
         Some(current.1.clone())
@@ -135,8 +137,8 @@ pub fn server_config(
                 &files.cert,
                 format!(
                     "the certificate does not name {ip}: list the address under \
-                     `embedded: listen:` in config.yaml and run `kdist certs check` \
-                     (the daemon re-issues it at start), or listen on an address it names"
+                     `embedded: listen:` in config.yaml and run `kdist certs init` (the \
+                     daemon does that at start), or listen on an address it names"
                 ),
             ));
         }
@@ -149,9 +151,10 @@ pub fn server_config(
         for ca in certs_of(&files.ca)? {
             roots.add(ca).map_err(|e| tls_err(&files.ca, e))?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| tls_err(&files.ca, e))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| tls_err(&files.ca, e))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
@@ -167,7 +170,9 @@ pub fn server_config(
 }
 
 /// tonic's client TLS settings for `files`: trust `files.ca`, present `files.cert`.
-pub fn client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTlsConfig, DatastoreError> {
+pub fn client_config(
+    files: &TlsFiles,
+) -> Result<tonic::transport::ClientTlsConfig, DatastoreError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     // read up front: tonic's errors about unreadable material do not name the file
     let ca = read(&files.ca)?;

@@ -1,0 +1,242 @@
+//! The embedded datastore on TCP with TLS from kdist's PKI: `kdist datastore serve
+//! --listen https://...` and the daemon's `embedded: listen:`. Real peers: Debian's
+//! etcdctl and the `etcd-client` crate. A client certificate of the etcd CA is required;
+//! none, or one of another CA, is refused.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// etcdctl over https with whatever TLS flags are given; short timeouts so refusals
+/// show quickly.
+fn etcdctl_tls(port: u16, tls: &[String], args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=https://127.0.0.1:{port}"))
+        .args(["--dial-timeout=3s", "--command-timeout=5s"])
+        .args(tls)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcdctl")
+}
+
+fn flags(certs: &Path, client: Option<&str>) -> Vec<String> {
+    let mut out = vec![format!("--cacert={}", certs.join("etcd/ca.crt").display())];
+    if let Some(name) = client {
+        out.push(format!(
+            "--cert={}",
+            certs.join(format!("{name}.crt")).display()
+        ));
+        out.push(format!(
+            "--key={}",
+            certs.join(format!("{name}.key")).display()
+        ));
+    }
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Served {
+    proc: Proc,
+    port: u16,
+    certs: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// `kdist certs init` in a fresh data dir, then `kdist datastore serve` on an https port.
+fn serve_https() -> Served {
+    let dir = temp_dir("kdist-dstls");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("config.yaml"), OFFLINE).expect("config");
+    let (ok, _, err) = kdist(&["--data-dir", &data.to_string_lossy(), "certs", "init"]);
+    assert!(ok, "certs init: {err}");
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+    let proc = Proc::spawn(
+        Command::new(KDIST)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["datastore", "serve", "--db"])
+            .arg(dir.path().join("state.db"))
+            .arg("--listen")
+            .arg(format!("unix://{}", dir.path().join("ds.sock").display()))
+            .arg("--listen")
+            .arg(format!("https://127.0.0.1:{port}"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log),
+    );
+    let up = poll_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(
+        up,
+        "serve did not come up: {}",
+        std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default()
+    );
+    Served {
+        proc,
+        port,
+        certs: data.join("certs"),
+        _dir: dir,
+    }
+}
+
+#[test]
+fn etcdctl_needs_a_client_cert_of_the_etcd_ca() {
+    let mut s = serve_https();
+    let good = flags(&s.certs, Some("apiserver-etcd-client"));
+    let put = etcdctl_tls(s.port, &good, &["put", "/tls/k", "v1"]);
+    assert!(put.status.success(), "{}", describe(&put));
+    let get = etcdctl_tls(s.port, &good, &["get", "/tls/k", "--print-value-only"]);
+    assert_eq!(stdout(&get).trim(), "v1", "{}", describe(&get));
+    // the healthcheck client is of the same CA
+    let hc = flags(&s.certs, Some("etcd/healthcheck-client"));
+    let get = etcdctl_tls(s.port, &hc, &["get", "/tls/k", "--print-value-only"]);
+    assert_eq!(stdout(&get).trim(), "v1", "{}", describe(&get));
+
+    // no client certificate
+    let none = etcdctl_tls(s.port, &flags(&s.certs, None), &["get", "/tls/k"]);
+    assert!(!none.status.success(), "{}", describe(&none));
+    assert!(!stdout(&none).contains("v1"));
+    // a client certificate of another CA (the cluster CA's admin)
+    let other = etcdctl_tls(s.port, &flags(&s.certs, Some("admin")), &["get", "/tls/k"]);
+    assert!(!other.status.success(), "{}", describe(&other));
+    assert!(!stdout(&other).contains("v1"));
+    // plaintext on the TLS port
+    let (ok, out, _) = etcdctl_stdin(
+        &format!("http://127.0.0.1:{}", s.port),
+        &["--dial-timeout=3s", "--command-timeout=5s", "get", "/tls/k"],
+        None,
+    );
+    assert!(!ok && !out.contains("v1"));
+
+    // the server still serves good clients after the refusals
+    let get = etcdctl_tls(s.port, &good, &["get", "/tls/k", "--print-value-only"]);
+    assert_eq!(stdout(&get).trim(), "v1");
+    assert!(s.proc.terminate().success());
+}
+
+#[test]
+fn etcd_client_crate_over_tls() {
+    use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions};
+    let mut s = serve_https();
+    let read = |name: &str| std::fs::read(s.certs.join(name)).expect("read cert");
+    let endpoint = format!("https://127.0.0.1:{}", s.port);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read("etcd/ca.crt")))
+            .identity(Identity::from_pem(
+                read("apiserver-etcd-client.crt"),
+                read("apiserver-etcd-client.key"),
+            ));
+        let mut client = Client::connect(
+            [endpoint.as_str()],
+            Some(ConnectOptions::new().with_tls(tls)),
+        )
+        .await
+        .expect("connect over TLS");
+        let mut events = client
+            .watch("/crate/", Some(WatchOptions::new().with_prefix()))
+            .await
+            .expect("watch");
+        client.put("/crate/a", "1", None).await.expect("put");
+        let got = client.get("/crate/a", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"1");
+        let event = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let resp = events
+                    .message()
+                    .await
+                    .expect("watch stream")
+                    .expect("event");
+                if let Some(e) = resp.events().first() {
+                    return e.kv().expect("kv").key().to_vec();
+                }
+            }
+        })
+        .await
+        .expect("watch event in time");
+        assert_eq!(event, b"/crate/a");
+
+        // without a client certificate the connection or the first call fails
+        let tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("etcd/ca.crt")));
+        let options = ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(3));
+        let refused = match Client::connect([endpoint.as_str()], Some(options)).await {
+            Err(_) => true,
+            Ok(mut c) => c.get("/crate/a", None).await.is_err(),
+        };
+        assert!(refused, "a client without a certificate was served");
+    });
+    assert!(s.proc.terminate().success());
+}
+
+#[test]
+fn serve_refuses_an_address_the_certificate_does_not_name() {
+    let s = serve_https();
+    let data = s.certs.parent().expect("data dir").to_path_buf();
+    let port = free_port();
+    let out = Command::new(KDIST)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["datastore", "serve", "--db"])
+        .arg(data.join("other.db"))
+        .arg("--listen")
+        .arg(format!("https://127.0.0.2:{port}"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not name 127.0.0.2") && err.contains("embedded: listen:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn daemon_serves_embedded_listen_with_mtls() {
+    let node = Node::new("dstls");
+    let port = free_port();
+    node.write_config(&format!(
+        "embedded:\n  listen: [\"https://127.0.0.1:{port}\"]\n"
+    ));
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let put = node.etcdctl(port, &["put", "/daemon/k", "v"]);
+    assert!(put.status.success(), "{}", describe(&put));
+    // the same data as on the unix socket kube-apiserver uses
+    let unix = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!(
+            "--endpoints=unix://{}",
+            node.data().datastore_socket().display()
+        ))
+        .args(["get", "/daemon/k", "--print-value-only"])
+        .output()
+        .expect("etcdctl");
+    assert_eq!(stdout(&unix).trim(), "v");
+    let members = node.etcdctl(port, &["member", "list"]);
+    assert!(
+        stdout(&members).contains(&format!("https://127.0.0.1:{port}")),
+        "{}",
+        describe(&members)
+    );
+    let none = etcdctl_tls(
+        port,
+        &flags(&node.path("certs"), None),
+        &["get", "/daemon/k"],
+    );
+    assert!(!none.status.success(), "{}", describe(&none));
+    node.kdist_ok(&["stop"]);
+}
