@@ -42,6 +42,19 @@ pub enum DatastoreError {
     Bench { endpoint: String, reason: String },
     #[error("bad endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("{call} on {endpoint} failed")]
+    Rpc {
+        endpoint: String,
+        call: &'static str,
+        #[source]
+        source: Box<tonic::Status>,
+    },
+    #[error("restoring the etcd snapshot {snapshot} into {data_dir} failed: {reason}")]
+    EtcdRestore {
+        snapshot: PathBuf,
+        data_dir: PathBuf,
+        reason: String,
+    },
     #[error("TLS material {path}: {reason}")]
     Tls { path: PathBuf, reason: String },
     #[error("cannot connect to {endpoint}: is the datastore running?")]
