@@ -122,6 +122,44 @@ fn etcdctl_needs_a_client_cert_of_the_etcd_ca() {
     // the server still serves good clients after the refusals
     let get = etcdctl_tls(s.port, &good, &["get", "/tls/k", "--print-value-only"]);
     assert_eq!(stdout(&get).trim(), "v1");
+
+    // kdist's own client: the data dir's etcd CA and healthcheck client by default
+    let data = s
+        .certs
+        .parent()
+        .expect("data dir")
+        .to_string_lossy()
+        .to_string();
+    let endpoint = format!("https://127.0.0.1:{}", s.port);
+    let (ok, out, err) = kdist(&[
+        "--data-dir",
+        &data,
+        "datastore",
+        "status",
+        "--endpoint",
+        &endpoint,
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(status["keys"], 1, "{status}");
+    assert_eq!(status["revision"], 2, "{status}");
+    let admin = s.certs.join("admin");
+    let (ok, _, err) = kdist(&[
+        "--data-dir",
+        &data,
+        "datastore",
+        "status",
+        "--endpoint",
+        &endpoint,
+        "--cert",
+        &format!("{}.crt", admin.display()),
+        "--key",
+        &format!("{}.key", admin.display()),
+    ]);
+    assert!(!ok, "a client certificate of another CA was accepted");
+    assert!(err.contains(&endpoint), "{err}");
     assert!(s.proc.terminate().success());
 }
 

@@ -103,3 +103,34 @@ pub async fn connect_with(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_by_scheme() {
+        assert_eq!(
+            Target::parse("unix:///run/ds.sock").unwrap(),
+            Target::Unix("/run/ds.sock".into())
+        );
+        assert_eq!(
+            Target::parse("127.0.0.1:2379").unwrap(),
+            Target::Http("http://127.0.0.1:2379".into())
+        );
+        assert_eq!(
+            Target::parse("https://127.0.0.1:2379").unwrap(),
+            Target::Https("https://127.0.0.1:2379".into())
+        );
+        assert!(Target::parse("unix://").is_err());
+    }
+
+    #[tokio::test]
+    async fn https_without_tls_material_is_refused() {
+        let err = connect("https://127.0.0.1:1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client certificate"), "{err}");
+    }
+}
