@@ -1058,6 +1058,26 @@ mod tests {
     }
 
     #[test]
+    fn embedded_listen_addresses_go_into_the_etcd_serving_cert() {
+        let data = temp_data("dslisten");
+        ensure(&data, &NodeConfig::default()).unwrap();
+        let ip: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+        let pem = std::fs::read(data.certs_dir().join("etcd/server.crt")).unwrap();
+        assert!(!cert_names_ip(&pem, ip).unwrap());
+        let config = NodeConfig::parse(
+            "embedded:\n  listen: [\"https://127.0.0.9:12379\", \"0.0.0.0:12380\"]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let issued = ensure(&data, &config).unwrap();
+        let names: Vec<&str> = issued.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["etcd/server"]);
+        let pem = std::fs::read(data.certs_dir().join("etcd/server.crt")).unwrap();
+        assert!(cert_names_ip(&pem, ip).unwrap());
+        std::fs::remove_dir_all(data.root()).unwrap();
+    }
+
+    #[test]
     fn renew_affects_the_services_reading_it() {
         let data = temp_data("renew");
         let config = NodeConfig::default();
