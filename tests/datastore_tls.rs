@@ -44,6 +44,45 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The serial of the certificate the server on `port` presents (openssl s_client).
+fn served_serial(port: u16, certs: &Path) -> String {
+    let shown = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .arg("-CAfile")
+        .arg(certs.join("etcd/ca.crt"))
+        .arg("-cert")
+        .arg(certs.join("apiserver-etcd-client.crt"))
+        .arg("-key")
+        .arg(certs.join("apiserver-etcd-client.key"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    use std::io::Write;
+    x509.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&shown.stdout)
+        .expect("write");
+    let out = x509.wait_with_output().expect("openssl x509");
+    assert!(out.status.success(), "{}", describe(&shown));
+    stdout(&out).trim().to_string()
+}
+
+fn file_serial(cert: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(cert)
+        .output()
+        .expect("openssl x509");
+    stdout(&out).trim().to_string()
+}
+
 struct Served {
     proc: Proc,
     port: u16,
@@ -160,6 +199,17 @@ fn etcdctl_needs_a_client_cert_of_the_etcd_ca() {
     ]);
     assert!(!ok, "a client certificate of another CA was accepted");
     assert!(err.contains(&endpoint), "{err}");
+
+    // a renewed serving certificate is presented without a restart
+    let before = served_serial(s.port, &s.certs);
+    assert_eq!(before, file_serial(&s.certs.join("etcd/server.crt")));
+    let (ok, _, err) = kdist(&["--data-dir", &data, "certs", "renew", "etcd/server"]);
+    assert!(ok, "{err}");
+    let renewed = file_serial(&s.certs.join("etcd/server.crt"));
+    assert_ne!(renewed, before);
+    assert_eq!(served_serial(s.port, &s.certs), renewed);
+    let get = etcdctl_tls(s.port, &good, &["get", "/tls/k", "--print-value-only"]);
+    assert_eq!(stdout(&get).trim(), "v1");
     assert!(s.proc.terminate().success());
 }
 
