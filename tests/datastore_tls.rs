@@ -296,13 +296,22 @@ fn serve_refuses_an_address_the_certificate_does_not_name() {
 #[test]
 fn daemon_serves_embedded_listen_with_mtls() {
     let node = Node::new("dstls");
-    let port = free_port();
+    let (port, other) = (free_port(), free_port());
+    // 127.0.0.9 is in no default certificate: the daemon adds it to etcd/server
     node.write_config(&format!(
-        "embedded:\n  listen: [\"https://127.0.0.1:{port}\"]\n"
+        "embedded:\n  listen: [\"https://127.0.0.1:{port}\", \"https://127.0.0.9:{other}\"]\n"
     ));
     node.kdist_ok(&["start", "--timeout", "60"]);
     let put = node.etcdctl(port, &["put", "/daemon/k", "v"]);
     assert!(put.status.success(), "{}", describe(&put));
+    let get = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=https://127.0.0.9:{other}"))
+        .args(flags(&node.path("certs"), Some("apiserver-etcd-client")))
+        .args(["get", "/daemon/k", "--print-value-only"])
+        .output()
+        .expect("etcdctl");
+    assert_eq!(stdout(&get).trim(), "v", "{}", describe(&get));
     // the same data as on the unix socket kube-apiserver uses
     let unix = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
