@@ -44,6 +44,63 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// etcdctl TLS flags with a client certificate from an openssl-made CA that copies the
+/// names of kdist's etcd CA and of the apiserver's etcd client.
+fn fake_client(dir: &Path) -> Vec<String> {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"],
+        &ec[..],
+        &["-keyout", "fake-ca.key", "-out", "fake-ca.crt"],
+        &["-subj", "/CN=etcd-ca", "-days", "1"],
+    ]
+    .concat());
+    run(&[
+        &["req"],
+        &ec[..],
+        &["-keyout", "fake.key", "-out", "fake.csr"],
+        &["-subj", "/CN=kube-apiserver-etcd-client"],
+    ]
+    .concat());
+    std::fs::write(dir.join("fake.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "fake.csr",
+        "-CA",
+        "fake-ca.crt",
+        "-CAkey",
+        "fake-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "fake.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "fake.ext",
+    ]);
+    vec![
+        format!("--cacert={}", dir.join("certs/etcd/ca.crt").display()),
+        format!("--cert={}", dir.join("fake.crt").display()),
+        format!("--key={}", dir.join("fake.key").display()),
+    ]
+}
+
 /// The serial of the certificate the server on `port` presents (openssl s_client).
 fn served_serial(port: u16, certs: &Path) -> String {
     let shown = Command::new("openssl")
@@ -150,6 +207,11 @@ fn etcdctl_needs_a_client_cert_of_the_etcd_ca() {
     let other = etcdctl_tls(s.port, &flags(&s.certs, Some("admin")), &["get", "/tls/k"]);
     assert!(!other.status.success(), "{}", describe(&other));
     assert!(!stdout(&other).contains("v1"));
+    // a look-alike: same CA name and client CN, made with openssl, not kdist's key
+    let fake = fake_client(s.certs.parent().expect("data dir"));
+    let out = etcdctl_tls(s.port, &fake, &["get", "/tls/k"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(!stdout(&out).contains("v1"));
     // plaintext on the TLS port
     let (ok, out, _) = etcdctl_stdin(
         &format!("http://127.0.0.1:{}", s.port),
