@@ -2,7 +2,8 @@
 //!
 //! Process tree of one node: `kdist daemon` (tokio) owns every service as a child process
 //! in its own process group, started in dependency order behind readiness probes:
-//! the datastore (embedded etcd-v3-over-SQLite, or an etcd child), containerd,
+//! the datastore (embedded etcd-v3-over-SQLite on `run/datastore.sock` and optional mTLS
+//! TCP addresses, or an etcd child), containerd,
 //! kube-apiserver (:6443), kube-controller-manager (:10257), kube-scheduler (:10259),
 //! kubelet (:10250) and kube-proxy; the cluster agent serves joins on :25000.
 //!

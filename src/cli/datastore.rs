@@ -1,16 +1,18 @@
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use super::Output;
-use crate::config::DataDir;
+use crate::config::{DataDir, DatastoreKind, ListenAddr, NodeConfig};
 use crate::datastore::proto::etcdserverpb::{
-    CompactionRequest, DefragmentRequest, RangeRequest, SnapshotRequest, StatusRequest,
-    kv_client::KvClient, maintenance_client::MaintenanceClient,
+    CompactionRequest, DefragmentRequest, StatusRequest, kv_client::KvClient,
+    maintenance_client::MaintenanceClient,
 };
+use crate::datastore::remote::{self, RemoteStatus};
+use crate::datastore::tls::{self, TlsFiles};
 use crate::datastore::{self, Listeners, Server, ServerOptions, client};
 use crate::supervisor::Client;
 
@@ -43,10 +45,20 @@ pub struct TargetArgs {
     /// Database file of the embedded datastore [default: <data>/datastore/state.db].
     #[arg(long, value_name = "FILE")]
     pub db: Option<PathBuf>,
-    /// Talk to this etcd v3 endpoint instead (unix:///path.sock, http://host:port);
-    /// works with kdist's datastore and with a real etcd.
+    /// Talk to this etcd v3 endpoint instead (unix:///path.sock, http://host:port,
+    /// https://host:port); works with kdist's datastore and with a real etcd.
     #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,
+    /// CA of an https endpoint [default: <data>/certs/etcd/ca.crt].
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate for an https endpoint
+    /// [default: <data>/certs/etcd/healthcheck-client.crt].
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Its private key [default: <data>/certs/etcd/healthcheck-client.key].
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,10 +66,20 @@ pub struct ServeArgs {
     /// Database file [default: <data>/datastore/state.db].
     #[arg(long, value_name = "FILE")]
     pub db: Option<PathBuf>,
-    /// Where to listen: unix:///path.sock or 127.0.0.1:PORT; repeat for several
-    /// [default: unix://<data>/run/datastore.sock].
+    /// Where to listen: unix:///path.sock, https://IP:PORT (TLS, client certificate of
+    /// the etcd CA required; also a bare IP:PORT) or http://IP:PORT (plain TCP); repeat
+    /// for several [default: unix://<data>/run/datastore.sock].
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
+    /// Serving certificate for https listeners [default: <data>/certs/etcd/server.crt].
+    #[arg(long, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key [default: <data>/certs/etcd/server.key].
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA that signs client certificates [default: <data>/certs/etcd/ca.crt].
+    #[arg(long, value_name = "FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
     /// Member name reported by MemberList.
     #[arg(long, default_value = "kdist")]
     pub name: String,
@@ -122,20 +144,77 @@ fn db_of(db: &Option<PathBuf>, data: &DataDir) -> PathBuf {
     db.clone().unwrap_or_else(|| datastore::db_path(data))
 }
 
-/// The endpoint to use for an operation: the one given, else the local socket when a
-/// datastore serves on it, else None (work on the file).
-async fn live_endpoint(target: &TargetArgs, data: &DataDir) -> Option<String> {
-    if let Some(e) = &target.endpoint {
-        return Some(e.clone());
+/// A datastore reached through the etcd API.
+struct Remote {
+    endpoint: String,
+    tls: Option<TlsFiles>,
+    /// `etcd` for this node's etcd child, `etcd-api` for an endpoint given by hand.
+    backend: &'static str,
+}
+
+impl Remote {
+    async fn connect(&self, data: &DataDir) -> anyhow::Result<Channel> {
+        match client::connect_with(&self.endpoint, self.tls.as_ref()).await {
+            Ok(channel) => Ok(channel),
+            Err(err) if self.backend == "etcd" => {
+                let hint = if Client::new(data).status().await.is_err() {
+                    "the kdist daemon is not running: start it with `kdist start`"
+                } else {
+                    "etcd does not answer: see `kdist status` and `kdist logs etcd`"
+                };
+                Err(anyhow::Error::new(err)
+                    .context(format!("datastore: etcd at {}: {hint}", self.endpoint)))
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+/// The etcd API endpoint an operation goes through: `--endpoint`, or this node's etcd
+/// when config.yaml says `datastore: etcd`; None for the embedded backend.
+fn remote_of(target: &TargetArgs, data: &DataDir) -> anyhow::Result<Option<Remote>> {
+    let defaults = TlsFiles::etcd_client(data);
+    let tls = TlsFiles {
+        ca: target.cacert.clone().unwrap_or(defaults.ca),
+        cert: target.cert.clone().unwrap_or(defaults.cert),
+        key: target.key.clone().unwrap_or(defaults.key),
+    };
+    if let Some(endpoint) = &target.endpoint {
+        return Ok(Some(Remote {
+            endpoint: endpoint.clone(),
+            tls: endpoint.starts_with("https://").then_some(tls),
+            backend: "etcd-api",
+        }));
     }
     if target.db.is_some() {
-        return None;
+        return Ok(None);
+    }
+    let config = NodeConfig::load(data)?;
+    Ok((config.datastore == DatastoreKind::Etcd).then(|| Remote {
+        endpoint: format!("https://127.0.0.1:{}", config.etcd.client_port),
+        tls: Some(tls),
+        backend: "etcd",
+    }))
+}
+
+/// The endpoint to use for an operation: the one given or this node's etcd, else the
+/// local socket when a datastore serves on it, else None (work on the file).
+async fn live_endpoint(target: &TargetArgs, data: &DataDir) -> anyhow::Result<Option<Remote>> {
+    if let Some(remote) = remote_of(target, data)? {
+        return Ok(Some(remote));
+    }
+    if target.db.is_some() {
+        return Ok(None);
     }
     let socket = data.datastore_socket();
-    tokio::net::UnixStream::connect(&socket)
+    Ok(tokio::net::UnixStream::connect(&socket)
         .await
         .ok()
-        .map(|_| format!("unix://{}", socket.display()))
+        .map(|_| Remote {
+            endpoint: format!("unix://{}", socket.display()),
+            tls: None,
+            backend: "embedded",
+        }))
 }
 
 async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
@@ -151,6 +230,12 @@ async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     } else {
         args.listen.clone()
     };
+    let defaults = TlsFiles::etcd_server(&data);
+    let tls_files = TlsFiles {
+        ca: args.trusted_ca_file.clone().unwrap_or(defaults.ca),
+        cert: args.cert_file.clone().unwrap_or(defaults.cert),
+        key: args.key_file.clone().unwrap_or(defaults.key),
+    };
     // The store is ready before anything can connect.
     let server = Server::open(&db)?;
     let mut listeners = Listeners::default();
@@ -163,18 +248,20 @@ async fn serve(args: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
             listeners.unix = Some(bind_unix(Path::new(path)).await?);
             urls.push(url.clone());
         } else {
-            if listeners.tcp.is_some() {
-                bail!("--listen {url}: only one TCP address can be served");
-            }
-            let addr: SocketAddr = url
-                .trim_start_matches("http://")
+            let listen: ListenAddr = url
                 .parse()
-                .with_context(|| format!("--listen {url}: expected unix:///path or IP:PORT"))?;
-            let l = tokio::net::TcpListener::bind(addr)
+                .map_err(|reason| anyhow::anyhow!("--listen {url}: {reason}"))?;
+            let l = tokio::net::TcpListener::bind(listen.addr)
                 .await
                 .with_context(|| format!("--listen {url}: cannot bind"))?;
-            urls.push(format!("http://{}", l.local_addr()?));
-            listeners.tcp = Some(l);
+            urls.push(listen.url(l.local_addr()?));
+            if listen.tls {
+                let config = tls::server_config(&tls_files, listen.addr.ip(), true)
+                    .with_context(|| format!("--listen {url}"))?;
+                listeners.tls.push((l, config));
+            } else {
+                listeners.tcp.push(l);
+            }
         }
     }
     let server = server.with_options(ServerOptions {
@@ -232,52 +319,14 @@ async fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-#[derive(Debug, serde::Serialize)]
-struct RemoteStatus {
-    backend: String,
-    endpoint: String,
-    version: String,
-    size_bytes: i64,
-    revision: i64,
-    keys: i64,
-}
-
 async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
-    if let Some(endpoint) = &args.target.endpoint {
-        let channel = client::connect(endpoint).await?;
-        let s = MaintenanceClient::new(channel.clone())
-            .status(StatusRequest {})
-            .await
-            .context("Status failed")?
-            .into_inner();
-        let count = KvClient::new(channel)
-            .range(RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                count_only: true,
-                ..Default::default()
-            })
-            .await
-            .context("Range failed")?
-            .into_inner();
-        let report = RemoteStatus {
-            backend: "etcd-api".into(),
-            endpoint: endpoint.clone(),
-            version: s.version,
-            size_bytes: s.db_size,
-            revision: s.header.map_or(0, |h| h.revision),
-            keys: count.count,
-        };
+    if let Some(remote) = remote_of(&args.target, &data)? {
+        let channel = remote.connect(&data).await?;
+        let report = remote::status(channel, &remote.endpoint, remote.backend).await?;
         match args.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
-            Output::Table => {
-                println!("backend:   {} ({})", report.backend, report.endpoint);
-                println!("version:   {}", report.version);
-                println!("size:      {} bytes", report.size_bytes);
-                println!("revision:  {}", report.revision);
-                println!("keys:      {}", report.keys);
-            }
+            Output::Table => print_remote_status(&report),
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -303,26 +352,20 @@ async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 }
 
 async fn backup(args: BackupArgs, data: DataDir) -> anyhow::Result<ExitCode> {
-    if let Some(endpoint) = &args.target.endpoint {
+    if let Some(remote) = remote_of(&args.target, &data)? {
         if args.file.exists() && !args.force {
             bail!(
                 "{} already exists: pass --force to replace it",
                 args.file.display()
             );
         }
-        let channel = client::connect(endpoint).await?;
-        let mut stream = MaintenanceClient::new(channel)
-            .snapshot(SnapshotRequest {})
-            .await
-            .context("Snapshot failed")?
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.message().await.context("Snapshot stream failed")? {
-            bytes.extend_from_slice(&chunk.blob);
-        }
-        crate::fsutil::atomic_write(&args.file, &bytes, 0o600)
-            .with_context(|| format!("cannot write {}", args.file.display()))?;
-        println!("wrote snapshot of {endpoint} to {}", args.file.display());
+        let channel = remote.connect(&data).await?;
+        let bytes = remote::save_snapshot(channel, &remote.endpoint, &args.file).await?;
+        println!(
+            "wrote snapshot of {} ({bytes} bytes) to {}",
+            remote.endpoint,
+            args.file.display()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let db = db_of(&args.target.db, &data);
@@ -336,6 +379,12 @@ async fn restore(args: RestoreArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let db = db_of(&args.db, &data);
     if Client::new(&data).status().await.is_ok() {
         bail!("the kdist daemon is running: stop it with `kdist stop` before a restore");
+    }
+    if args.db.is_none() {
+        let config = NodeConfig::load(&data)?;
+        if config.datastore == DatastoreKind::Etcd {
+            return restore_etcd(args, data, config).await;
+        }
     }
     if tokio::net::UnixStream::connect(data.datastore_socket())
         .await
@@ -353,8 +402,8 @@ async fn restore(args: RestoreArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 }
 
 async fn compact(args: CompactArgs, data: DataDir) -> anyhow::Result<ExitCode> {
-    if let Some(endpoint) = live_endpoint(&args.target, &data).await {
-        let channel = client::connect(&endpoint).await?;
+    if let Some(remote) = live_endpoint(&args.target, &data).await? {
+        let channel = remote.connect(&data).await?;
         let revision = match args.revision {
             Some(r) => r,
             None => MaintenanceClient::new(channel.clone())
@@ -382,17 +431,147 @@ async fn compact(args: CompactArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 }
 
 async fn defrag(args: TargetArgs, data: DataDir) -> anyhow::Result<ExitCode> {
-    if let Some(endpoint) = live_endpoint(&args, &data).await {
-        let channel = client::connect(&endpoint).await?;
+    if let Some(remote) = live_endpoint(&args, &data).await? {
+        let channel = remote.connect(&data).await?;
         MaintenanceClient::new(channel)
             .defragment(DefragmentRequest {})
             .await
             .context("Defragment failed")?;
-        println!("defragmented");
+        println!("defragmented {}", remote.endpoint);
         return Ok(ExitCode::SUCCESS);
     }
     let db = db_of(&args.db, &data);
     datastore::defrag_file(&db).await?;
     println!("defragmented {}", db.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_remote_status(report: &RemoteStatus) {
+    println!(
+        "backend:            {} ({})",
+        report.backend, report.endpoint
+    );
+    println!("version:            {}", report.version);
+    println!(
+        "size:               {} bytes ({} in use)",
+        report.size_bytes, report.size_in_use_bytes
+    );
+    println!("revision:           {}", report.revision);
+    match report.compacted_revision {
+        Some(r) => println!("compacted revision: {r}"),
+        None => println!("compacted revision: none"),
+    }
+    println!("keys:               {}", report.keys);
+    println!(
+        "raft:               leader {}, term {}, index {}",
+        report.leader, report.raft_term, report.raft_index
+    );
+    for m in &report.members {
+        let learner = if m.learner { " (learner)" } else { "" };
+        println!(
+            "member:             {} {}{learner} {}",
+            m.id,
+            m.name,
+            m.client_urls.join(",")
+        );
+    }
+    if report.healthy {
+        println!("health:             ok");
+    } else {
+        println!("health:             {}", report.alarms.join("; "));
+    }
+}
+
+/// `datastore: etcd`: restores the snapshot into the etcd child's data dir with etcd's
+/// own tool, as the member the daemon starts (name, cluster, peer URLs of args/etcd).
+async fn restore_etcd(
+    args: RestoreArgs,
+    data: DataDir,
+    config: NodeConfig,
+) -> anyhow::Result<ExitCode> {
+    let port = config.etcd.client_port;
+    if tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        bail!(
+            "something serves on 127.0.0.1:{port}, etcd's client port (an etcd left \
+             running?): stop it before a restore"
+        );
+    }
+    let specs = crate::supervisor::plan(&data, &config)?;
+    let spec = specs
+        .iter()
+        .find(|s| s.name == "etcd")
+        .context("this node runs no etcd (a worker?): nothing to restore")?;
+    // the daemon writes it at its first start; a node restored before that gets it now
+    crate::supervisor::write_default_args(std::slice::from_ref(spec))?;
+    let argv = crate::supervisor::read_args(spec)?;
+    let flag = |name: &str| -> anyhow::Result<String> {
+        flag_value(&argv, name).with_context(|| {
+            format!(
+                "{} has no {name}=...: it is needed to restore the member",
+                spec.args_file.display()
+            )
+        })
+    };
+    let data_dir = flag_value(&argv, "--data-dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data.datastore_dir().join("etcd"));
+    let (tool, _) = crate::supervisor::resolve_binary(&data, "etcdutl")
+        .or_else(|_| crate::supervisor::resolve_binary(&data, "etcdctl"))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "neither etcdutl nor etcdctl is installed (looked in {} and PATH): \
+                 install the etcd component or Debian's etcd-client",
+                data.components_dir().join("current/bin").display()
+            )
+        })?;
+    let restore = datastore::EtcdRestore {
+        tool: tool.clone(),
+        snapshot: args.file.clone(),
+        data_dir: data_dir.clone(),
+        name: flag("--name")?,
+        initial_cluster: flag("--initial-cluster")?,
+        initial_advertise_peer_urls: flag("--initial-advertise-peer-urls")?,
+    };
+    let force = args.force;
+    tokio::task::spawn_blocking(move || restore.run(force)).await??;
+    println!(
+        "restored {} from {} with {}; start the node with `kdist start`",
+        data_dir.display(),
+        args.file.display(),
+        tool.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The value of `--name=value` or `--name value` in an argv.
+fn flag_value(argv: &[String], name: &str) -> Option<String> {
+    let mut args = argv.iter();
+    while let Some(arg) = args.next() {
+        if arg == name {
+            return args.next().cloned();
+        }
+        if let Some(value) = arg.strip_prefix(name).and_then(|v| v.strip_prefix('=')) {
+            return Some(value.to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_in_both_forms() {
+        let argv: Vec<String> = ["--name=n1", "--data-dir", "/d", "--name-other=x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(flag_value(&argv, "--name").as_deref(), Some("n1"));
+        assert_eq!(flag_value(&argv, "--data-dir").as_deref(), Some("/d"));
+        assert_eq!(flag_value(&argv, "--initial-cluster"), None);
+    }
 }

@@ -6,6 +6,7 @@
 mod certs;
 mod cluster;
 mod components;
+mod embedded;
 mod error;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
@@ -13,6 +14,7 @@ pub use cluster::{ClusterConfig, Role};
 pub use components::{
     ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
 };
+pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
 
 use std::net::IpAddr;
@@ -241,6 +243,8 @@ pub struct NodeConfig {
     /// control-plane (default) or worker; `kdist join --worker` sets it.
     pub role: Role,
     pub datastore: DatastoreKind,
+    /// TCP listeners of the embedded datastore (`datastore: embedded`).
+    pub embedded: EmbeddedConfig,
     pub etcd: EtcdConfig,
     pub certs: CertsConfig,
     pub components: ComponentsConfig,
@@ -355,6 +359,14 @@ impl NodeConfig {
                 "etcd.peer_port",
                 "must differ from etcd.client_port",
             ));
+        }
+        for listen in &self.embedded.listen {
+            if listen.addr.port() == 0 {
+                return Err(invalid(
+                    "embedded.listen",
+                    &format!("{listen}: give a port number from 1 to 65535"),
+                ));
+            }
         }
         if self.cluster.agent_port == 0 {
             return Err(invalid(
@@ -522,6 +534,21 @@ mod tests {
         let config = NodeConfig::load(&data).unwrap();
         assert_eq!(config.etcd.client_port, 2399);
         assert_eq!(config.datastore, DatastoreKind::Embedded);
+    }
+
+    #[test]
+    fn embedded_listen_is_read() {
+        let config = NodeConfig::parse(
+            "embedded:\n  listen: [\"https://127.0.0.1:12379\", \"http://127.0.0.1:12380\"]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(config.embedded.listen.len(), 2);
+        assert!(config.embedded.listen[0].tls && !config.embedded.listen[1].tls);
+        let err = NodeConfig::parse("embedded:\n  listen: [\"nowhere\"]\n", Path::new("/c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/c.yaml") && err.contains("nowhere"), "{err}");
     }
 
     #[test]

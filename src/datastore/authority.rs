@@ -7,7 +7,7 @@
 //! PROTOCOL_ERROR. So each connection is relayed: frames
 //! from the client are decoded, an invalid `:authority` becomes `localhost`, and the
 //! frames are re-encoded to the server over an in-memory pipe; the other direction is
-//! copied as bytes.
+//! copied as bytes. TLS connections are decrypted first and relayed the same way.
 
 use std::io;
 use std::pin::Pin;
@@ -20,11 +20,13 @@ use h2::frame::{BytesStr, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 const PREFACE_LEN: usize = 24;
 const PIPE_BYTES: usize = 256 * 1024;
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The server end of one relayed connection.
 pub(crate) struct Relayed(DuplexStream);
@@ -64,11 +66,14 @@ impl tonic::transport::server::Connected for Relayed {
 pub(crate) enum AnyListener {
     Unix(UnixListener),
     Tcp(TcpListener),
+    /// TCP with a TLS handshake before the relay.
+    Tls(TcpListener, TlsAcceptor),
 }
 
 enum AnyStream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(TcpStream, TlsAcceptor),
 }
 
 impl AnyListener {
@@ -78,6 +83,10 @@ impl AnyListener {
             AnyListener::Tcp(l) => l.accept().await.map(|(s, _)| {
                 let _ = s.set_nodelay(true);
                 AnyStream::Tcp(s)
+            }),
+            AnyListener::Tls(l, acceptor) => l.accept().await.map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                AnyStream::Tls(s, acceptor.clone())
             }),
         }
     }
@@ -98,7 +107,7 @@ pub(crate) fn incoming(
             let stream = match accepted {
                 Ok(stream) => stream,
                 Err(err) => {
-                    tracing::warn!(error = %err, "datastore: accept on unix socket failed");
+                    tracing::warn!(error = %err, "datastore: accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -107,6 +116,18 @@ pub(crate) fn incoming(
             match stream {
                 AnyStream::Unix(s) => tokio::spawn(relay(s, relay_end)),
                 AnyStream::Tcp(s) => tokio::spawn(relay(s, relay_end)),
+                // the handshake runs in the connection's task, never in the accept loop
+                AnyStream::Tls(s, acceptor) => tokio::spawn(async move {
+                    let peer = s.peer_addr().ok();
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await {
+                        Ok(Ok(tls)) => relay(tls, relay_end).await,
+                        // dropping relay_end ends the connection on the server side too
+                        Ok(Err(err)) => {
+                            tracing::info!(?peer, error = %err, "datastore: TLS handshake refused");
+                        }
+                        Err(_) => tracing::info!(?peer, "datastore: TLS handshake timed out"),
+                    }
+                }),
             };
             if tx.send(Ok(Relayed(server_end))).await.is_err() {
                 return;
@@ -146,7 +167,7 @@ where
     };
     let (up, ()) = tokio::join!(up, down);
     if let Err(err) = up {
-        tracing::debug!(error = %err, "datastore: unix connection ended");
+        tracing::debug!(error = %err, "datastore: connection ended");
     }
 }
 

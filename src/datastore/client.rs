@@ -7,12 +7,15 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::error::DatastoreError;
+use super::tls::TlsFiles;
 
-/// An endpoint as users write it: `unix:///path/to.sock`, `http://host:port` or `host:port`.
+/// An endpoint as users write it: `unix:///path/to.sock`, `http://host:port`,
+/// `https://host:port` or `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Unix(PathBuf),
     Http(String),
+    Https(String),
 }
 
 impl Target {
@@ -27,11 +30,13 @@ impl Target {
             return Ok(Target::Unix(PathBuf::from(path)));
         }
         if endpoint.starts_with("https://") {
-            return Err(DatastoreError::Endpoint {
-                endpoint: endpoint.into(),
-                reason: "TLS endpoints are not supported by this client; use http:// or unix://"
-                    .into(),
-            });
+            endpoint
+                .parse::<Uri>()
+                .map_err(|e| DatastoreError::Endpoint {
+                    endpoint: endpoint.into(),
+                    reason: e.to_string(),
+                })?;
+            return Ok(Target::Https(endpoint.to_string()));
         }
         let url = if endpoint.starts_with("http://") {
             endpoint.to_string()
@@ -46,8 +51,16 @@ impl Target {
     }
 }
 
-/// Opens a gRPC channel to `endpoint` (see [`Target::parse`]).
+/// Opens a gRPC channel to `endpoint` (see [`Target::parse`]); not for https.
 pub async fn connect(endpoint: &str) -> Result<Channel, DatastoreError> {
+    connect_with(endpoint, None).await
+}
+
+/// Opens a gRPC channel to `endpoint`, over TLS with `tls` for `https://` endpoints.
+pub async fn connect_with(
+    endpoint: &str,
+    tls: Option<&TlsFiles>,
+) -> Result<Channel, DatastoreError> {
     let failed = |e: tonic::transport::Error| DatastoreError::Connect {
         endpoint: endpoint.to_string(),
         source: e,
@@ -59,6 +72,22 @@ pub async fn connect(endpoint: &str) -> Result<Channel, DatastoreError> {
             .connect()
             .await
             .map_err(failed),
+        Target::Https(url) => {
+            let Some(files) = tls else {
+                return Err(DatastoreError::Endpoint {
+                    endpoint: endpoint.into(),
+                    reason: "an https endpoint needs a CA and a client certificate".into(),
+                });
+            };
+            Endpoint::from_shared(url)
+                .map_err(failed)?
+                .tls_config(super::tls::client_config(files)?)
+                .map_err(failed)?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(failed)
+        }
         Target::Unix(path) => {
             // The URI is required by the API but unused: the connector dials the socket.
             Endpoint::from_static("http://localhost")
@@ -72,5 +101,36 @@ pub async fn connect(endpoint: &str) -> Result<Channel, DatastoreError> {
                 .await
                 .map_err(failed)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_by_scheme() {
+        assert_eq!(
+            Target::parse("unix:///run/ds.sock").unwrap(),
+            Target::Unix("/run/ds.sock".into())
+        );
+        assert_eq!(
+            Target::parse("127.0.0.1:2379").unwrap(),
+            Target::Http("http://127.0.0.1:2379".into())
+        );
+        assert_eq!(
+            Target::parse("https://127.0.0.1:2379").unwrap(),
+            Target::Https("https://127.0.0.1:2379".into())
+        );
+        assert!(Target::parse("unix://").is_err());
+    }
+
+    #[tokio::test]
+    async fn https_without_tls_material_is_refused() {
+        let err = connect("https://127.0.0.1:1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client certificate"), "{err}");
     }
 }

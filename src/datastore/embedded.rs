@@ -1,13 +1,16 @@
 //! The embedded datastore as a supervised service: the daemon runs it in-process
-//! (a [`Builtin`]) on `<data>/run/datastore.sock`.
+//! (a [`Builtin`]) on `<data>/run/datastore.sock` and on the TCP addresses of
+//! `embedded: listen:` in config.yaml (TLS from the etcd CA unless `http://`).
 
 use std::os::unix::fs::PermissionsExt;
 
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use super::server::Server;
-use crate::config::DataDir;
+use super::server::{Listeners, Server};
+use super::service::ServerOptions;
+use super::tls::{self, TlsFiles};
+use crate::config::{DataDir, ListenAddr, NodeConfig};
 use crate::report::error_chain;
 use crate::supervisor::{Builtin, BuiltinFuture};
 
@@ -28,6 +31,11 @@ impl Builtin for Embedded {
         Box::pin(async move {
             let db = super::db_path(&data);
             let socket = data.datastore_socket();
+            let config = NodeConfig::load(&data).map_err(|e| error_chain(&e))?;
+            // bound before the store opens: a taken port fails the start, visibly
+            let (listeners, tcp_urls) = bind_tcp(&data, &config.embedded.listen).await?;
+            let mut urls = vec![format!("unix://{}", socket.display())];
+            urls.extend(tcp_urls);
             // opening checks the file's integrity: blocking work, off the async workers
             let server = tokio::task::spawn_blocking(move || Server::open(&db))
                 .await
@@ -44,9 +52,49 @@ impl Builtin for Embedded {
                 .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
             std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
-            let result = server.run(listener, shutdown).await;
+            if urls.len() > 1 {
+                tracing::info!(listen = ?urls, "datastore serving on TCP too");
+            }
+            let server = server.with_options(ServerOptions {
+                name: config.node_name(),
+                client_urls: urls,
+                ..ServerOptions::default()
+            });
+            let listeners = Listeners {
+                unix: Some(listener),
+                ..listeners
+            };
+            let result = server.serve(listeners, shutdown).await;
             let _ = std::fs::remove_file(&socket);
             result.map_err(|e| error_chain(&e))
         })
     }
+}
+
+/// Binds the configured TCP addresses; returns the listeners and their client URLs.
+async fn bind_tcp(
+    data: &DataDir,
+    addresses: &[ListenAddr],
+) -> Result<(Listeners, Vec<String>), String> {
+    let mut listeners = Listeners::default();
+    let mut urls = Vec::new();
+    for listen in addresses {
+        let listener = tokio::net::TcpListener::bind(listen.addr)
+            .await
+            .map_err(|e| format!("embedded.listen {listen}: cannot bind: {e}"))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| format!("embedded.listen {listen}: {e}"))?;
+        urls.push(listen.url(bound));
+        if listen.tls {
+            let files = TlsFiles::etcd_server(data);
+            let config = tls::server_config(&files, listen.addr.ip(), true)
+                .map_err(|e| format!("embedded.listen {listen}: {}", error_chain(&e)))?;
+            listeners.tls.push((listener, config));
+        } else {
+            tracing::warn!(%listen, "datastore: serving plain TCP without authentication, as configured");
+            listeners.tcp.push(listener);
+        }
+    }
+    Ok((listeners, urls))
 }

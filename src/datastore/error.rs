@@ -42,12 +42,18 @@ pub enum DatastoreError {
     Bench { endpoint: String, reason: String },
     #[error("bad endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
-    #[error("{endpoint}: {what} failed")]
+    #[error("{call} on {endpoint} failed")]
     Rpc {
         endpoint: String,
-        what: &'static str,
+        call: &'static str,
         #[source]
-        source: tonic::Status,
+        source: Box<tonic::Status>,
+    },
+    #[error("restoring the etcd snapshot {snapshot} into {data_dir} failed: {reason}")]
+    EtcdRestore {
+        snapshot: PathBuf,
+        data_dir: PathBuf,
+        reason: String,
     },
     #[error(
         "the target datastore {target} is not empty ({reason}); migration refused. Move it \
@@ -56,7 +62,7 @@ pub enum DatastoreError {
     TargetNotEmpty { target: String, reason: String },
     #[error("migration check failed: {reason}; the node stays on its current datastore")]
     Verify { reason: String },
-    #[error("cannot read TLS material {path}: {reason}")]
+    #[error("TLS material {path}: {reason}")]
     Tls { path: PathBuf, reason: String },
     #[error("cannot connect to {endpoint}: is the datastore running?")]
     Connect {

@@ -152,8 +152,8 @@ fn tls_config(tls: &Tls) -> Result<rustls::ClientConfig, DatastoreError> {
 fn rpc<'a>(endpoint: &'a str, what: &'static str) -> impl Fn(tonic::Status) -> DatastoreError + 'a {
     move |source| DatastoreError::Rpc {
         endpoint: endpoint.to_string(),
-        what,
-        source,
+        call: what,
+        source: Box::new(source),
     }
 }
 

@@ -2,7 +2,9 @@
 //! Lease, Cluster, Maintenance) backed by one SQLite file, so kube-apiserver runs
 //! against `unix://<data>/run/datastore.sock` with no etcd process.
 //!
-//! It owns `<data>/datastore/state.db` (and its `-wal`/`-shm`) and the datastore socket.
+//! It owns `<data>/datastore/state.db` (and its `-wal`/`-shm`), the datastore socket and
+//! its TCP listeners (TLS from the etcd CA, `tls`). `remote` and `EtcdRestore` operate a
+//! datastore through the etcd API or etcd's tools (`kdist datastore` on `datastore: etcd`).
 //! Durability: WAL with synchronous=FULL; throughput: group commit on one writer
 //! thread; reads on a pool of read connections; watch events pushed on commit; MVCC
 //! history kept until compaction. It must not touch other subsystems' files; the
@@ -12,13 +14,16 @@ mod authority;
 pub mod bench;
 pub mod client;
 mod error;
+mod etcd_restore;
 pub mod migrate;
 mod mvcc;
 mod ops;
 pub mod proto;
+pub mod remote;
 mod server;
 mod service;
 mod store;
+pub mod tls;
 mod watch;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +32,7 @@ mod embedded;
 
 pub use embedded::Embedded;
 pub use error::{ApiError, DatastoreError};
+pub use etcd_restore::EtcdRestore;
 pub use ops::{LocalStatus, backup_file, compact_file, defrag_file, local_status, restore_file};
 pub use server::{Listeners, Server};
 pub use service::{ETCD_VERSION, ServerOptions};

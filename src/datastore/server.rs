@@ -22,11 +22,13 @@ use super::store::{Store, WriteOp};
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Where to serve: the unix socket (what kube-apiserver uses) and optionally TCP.
+/// Where to serve: the unix socket (what kube-apiserver uses) and optionally TCP,
+/// plain or with TLS.
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub unix: Option<UnixListener>,
-    pub tcp: Option<TcpListener>,
+    pub tcp: Vec<TcpListener>,
+    pub tls: Vec<(TcpListener, Arc<rustls::ServerConfig>)>,
 }
 
 /// The embedded datastore: the etcd v3 API over one SQLite file.
@@ -59,7 +61,7 @@ impl Server {
         self.serve(
             Listeners {
                 unix: Some(listener),
-                tcp: None,
+                ..Listeners::default()
             },
             shutdown,
         )
@@ -78,48 +80,34 @@ impl Server {
             shutdown: shutdown.clone(),
         };
         let expiry = tokio::spawn(expire_leases(self.store.clone(), shutdown.clone()));
-        let router = || {
-            let limit = MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES;
-            tonic::transport::Server::builder()
-                .add_service(KvServer::new(api.clone()).max_decoding_message_size(limit))
-                .add_service(WatchServer::new(api.clone()).max_decoding_message_size(limit))
-                .add_service(LeaseServer::new(api.clone()).max_decoding_message_size(limit))
-                .add_service(ClusterServer::new(api.clone()).max_decoding_message_size(limit))
-                .add_service(MaintenanceServer::new(api.clone()).max_decoding_message_size(limit))
-        };
-        let unix = async {
-            match listeners.unix {
-                Some(l) => {
-                    router()
-                        .serve_with_incoming_shutdown(
-                            authority::incoming(authority::AnyListener::Unix(l), shutdown.clone()),
-                            shutdown.cancelled(),
-                        )
-                        .await
-                }
-                None => Ok(()),
-            }
-        };
-        let tcp = async {
-            match listeners.tcp {
-                Some(l) => {
-                    router()
-                        .serve_with_incoming_shutdown(
-                            authority::incoming(authority::AnyListener::Tcp(l), shutdown.clone()),
-                            shutdown.cancelled(),
-                        )
-                        .await
-                }
-                None => Ok(()),
-            }
-        };
-        let (u, t) = tokio::join!(unix, tcp);
+        let limit = MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES;
+        let router = tonic::transport::Server::builder()
+            .add_service(KvServer::new(api.clone()).max_decoding_message_size(limit))
+            .add_service(WatchServer::new(api.clone()).max_decoding_message_size(limit))
+            .add_service(LeaseServer::new(api.clone()).max_decoding_message_size(limit))
+            .add_service(ClusterServer::new(api.clone()).max_decoding_message_size(limit))
+            .add_service(MaintenanceServer::new(api.clone()).max_decoding_message_size(limit));
+        // every listener feeds one server: connections differ only in how they arrive
+        let mut sources: Vec<authority::AnyListener> = Vec::new();
+        sources.extend(listeners.unix.map(authority::AnyListener::Unix));
+        sources.extend(listeners.tcp.into_iter().map(authority::AnyListener::Tcp));
+        sources.extend(listeners.tls.into_iter().map(|(l, config)| {
+            authority::AnyListener::Tls(l, tokio_rustls::TlsAcceptor::from(config))
+        }));
+        let incoming = futures::stream::select_all(
+            sources
+                .into_iter()
+                .map(|l| authority::incoming(l, shutdown.clone())),
+        );
+        let served = router
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+            .await;
         shutdown.cancel();
         let _ = expiry.await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
         tracing::info!("datastore stopped");
-        u.and(t).map_err(DatastoreError::Serve)
+        served.map_err(DatastoreError::Serve)
     }
 }
 

@@ -59,6 +59,13 @@ pub fn affected_services(issued: &[Issued]) -> Vec<String> {
 }
 
 /// Names accepted by `kdist certs renew`: every leaf.
+/// Whether the first certificate of `pem` names `ip` among its subject alternative names.
+pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, String> {
+    let certs = inspect::parse_pem_bundle(pem)?;
+    let first = certs.first().ok_or("holds no certificate")?;
+    Ok(first.sans.contains(&San::Ip(ip)))
+}
+
 pub fn leaf_names() -> Vec<&'static str> {
     spec::LEAVES.iter().map(|l| l.name).collect()
 }
@@ -387,12 +394,17 @@ impl Pki {
     fn expected_sans(&self, leaf: &LeafSpec) -> Result<BTreeSet<San>, PkiError> {
         let mut extra = self.config.certs.extra_sans.clone();
         extra.extend(self.added_sans()?);
-        Ok(spec::sans_for(
-            leaf.sans,
-            &self.host,
-            self.service_ip()?,
-            &extra,
-        ))
+        let mut sans = spec::sans_for(leaf.sans, &self.host, self.service_ip()?, &extra);
+        // the embedded datastore serves TLS on its configured addresses with this cert
+        if leaf.name == spec::DATASTORE_SERVING_LEAF {
+            for listen in &self.config.embedded.listen {
+                let ip = listen.addr.ip();
+                if !ip.is_unspecified() {
+                    sans.insert(San::Ip(ip));
+                }
+            }
+        }
+        Ok(sans)
     }
 
     fn common_name(&self, leaf: &LeafSpec) -> String {
@@ -1042,6 +1054,26 @@ mod tests {
         let pem = std::fs::read(data.certs_dir().join("apiserver.crt")).unwrap();
         let cert = &inspect::parse_pem_bundle(&pem).unwrap()[0];
         assert!(cert.sans.contains(&San::Ip(new_ip)));
+        std::fs::remove_dir_all(data.root()).unwrap();
+    }
+
+    #[test]
+    fn embedded_listen_addresses_go_into_the_etcd_serving_cert() {
+        let data = temp_data("dslisten");
+        ensure(&data, &NodeConfig::default()).unwrap();
+        let ip: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+        let pem = std::fs::read(data.certs_dir().join("etcd/server.crt")).unwrap();
+        assert!(!cert_names_ip(&pem, ip).unwrap());
+        let config = NodeConfig::parse(
+            "embedded:\n  listen: [\"https://127.0.0.9:12379\", \"0.0.0.0:12380\"]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let issued = ensure(&data, &config).unwrap();
+        let names: Vec<&str> = issued.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["etcd/server"]);
+        let pem = std::fs::read(data.certs_dir().join("etcd/server.crt")).unwrap();
+        assert!(cert_names_ip(&pem, ip).unwrap());
         std::fs::remove_dir_all(data.root()).unwrap();
     }
 

@@ -233,6 +233,9 @@ pub const LEAVES: &[LeafSpec] = &[
     },
 ];
 
+/// The leaf the embedded datastore's TLS listeners present (etcd's serving cert).
+pub const DATASTORE_SERVING_LEAF: &str = "etcd/server";
+
 pub fn leaf(name: &str) -> Option<&'static LeafSpec> {
     LEAVES.iter().find(|l| l.name == name)
 }

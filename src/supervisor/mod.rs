@@ -29,5 +29,7 @@ pub use child::find_marked;
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;
 pub use runner::log_tail;
-pub use service::{Origin, Probe, ServiceSpec, known_services, plan, resolve_binary};
+pub use service::{
+    Origin, Probe, ServiceSpec, known_services, plan, read_args, resolve_binary, write_default_args,
+};
 pub use status::{HostFact, ServiceState, ServiceStatus, StatusReport};

@@ -490,7 +490,7 @@ impl Datastore {
                 .arg("--listen")
                 .arg(format!("unix://{}", socket.display()))
                 .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(format!("http://127.0.0.1:{port}"))
                 .args(extra)
                 .env("KDIST_DATA_DIR", dir.join("data"))
                 .stdout(log.try_clone().expect("log"))
