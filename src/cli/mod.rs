@@ -85,7 +85,6 @@ pub enum Command {
     Images(images::Args),
     /// Operate the datastore: serve, status, backup, restore, compact, defrag.
     Datastore(datastore::Args),
-    /// Print kdist's version.
     /// Install, list, switch, verify and bundle EKS-D releases.
     Components(components::Args),
     /// Print kdist's version and each component's version and origin.
@@ -116,6 +115,17 @@ pub enum Output {
 impl Cli {
     pub fn data(&self) -> DataDir {
         DataDir::new(&self.data_dir)
+    }
+
+    /// Whether this command serves clients for a long time (the daemon, `datastore serve`).
+    pub fn serves(&self) -> bool {
+        matches!(
+            &self.command,
+            Command::Daemon(_)
+                | Command::Datastore(datastore::Args {
+                    command: datastore::Cmd::Serve(_)
+                })
+        )
     }
 }
 
