@@ -201,6 +201,8 @@ pub struct NodeInputs {
     pub cluster_dns: String,
     pub cluster_domain: String,
     pub resolv_conf: PathBuf,
+    /// kubelet's cgroupRoot; `None` keeps kubelet's default.
+    pub cgroup_root: Option<String>,
     pub facts: HostFacts,
 }
 
@@ -221,6 +223,7 @@ impl NodeInputs {
             } else {
                 PathBuf::from("/etc/resolv.conf")
             },
+            cgroup_root: config.runtime.cgroup_root.clone(),
             facts: facts.clone(),
         }
     }
@@ -284,6 +287,11 @@ pub fn kubelet_config(inputs: &NodeInputs, minor: u32) -> String {
             "imagefs.available": "1Gi",
         },
     });
+    if let Some(root) = &inputs.cgroup_root
+        && let Some(map) = config.as_object_mut()
+    {
+        map.insert("cgroupRoot".into(), Value::String(root.clone()));
+    }
     if facts.cgroup == CgroupVersion::V1
         && rule("kubelet", "failCgroupV1").is_some_and(|r| r.applies(minor))
         && let Some(map) = config.as_object_mut()

@@ -212,8 +212,8 @@ impl Daemon {
         for task in tasks {
             let _ = task.await;
         }
-        let data = self.data.clone();
-        let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data)).await;
+        let (data, config) = (self.data.clone(), self.config.clone());
+        let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data, &config)).await;
         notify_task.abort();
         hooks_task.abort();
         api_stop.cancel();
