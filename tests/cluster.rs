@@ -976,7 +976,6 @@ fn worker_registers_and_becomes_ready() {
             cgroup_dir(root).display()
         );
     }
-    assert!(!cgroup_dir("/kubepods").exists(), "a kubelet used /kubepods");
 
     let node_field = |name: &str, jsonpath: &str| {
         let out = cp.kdist(&[
@@ -1052,6 +1051,10 @@ fn worker_registers_and_becomes_ready() {
         cp.ok(&["kubectl", "get", "pod", "on-w1", "-o", "jsonpath={.spec.nodeName}"]),
         "w1"
     );
+    // in the worker's own pod cgroup root (a BestEffort pod)
+    let uid = cp.ok(&["kubectl", "get", "pod", "on-w1", "-o", "jsonpath={.metadata.uid}"]);
+    let pod_cgroup = cgroup_dir(&format!("/kdist-test-w1/kubepods/besteffort/pod{uid}"));
+    assert!(pod_cgroup.is_dir(), "no {}", pod_cgroup.display());
     let logs = common::wait_for(Duration::from_secs(30), || {
         let out = cp.kdist(&["kubectl", "logs", "on-w1"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

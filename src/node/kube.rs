@@ -385,6 +385,21 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_root_is_set_only_when_configured() {
+        let data = DataDir::new("/tmp/kdist-kube-cgroup-root");
+        let mut config = NodeConfig::default();
+        config.network.node_ip = Some("192.0.2.10".parse().unwrap());
+        let facts = HostFacts::probe(&config);
+        let parse = |config: &NodeConfig| -> Value {
+            let inputs = NodeInputs::new(&data, config, &facts);
+            serde_yaml::from_str(&kubelet_config(&inputs, 28)).unwrap()
+        };
+        assert!(parse(&config).get("cgroupRoot").is_none());
+        config.runtime.cgroup_root = Some("/kdist-w1".into());
+        assert_eq!(parse(&config)["cgroupRoot"], "/kdist-w1");
+    }
+
+    #[test]
     fn unsupported_or_garbage_versions_are_refused() {
         let dir = std::env::temp_dir().join(format!("kdist-ver-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
