@@ -1002,16 +1002,24 @@ fn worker_registers_and_becomes_ready() {
     let lines: Vec<&str> = nodes.lines().collect();
     assert_eq!(lines.len(), 2, "{nodes}");
     assert!(
-        lines.iter().all(|l| l.split_whitespace().nth(1) == Some("Ready")),
+        lines
+            .iter()
+            .all(|l| l.split_whitespace().nth(1) == Some("Ready")),
         "{nodes}"
     );
     assert_eq!(
-        node_field("w1", "{.status.addresses[?(@.type==\"InternalIP\")].address}"),
+        node_field(
+            "w1",
+            "{.status.addresses[?(@.type==\"InternalIP\")].address}"
+        ),
         "10.203.0.2"
     );
 
     // the egress guard and kube-proxy's rules live in the worker's own namespace
-    let guard = worker.inside("iptables", &["-w", "5", "-t", "mangle", "-S", "KDIST-EGRESS"]);
+    let guard = worker.inside(
+        "iptables",
+        &["-w", "5", "-t", "mangle", "-S", "KDIST-EGRESS"],
+    );
     assert!(guard.status.success(), "{}", describe(&guard));
     let proxied = common::wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
         let out = worker.inside("iptables", &["-w", "5", "-t", "nat", "-S", "KUBE-SERVICES"]);
@@ -1022,8 +1030,16 @@ fn worker_registers_and_becomes_ready() {
     // a pod on the worker, from images imported there, with logs read through the
     // control plane (apiserver -> the worker's kubelet across the veths)
     for (file, name, cmd) in [
-        ("pause.tar", "kdist.local/test/pause:1", &["/bin/sleep", "infinity"][..]),
-        ("busybox.tar", "kdist.local/test/busybox:1", &["/bin/sh"][..]),
+        (
+            "pause.tar",
+            "kdist.local/test/pause:1",
+            &["/bin/sleep", "infinity"][..],
+        ),
+        (
+            "busybox.tar",
+            "kdist.local/test/busybox:1",
+            &["/bin/sh"][..],
+        ),
     ] {
         let archive = worker.node.path(file);
         common::oci::build(&archive, name, cmd);
@@ -1048,11 +1064,25 @@ fn worker_registers_and_becomes_ready() {
         worker.node.log("kubelet")
     );
     assert_eq!(
-        cp.ok(&["kubectl", "get", "pod", "on-w1", "-o", "jsonpath={.spec.nodeName}"]),
+        cp.ok(&[
+            "kubectl",
+            "get",
+            "pod",
+            "on-w1",
+            "-o",
+            "jsonpath={.spec.nodeName}"
+        ]),
         "w1"
     );
     // in the worker's own pod cgroup root (a BestEffort pod)
-    let uid = cp.ok(&["kubectl", "get", "pod", "on-w1", "-o", "jsonpath={.metadata.uid}"]);
+    let uid = cp.ok(&[
+        "kubectl",
+        "get",
+        "pod",
+        "on-w1",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
     let pod_cgroup = cgroup_dir(&format!("/kdist-test-w1/kubepods/besteffort/pod{uid}"));
     assert!(pod_cgroup.is_dir(), "no {}", pod_cgroup.display());
     let logs = common::wait_for(Duration::from_secs(30), || {

@@ -290,7 +290,12 @@ mod tests {
                     Some("none,name=systemd".to_string()),
                     vec![]
                 ),
-                ("/sys/fs/cgroup/unified".to_string(), "cgroup2", None, vec![]),
+                (
+                    "/sys/fs/cgroup/unified".to_string(),
+                    "cgroup2",
+                    None,
+                    vec![]
+                ),
             ]
         );
     }
