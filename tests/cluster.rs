@@ -937,7 +937,9 @@ fn worker_registers_and_becomes_ready() {
     };
     let cp = NsNode::new(&lab, 1, "k8cp", &path, &node_config("cp1", 1));
     let worker = NsNode::new(&lab, 2, "k8w", &path, &node_config("w1", 2));
+    let started = Instant::now();
     cp.ok(&["start", "--timeout", "300"]);
+    let cp_ready = started.elapsed();
     let v: serde_json::Value =
         serde_json::from_str(&cp.ok(&["add-node", "--worker", "-o", "json"])).unwrap();
     let connection = format!(
@@ -946,7 +948,12 @@ fn worker_registers_and_becomes_ready() {
         v["ca_sha256"].as_str().unwrap()
     );
     worker.ok(&["join", &connection, "--worker"]);
+    let joined = Instant::now();
     worker.ok(&["start", "--timeout", "300"]);
+    eprintln!(
+        "control plane start -> node Ready: {cp_ready:?}; worker join + start -> node Ready: {:?}",
+        joined.elapsed()
+    );
 
     // the worker runs the node services only
     let status: serde_json::Value =
@@ -1048,6 +1055,7 @@ fn worker_registers_and_becomes_ready() {
     }
     let manifest = cp.node.path("on-w1.yaml");
     std::fs::write(&manifest, ON_WORKER).unwrap();
+    let applied = Instant::now();
     cp.ok(&["kubectl", "apply", "-f", manifest.to_str().unwrap()]);
     let running = cp.kdist(&[
         "kubectl",
@@ -1063,6 +1071,7 @@ fn worker_registers_and_becomes_ready() {
         String::from_utf8_lossy(&cp.kdist(&["kubectl", "describe", "pod", "on-w1"]).stdout),
         worker.node.log("kubelet")
     );
+    eprintln!("pod applied -> Running on w1: {:?}", applied.elapsed());
     assert_eq!(
         cp.ok(&[
             "kubectl",
