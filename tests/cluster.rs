@@ -935,8 +935,22 @@ fn worker_registers_and_becomes_ready() {
              cgroup_root: /kdist-test-{name}\n"
         )
     };
+    // the worker has only the node binaries (and kubectl, for `kdist start`'s Ready check)
+    let worker_bin = common::temp_dir("kdist-worker-bin");
+    for name in ["kubelet", "kube-proxy", "kubectl"] {
+        std::os::unix::fs::symlink(
+            std::path::Path::new(&bin).join(name),
+            worker_bin.path().join(name),
+        )
+        .unwrap();
+    }
+    let worker_path = format!(
+        "{}:{}",
+        worker_bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let cp = NsNode::new(&lab, 1, "k8cp", &path, &node_config("cp1", 1));
-    let worker = NsNode::new(&lab, 2, "k8w", &path, &node_config("w1", 2));
+    let worker = NsNode::new(&lab, 2, "k8w", &worker_path, &node_config("w1", 2));
     let started = Instant::now();
     cp.ok(&["start", "--timeout", "300"]);
     let cp_ready = started.elapsed();

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::error::NodeError;
 use super::host::{CgroupVersion, HostFacts};
-use crate::config::{DataDir, NodeConfig};
+use crate::config::{DataDir, NodeConfig, Role};
 use crate::fsutil;
 use crate::supervisor::resolve_binary;
 
@@ -134,7 +134,7 @@ impl Detection {
     /// The rule kdist applies: the Kubernetes services run as a set, only when every
     /// one of their binaries resolves (components dir, then PATH).
     pub fn complete(&self) -> bool {
-        self.missing.is_empty() && self.found.len() == SERVICES.len()
+        self.missing.is_empty() && !self.found.is_empty()
     }
 
     pub fn minor(&self, service: &str) -> Option<u32> {
@@ -173,10 +173,20 @@ pub fn binary_version(program: &Path) -> Result<KubeVersion, NodeError> {
     Ok(version)
 }
 
-/// Resolves every Kubernetes binary and reads its version. Blocking.
-pub fn detect(data: &DataDir) -> Result<Detection, NodeError> {
+/// The Kubernetes services a node of `role` runs: a worker's control plane is elsewhere,
+/// so it needs only the kubelet and kube-proxy binaries.
+pub fn services_for(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Worker => &SERVICES[3..],
+        Role::ControlPlane => SERVICES,
+    }
+}
+
+/// Resolves the Kubernetes binaries a node of `role` runs and reads their versions.
+/// Blocking.
+pub fn detect(data: &DataDir, role: Role) -> Result<Detection, NodeError> {
     let mut detection = Detection::default();
-    for service in SERVICES {
+    for service in services_for(role) {
         match resolve_binary(data, service) {
             Ok((program, _)) => {
                 let version = binary_version(&program)?;
@@ -382,6 +392,12 @@ mod tests {
             assert!(r.since >= MIN_MINOR && r.until.is_none_or(|u| u <= MAX_MINOR));
             assert!(SERVICES.contains(&r.service));
         }
+    }
+
+    #[test]
+    fn a_worker_needs_only_the_node_binaries() {
+        assert_eq!(services_for(Role::Worker), ["kubelet", "kube-proxy"]);
+        assert_eq!(services_for(Role::ControlPlane), SERVICES);
     }
 
     #[test]

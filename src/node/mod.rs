@@ -70,7 +70,7 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
             note: Some("kubelet's cgroupRoot; removed at stop".into()),
         });
     }
-    let kube = kube::detect(data)?;
+    let kube = kube::detect(data, config.role)?;
     if kube.complete() {
         let inputs = kube::NodeInputs::new(data, config, &facts);
         kube::write_configs(data, &inputs, &kube)?;
@@ -95,8 +95,8 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         });
     } else {
         notes.push(format!(
-            "Kubernetes components are not installed (missing: {}): this node runs only \
-             its datastore and containerd; run `kdist components install`",
+            "Kubernetes components are not installed (missing: {}): this node runs none \
+             of the Kubernetes services; run `kdist components install`",
             kube.missing.join(", ")
         ));
     }
