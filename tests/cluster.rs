@@ -863,77 +863,319 @@ fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
     cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
 }
 
-/// A worker that joins a control plane with real Kubernetes binaries registers as a
-/// Node and becomes Ready (each node in its own network namespace).
+/// A node whose every `kdist` command runs inside network namespace `ns`, with the
+/// Kubernetes binaries on PATH. Dropping it stops the daemon and resets the node (mounts,
+/// iptables, cgroups, host paths), even when the test failed.
+struct NsNode {
+    ns: String,
+    path: String,
+    node: Node,
+}
+
+impl NsNode {
+    fn new(lab: &Lab, i: usize, tag: &str, path: &str, config: &str) -> Self {
+        let node = Node::new(tag);
+        node.write_config(config);
+        Self {
+            ns: lab.ns(i).to_string(),
+            path: path.to_string(),
+            node,
+        }
+    }
+
+    fn kdist(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, KDIST, "--data-dir"])
+            .arg(&self.node.root)
+            .args(args)
+            .env("PATH", &self.path)
+            .env_remove("KDIST_DATA_DIR")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.kdist(args);
+        assert!(
+            out.status.success(),
+            "kdist {args:?} in {}: {}\n--- kdist.log\n{}",
+            self.ns,
+            describe(&out),
+            self.node.log("kdist")
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A command run inside the namespace (not kdist).
+    fn inside(&self, program: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, program])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for NsNode {
+    fn drop(&mut self) {
+        if self.node.path("run/kdist.sock").exists() {
+            let _ = self.kdist(&["stop", "--timeout", "60"]);
+        }
+        if self.node.path("node/host-state.json").exists() {
+            let _ = self.kdist(&["reset"]);
+        }
+    }
+}
+
+const ON_WORKER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: on-w1}
+spec:
+  nodeSelector: {kubernetes.io/hostname: w1}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: hello
+    image: kdist.local/test/busybox:1
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "echo hello-from-w1; exec sleep 3600"]
+"#;
+
+/// The cgroup directories below `root` in the memory hierarchy (v1) or the unified one.
+fn cgroup_dir(root: &str) -> std::path::PathBuf {
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+    let base = if v1.is_dir() {
+        v1
+    } else {
+        std::path::Path::new("/sys/fs/cgroup")
+    };
+    base.join(root.trim_start_matches('/'))
+}
+
+/// A worker that joins a control plane with real Kubernetes binaries (each node in its
+/// own network namespace, both kubelets on this host's cgroups, each with its own pod
+/// cgroup root) registers as a Node, becomes Ready, runs a pod whose logs the control
+/// plane reads from the worker's kubelet, and is removed again.
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn worker_registers_and_becomes_ready() {
     let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
     let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    // dropped last: the nodes (declared after) stop and reset first
     let lab = Lab::new(2);
-    let cp = Node::new("k8cp");
-    let worker = Node::new("k8w");
-    let common_yaml = "network:\n  egress: none\n";
-    cp.write_config(&format!(
-        "node_name: cp1\n{common_yaml}  node_ip: 10.203.0.1\n"
-    ));
-    worker.write_config(&format!(
-        "node_name: w1\n{common_yaml}  node_ip: 10.203.0.2\n"
-    ));
-    let run = |ns: &str, node: &Node, args: &[&str]| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, KDIST, "--data-dir"])
-            .arg(&node.root)
-            .args(args)
-            .env("PATH", &path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}\n{}",
-            describe(&out),
-            node.log("kdist")
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    // each node its own pod range (the bridge CNI is per node) and pod cgroup root
+    let node_config = |name: &str, i: usize| {
+        format!(
+            "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.203.0.{i}\n  \
+             pod_cidr: 10.{i}.0.0/16\nruntime:\n  sandbox_image: kdist.local/test/pause:1\n  \
+             cgroup_root: /kdist-test-{name}\n"
+        )
     };
-    run(lab.ns(1), &cp, &["start", "--timeout", "300"]);
-    let v: serde_json::Value = serde_json::from_str(&run(
-        lab.ns(1),
-        &cp,
-        &["add-node", "--worker", "-o", "json"],
-    ))
-    .unwrap();
+    // the worker has only the node binaries (and kubectl, for `kdist start`'s Ready check)
+    let worker_bin = common::temp_dir("kdist-worker-bin");
+    for name in ["kubelet", "kube-proxy", "kubectl"] {
+        std::os::unix::fs::symlink(
+            std::path::Path::new(&bin).join(name),
+            worker_bin.path().join(name),
+        )
+        .unwrap();
+    }
+    let worker_path = format!(
+        "{}:{}",
+        worker_bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cp = NsNode::new(&lab, 1, "k8cp", &path, &node_config("cp1", 1));
+    let worker = NsNode::new(&lab, 2, "k8w", &worker_path, &node_config("w1", 2));
+    let started = Instant::now();
+    cp.ok(&["start", "--timeout", "300"]);
+    let cp_ready = started.elapsed();
+    let v: serde_json::Value =
+        serde_json::from_str(&cp.ok(&["add-node", "--worker", "-o", "json"])).unwrap();
     let connection = format!(
         "10.203.0.1:25000/{}/{}",
         v["token"].as_str().unwrap(),
         v["ca_sha256"].as_str().unwrap()
     );
-    run(lab.ns(2), &worker, &["join", &connection, "--worker"]);
-    run(lab.ns(2), &worker, &["start", "--timeout", "300"]);
-    let ready = common::wait_until(Duration::from_secs(240), Duration::from_secs(2), || {
-        let out = Command::new("ip")
-            .args(["netns", "exec", lab.ns(1), KDIST, "--data-dir"])
-            .arg(&cp.root)
-            .args([
-                "kubectl",
-                "get",
-                "node",
-                "w1",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-            ])
-            .env("PATH", &path)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim() == "True"
-    });
-    assert!(ready, "w1 not Ready: {}", worker.log("kubelet"));
-    let services: Vec<String> = worker.status()["services"]
+    worker.ok(&["join", &connection, "--worker"]);
+    let joined = Instant::now();
+    worker.ok(&["start", "--timeout", "300"]);
+    eprintln!(
+        "control plane start -> node Ready: {cp_ready:?}; worker join + start -> node Ready: {:?}",
+        joined.elapsed()
+    );
+
+    // the worker runs the node services only
+    let status: serde_json::Value =
+        serde_json::from_str(&worker.ok(&["status", "-o", "json"])).unwrap();
+    let services: Vec<&str> = status["services"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
+        .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(services, ["containerd", "kubelet", "kube-proxy"]);
-    run(lab.ns(1), &cp, &["remove-node", "w1"]);
+    assert!(
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["ready"] == true),
+        "{status:#}"
+    );
+    // each kubelet has its own pod cgroup root on the shared hierarchy
+    for root in ["/kdist-test-cp1/kubepods", "/kdist-test-w1/kubepods"] {
+        assert!(
+            common::wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+                cgroup_dir(root).is_dir()
+            }),
+            "no {}",
+            cgroup_dir(root).display()
+        );
+    }
+
+    let node_field = |name: &str, jsonpath: &str| {
+        let out = cp.kdist(&[
+            "kubectl",
+            "get",
+            "node",
+            name,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let ready = "{.status.conditions[?(@.type==\"Ready\")].status}";
+    let both = common::wait_until(Duration::from_secs(240), Duration::from_secs(2), || {
+        node_field("w1", ready) == "True" && node_field("cp1", ready) == "True"
+    });
+    assert!(
+        both,
+        "nodes not Ready: {}\n--- w1 kubelet.log\n{}",
+        cp.ok(&["kubectl", "get", "nodes", "-o", "wide"]),
+        worker.node.log("kubelet")
+    );
+    let nodes = cp.ok(&["kubectl", "get", "nodes", "--no-headers"]);
+    let lines: Vec<&str> = nodes.lines().collect();
+    assert_eq!(lines.len(), 2, "{nodes}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.split_whitespace().nth(1) == Some("Ready")),
+        "{nodes}"
+    );
+    assert_eq!(
+        node_field(
+            "w1",
+            "{.status.addresses[?(@.type==\"InternalIP\")].address}"
+        ),
+        "10.203.0.2"
+    );
+
+    // the egress guard and kube-proxy's rules live in the worker's own namespace
+    let guard = worker.inside(
+        "iptables",
+        &["-w", "5", "-t", "mangle", "-S", "KDIST-EGRESS"],
+    );
+    assert!(guard.status.success(), "{}", describe(&guard));
+    let proxied = common::wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
+        let out = worker.inside("iptables", &["-w", "5", "-t", "nat", "-S", "KUBE-SERVICES"]);
+        String::from_utf8_lossy(&out.stdout).contains("default/kubernetes:https")
+    });
+    assert!(proxied, "{}", worker.node.log("kube-proxy"));
+
+    // a pod on the worker, from images imported there, with logs read through the
+    // control plane (apiserver -> the worker's kubelet across the veths)
+    for (file, name, cmd) in [
+        (
+            "pause.tar",
+            "kdist.local/test/pause:1",
+            &["/bin/sleep", "infinity"][..],
+        ),
+        (
+            "busybox.tar",
+            "kdist.local/test/busybox:1",
+            &["/bin/sh"][..],
+        ),
+    ] {
+        let archive = worker.node.path(file);
+        common::oci::build(&archive, name, cmd);
+        let out = worker.ok(&["images", "import", archive.to_str().unwrap()]);
+        assert!(out.contains(name), "{out}");
+    }
+    let manifest = cp.node.path("on-w1.yaml");
+    std::fs::write(&manifest, ON_WORKER).unwrap();
+    let applied = Instant::now();
+    cp.ok(&["kubectl", "apply", "-f", manifest.to_str().unwrap()]);
+    let running = cp.kdist(&[
+        "kubectl",
+        "wait",
+        "--for=jsonpath={.status.phase}=Running",
+        "pod/on-w1",
+        "--timeout=120s",
+    ]);
+    assert!(
+        running.status.success(),
+        "{}\n{}\n--- w1 kubelet.log\n{}",
+        describe(&running),
+        String::from_utf8_lossy(&cp.kdist(&["kubectl", "describe", "pod", "on-w1"]).stdout),
+        worker.node.log("kubelet")
+    );
+    eprintln!("pod applied -> Running on w1: {:?}", applied.elapsed());
+    assert_eq!(
+        cp.ok(&[
+            "kubectl",
+            "get",
+            "pod",
+            "on-w1",
+            "-o",
+            "jsonpath={.spec.nodeName}"
+        ]),
+        "w1"
+    );
+    // in the worker's own pod cgroup root (a BestEffort pod)
+    let uid = cp.ok(&[
+        "kubectl",
+        "get",
+        "pod",
+        "on-w1",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let pod_cgroup = cgroup_dir(&format!("/kdist-test-w1/kubepods/besteffort/pod{uid}"));
+    assert!(pod_cgroup.is_dir(), "no {}", pod_cgroup.display());
+    let logs = common::wait_for(Duration::from_secs(30), || {
+        let out = cp.kdist(&["kubectl", "logs", "on-w1"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello-from-w1").then_some(text)
+    });
+    assert!(
+        logs.is_some(),
+        "{}",
+        describe(&cp.kdist(&["kubectl", "logs", "on-w1"]))
+    );
+
+    // remove-node deletes the Node and forgets the worker
+    let out = cp.ok(&["remove-node", "w1"]);
+    assert!(
+        out.contains("Kubernetes Node deleted") && out.contains("record forgotten"),
+        "{out}"
+    );
+    let gone = cp.kdist(&["kubectl", "get", "node", "w1"]);
+    assert!(
+        !gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
+        "{}",
+        describe(&gone)
+    );
+    let recorded = std::fs::read_to_string(cp.node.path("cluster/nodes.json")).unwrap();
+    assert!(!recorded.contains("\"w1\""), "{recorded}");
+
+    // stopping the worker removes its pod cgroups; the control plane's stay
+    worker.ok(&["stop", "--timeout", "60"]);
+    assert!(
+        !cgroup_dir("/kdist-test-w1").exists(),
+        "{} left behind",
+        cgroup_dir("/kdist-test-w1").display()
+    );
+    assert!(cgroup_dir("/kdist-test-cp1/kubepods").is_dir());
 }

@@ -91,11 +91,13 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     if ready && report.services.iter().any(|s| s.name == "kubelet") {
         let config = NodeConfig::load(&data)?;
         let node = config.node_name();
+        let worker = config.role == crate::config::Role::Worker;
+        let kubeconfig = crate::node::rbac::node_kubeconfig(&data, &config);
         let node_data = data.clone();
         let node_name = node.clone();
         let node_ready = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
             while std::time::Instant::now() < deadline.into_std() {
-                if crate::node::rbac::node_ready(&node_data, &node_name)? {
+                if crate::node::rbac::node_ready(&node_data, &kubeconfig, &node_name)? {
                     return Ok(true);
                 }
                 std::thread::sleep(Duration::from_millis(500));
@@ -103,6 +105,14 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             Ok(false)
         })
         .await??;
+        if !node_ready && worker {
+            eprintln!(
+                "node {node} is not Ready after {} s; see `kdist kubectl describe node {node}` \
+                 on a control-plane node and `kdist logs kubelet` here",
+                args.timeout
+            );
+            return Ok(ExitCode::from(1));
+        }
         if !node_ready {
             eprintln!(
                 "node {node} is not Ready after {} s; see `kdist kubectl describe node {node}` \
@@ -112,6 +122,10 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
         println!("kdist is ready: node {node} is Ready.");
+        if worker {
+            println!("  kdist kubectl get nodes                 # on a control-plane node");
+            return Ok(ExitCode::SUCCESS);
+        }
         println!("  kdist kubectl get nodes                 # kubectl with the admin kubeconfig");
         println!("  kdist config > ~/.kube/config           # or use your own kubectl");
         Ok(ExitCode::SUCCESS)

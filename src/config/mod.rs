@@ -206,12 +206,18 @@ impl Default for NetworkConfig {
 pub struct RuntimeConfig {
     /// The pod sandbox ("pause") image; import it with `kdist images import` on air-gapped hosts.
     pub sandbox_image: String,
+    /// The cgroup under which kubelet puts its pods (kubelet's `cgroupRoot`, e.g.
+    /// `/kdist-w1`); unset, kubelet's default `/`. Give each node its own when several
+    /// nodes share one host: a kubelet removes pod cgroups under its root that are not
+    /// its own pods'. kdist creates it at start and removes it at stop.
+    pub cgroup_root: Option<String>,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             sandbox_image: "public.ecr.aws/eks-distro/kubernetes/pause:3.9".into(),
+            cgroup_root: None,
         }
     }
 }
@@ -436,6 +442,17 @@ impl NodeConfig {
                 "must name an image, e.g. registry.k8s.io/pause:3.9".into(),
             ));
         }
+        if let Some(root) = &self.runtime.cgroup_root
+            && !is_valid_cgroup_root(root)
+        {
+            return Err(invalid(
+                "runtime.cgroup_root",
+                format!(
+                    "`{root}` is not an absolute cgroup path of a-z, A-Z, 0-9, '-', '_', '.' \
+                     parts, e.g. /kdist-w1"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -450,6 +467,20 @@ impl NodeConfig {
             .map(|h| h.to_lowercase())
             .unwrap_or_else(|| "kdist".to_string())
     }
+}
+
+/// Checks a `runtime.cgroup_root` value: an absolute cgroup path such as `/kdist-w1`.
+pub fn is_valid_cgroup_root(root: &str) -> bool {
+    root.starts_with('/')
+        && root.len() > 1
+        && root[1..].split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
 }
 
 /// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
@@ -472,6 +503,16 @@ pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_roots_must_be_plain_absolute_paths() {
+        for ok in ["/kdist-w1", "/kdist/w1", "/a.b_c"] {
+            assert!(is_valid_cgroup_root(ok), "{ok}");
+        }
+        for bad in ["", "/", "kdist", "/a//b", "/a/../b", "/a b", "/a/"] {
+            assert!(!is_valid_cgroup_root(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn empty_config_is_default() {

@@ -8,6 +8,15 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot mount the cgroup file system at {target}; run kdist where /sys/fs/cgroup is \
+         mounted (`nsenter --net=/run/netns/NAME` keeps it, `ip netns exec` hides it)"
+    )]
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {program}")]
     Spawn {
         program: PathBuf,

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::error::NodeError;
 use super::host::{CgroupVersion, HostFacts};
-use crate::config::{DataDir, NodeConfig};
+use crate::config::{DataDir, NodeConfig, Role};
 use crate::fsutil;
 use crate::supervisor::resolve_binary;
 
@@ -134,7 +134,7 @@ impl Detection {
     /// The rule kdist applies: the Kubernetes services run as a set, only when every
     /// one of their binaries resolves (components dir, then PATH).
     pub fn complete(&self) -> bool {
-        self.missing.is_empty() && self.found.len() == SERVICES.len()
+        self.missing.is_empty() && !self.found.is_empty()
     }
 
     pub fn minor(&self, service: &str) -> Option<u32> {
@@ -173,10 +173,20 @@ pub fn binary_version(program: &Path) -> Result<KubeVersion, NodeError> {
     Ok(version)
 }
 
-/// Resolves every Kubernetes binary and reads its version. Blocking.
-pub fn detect(data: &DataDir) -> Result<Detection, NodeError> {
+/// The Kubernetes services a node of `role` runs: a worker's control plane is elsewhere,
+/// so it needs only the kubelet and kube-proxy binaries.
+pub fn services_for(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Worker => &SERVICES[3..],
+        Role::ControlPlane => SERVICES,
+    }
+}
+
+/// Resolves the Kubernetes binaries a node of `role` runs and reads their versions.
+/// Blocking.
+pub fn detect(data: &DataDir, role: Role) -> Result<Detection, NodeError> {
     let mut detection = Detection::default();
-    for service in SERVICES {
+    for service in services_for(role) {
         match resolve_binary(data, service) {
             Ok((program, _)) => {
                 let version = binary_version(&program)?;
@@ -201,6 +211,8 @@ pub struct NodeInputs {
     pub cluster_dns: String,
     pub cluster_domain: String,
     pub resolv_conf: PathBuf,
+    /// kubelet's cgroupRoot; `None` keeps kubelet's default.
+    pub cgroup_root: Option<String>,
     pub facts: HostFacts,
 }
 
@@ -221,6 +233,7 @@ impl NodeInputs {
             } else {
                 PathBuf::from("/etc/resolv.conf")
             },
+            cgroup_root: config.runtime.cgroup_root.clone(),
             facts: facts.clone(),
         }
     }
@@ -284,6 +297,11 @@ pub fn kubelet_config(inputs: &NodeInputs, minor: u32) -> String {
             "imagefs.available": "1Gi",
         },
     });
+    if let Some(root) = &inputs.cgroup_root
+        && let Some(map) = config.as_object_mut()
+    {
+        map.insert("cgroupRoot".into(), Value::String(root.clone()));
+    }
     if facts.cgroup == CgroupVersion::V1
         && rule("kubelet", "failCgroupV1").is_some_and(|r| r.applies(minor))
         && let Some(map) = config.as_object_mut()
@@ -374,6 +392,27 @@ mod tests {
             assert!(r.since >= MIN_MINOR && r.until.is_none_or(|u| u <= MAX_MINOR));
             assert!(SERVICES.contains(&r.service));
         }
+    }
+
+    #[test]
+    fn a_worker_needs_only_the_node_binaries() {
+        assert_eq!(services_for(Role::Worker), ["kubelet", "kube-proxy"]);
+        assert_eq!(services_for(Role::ControlPlane), SERVICES);
+    }
+
+    #[test]
+    fn cgroup_root_is_set_only_when_configured() {
+        let data = DataDir::new("/tmp/kdist-kube-cgroup-root");
+        let mut config = NodeConfig::default();
+        config.network.node_ip = Some("192.0.2.10".parse().unwrap());
+        let facts = HostFacts::probe(&config);
+        let parse = |config: &NodeConfig| -> Value {
+            let inputs = NodeInputs::new(&data, config, &facts);
+            serde_yaml::from_str(&kubelet_config(&inputs, 28)).unwrap()
+        };
+        assert!(parse(&config).get("cgroupRoot").is_none());
+        config.runtime.cgroup_root = Some("/kdist-w1".into());
+        assert_eq!(parse(&config)["cgroupRoot"], "/kdist-w1");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! reads certificates and kubeconfigs by their kubeadm names but never creates them, and
 //! it never spawns long-running processes: the supervisor runs the services.
 
+pub mod cgroups;
 mod cmd;
 pub mod cni;
 pub mod containerd;
@@ -39,6 +40,7 @@ pub struct NodeSetup {
 /// Prepares the host and writes the generated configuration, before any service starts.
 /// Blocking (it runs a few short commands): call it off the async workers.
 pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeError> {
+    let remounted = cgroups::ensure_mounted()?;
     let facts = HostFacts::probe(config);
     let settings = containerd::ContainerdSettings::new(data, config, &facts);
     containerd::write(data, &settings)?;
@@ -53,7 +55,22 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         ));
     }
     let mut report = facts.report();
-    let kube = kube::detect(data)?;
+    if let Some(note) = remounted {
+        report.push(HostFact {
+            name: "cgroup mounts".into(),
+            value: "remounted".into(),
+            note: Some(note),
+        });
+    }
+    if let Some(root) = &config.runtime.cgroup_root {
+        cgroups::create_root(root)?;
+        report.push(HostFact {
+            name: "pod cgroup root".into(),
+            value: root.clone(),
+            note: Some("kubelet's cgroupRoot; removed at stop".into()),
+        });
+    }
+    let kube = kube::detect(data, config.role)?;
     if kube.complete() {
         let inputs = kube::NodeInputs::new(data, config, &facts);
         kube::write_configs(data, &inputs, &kube)?;
@@ -78,8 +95,8 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         });
     } else {
         notes.push(format!(
-            "Kubernetes components are not installed (missing: {}): this node runs only \
-             its datastore and containerd; run `kdist components install`",
+            "Kubernetes components are not installed (missing: {}): this node runs none \
+             of the Kubernetes services; run `kdist components install`",
             kube.missing.join(", ")
         ));
     }
@@ -122,11 +139,25 @@ pub fn kill_leftover_containers(data: &DataDir) {
 
 /// Undoes what only makes sense while the node runs, after every service has stopped:
 /// kills what containerd's shims and their containers left (they carry kdist's marker
-/// or descend from a process that does) and removes the egress guard.
-pub fn teardown(data: &DataDir) {
+/// or descend from a process that does), removes the pod cgroup root kdist made and the
+/// egress guard.
+pub fn teardown(data: &DataDir, config: &NodeConfig) {
     let killed = procs::kill_marked_trees(data);
     if killed > 0 {
         tracing::info!(count = killed, "killed leftover container processes");
+    }
+    if let Some(root) = &config.runtime.cgroup_root {
+        // killed containers leave their cgroups a moment later
+        for _ in 0..20 {
+            cgroups::remove_root(root);
+            if !cgroups::root_exists(root) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if cgroups::root_exists(root) {
+            tracing::warn!(root = %root, "pod cgroups still in use; `kdist reset` removes them");
+        }
     }
     if let Err(e) = egress::remove() {
         tracing::warn!("removing the egress guard: {e}");

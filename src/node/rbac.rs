@@ -1,12 +1,12 @@
 //! The RBAC objects the components need beyond Kubernetes' bootstrap policy, applied
 //! idempotently (`kubectl apply`) once the apiserver is ready.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::cmd;
 use super::error::NodeError;
-use crate::config::DataDir;
+use crate::config::{DataDir, NodeConfig, Role};
 use crate::supervisor::resolve_binary;
 
 /// apiserver -> kubelet API (logs, exec, port-forward, metrics) for the identity of
@@ -77,11 +77,22 @@ pub fn apply(data: &DataDir) -> Result<(), NodeError> {
     Err(last.unwrap_or_else(|| NodeError::Api("kubectl apply did not run".into())))
 }
 
+/// The kubeconfig that can read this node's own Node object: the admin's on a control
+/// plane; on a worker, which holds no admin credentials, its kubelet's (the Node
+/// authorizer lets a node read itself).
+pub fn node_kubeconfig(data: &DataDir, config: &NodeConfig) -> PathBuf {
+    if config.role == Role::Worker {
+        data.kubeconfig_dir().join("kubelet.conf")
+    } else {
+        admin_kubeconfig(data)
+    }
+}
+
 /// Whether node `name` reports Ready (false while the API or the node object is not
-/// there yet). Blocking.
-pub fn node_ready(data: &DataDir, name: &str) -> Result<bool, NodeError> {
+/// there yet), asked with `kubeconfig`. Blocking.
+pub fn node_ready(data: &DataDir, kubeconfig: &Path, name: &str) -> Result<bool, NodeError> {
     let kubectl = kubectl(data)?;
-    let kubeconfig = admin_kubeconfig(data).display().to_string();
+    let kubeconfig = kubeconfig.display().to_string();
     let out = cmd::run(
         &kubectl,
         &[

@@ -201,7 +201,14 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
     {
         done.push(format!("removed bridge {}", config.network.bridge));
     }
-    let cgroups = remove_kubepods_cgroups();
+    // under `ip netns exec` the cgroup file systems are hidden until mounted again
+    if let Err(e) = super::cgroups::ensure_mounted() {
+        tracing::warn!("cgroups left alone: {e}");
+    }
+    let mut cgroups = remove_kubepods_cgroups();
+    if let Some(root) = &config.runtime.cgroup_root {
+        cgroups += super::cgroups::remove_root(root);
+    }
     if cgroups > 0 {
         done.push(format!("removed {cgroups} kubepods cgroup(s)"));
     }

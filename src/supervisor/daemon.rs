@@ -196,8 +196,8 @@ impl Daemon {
         let _ = renew_task.await;
         info!("stopping services");
         fleet.lock().await.stop_all().await;
-        let data = self.data.clone();
-        let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data)).await;
+        let (data, config) = (self.data.clone(), self.config.clone());
+        let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data, &config)).await;
         notify_task.abort();
         hooks_task.abort();
         api_stop.cancel();

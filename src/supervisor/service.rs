@@ -118,14 +118,10 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
     let datastore_service = if worker { None } else { datastore_service };
     let mut names: Vec<&str> = datastore_service.into_iter().collect();
     names.push("containerd");
-    let kube = crate::node::kube::detect(data)?;
+    let kube = crate::node::kube::detect(data, config.role)?;
     if kube.complete() {
         // a worker runs only the node services; its control plane is elsewhere
-        names.extend(
-            crate::node::kube::SERVICES
-                .iter()
-                .filter(|s| !worker || matches!(**s, "kubelet" | "kube-proxy")),
-        );
+        names.extend(crate::node::kube::services_for(config.role));
     }
     for name in &config.disable {
         if !EMBEDDED.iter().any(|e| e.name == name) {
