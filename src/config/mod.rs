@@ -7,6 +7,7 @@ mod certs;
 mod cluster;
 mod components;
 mod error;
+mod services;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use cluster::{ClusterConfig, Role};
@@ -14,7 +15,9 @@ pub use components::{
     ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
 };
 pub use error::ConfigError;
+pub use services::ServiceSettings;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -250,6 +253,9 @@ pub struct NodeConfig {
     /// datastore-and-runtime-only box: `disable: [kube-proxy]`.
     pub disable: Vec<String>,
     pub cluster: ClusterConfig,
+    /// Per-service environment and extra flags, by service name:
+    /// `services: {kube-apiserver: {env: {GOMEMLIMIT: 300MiB}, args: [--v=2]}}`.
+    pub services: BTreeMap<String, ServiceSettings>,
 }
 
 impl NodeConfig {
@@ -335,6 +341,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
+        services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
         Ok(())
     }
 

@@ -23,7 +23,7 @@ mod status;
 pub use api::Client;
 pub use backoff::RestartPolicy;
 pub use builtin::{Builtin, BuiltinFuture, Builtins};
-pub use child::find_marked;
+pub use child::{SERVICE_ENV, find_marked};
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;
 pub use runner::log_tail;

@@ -240,6 +240,7 @@ impl Runner {
             &spec.name,
             &program,
             &argv,
+            &spec.env,
             &self.data.log_file(&spec.name),
         )
         .map_err(|e| format!("{e}: {}", e.source_text()))?;
@@ -440,6 +441,8 @@ mod tests {
                 probe,
                 args_file,
                 vars: BTreeMap::new(),
+                env: BTreeMap::new(),
+                extra_args: Vec::new(),
             }
         }
 
