@@ -106,6 +106,8 @@ struct GroupMemory {
     processes: usize,
     rss_mib: f64,
     pss_mib: f64,
+    /// The anonymous part of the RSS (Go heap, stacks); the rest is program file pages.
+    anon_mib: f64,
     /// CPU over the idle window, % of one core.
     cpu_percent: f64,
 }
@@ -125,6 +127,7 @@ struct NodeRun {
     processes: usize,
     total_rss_mib: f64,
     total_pss_mib: f64,
+    total_anon_mib: f64,
     total_cpu_percent: f64,
     /// The highest total RSS seen while idle (sampled every 5 s).
     peak_rss_mib: f64,
@@ -149,13 +152,14 @@ fn group_memory(
     window_ms: u64,
     order: &[String],
 ) -> Vec<GroupMemory> {
-    let mut sums: BTreeMap<&str, (usize, u64, u64, u64)> = BTreeMap::new();
+    let mut sums: BTreeMap<&str, (usize, u64, u64, u64, u64)> = BTreeMap::new();
     for p in tree {
         let e = sums.entry(p.group.as_str()).or_default();
         e.0 += 1;
         e.1 += p.rss_bytes;
         e.2 += p.pss_bytes.unwrap_or(p.rss_bytes);
         e.3 += cpu_since(p, before);
+        e.4 += p.anon_bytes.unwrap_or(p.rss_bytes);
     }
     let rank = |name: &str| {
         if name == crate::node::DAEMON_GROUP {
@@ -171,11 +175,12 @@ fn group_memory(
     };
     let mut groups: Vec<GroupMemory> = sums
         .into_iter()
-        .map(|(name, (processes, rss, pss, cpu))| GroupMemory {
+        .map(|(name, (processes, rss, pss, cpu, anon))| GroupMemory {
             name: name.to_string(),
             processes,
             rss_mib: mib(rss),
             pss_mib: mib(pss),
+            anon_mib: mib(anon),
             cpu_percent: percent(cpu, window_ms),
         })
         .collect();
@@ -354,6 +359,10 @@ async fn node_run(
         .map(|r| r.services.into_iter().map(|s| s.name).collect())
         .unwrap_or_default();
     let total_rss: u64 = tree.iter().map(|p| p.rss_bytes).sum();
+    let total_anon: u64 = tree
+        .iter()
+        .map(|p| p.anon_bytes.unwrap_or(p.rss_bytes))
+        .sum();
     let total_pss: u64 = tree
         .iter()
         .map(|p| p.pss_bytes.unwrap_or(p.rss_bytes))
@@ -386,6 +395,7 @@ async fn node_run(
         processes: tree.len(),
         total_rss_mib: mib(total_rss),
         total_pss_mib: mib(total_pss),
+        total_anon_mib: mib(total_anon),
         total_cpu_percent: percent(total_cpu, window_ms),
         peak_rss_mib: mib(peak),
         targets_met,
@@ -414,20 +424,21 @@ fn print_node_run(run: &NodeRun) {
     println!("  all services      {:>8}", secs(run.all_ready_secs));
     println!("  memory after {} s idle:", run.idle_secs);
     println!(
-        "  {:<26} {:>6} {:>10} {:>10} {:>8}",
-        "GROUP", "PROCS", "RSS MiB", "PSS MiB", "CPU %"
+        "  {:<26} {:>6} {:>10} {:>10} {:>10} {:>8}",
+        "GROUP", "PROCS", "RSS MiB", "ANON MiB", "PSS MiB", "CPU %"
     );
     for g in &run.groups {
         println!(
-            "  {:<26} {:>6} {:>10.1} {:>10.1} {:>8.2}",
-            g.name, g.processes, g.rss_mib, g.pss_mib, g.cpu_percent
+            "  {:<26} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>8.2}",
+            g.name, g.processes, g.rss_mib, g.anon_mib, g.pss_mib, g.cpu_percent
         );
     }
     println!(
-        "  {:<26} {:>6} {:>10.1} {:>10.1} {:>8.2}   (target <= {} MB = {:.0} MiB RSS; peak {:.1} MiB)",
+        "  {:<26} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>8.2}   (target <= {} MB = {:.0} MiB RSS; peak {:.1} MiB)",
         "total",
         run.processes,
         run.total_rss_mib,
+        run.total_anon_mib,
         run.total_pss_mib,
         run.total_cpu_percent,
         TARGET_RSS_BYTES / 1_000_000,

@@ -15,7 +15,7 @@ pub use components::{
     ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
 };
 pub use error::ConfigError;
-pub use services::ServiceSettings;
+pub use services::{MemoryConfig, ServiceSettings};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -256,6 +256,7 @@ pub struct NodeConfig {
     /// Per-service environment and extra flags, by service name:
     /// `services: {kube-apiserver: {env: {GOMEMLIMIT: 300MiB}, args: [--v=2]}}`.
     pub services: BTreeMap<String, ServiceSettings>,
+    pub memory: MemoryConfig,
 }
 
 impl NodeConfig {

@@ -7,7 +7,25 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, Lifetime};
+
+/// The `memory:` section: what the supervisor does about its children's memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// This long after a child is first ready, its program's file pages are paged out
+    /// (start-up code it will not run again; what it still uses faults back in). `0s`
+    /// turns it off.
+    pub page_out_after: Lifetime,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            page_out_after: Lifetime::from_secs(60),
+        }
+    }
+}
 
 /// Settings of one supervised service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -116,6 +134,21 @@ mod tests {
         assert_eq!(api.args, ["--watch-cache=false", "--v=2"]);
         assert_eq!(config.services["kubelet"].args, ["--v=1"]);
         assert!(config.services["kubelet"].env.is_empty());
+    }
+
+    #[test]
+    fn page_out_delay_is_read_and_zero_turns_it_off() {
+        assert_eq!(
+            parse("").unwrap().memory.page_out_after,
+            Lifetime::from_secs(60)
+        );
+        let config = parse("memory:\n  page_out_after: 0s\n").unwrap();
+        assert_eq!(config.memory.page_out_after, Lifetime::from_secs(0));
+        let err = parse("memory:\n  page_out_after: soon\n").unwrap_err();
+        assert!(
+            err.contains("soon") && err.contains("/etc/kdist.yaml"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod child;
 mod daemon;
 mod error;
 mod logs;
+mod pageout;
 mod probe;
 mod runner;
 mod service;

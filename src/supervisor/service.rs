@@ -109,6 +109,9 @@ pub struct ServiceSpec {
     pub env: BTreeMap<String, String>,
     /// config.yaml's `services.<name>.args`, appended after the args file's flags.
     pub extra_args: Vec<String>,
+    /// When to page out the program's pages after the child is first ready (config.yaml
+    /// `memory.page_out_after`); `None`: never.
+    pub page_out_after: Option<Duration>,
 }
 
 /// The services this node runs, in dependency order, for `config`.
@@ -186,6 +189,8 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
             Ok(ServiceSpec {
                 env,
                 extra_args: settings.map(|s| s.args.clone()).unwrap_or_default(),
+                page_out_after: Some(config.memory.page_out_after.duration())
+                    .filter(|d| !d.is_zero()),
                 name: name.to_string(),
                 description: def.description,
                 binary: def.binary,
@@ -606,8 +611,9 @@ mod tests {
         let data = DataDir::new(&root);
         data.ensure().unwrap();
         let config = NodeConfig::parse(
-            "datastore: etcd\nservices:\n  etcd:\n    env: {GOGC: \"25\", GOMEMLIMIT: \"\", X_Y: z}\n    \
-             args: [\"--log-level=debug\", \"--data-dir=${DATA}/other\"]\n",
+            "datastore: etcd\nservices:\n  etcd:\n    env: {GOGC: \"25\", X_Y: z}\n    \
+             args: [\"--log-level=debug\", \"--data-dir=${DATA}/other\"]\n  \
+             containerd:\n    env: {GOMEMLIMIT: \"\"}\n",
             Path::new("c.yaml"),
         )
         .unwrap();
@@ -615,13 +621,12 @@ mod tests {
         let etcd = specs.iter().find(|s| s.name == "etcd").unwrap();
         let defaults: Definition = toml::from_str(embedded("etcd").unwrap().definition).unwrap();
         assert!(
-            defaults.env.contains_key("GOMEMLIMIT"),
-            "etcd ships a default GOMEMLIMIT: {:?}",
+            defaults.env.contains_key("GOGC"),
+            "etcd ships a default GOGC: {:?}",
             defaults.env
         );
         assert_eq!(etcd.env.get("GOGC").map(String::as_str), Some("25"));
         assert_eq!(etcd.env.get("X_Y").map(String::as_str), Some("z"));
-        assert!(!etcd.env.contains_key("GOMEMLIMIT"), "{:?}", etcd.env);
         write_default_args(&specs).unwrap();
         let argv = read_args(etcd).unwrap();
         let n = argv.len();
@@ -641,9 +646,14 @@ mod tests {
             err.contains("services.etcd.args[0]") && err.contains("NOPE"),
             "{err}"
         );
-        // containerd's definition has defaults and no user settings
+        // containerd keeps its default GOGC; an empty value removed its GOMEMLIMIT
         let containerd = specs.iter().find(|s| s.name == "containerd").unwrap();
-        assert!(containerd.env.contains_key("GOGC"), "{:?}", containerd.env);
+        assert_eq!(containerd.env.get("GOGC").map(String::as_str), Some("50"));
+        assert!(
+            !containerd.env.contains_key("GOMEMLIMIT"),
+            "{:?}",
+            containerd.env
+        );
         assert!(containerd.extra_args.is_empty());
         std::fs::remove_dir_all(&root).unwrap();
     }
