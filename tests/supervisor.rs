@@ -357,7 +357,7 @@ fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
 
 /// The variables of `/proc/<pid>/environ`.
 fn environ(pid: i64) -> std::collections::BTreeMap<String, String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("read environ");
     raw.split(|b| *b == 0)
         .filter_map(|e| {
             let (k, v) = std::str::from_utf8(e).ok()?.split_once('=')?;
@@ -381,9 +381,11 @@ fn services_env_and_args_from_config_reach_the_children() {
     assert_eq!(env.get("GOGC").map(String::as_str), Some("37"), "{env:?}");
     assert_eq!(env.get("KDT_MARK").map(String::as_str), Some("on"));
     assert!(env.contains_key("KDIST_SUPERVISED"), "the marker stays");
-    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{etcd}/cmdline")).unwrap())
-        .replace('\0', " ");
-    let host = nix::unistd::gethostname().unwrap();
+    let cmdline = String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{etcd}/cmdline")).expect("read cmdline"),
+    )
+    .replace('\0', " ");
+    let host = nix::unistd::gethostname().expect("host name");
     let name = host.to_string_lossy().to_lowercase();
     assert!(
         cmdline.ends_with(&format!("--max-txn-ops=321 --name={name} ")),
