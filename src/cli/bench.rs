@@ -266,29 +266,25 @@ async fn node_run(
         config_text = c.display().to_string();
         start_args.extend(["--config", &config_text]);
     }
+    // the node name comes from the config this run installs, when it names one
+    let node_name = match config {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            NodeConfig::parse(&text, file)?.node_name()
+        }
+        None => NodeConfig::load(data)?.node_name(),
+    };
     let started = Instant::now();
-    let mut start = kdist_command(data, &start_args)?
+    let start = kdist_command(data, &start_args)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot run `kdist start`")?;
-    let output = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        use tokio::io::AsyncReadExt;
-        if let Some(mut o) = start.stdout.take() {
-            let _ = o.read_to_end(&mut out).await;
-        }
-        if let Some(mut e) = start.stderr.take() {
-            let _ = e.read_to_end(&mut err).await;
-        }
-        let status = start.wait().await;
-        (status, out, err)
-    });
+    let output = tokio::spawn(start.wait_with_output());
     let deadline = started + Duration::from_secs(args.timeout);
     let (mut apiserver, mut all_ready, mut node_ready) = (None, None, None);
-    let node_name = NodeConfig::load(data)?.node_name();
     let mut daemon_pid = None;
     while Instant::now() < deadline {
         if let Ok(report) = client.status().await {
@@ -320,8 +316,8 @@ async fn node_run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, out, err) = output.await?;
-    let status = status.context("cannot wait for `kdist start`")?;
+    let start = output.await?.context("cannot wait for `kdist start`")?;
+    let (status, out, err) = (start.status, start.stdout, start.stderr);
     let Some(daemon) = daemon_pid else {
         anyhow::bail!(
             "`kdist start` ({status}) brought no daemon up:\n{}{}",
