@@ -412,3 +412,43 @@ fn services_env_and_args_from_config_reach_the_children() {
     assert!(err.contains("services.etcd.env.GO GC"), "{err}");
     assert!(node.try_status().is_none());
 }
+
+/// `RssFile` of a process in KiB: its resident pages of mapped files (the program).
+fn rss_file_kib(pid: i64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("read status")
+        .lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssFile in status")
+}
+
+#[test]
+fn program_pages_of_a_ready_child_are_paged_out() {
+    let node = Node::new("pageout");
+    node.write_config("memory:\n  page_out_after: 10s\n");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let containerd = node.service_pid("containerd").expect("containerd runs");
+    let before = rss_file_kib(containerd);
+    let logged = wait_for(Duration::from_secs(30), || {
+        node.log("kdist")
+            .lines()
+            .any(|l| l.contains("paged out") && l.contains("containerd"))
+            .then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "no page-out logged: {}",
+        node.log("kdist")
+    );
+    let after = rss_file_kib(containerd);
+    assert!(
+        after < before,
+        "containerd's program pages: {before} KiB before, {after} KiB after"
+    );
+    assert_eq!(
+        node.service_pid("containerd"),
+        Some(containerd),
+        "still the same, healthy child"
+    );
+}
