@@ -660,3 +660,81 @@ fn node_migrates_from_embedded_to_etcd() {
     let out = data.kdist(&["reset"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// `kdist bench node` with the real binaries: both timings, every service of the tree
+/// measured, program pages paged out after ready (here after 5 s) and the node stopped.
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn bench_node_with_real_binaries() {
+    let bin = k8s_bin();
+    let data = TempData::new("k8s-bench");
+    let _standins = prepare(&data, true);
+    let config = data.config(&format!(
+        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\nmemory:\n  page_out_after: 5s\n"
+    ));
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = data.kdist_env(
+        &[
+            "bench",
+            "node",
+            "--config",
+            config.to_str().unwrap(),
+            "--seconds",
+            "20",
+            "--timeout",
+            "180",
+            "-o",
+            "json",
+        ],
+        &[("PATH", &path)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &runs[0];
+    eprintln!("{run:#}");
+    let apiserver = run["apiserver_ready_secs"]
+        .as_f64()
+        .expect("apiserver ready");
+    let node = run["node_ready_secs"].as_f64().expect("node Ready");
+    assert!(apiserver > 0.0 && node >= apiserver, "{run}");
+    let group = |name: &str| -> serde_json::Value {
+        run["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not measured: {run}"))
+            .clone()
+    };
+    for name in [
+        "kdist",
+        "containerd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "kube-proxy",
+    ] {
+        assert!(
+            group(name)["rss_mib"].as_f64().unwrap() > 5.0,
+            "{name}: {run}"
+        );
+    }
+    // kube-proxy maps about 40 MiB of its program at start; paged out, it keeps far less
+    let proxy = group("kube-proxy");
+    let file = proxy["rss_mib"].as_f64().unwrap() - proxy["anon_mib"].as_f64().unwrap();
+    assert!(
+        file < 25.0,
+        "kube-proxy program pages not paged out: {proxy}"
+    );
+    let log = std::fs::read_to_string(data.path("logs/kdist.log")).unwrap();
+    assert!(log.contains("paged out"), "{log}");
+    assert!(
+        !data.kdist(&["status"]).status.success(),
+        "the bench stopped the node"
+    );
+}

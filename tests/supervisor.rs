@@ -354,3 +354,101 @@ fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
     node.kdist_ok(&["stop"]);
     assert!(!node.data().datastore_socket().exists());
 }
+
+/// The variables of `/proc/<pid>/environ`.
+fn environ(pid: i64) -> std::collections::BTreeMap<String, String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("read environ");
+    raw.split(|b| *b == 0)
+        .filter_map(|e| {
+            let (k, v) = std::str::from_utf8(e).ok()?.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn services_env_and_args_from_config_reach_the_children() {
+    let node = Node::new("svcenv");
+    let port = node.config_with_etcd_ports(
+        "services:\n  etcd:\n    env: {GOGC: \"37\", KDT_MARK: on}\n    \
+         args: [\"--max-txn-ops=321\", \"--name=${NODE_NAME}\"]\n  containerd:\n    \
+         env: {KDT_MARK: ctr, GOGC: \"\"}\n",
+    );
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    etcdctl_roundtrip(&node, port, "/svcenv");
+    let etcd = etcd_pid(&node);
+    let env = environ(etcd);
+    assert_eq!(env.get("GOGC").map(String::as_str), Some("37"), "{env:?}");
+    assert_eq!(env.get("KDT_MARK").map(String::as_str), Some("on"));
+    assert!(env.contains_key("KDIST_SUPERVISED"), "the marker stays");
+    let cmdline = String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{etcd}/cmdline")).expect("read cmdline"),
+    )
+    .replace('\0', " ");
+    let host = nix::unistd::gethostname().expect("host name");
+    let name = host.to_string_lossy().to_lowercase();
+    assert!(
+        cmdline.ends_with(&format!("--max-txn-ops=321 --name={name} ")),
+        "appended after the args file, ${{NODE_NAME}} expanded: {cmdline}"
+    );
+
+    // containerd keeps its definition's GOMEMLIMIT; the empty GOGC removed the default
+    let containerd = node.service_pid("containerd").expect("containerd runs");
+    let env = environ(containerd);
+    assert_eq!(env.get("KDT_MARK").map(String::as_str), Some("ctr"));
+    assert_eq!(
+        env.get("GOMEMLIMIT").map(String::as_str),
+        Some("64MiB"),
+        "{env:?}"
+    );
+    assert!(!env.contains_key("GOGC"), "{env:?}");
+
+    // a bad setting stops `kdist start` before any daemon runs, naming the key
+    node.kdist_ok(&["stop"]);
+    node.write_config("services:\n  etcd:\n    env: {\"GO GC\": \"1\"}\n");
+    let out = node.kdist(&["start"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("services.etcd.env.GO GC"), "{err}");
+    assert!(node.try_status().is_none());
+}
+
+/// `RssFile` of a process in KiB: its resident pages of mapped files (the program).
+fn rss_file_kib(pid: i64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("read status")
+        .lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssFile in status")
+}
+
+#[test]
+fn program_pages_of_a_ready_child_are_paged_out() {
+    let node = Node::new("pageout");
+    node.write_config("memory:\n  page_out_after: 10s\n");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let containerd = node.service_pid("containerd").expect("containerd runs");
+    let before = rss_file_kib(containerd);
+    let logged = wait_for(Duration::from_secs(30), || {
+        node.log("kdist")
+            .lines()
+            .any(|l| l.contains("paged out") && l.contains("containerd"))
+            .then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "no page-out logged: {}",
+        node.log("kdist")
+    );
+    let after = rss_file_kib(containerd);
+    assert!(
+        after < before,
+        "containerd's program pages: {before} KiB before, {after} KiB after"
+    );
+    assert_eq!(
+        node.service_pid("containerd"),
+        Some(containerd),
+        "still the same, healthy child"
+    );
+}

@@ -8,6 +8,7 @@ mod cluster;
 mod components;
 mod embedded;
 mod error;
+mod services;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use cluster::{ClusterConfig, Role};
@@ -16,7 +17,9 @@ pub use components::{
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
+pub use services::{MemoryConfig, ServiceSettings};
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -260,6 +263,10 @@ pub struct NodeConfig {
     /// datastore-and-runtime-only box: `disable: [kube-proxy]`.
     pub disable: Vec<String>,
     pub cluster: ClusterConfig,
+    /// Per-service environment and extra flags, by service name:
+    /// `services: {kube-apiserver: {env: {GOMEMLIMIT: 300MiB}, args: [--v=2]}}`.
+    pub services: BTreeMap<String, ServiceSettings>,
+    pub memory: MemoryConfig,
 }
 
 impl NodeConfig {
@@ -396,6 +403,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
+        services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
         Ok(())
     }
 

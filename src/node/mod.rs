@@ -25,6 +25,7 @@ pub mod reset;
 
 pub use error::NodeError;
 pub use host::HostFacts;
+pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, tree_usage};
 
 use crate::config::{DataDir, Egress, NodeConfig};
 use crate::supervisor::HostFact;

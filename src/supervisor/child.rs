@@ -1,6 +1,7 @@
 //! Child processes: spawning into their own process group with kdist's marker, stopping
 //! a whole group, and finding what an earlier daemon left behind.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -24,13 +25,14 @@ pub struct Running {
 }
 
 /// Starts `program argv` as `service`: own process group, stdin closed, stdout and
-/// stderr appended to `log` directly (so output survives the daemon), the marker
-/// environment set, and a pidfile written.
+/// stderr appended to `log` directly (so output survives the daemon), `env` and the
+/// marker environment set, and a pidfile written.
 pub fn spawn(
     data: &DataDir,
     service: &str,
     program: &Path,
     argv: &[String],
+    env: &BTreeMap<String, String>,
     log: &Path,
 ) -> Result<Running, SupervisorError> {
     let io_err = |path: &Path| {
@@ -46,6 +48,7 @@ pub fn spawn(
     let mut command = Command::new(program);
     command
         .args(argv)
+        .envs(env)
         .env(MARKER_ENV, data.root())
         .env(SERVICE_ENV, service)
         // READY=1 to a service manager is the daemon's to send, once all are ready:
@@ -177,8 +180,15 @@ mod tests {
         data.ensure().unwrap();
         // a shell that leaves a grandchild in the same group
         let argv = vec!["-c".to_string(), "sleep 300 & sleep 300".to_string()];
-        let mut running =
-            spawn(&data, "t", Path::new("/bin/sh"), &argv, &data.log_file("t")).unwrap();
+        let mut running = spawn(
+            &data,
+            "t",
+            Path::new("/bin/sh"),
+            &argv,
+            &BTreeMap::new(),
+            &data.log_file("t"),
+        )
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let marked = find_marked(&data);
         assert!(marked.contains(&running.pid), "{marked:?}");
@@ -206,6 +216,7 @@ mod tests {
             "t",
             Path::new("sleep"),
             &["300".into()],
+            &BTreeMap::new(),
             &data.log_file("t"),
         )
         .unwrap();

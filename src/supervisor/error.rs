@@ -22,6 +22,8 @@ pub enum SupervisorError {
     },
     #[error("config.yaml: `disable` names unknown service `{name}`; known services: {known}")]
     Disabled { name: String, known: String },
+    #[error("config.yaml: {field}: {reason}")]
+    Setting { field: String, reason: String },
     #[error("unknown service `{name}`; run `kdist status` to see the services of this node")]
     UnknownService { name: String },
     #[error(

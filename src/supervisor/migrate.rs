@@ -493,6 +493,9 @@ mod tests {
             probe: service::Probe::Unix { path: "x".into() },
             args_file: "x".into(),
             vars: Default::default(),
+            env: Default::default(),
+            extra_args: Vec::new(),
+            page_out_after: None,
         };
         let specs = [
             spec("datastore", &[]),

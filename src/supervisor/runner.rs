@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::backoff::{Backoff, RestartPolicy};
 use super::builtin::Builtins;
 use super::child::{self, Running};
+use super::pageout;
 use super::probe::Prober;
 use super::service::{self, Origin, ServiceSpec};
 use super::status::{Board, ServiceState};
@@ -240,6 +241,7 @@ impl Runner {
             &spec.name,
             &program,
             &argv,
+            &spec.env,
             &self.data.log_file(&spec.name),
         )
         .map_err(|e| format!("{e}: {}", e.source_text()))?;
@@ -271,6 +273,8 @@ impl Runner {
         let started = Instant::now();
         let mut was_ready = false;
         let mut failures = 0u32;
+        // aborted with this run: a later run gets its own
+        let mut _page_out = None;
         loop {
             let interval = if was_ready {
                 PROBE_READY
@@ -287,6 +291,11 @@ impl Runner {
                             failures = 0;
                             if !was_ready {
                                 info!(service = %name, "ready after {:?}", started.elapsed());
+                                if let (Proc::Child(child), Some(after)) =
+                                    (&running, self.spec.page_out_after)
+                                {
+                                    _page_out = Some(self.schedule_page_out(child.pid, after));
+                                }
                             }
                             was_ready = true;
                             self.board.update(&name, |s| {
@@ -326,6 +335,32 @@ impl Runner {
                 }
             }
         }
+    }
+}
+
+impl Runner {
+    /// Pages out the child's program pages `after` from now (see [`pageout`]).
+    fn schedule_page_out(
+        &self,
+        pid: i32,
+        after: Duration,
+    ) -> tokio_util::task::AbortOnDropHandle<()> {
+        let (data, name) = (self.data.clone(), self.spec.name.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let service = name.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                pageout::page_out_program(pid, &data, &service)
+            })
+            .await;
+            match result {
+                Ok(Ok(bytes)) => {
+                    info!(service = %name, pid, "paged out {} MiB of program pages", bytes >> 20)
+                }
+                Ok(Err(e)) => warn!(service = %name, pid, "cannot page out program pages: {e}"),
+                Err(e) => warn!(service = %name, "page-out task failed: {e}"),
+            }
+        }))
     }
 }
 
@@ -440,6 +475,9 @@ mod tests {
                 probe,
                 args_file,
                 vars: BTreeMap::new(),
+                env: BTreeMap::new(),
+                extra_args: Vec::new(),
+                page_out_after: None,
             }
         }
 

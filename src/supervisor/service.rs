@@ -77,6 +77,10 @@ struct Definition {
     after: Vec<String>,
     #[serde(default = "default_grace")]
     stop_grace_secs: u64,
+    /// Default environment of the child (Go runtime memory settings); config.yaml's
+    /// `services.<name>.env` goes over it.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
     probe: Probe,
 }
 
@@ -100,6 +104,14 @@ pub struct ServiceSpec {
     pub args_file: PathBuf,
     /// Variables expanded in the args file and the probe.
     pub vars: BTreeMap<String, String>,
+    /// Environment set on the child: the definition's defaults under config.yaml's
+    /// `services.<name>.env`.
+    pub env: BTreeMap<String, String>,
+    /// config.yaml's `services.<name>.args`, appended after the args file's flags.
+    pub extra_args: Vec<String>,
+    /// When to page out the program's pages after the child is first ready (config.yaml
+    /// `memory.page_out_after`); `None`: never.
+    pub page_out_after: Option<Duration>,
 }
 
 /// The services this node runs, in dependency order, for `config`.
@@ -168,7 +180,13 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                 // a disabled dependency is the operator's choice: do not wait for it
                 .filter(|dep| planned.contains(dep))
                 .collect();
+            let settings = config.services.get(*name);
+            let env = effective_env(def.env, settings.map(|s| &s.env));
             Ok(ServiceSpec {
+                env,
+                extra_args: settings.map(|s| s.args.clone()).unwrap_or_default(),
+                page_out_after: Some(config.memory.page_out_after.duration())
+                    .filter(|d| !d.is_zero()),
                 name: name.to_string(),
                 description: def.description,
                 binary: def.binary,
@@ -180,6 +198,22 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
             })
         })
         .collect()
+}
+
+/// The definition's environment with the user's on top; an empty user value removes
+/// the variable.
+fn effective_env(
+    mut defaults: BTreeMap<String, String>,
+    user: Option<&BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    for (key, value) in user.into_iter().flatten() {
+        if value.is_empty() {
+            defaults.remove(key);
+        } else {
+            defaults.insert(key.clone(), value.clone());
+        }
+    }
+    defaults
 }
 
 fn embedded(name: &str) -> Result<&'static Embedded, SupervisorError> {
@@ -384,13 +418,22 @@ fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<b
     Ok(low.is_none_or(|l| actual >= l) && high.is_none_or(|h| actual <= h))
 }
 
-/// Reads and parses the service's args file from the data dir.
+/// Reads and parses the service's args file from the data dir, then appends config.yaml's
+/// `services.<name>.args` (with `${VAR}`s expanded): last given wins for the components.
 pub fn read_args(spec: &ServiceSpec) -> Result<Vec<String>, SupervisorError> {
     let text = std::fs::read_to_string(&spec.args_file).map_err(|source| SupervisorError::Io {
         path: spec.args_file.clone(),
         source,
     })?;
-    parse_args(&text, &spec.vars, &spec.args_file)
+    let mut argv = parse_args(&text, &spec.vars, &spec.args_file)?;
+    for (i, arg) in spec.extra_args.iter().enumerate() {
+        let expanded = expand(arg, &spec.vars).map_err(|reason| SupervisorError::Setting {
+            field: format!("services.{}.args[{i}]", spec.name),
+            reason,
+        })?;
+        argv.push(expanded);
+    }
+    Ok(argv)
 }
 
 /// Expands `${NAME}` references; an unknown name is an error naming it.
@@ -556,6 +599,59 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn config_env_goes_over_the_definition_and_args_are_appended() {
+        let root = std::env::temp_dir().join(format!("kdist-svc-env-{}", std::process::id()));
+        let data = DataDir::new(&root);
+        data.ensure().unwrap();
+        let config = NodeConfig::parse(
+            "datastore: etcd\nservices:\n  etcd:\n    env: {GOGC: \"25\", X_Y: z}\n    \
+             args: [\"--log-level=debug\", \"--data-dir=${DATA}/other\"]\n  \
+             containerd:\n    env: {GOMEMLIMIT: \"\"}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let specs = plan(&data, &config).unwrap();
+        let etcd = specs.iter().find(|s| s.name == "etcd").unwrap();
+        let defaults: Definition = toml::from_str(embedded("etcd").unwrap().definition).unwrap();
+        assert!(
+            defaults.env.contains_key("GOGC"),
+            "etcd ships a default GOGC: {:?}",
+            defaults.env
+        );
+        assert_eq!(etcd.env.get("GOGC").map(String::as_str), Some("25"));
+        assert_eq!(etcd.env.get("X_Y").map(String::as_str), Some("z"));
+        write_default_args(&specs).unwrap();
+        let argv = read_args(etcd).unwrap();
+        let n = argv.len();
+        assert_eq!(
+            argv[n - 2..],
+            [
+                "--log-level=debug".to_string(),
+                format!("--data-dir={}/other", root.display())
+            ]
+        );
+        assert!(argv[..n - 2].iter().any(|a| a.starts_with("--data-dir=")));
+        // an unknown ${VAR} names the setting
+        let mut bad = etcd.clone();
+        bad.extra_args = vec!["--x=${NOPE}".into()];
+        let err = read_args(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("services.etcd.args[0]") && err.contains("NOPE"),
+            "{err}"
+        );
+        // containerd keeps its default GOGC; an empty value removed its GOMEMLIMIT
+        let containerd = specs.iter().find(|s| s.name == "containerd").unwrap();
+        assert_eq!(containerd.env.get("GOGC").map(String::as_str), Some("50"));
+        assert!(
+            !containerd.env.contains_key("GOMEMLIMIT"),
+            "{:?}",
+            containerd.env
+        );
+        assert!(containerd.extra_args.is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
