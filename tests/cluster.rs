@@ -1073,10 +1073,8 @@ fn worker_registers_and_becomes_ready() {
     );
 
     // the egress guard and kube-proxy's rules live in the worker's own namespace
-    let guard = worker.inside(
-        "iptables",
-        &["-w", "5", "-t", "mangle", "-S", "KDIST-EGRESS"],
-    );
+    let chain = common::egress_chain(&worker.node.root);
+    let guard = worker.inside("iptables", &["-w", "5", "-t", "mangle", "-S", &chain]);
     assert!(guard.status.success(), "{}", describe(&guard));
     let proxied = common::wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
         let out = worker.inside("iptables", &["-w", "5", "-t", "nat", "-S", "KUBE-SERVICES"]);

@@ -46,9 +46,10 @@ fn root_propagation() -> String {
     }
 }
 
-fn chain_exists() -> bool {
+fn chain_exists(data: &TempData) -> bool {
     Command::new("iptables")
-        .args(["-w", "5", "-t", "mangle", "-S", "KDIST-EGRESS"])
+        .args(["-w", "5", "-t", "mangle", "-S"])
+        .arg(common::egress_chain(&data.root))
         .output()
         .unwrap()
         .status
@@ -86,7 +87,7 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
 
     assert_eq!(sysctl("net/ipv4/ip_forward"), "1");
     assert_eq!(root_propagation(), "shared");
-    assert!(chain_exists());
+    assert!(chain_exists(&data));
     let status = data.status();
     let facts = status["host"].as_array().unwrap();
     assert!(
@@ -108,7 +109,7 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
 
     let out = data.kdist(&["stop"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(!chain_exists(), "stop leaves the egress chain");
+    assert!(!chain_exists(&data), "stop leaves the egress chain");
     let after_stop = outside.arrived();
     send(TARGET);
     assert_eq!(outside.arrived(), after_stop + 1);

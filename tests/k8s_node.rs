@@ -409,7 +409,8 @@ fn suite(datastore: &str) {
         let out = Command::new("iptables")
             .args(["-w", "5", "-t", "mangle", op, "POSTROUTING"])
             .args(if op == "-I" { &["1"][..] } else { &[][..] })
-            .args(["-j", "KDIST-EGRESS"])
+            .arg("-j")
+            .arg(common::egress_chain(&data.root))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out));

@@ -1,20 +1,32 @@
 //! The egress guard (`network.egress: none`): traffic from the pod or service CIDRs, or
 //! to them, leaves the node only through the CNI bridge or `lo`. Everything else is
-//! dropped in kdist's own chain `KDIST-EGRESS`, jumped to from mangle POSTROUTING: that
-//! hook sees forwarded and locally generated packets before masquerading rewrites their
-//! source, and no other component reorders its rules.
+//! dropped in the node's own chain `KDIST-EGRESS-<id>`, jumped to from mangle
+//! POSTROUTING: that hook sees forwarded and locally generated packets before
+//! masquerading rewrites their source, and no other component reorders its rules.
+//! Each data dir has its own chain, so stopping one node on a host never lifts another
+//! node's guard.
 
 use std::path::PathBuf;
 
+use sha2::{Digest, Sha256};
+
 use super::cmd;
 use super::error::NodeError;
-use crate::config::NodeConfig;
+use crate::config::{DataDir, NodeConfig};
 
-pub const CHAIN: &str = "KDIST-EGRESS";
+/// Prefix of every node's chain (`kdist reset` output and docs name it).
+pub const CHAIN_PREFIX: &str = "KDIST-EGRESS-";
+
+/// The chain of the node in `data`: the prefix and 8 hex digits of the SHA-256 of the
+/// data dir's path (21 characters; iptables allows 28).
+pub fn chain(data: &DataDir) -> String {
+    let digest = Sha256::digest(data.root().as_os_str().as_encoded_bytes());
+    format!("{CHAIN_PREFIX}{}", &hex::encode(digest)[..8])
+}
 const TABLE: &str = "mangle";
 const HOOK: &str = "POSTROUTING";
 
-/// The rules of the chain, each as iptables arguments after `-A KDIST-EGRESS`.
+/// The rules of the chain, each as iptables arguments after `-A <chain>`.
 pub fn rules(pod_cidr: &str, service_cidr: &str, bridge: &str) -> Vec<Vec<String>> {
     let v = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut rules = vec![
@@ -52,46 +64,57 @@ fn ipt(program: &std::path::Path, args: &[&str]) -> Result<String, NodeError> {
     cmd::run(program, &full)
 }
 
-/// Installs (or refreshes) the guard for `config`.
-pub fn apply(config: &NodeConfig) -> Result<(), NodeError> {
+/// Installs (or refreshes) the guard of the node in `data` for `config`.
+pub fn apply(data: &DataDir, config: &NodeConfig) -> Result<(), NodeError> {
     let program = iptables()?;
-    if ipt(&program, &["-N", CHAIN]).is_err() {
+    let chain = chain(data);
+    if ipt(&program, &["-N", &chain]).is_err() {
         // it exists already: refresh its rules
-        ipt(&program, &["-F", CHAIN])?;
+        ipt(&program, &["-F", &chain])?;
     }
     let net = &config.network;
     for rule in rules(&net.pod_cidr, &net.service_cidr, &net.bridge) {
-        let mut args = vec!["-A", CHAIN];
+        let mut args = vec!["-A", chain.as_str()];
         args.extend(rule.iter().map(String::as_str));
         ipt(&program, &args)?;
     }
-    if ipt(&program, &["-C", HOOK, "-j", CHAIN]).is_err() {
-        ipt(&program, &["-I", HOOK, "1", "-j", CHAIN])?;
+    if ipt(&program, &["-C", HOOK, "-j", &chain]).is_err() {
+        ipt(&program, &["-I", HOOK, "1", "-j", &chain])?;
     }
-    tracing::info!("egress guard on: pod and service traffic stays on this node");
+    tracing::info!(%chain, "egress guard on: pod and service traffic stays on this node");
     Ok(())
 }
 
-/// Removes the guard; absent is fine.
-pub fn remove() -> Result<(), NodeError> {
+/// Removes the guard of the node in `data`; absent is fine. Other nodes' guards stay.
+pub fn remove(data: &DataDir) -> Result<(), NodeError> {
     let Ok(program) = iptables() else {
         return Ok(());
     };
-    while ipt(&program, &["-D", HOOK, "-j", CHAIN]).is_ok() {}
-    if ipt(&program, &["-F", CHAIN]).is_ok() {
-        ipt(&program, &["-X", CHAIN])?;
+    let chain = chain(data);
+    while ipt(&program, &["-D", HOOK, "-j", &chain]).is_ok() {}
+    if ipt(&program, &["-F", &chain]).is_ok() {
+        ipt(&program, &["-X", &chain])?;
     }
     Ok(())
 }
 
-/// Whether the guard's chain exists.
-pub fn installed() -> bool {
-    iptables().is_ok_and(|p| ipt(&p, &["-S", CHAIN]).is_ok())
+/// Whether the guard's chain of the node in `data` exists.
+pub fn installed(data: &DataDir) -> bool {
+    iptables().is_ok_and(|p| ipt(&p, &["-S", &chain(data)]).is_ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_data_dir_has_its_own_short_chain() {
+        let a = chain(&DataDir::new("/var/lib/kdist"));
+        let b = chain(&DataDir::new("/tmp/other-node"));
+        assert_ne!(a, b);
+        assert_eq!(a, chain(&DataDir::new("/var/lib/kdist")));
+        assert!(a.starts_with(CHAIN_PREFIX) && a.len() <= 28, "{a}");
+    }
 
     #[test]
     fn only_bridge_and_lo_pass_then_both_cidrs_drop_both_ways() {

@@ -104,7 +104,7 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     report.extend(hostprep::prepare(data, kube.complete())?);
     match config.network.egress {
         Egress::None => {
-            egress::apply(config)?;
+            egress::apply(data, config)?;
             report.push(HostFact {
                 name: "egress".into(),
                 value: "none".into(),
@@ -113,11 +113,11 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
                     config.network.pod_cidr,
                     config.network.service_cidr,
                     config.network.bridge,
-                    egress::CHAIN
+                    egress::chain(data)
                 )),
             });
         }
-        Egress::All => egress::remove()?,
+        Egress::All => egress::remove(data)?,
     }
     Ok(NodeSetup {
         facts,
@@ -160,7 +160,7 @@ pub fn teardown(data: &DataDir, config: &NodeConfig) {
             tracing::warn!(root = %root, "pod cgroups still in use; `kdist reset` removes them");
         }
     }
-    if let Err(e) = egress::remove() {
+    if let Err(e) = egress::remove(data) {
         tracing::warn!("removing the egress guard: {e}");
     }
 }

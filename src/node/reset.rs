@@ -66,7 +66,7 @@ pub fn removal_script(save: &str, extra: &[&str]) -> String {
     out
 }
 
-fn flush_chains(family: &str) -> Result<usize, NodeError> {
+fn flush_chains(family: &str, own: &str) -> Result<usize, NodeError> {
     let (save, restore) = (format!("{family}-save"), format!("{family}-restore"));
     let (Some(save), Some(restore)) = (cmd::which(&save), cmd::which(&restore)) else {
         return Ok(0);
@@ -76,7 +76,7 @@ fn flush_chains(family: &str) -> Result<usize, NodeError> {
         let Ok(dump) = cmd::run(&save, &["-t", table]) else {
             continue;
         };
-        let script = removal_script(&dump, &[egress::CHAIN]);
+        let script = removal_script(&dump, &[own]);
         if script.is_empty() {
             continue;
         }
@@ -180,12 +180,12 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
     for path in roots.iter().filter(|p| p.starts_with("/run/netns")) {
         let _ = std::fs::remove_file(path);
     }
+    let own = egress::chain(data);
     for family in ["iptables", "ip6tables"] {
-        let removed = flush_chains(family)?;
+        let removed = flush_chains(family, &own)?;
         if removed > 0 {
             done.push(format!(
-                "{family}: removed {removed} KUBE-*/CNI-*/{} chain(s)",
-                egress::CHAIN
+                "{family}: removed {removed} KUBE-*/CNI-*/{own} chain(s)"
             ));
         }
     }
@@ -251,15 +251,18 @@ COMMIT
 COMMIT
 *mangle
 :POSTROUTING ACCEPT [0:0]
-:KDIST-EGRESS - [0:0]
--A POSTROUTING -j KDIST-EGRESS
--A KDIST-EGRESS -o lo -j RETURN
+:KDIST-EGRESS-0a1b2c3d - [0:0]
+:KDIST-EGRESS-ffffffff - [0:0]
+-A POSTROUTING -j KDIST-EGRESS-ffffffff
+-A POSTROUTING -j KDIST-EGRESS-0a1b2c3d
+-A KDIST-EGRESS-ffffffff -o lo -j RETURN
+-A KDIST-EGRESS-0a1b2c3d -o lo -j RETURN
 COMMIT
 ";
 
     #[test]
-    fn script_removes_jumps_then_chains_and_nothing_else() {
-        let script = removal_script(SAVE, &[egress::CHAIN]);
+    fn script_removes_jumps_then_chains_and_nothing_else_not_other_nodes_guards() {
+        let script = removal_script(SAVE, &["KDIST-EGRESS-0a1b2c3d"]);
         let expected = "\
 *nat
 -D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
@@ -272,9 +275,9 @@ COMMIT
 -X CNI-abc
 COMMIT
 *mangle
--D POSTROUTING -j KDIST-EGRESS
--F KDIST-EGRESS
--X KDIST-EGRESS
+-D POSTROUTING -j KDIST-EGRESS-0a1b2c3d
+-F KDIST-EGRESS-0a1b2c3d
+-X KDIST-EGRESS-0a1b2c3d
 COMMIT
 ";
         assert_eq!(script, expected);
