@@ -20,14 +20,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use hyper_util::rt::TokioIo;
 use rusqlite::{Connection, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::error::DatastoreError;
 use super::proto::etcdserverpb::{
@@ -36,6 +34,7 @@ use super::proto::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient, request_op,
 };
 use super::proto::mvccpb::KeyValue;
+use super::tls::TlsFiles;
 use crate::config::{DataDir, DatastoreKind};
 
 /// Keys read per range request.
@@ -50,21 +49,13 @@ const PAD_CONCURRENCY: usize = 64;
 const TXN_OPS: usize = 128;
 const TXN_BYTES: usize = 1024 * 1024;
 
-/// Client TLS for etcd: CA, certificate and key (PEM files).
-#[derive(Debug, Clone)]
-pub struct Tls {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
 /// Where a datastore answers the etcd API.
 #[derive(Debug, Clone)]
 pub enum Side {
     /// The embedded datastore's unix socket.
     Unix(PathBuf),
     /// etcd on a TCP address with mutual TLS.
-    Etcd { address: SocketAddr, tls: Tls },
+    Etcd { address: SocketAddr, tls: TlsFiles },
 }
 
 impl Side {
@@ -76,7 +67,7 @@ impl Side {
                 let certs = data.certs_dir();
                 Side::Etcd {
                     address: SocketAddr::from(([127, 0, 0, 1], client_port)),
-                    tls: Tls {
+                    tls: TlsFiles {
                         ca: certs.join("etcd/ca.crt"),
                         cert: certs.join("apiserver-etcd-client.crt"),
                         key: certs.join("apiserver-etcd-client.key"),
@@ -95,58 +86,12 @@ impl Side {
 
     /// Opens a gRPC channel.
     pub async fn connect(&self) -> Result<Channel, DatastoreError> {
-        match self {
-            Side::Unix(_) => super::client::connect(&self.name()).await,
-            Side::Etcd { address, tls } => {
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(tls)?));
-                let (address, ip) = (*address, address.ip());
-                Endpoint::from_static("http://127.0.0.1")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let connector = connector.clone();
-                        async move {
-                            let tcp = tokio::net::TcpStream::connect(address).await?;
-                            tcp.set_nodelay(true)?;
-                            let name = rustls::pki_types::ServerName::IpAddress(ip.into());
-                            let stream = connector.connect(name, tcp).await?;
-                            Ok::<_, std::io::Error>(TokioIo::new(stream))
-                        }
-                    }))
-                    .await
-                    .map_err(|source| DatastoreError::Connect {
-                        endpoint: self.name(),
-                        source,
-                    })
-            }
-        }
+        let tls = match self {
+            Side::Unix(_) => None,
+            Side::Etcd { tls, .. } => Some(tls),
+        };
+        super::client::connect_with(&self.name(), tls).await
     }
-}
-
-fn tls_config(tls: &Tls) -> Result<rustls::ClientConfig, DatastoreError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |path: &Path, reason: String| DatastoreError::Tls {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, DatastoreError> {
-        CertificateDer::pem_file_iter(path)
-            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| bad(path, e.to_string()))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certs(&tls.ca)? {
-        roots.add(cert).map_err(|e| bad(&tls.ca, e.to_string()))?;
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| bad(&tls.key, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&tls.ca, e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs(&tls.cert)?, key)
-        .map_err(|e| bad(&tls.cert, e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
 }
 
 fn rpc<'a>(endpoint: &'a str, what: &'static str) -> impl Fn(tonic::Status) -> DatastoreError + 'a {
