@@ -122,25 +122,13 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 
 /// RSS and PSS in bytes from `/proc/<pid>/smaps_rollup`, RSS from `status` as fallback.
 fn memory_of(pid: i32) -> Option<(u64, Option<u64>)> {
-    let field = |text: &str, name: &str| -> Option<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kib| kib * 1024)
-    };
     if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        && let Some(rss) = field(&text, "Rss:")
+        && let Some(rss) = kib_field(&text, "Rss:")
     {
-        return Some((rss, field(&text, "Pss:")));
+        return Some((rss, kib_field(&text, "Pss:")));
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    Some((field(&status, "VmRSS:")?, None))
+    Some((kib_field(&status, "VmRSS:")?, None))
 }
 
 /// Every process of the node whose daemon is `daemon`: the daemon, its descendants,
