@@ -29,7 +29,7 @@ const PREFACE_LEN: usize = 24;
 const FRAMES_PER_READ: usize = 32;
 
 /// A client connection as the server sees it: reads rewritten, writes passed through.
-pub(crate) struct Relayed {
+pub(crate) struct Rewritten {
     /// The connection preface, handed to the server before any frame.
     preface: Option<([u8; PREFACE_LEN], usize)>,
     /// Decodes the client's frames; owns the socket, which writes go to directly.
@@ -43,9 +43,9 @@ pub(crate) struct Relayed {
     error: Option<io::Error>,
 }
 
-impl Relayed {
+impl Rewritten {
     fn new(stream: AnyStream, preface: [u8; PREFACE_LEN]) -> Self {
-        Relayed {
+        Rewritten {
             preface: Some((preface, 0)),
             reader: Codec::new(stream),
             encoder: Codec::new(tokio::io::join(tokio::io::empty(), Vec::new())),
@@ -89,7 +89,7 @@ impl Relayed {
     }
 }
 
-impl AsyncRead for Relayed {
+impl AsyncRead for Rewritten {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -145,7 +145,7 @@ impl AsyncRead for Relayed {
     }
 }
 
-impl AsyncWrite for Relayed {
+impl AsyncWrite for Rewritten {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -171,12 +171,12 @@ impl AsyncWrite for Relayed {
     }
 }
 
-impl tonic::transport::server::Connected for Relayed {
+impl tonic::transport::server::Connected for Rewritten {
     type ConnectInfo = ();
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
-/// A listener whose connections get relayed.
+/// A listener whose connections get their `:authority` rewritten.
 pub(crate) enum AnyListener {
     Unix(UnixListener),
     Tcp(TcpListener),
@@ -258,7 +258,7 @@ impl AnyListener {
 pub(crate) fn incoming(
     listener: AnyListener,
     shutdown: CancellationToken,
-) -> ReceiverStream<io::Result<Relayed>> {
+) -> ReceiverStream<io::Result<Rewritten>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -284,7 +284,7 @@ pub(crate) fn incoming(
                 };
                 match read {
                     Ok(_) => {
-                        let _ = tx.send(Ok(Relayed::new(stream, preface))).await;
+                        let _ = tx.send(Ok(Rewritten::new(stream, preface))).await;
                     }
                     Err(err) => {
                         tracing::debug!(error = %err, "datastore: connection ended before its preface")
