@@ -154,17 +154,22 @@ pub(crate) fn select_live(
     range: &KeyRange,
     limit: i64,
 ) -> rusqlite::Result<Vec<KeyValue>> {
+    // No `LIMIT ?`: SQLite (3.54, bundled) plans with the bound limit's value and so
+    // re-prepares such a statement at every execution. Rows come one step at a time,
+    // so stopping early costs the same.
     const SQL: [&str; 3] = by_shape!(
         "SELECT key, create_rev, mod_rev, version, value, lease FROM live WHERE",
-        "ORDER BY key LIMIT ?3"
+        "ORDER BY key"
     );
     let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
     range.bind(&mut stmt)?;
-    stmt.raw_bind_parameter(3, limit)?;
     let mut rows = stmt.raw_query();
     let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(row_kv(row)?);
+    while limit < 0 || (out.len() as i64) < limit {
+        match rows.next()? {
+            Some(row) => out.push(row_kv(row)?),
+            None => break,
+        }
     }
     Ok(out)
 }
