@@ -606,9 +606,7 @@ impl Writer {
             }
             // With many concurrent writers, a short wait for the rest of them turns
             // several commits (fsyncs) into one; a lone writer never waits.
-            // Rounded up, so a batch waits for at least as many writers as recent ones
-            // had (rounding down let the target drift below the real concurrency).
-            let expected = (self.recent_batch.ceil() as usize).min(MAX_BATCH);
+            let expected = (self.recent_batch as usize).min(MAX_BATCH);
             if jobs.len() > 1 || expected > 1 {
                 let until = Instant::now() + GATHER_WAIT;
                 while jobs.len() < expected {
