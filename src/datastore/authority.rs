@@ -1,102 +1,312 @@
-//! A relay in front of the listeners that makes etcd's Go clients acceptable to h2.
+//! Makes etcd's Go clients acceptable to h2.
 //!
 //! etcd's Go client (the one in kube-apiserver and etcdctl) sends the socket path, e.g.
 //! `/var/lib/kdist/run/datastore.sock`, as the HTTP/2 `:authority` of requests on a
 //! unix socket, and `http://127.0.0.1:2379` (with the scheme) on TCP. Neither is a valid
 //! authority, and h2 — the HTTP/2 server under tonic — resets such streams with
-//! PROTOCOL_ERROR. So each connection is relayed: frames
-//! from the client are decoded, an invalid `:authority` becomes `localhost`, and the
-//! frames are re-encoded to the server over an in-memory pipe; the other direction is
-//! copied as bytes. TLS connections are decrypted first and relayed the same way.
+//! PROTOCOL_ERROR. So what the server reads from a connection is rewritten as it is
+//! read: frames from the client are decoded, an invalid `:authority` becomes
+//! `localhost`, and the frames are re-encoded into the server's read buffer. The server
+//! writes straight to the socket. No extra task or pipe sits between client and server:
+//! each hop of that kind cost a task wake-up per request and per response. TLS
+//! connections are decrypted first (the handshake runs on the connection's own task) and
+//! rewritten the same way.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::Stream;
 use h2::Codec;
 use h2::frame::{BytesStr, Frame};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Empty, Join, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 const PREFACE_LEN: usize = 24;
-const PIPE_BYTES: usize = 256 * 1024;
+/// Frames re-encoded for one read of the server at most; keeps the buffer bounded.
+const FRAMES_PER_READ: usize = 32;
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The server end of one relayed connection.
-pub(crate) struct Relayed(DuplexStream);
+/// A client connection as the server sees it: reads rewritten, writes passed through.
+pub(crate) struct Rewritten {
+    /// The connection preface, handed to the server before any frame.
+    preface: Option<([u8; PREFACE_LEN], usize)>,
+    /// Decodes the client's frames; owns the socket, which writes go to directly.
+    reader: Codec<AnyStream, Bytes>,
+    /// Re-encodes frames into a buffer (never touches the socket).
+    encoder: Codec<Join<Empty, Vec<u8>>, Bytes>,
+    /// Re-encoded bytes not yet read by the server, from `pos`.
+    pending: Vec<u8>,
+    pos: usize,
+    /// An error from the client side to report once `pending` is drained.
+    error: Option<io::Error>,
+}
 
-impl AsyncRead for Relayed {
+impl Rewritten {
+    fn new(stream: AnyStream, preface: [u8; PREFACE_LEN]) -> Self {
+        Rewritten {
+            preface: Some((preface, 0)),
+            reader: Codec::new(stream),
+            encoder: Codec::new(tokio::io::join(tokio::io::empty(), Vec::new())),
+            pending: Vec::new(),
+            pos: 0,
+            error: None,
+        }
+    }
+
+    /// Moves re-encoded bytes into `buf`; false when there are none.
+    fn drain(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.pos >= self.pending.len() {
+            return false;
+        }
+        let n = buf.remaining().min(self.pending.len() - self.pos);
+        buf.put_slice(&self.pending[self.pos..self.pos + n]);
+        self.pos += n;
+        true
+    }
+
+    fn encode(&mut self, frame: Frame, cx: &mut Context<'_>) -> io::Result<()> {
+        // The encoder writes into a Vec, so it is never pending.
+        match self.encoder.poll_ready(cx) {
+            Poll::Ready(r) => r?,
+            Poll::Pending => return Err(io::Error::other("frame encoder is not ready")),
+        }
+        self.encoder
+            .buffer(fix_authority(frame))
+            .map_err(|e| io::Error::other(format!("{e:?}")))
+    }
+
+    fn take_encoded(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.encoder.flush(cx) {
+            Poll::Ready(r) => r?,
+            Poll::Pending => return Err(io::Error::other("frame encoder did not flush")),
+        }
+        self.pending.clear();
+        self.pos = 0;
+        std::mem::swap(&mut self.pending, self.encoder.get_mut().writer_mut());
+        Ok(())
+    }
+}
+
+impl AsyncRead for Rewritten {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some((preface, sent)) = &mut this.preface {
+            let n = buf.remaining().min(PREFACE_LEN - *sent);
+            buf.put_slice(&preface[*sent..*sent + n]);
+            *sent += n;
+            if *sent == PREFACE_LEN {
+                this.preface = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.drain(buf) {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(err) = this.error.take() {
+            return Poll::Ready(Err(err));
+        }
+        // Everything that already arrived goes to the server in one read.
+        let mut encoded = 0usize;
+        while encoded < FRAMES_PER_READ {
+            match Pin::new(&mut this.reader).poll_next(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    encoded += 1;
+                    if let Err(err) = this.encode(frame, cx) {
+                        this.error = Some(err);
+                        break;
+                    }
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    this.error = Some(io::Error::other(format!("{err:?}")));
+                    break;
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending if encoded == 0 => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        if encoded > 0 {
+            this.take_encoded(cx)?;
+        }
+        if this.drain(buf) {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(err) = this.error.take() {
+            return Poll::Ready(Err(err));
+        }
+        // End of input: the server sees a read of zero bytes.
+        Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for Relayed {
+impl AsyncWrite for Rewritten {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(self.reader.get_mut()).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.reader.get_mut()).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.reader.get_ref().is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(self.reader.get_mut()).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(self.reader.get_mut()).poll_shutdown(cx)
     }
 }
 
-impl tonic::transport::server::Connected for Relayed {
+impl tonic::transport::server::Connected for Rewritten {
     type ConnectInfo = ();
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
-/// A listener whose connections get relayed.
+/// A listener whose connections get their `:authority` rewritten.
 pub(crate) enum AnyListener {
     Unix(UnixListener),
     Tcp(TcpListener),
-    /// TCP with a TLS handshake before the relay.
+    /// TCP with a TLS handshake first.
     Tls(TcpListener, TlsAcceptor),
 }
 
 enum AnyStream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An accepted connection, before any byte of it is read.
+enum Accepted {
+    Plain(AnyStream),
     Tls(TcpStream, TlsAcceptor),
 }
 
-impl AnyListener {
-    async fn accept(&self) -> io::Result<AnyStream> {
+impl Accepted {
+    /// The connection ready for HTTP/2; None when its TLS handshake failed or timed out.
+    async fn open(self) -> Option<AnyStream> {
+        let (tcp, acceptor) = match self {
+            Accepted::Plain(stream) => return Some(stream),
+            Accepted::Tls(tcp, acceptor) => (tcp, acceptor),
+        };
+        let peer = tcp.peer_addr().ok();
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Some(AnyStream::Tls(Box::new(tls))),
+            Ok(Err(err)) => {
+                tracing::info!(?peer, error = %err, "datastore: TLS handshake refused");
+                None
+            }
+            Err(_) => {
+                tracing::info!(?peer, "datastore: TLS handshake timed out");
+                None
+            }
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match Pin::get_mut($self) {
+            AnyStream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            AnyStream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            AnyStream::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for AnyStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for AnyStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
         match self {
-            AnyListener::Unix(l) => l.accept().await.map(|(s, _)| AnyStream::Unix(s)),
+            AnyStream::Unix(s) => s.is_write_vectored(),
+            AnyStream::Tcp(s) => s.is_write_vectored(),
+            AnyStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+impl AnyListener {
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            AnyListener::Unix(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| Accepted::Plain(AnyStream::Unix(s))),
             AnyListener::Tcp(l) => l.accept().await.map(|(s, _)| {
                 let _ = s.set_nodelay(true);
-                AnyStream::Tcp(s)
+                Accepted::Plain(AnyStream::Tcp(s))
             }),
             AnyListener::Tls(l, acceptor) => l.accept().await.map(|(s, _)| {
                 let _ = s.set_nodelay(true);
-                AnyStream::Tls(s, acceptor.clone())
+                Accepted::Tls(s, acceptor.clone())
             }),
         }
     }
 }
 
-/// Accepts on `listener` until `shutdown`, yielding relayed connections to serve.
+/// Accepts on `listener` until `shutdown`, yielding connections to serve once their
+/// preface has arrived (read on a task of its own, so a silent client holds up nobody).
 pub(crate) fn incoming(
     listener: AnyListener,
     shutdown: CancellationToken,
-) -> ReceiverStream<io::Result<Relayed>> {
+) -> ReceiverStream<io::Result<Rewritten>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -104,79 +314,39 @@ pub(crate) fn incoming(
                 accepted = listener.accept() => accepted,
                 _ = shutdown.cancelled() => return,
             };
-            let stream = match accepted {
-                Ok(stream) => stream,
+            let accepted = match accepted {
+                Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "datastore: accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let (server_end, relay_end) = tokio::io::duplex(PIPE_BYTES);
-            match stream {
-                AnyStream::Unix(s) => tokio::spawn(relay(s, relay_end)),
-                AnyStream::Tcp(s) => tokio::spawn(relay(s, relay_end)),
-                // the handshake runs in the connection's task, never in the accept loop
-                AnyStream::Tls(s, acceptor) => tokio::spawn(async move {
-                    let peer = s.peer_addr().ok();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await {
-                        Ok(Ok(tls)) => relay(tls, relay_end).await,
-                        // dropping relay_end ends the connection on the server side too
-                        Ok(Err(err)) => {
-                            tracing::info!(?peer, error = %err, "datastore: TLS handshake refused");
-                        }
-                        Err(_) => tracing::info!(?peer, "datastore: TLS handshake timed out"),
+            let tx = tx.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let opened = tokio::select! {
+                    opened = accepted.open() => opened,
+                    _ = shutdown.cancelled() => return,
+                };
+                let Some(mut stream) = opened else { return };
+                let mut preface = [0u8; PREFACE_LEN];
+                let read = tokio::select! {
+                    read = stream.read_exact(&mut preface) => read,
+                    _ = shutdown.cancelled() => return,
+                };
+                match read {
+                    Ok(_) => {
+                        let _ = tx.send(Ok(Rewritten::new(stream, preface))).await;
                     }
-                }),
-            };
-            if tx.send(Ok(Relayed(server_end))).await.is_err() {
-                return;
-            }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "datastore: connection ended before its preface")
+                    }
+                }
+            });
         }
     });
     ReceiverStream::new(rx)
-}
-
-async fn relay<S>(client: S, inner: DuplexStream)
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut inner_read, mut inner_write) = tokio::io::split(inner);
-    let down = async move {
-        let _ = tokio::io::copy(&mut inner_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
-    };
-    let up = async move {
-        let mut preface = [0u8; PREFACE_LEN];
-        if let Err(err) = client_read.read_exact(&mut preface).await {
-            let _ = inner_write.shutdown().await;
-            return Err(err);
-        }
-        inner_write.write_all(&preface).await?;
-        let mut reader: Codec<_, Bytes> =
-            Codec::new(tokio::io::join(client_read, tokio::io::sink()));
-        let mut writer: Codec<_, Bytes> =
-            Codec::new(tokio::io::join(tokio::io::empty(), inner_write));
-        let result = forward(&mut reader, &mut writer).await;
-        // However the client went away, the server must see the end of its input, or
-        // it keeps the connection (and graceful shutdown waits for it) forever.
-        let _ = SinkExt::flush(&mut writer).await;
-        let _ = writer.get_mut().writer_mut().shutdown().await;
-        result
-    };
-    let (up, ()) = tokio::join!(up, down);
-    if let Err(err) = up {
-        tracing::debug!(error = %err, "datastore: connection ended");
-    }
-}
-
-fn recv_err(e: impl std::fmt::Debug) -> io::Error {
-    io::Error::other(format!("{e:?}"))
-}
-
-fn send_err(e: h2::SendError) -> io::Error {
-    io::Error::other(format!("{e:?}"))
 }
 
 fn fix_authority(mut frame: Frame) -> Frame {
@@ -191,26 +361,4 @@ fn fix_authority(mut frame: Frame) -> Frame {
         }
     }
     frame
-}
-
-async fn forward<R, W>(reader: &mut Codec<R, Bytes>, writer: &mut Codec<W, Bytes>) -> io::Result<()>
-where
-    R: AsyncRead + AsyncWrite + Unpin,
-    W: AsyncRead + AsyncWrite + Unpin,
-{
-    while let Some(frame) = reader.next().await {
-        writer
-            .feed(fix_authority(frame.map_err(recv_err)?))
-            .await
-            .map_err(send_err)?;
-        // Pass on whatever else already arrived before waking the server.
-        while let Some(Some(frame)) = reader.next().now_or_never() {
-            writer
-                .feed(fix_authority(frame.map_err(recv_err)?))
-                .await
-                .map_err(send_err)?;
-        }
-        SinkExt::flush(writer).await.map_err(send_err)?;
-    }
-    Ok(())
 }

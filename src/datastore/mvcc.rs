@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 
-use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::error::ApiError;
@@ -98,22 +97,38 @@ impl KeyRange {
         }
     }
 
-    fn condition(&self) -> &'static str {
+    /// Which of three SQL texts fits this shape. Each shape gets its own statement:
+    /// one text for all of them (with `?2 IS NULL` for the unused bound) made SQLite
+    /// re-plan the statement at every execution.
+    fn pick(&self, sql: &[&'static str; 3]) -> &'static str {
         match self {
-            // `?2 IS NULL` keeps the parameter count the same for every shape.
-            KeyRange::Single(_) => "key = ?1 AND ?2 IS NULL",
-            KeyRange::From(_) => "key >= ?1 AND ?2 IS NULL",
-            KeyRange::Between(..) => "key >= ?1 AND key < ?2",
+            KeyRange::Single(_) => sql[0],
+            KeyRange::From(_) => sql[1],
+            KeyRange::Between(..) => sql[2],
         }
     }
 
-    /// Parameters ?1 and ?2 of `condition()` (?2 is NULL when unused).
-    fn bounds(&self) -> (Value, Value) {
+    /// Binds ?1 (and ?2 when the shape has an end) of a statement `pick` chose.
+    fn bind(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<()> {
         match self {
-            KeyRange::Single(k) | KeyRange::From(k) => (Value::Blob(k.clone()), Value::Null),
-            KeyRange::Between(s, e) => (Value::Blob(s.clone()), Value::Blob(e.clone())),
+            KeyRange::Single(k) | KeyRange::From(k) => stmt.raw_bind_parameter(1, k),
+            KeyRange::Between(s, e) => {
+                stmt.raw_bind_parameter(1, s)?;
+                stmt.raw_bind_parameter(2, e)
+            }
         }
     }
+}
+
+/// The three shapes of a key condition, with `$tail` (which may use ?3) appended.
+macro_rules! by_shape {
+    ($head:literal, $tail:literal) => {
+        [
+            concat!($head, " key = ?1 ", $tail),
+            concat!($head, " key >= ?1 ", $tail),
+            concat!($head, " key >= ?1 AND key < ?2 ", $tail),
+        ]
+    };
 }
 
 fn row_kv(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
@@ -139,39 +154,53 @@ pub(crate) fn select_live(
     range: &KeyRange,
     limit: i64,
 ) -> rusqlite::Result<Vec<KeyValue>> {
-    let sql = format!(
-        "SELECT key, create_rev, mod_rev, version, value, lease FROM live WHERE {} \
-         ORDER BY key LIMIT ?3",
-        range.condition()
+    // No `LIMIT ?`: SQLite (3.54, bundled) plans with the bound limit's value and so
+    // re-prepares such a statement at every execution. Rows come one step at a time,
+    // so stopping early costs the same.
+    const SQL: [&str; 3] = by_shape!(
+        "SELECT key, create_rev, mod_rev, version, value, lease FROM live WHERE",
+        "ORDER BY key"
     );
-    let (a, b) = range.bounds();
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![a, b, limit], row_kv)?;
-    rows.collect()
+    let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
+    range.bind(&mut stmt)?;
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while limit < 0 || (out.len() as i64) < limit {
+        match rows.next()? {
+            Some(row) => out.push(row_kv(row)?),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 fn count_live(conn: &Connection, range: &KeyRange) -> rusqlite::Result<i64> {
-    let sql = format!("SELECT count(*) FROM live WHERE {}", range.condition());
-    let (a, b) = range.bounds();
-    conn.prepare_cached(&sql)?
-        .query_row(params![a, b], |row| row.get(0))
+    const SQL: [&str; 3] = by_shape!("SELECT count(*) FROM live WHERE", "");
+    let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
+    range.bind(&mut stmt)?;
+    let mut rows = stmt.raw_query();
+    match rows.next()? {
+        Some(row) => row.get(0),
+        None => Err(rusqlite::Error::QueryReturnedNoRows),
+    }
 }
 
 /// Keys of a range as they were at `rev` (newest version <= rev that is not a tombstone).
 fn select_at(conn: &Connection, range: &KeyRange, rev: i64) -> rusqlite::Result<Vec<KeyValue>> {
     // SQLite takes the bare columns from the row holding the max(); a key can change
     // more than once in one revision (a txn may put a key and delete a range over it).
-    let sql = format!(
+    const SQL: [&str; 3] = by_shape!(
         "SELECT key, create_rev, rev, version, value, lease, max(rev * 1048576 + sub) \
-         FROM kv WHERE {} AND rev <= ?3 GROUP BY key ORDER BY key",
-        range.condition()
+         FROM kv WHERE",
+        "AND rev <= ?3 GROUP BY key ORDER BY key"
     );
-    let (a, b) = range.bounds();
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![a, b, rev], row_kv)?;
+    let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
+    range.bind(&mut stmt)?;
+    stmt.raw_bind_parameter(3, rev)?;
+    let mut rows = stmt.raw_query();
     let mut out = Vec::new();
-    for kv in rows {
-        let kv = kv?;
+    while let Some(row) = rows.next()? {
+        let kv = row_kv(row)?;
         if kv.version > 0 {
             out.push(kv);
         }
@@ -574,8 +603,12 @@ impl<'a> Applier<'a> {
         };
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO live (key, create_rev, mod_rev, version, value, lease) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                // An upsert updates the row in place; INSERT OR REPLACE deletes and
+                // inserts it again.
+                "INSERT INTO live (key, create_rev, mod_rev, version, value, lease) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key) DO UPDATE SET \
+                 create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, \
+                 version = excluded.version, value = excluded.value, lease = excluded.lease",
             )?
             .execute(params![
                 kv.key,

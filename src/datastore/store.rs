@@ -357,11 +357,12 @@ impl Store {
             None => open_reader(&self.shared.path)?,
         };
         if txn {
-            conn.execute_batch("BEGIN")?;
+            conn.prepare_cached("BEGIN")?.execute([])?;
         }
         let result = f(&conn);
         let ended = if txn {
-            conn.execute_batch("COMMIT")
+            conn.prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]).map(|_| ()))
         } else {
             Ok(())
         };
@@ -672,14 +673,32 @@ impl Writer {
         let start_leases = self.leases.clone();
         let mut done = Vec::with_capacity(batch.len());
         let mut published: Vec<RevEvents> = Vec::new();
+        let mut failed: Option<String> = None;
         for job in batch {
-            let _ = self.exec_cached("SAVEPOINT job");
+            if let Some(reason) = &failed {
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(ApiError::Internal(reason.clone())));
+                }
+                continue;
+            }
+            // A put checks everything before it writes, so only a storage error can
+            // leave it half done, and that undoes the whole batch (below). Other jobs
+            // may fail after writing and get a savepoint to roll back to.
+            let guarded = !matches!(job.op, WriteOp::Put(_));
+            if guarded {
+                let _ = self.exec_cached("SAVEPOINT job");
+            }
             let mut events = Vec::new();
             let mut lease_change = None;
             let result = self.apply(job.op, &mut events, &mut lease_change);
             match &result {
+                Err(ApiError::Storage(err)) if !guarded => {
+                    failed = Some(err.to_string());
+                }
                 Ok(_) => {
-                    let _ = self.exec_cached("RELEASE job");
+                    if guarded {
+                        let _ = self.exec_cached("RELEASE job");
+                    }
                     if !events.is_empty() {
                         self.rev += 1;
                         published.push(RevEvents {
@@ -698,8 +717,10 @@ impl Writer {
                     }
                 }
                 Err(_) => {
-                    let _ = self.exec_cached("ROLLBACK TO job");
-                    let _ = self.exec_cached("RELEASE job");
+                    if guarded {
+                        let _ = self.exec_cached("ROLLBACK TO job");
+                        let _ = self.exec_cached("RELEASE job");
+                    }
                 }
             }
             let mut reply = job.reply;
@@ -712,13 +733,15 @@ impl Writer {
             }
             done.push(Done { reply, result });
         }
-        let commit = self
-            .conn
-            .execute(
-                "UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0",
-                params![self.rev, self.compact_rev],
-            )
-            .and_then(|_| self.exec_cached("COMMIT"));
+        let commit = match failed {
+            Some(reason) => Err(reason),
+            None => self
+                .conn
+                .prepare_cached("UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0")
+                .and_then(|mut stmt| stmt.execute(params![self.rev, self.compact_rev]))
+                .and_then(|_| self.exec_cached("COMMIT"))
+                .map_err(|err| err.to_string()),
+        };
         if let Err(err) = commit {
             tracing::error!(error = %err, "datastore: commit failed, batch rolled back");
             let _ = self.conn.execute_batch("ROLLBACK");
