@@ -5,9 +5,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = kdist::cli::Cli::parse();
-    if !cli.serves() {
-        die_quietly_on_closed_stdout();
-    }
+    quiet_on_closed_stdout();
     let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -34,14 +32,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Commands that print (`status`, `logs`, `kubectl` ...) end quietly when their reader goes
-/// away, as `kdist status | head` expects, instead of panicking in `println!` on EPIPE.
-/// Serving commands keep Rust's default of ignoring SIGPIPE: a client that hangs up must
-/// never kill the daemon.
-#[allow(unsafe_code)]
-fn die_quietly_on_closed_stdout() {
-    use nix::sys::signal::{SigHandler, Signal, signal};
-    // SAFETY: called first thing in main, before the runtime or any other thread exists,
-    // and SIG_DFL installs no Rust code as a handler.
-    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+/// `kdist status | head`: once the reader of stdout is gone, printing on the main thread
+/// (`println!`, clap's completion writer) panics on EPIPE; end quietly with the shell's
+/// broken-pipe status instead. SIGPIPE itself stays ignored (Rust's default), so a peer
+/// that closes a socket is an error to report, never a silent death, and the daemon's
+/// own threads are never ended this way.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload_as_str().unwrap_or_default();
+        let main = std::thread::current().name() == Some("main");
+        if main && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

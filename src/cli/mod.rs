@@ -116,17 +116,6 @@ impl Cli {
     pub fn data(&self) -> DataDir {
         DataDir::new(&self.data_dir)
     }
-
-    /// Whether this command serves clients for a long time (the daemon, `datastore serve`).
-    pub fn serves(&self) -> bool {
-        matches!(
-            &self.command,
-            Command::Daemon(_)
-                | Command::Datastore(datastore::Args {
-                    command: datastore::Cmd::Serve(_)
-                })
-        )
-    }
 }
 
 /// Runs the parsed command. The daemon verb builds its own runtime in `main`.
