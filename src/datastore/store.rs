@@ -1296,4 +1296,29 @@ mod tests {
         assert!(store.lease_get(42).is_none());
         store.close();
     }
+
+    #[tokio::test]
+    async fn wal_keeps_its_inode_across_checkpoints_and_sync_failure_stops_writes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        store.write(put("a", "1")).await.unwrap();
+        let wal = WalFile::new(&path).path;
+        let inode = std::fs::metadata(&wal).unwrap().ino();
+        let other = Connection::open(&path).unwrap();
+        for mode in ["PASSIVE", "RESTART", "TRUNCATE"] {
+            other
+                .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
+                .unwrap();
+            store.write(put("a", mode)).await.unwrap();
+            assert_eq!(std::fs::metadata(&wal).unwrap().ino(), inode, "{mode}");
+        }
+        let rev = store.current_rev();
+        store.shared.sync_failed.set("disk gone".into()).unwrap();
+        let err = store.write(put("b", "2")).await.unwrap_err();
+        assert!(err.to_string().contains("disk gone"), "{err}");
+        assert_eq!(store.current_rev(), rev);
+        store.close();
+    }
 }
