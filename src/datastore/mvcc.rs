@@ -226,6 +226,8 @@ pub(crate) fn prev_version(
 
 /// Range as etcd serves it: revision checks, limit/count/more, min/max filters, sort.
 /// The header carries `cur_rev`, the store's revision, whatever revision was read.
+/// `cur_rev` may be behind what the caller's snapshot holds (a batch committed but not
+/// yet synced, see store.rs `syncer`): then `live` is ahead and history answers.
 pub(crate) fn range(
     conn: &Connection,
     cur_rev: i64,
@@ -244,7 +246,7 @@ pub(crate) fn range(
         return Err(ApiError::Compacted);
     }
     let range = KeyRange::new(&req.key, &req.range_end);
-    let latest = rev == cur_rev;
+    let latest = rev == cur_rev && read_meta(conn)?.0 == cur_rev;
     let sort_order = range_request::SortOrder::try_from(req.sort_order)
         .map_err(|_| ApiError::InvalidSortOption)?;
     let sort_target = range_request::SortTarget::try_from(req.sort_target)
