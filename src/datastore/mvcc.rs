@@ -226,6 +226,8 @@ pub(crate) fn prev_version(
 
 /// Range as etcd serves it: revision checks, limit/count/more, min/max filters, sort.
 /// The header carries `cur_rev`, the store's revision, whatever revision was read.
+/// `cur_rev` may be behind what the caller's snapshot holds (a batch committed but not
+/// yet synced, see store.rs `syncer`): then `live` is ahead and history answers.
 pub(crate) fn range(
     conn: &Connection,
     cur_rev: i64,
@@ -244,7 +246,12 @@ pub(crate) fn range(
         return Err(ApiError::Compacted);
     }
     let range = KeyRange::new(&req.key, &req.range_end);
-    let latest = rev == cur_rev;
+    // the snapshot's own revision (absent only in a bare schema without the writer)
+    let snapshot_rev: Option<i64> = conn
+        .prepare_cached("SELECT rev FROM meta WHERE id = 0")?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    let latest = rev == cur_rev && snapshot_rev.is_none_or(|s| s == cur_rev);
     let sort_order = range_request::SortOrder::try_from(req.sort_order)
         .map_err(|_| ApiError::InvalidSortOption)?;
     let sort_target = range_request::SortTarget::try_from(req.sort_target)

@@ -94,11 +94,13 @@ impl kv_server::Kv for Api {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = req.into_inner();
         check::range(&req)?;
+        let store = self.store.clone();
         let mut resp = self
             .store
             .read(move |conn| {
                 let (rev, compact) = mvcc::read_meta(conn)?;
-                mvcc::range(conn, rev, compact, &req)
+                // only what is durable is shown: a batch still being synced is read past
+                mvcc::range(conn, rev.min(store.current_rev()), compact, &req)
             })
             .await?;
         self.fill(&mut resp.header);
@@ -139,10 +141,16 @@ impl kv_server::Kv for Api {
         check::intervals(&req.success)?;
         check::intervals(&req.failure)?;
         too_large(&req)?;
-        let mut resp = if mvcc::txn_is_read_only(&req) {
+        let read_only = if mvcc::txn_is_read_only(&req) {
+            let (store, req) = (self.store.clone(), req.clone());
             self.store
                 .read(move |conn| {
                     let (rev, compact) = mvcc::read_meta(conn)?;
+                    if rev > store.current_rev() {
+                        // compares would see a batch still being synced: the writer
+                        // answers this one, after the sync
+                        return Ok(None);
+                    }
                     let mut path = Vec::new();
                     mvcc::txn_path(conn, &req, &mut path)?;
                     mvcc::check_txn(conn, &req, &path, (rev, compact), false, &|_| false)?;
@@ -150,14 +158,18 @@ impl kv_server::Kv for Api {
                     let mut applier = Applier::new(conn, rev, compact, &no_leases);
                     let mut resp = applier.txn(&req, &path, &mut 0)?;
                     resp.header = mvcc::rev_header(rev);
-                    Ok(resp)
+                    Ok(Some(resp))
                 })
                 .await?
         } else {
-            match self.write(WriteOp::Txn(req)).await? {
+            None
+        };
+        let mut resp = match read_only {
+            Some(resp) => resp,
+            None => match self.write(WriteOp::Txn(req)).await? {
                 WriteResult::Txn(resp) => resp,
                 _ => return Err(unexpected()),
-            }
+            },
         };
         self.fill(&mut resp.header);
         Ok(Response::new(resp))
