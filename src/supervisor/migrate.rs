@@ -212,7 +212,16 @@ pub(crate) async fn migrate(
         &mut target_started,
     )
     .await;
-    let (snap, checked) = match outcome {
+    // the switch (config.yaml) is the last step that can fail: from there on the node
+    // runs on the target
+    let switched = match outcome {
+        Ok(done) => match NodeConfig::set_datastore(data, to) {
+            Ok(_) => Ok(done),
+            Err(err) => Err(("writing config.yaml".to_string(), err.into())),
+        },
+        Err(failed) => Err(failed),
+    };
+    let (snap, checked) = match switched {
         Ok(done) => done,
         Err((step, err)) => {
             warn!(step = %step, error = %crate::report::error_chain(&err), "datastore migration failed; rolling back");
@@ -233,25 +242,6 @@ pub(crate) async fn migrate(
             });
         }
     };
-
-    // the switch: from here on the node runs on the target
-    if let Err(err) = NodeConfig::set_datastore(data, to) {
-        rollback(
-            fleet,
-            data,
-            to,
-            new_name,
-            target_started,
-            &old_specs,
-            &restarted,
-        )
-        .await;
-        return Err(SupervisorError::MigrateFailed {
-            step: "writing config.yaml".into(),
-            from: kind_name(from).into(),
-            source: Box::new(err.into()),
-        });
-    }
     info!(
         to = kind_name(to),
         "datastore migration: config.yaml switched"
