@@ -654,6 +654,15 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// Names of the services `plan` gives, in order.
+    fn planned(data: &DataDir, config: &NodeConfig) -> Vec<String> {
+        plan(data, config)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    }
+
     #[test]
     fn disable_removes_services_and_refuses_unknown_names() {
         let data = DataDir::new("/tmp/kdist-plan-disable");
@@ -661,11 +670,7 @@ mod tests {
             disable: vec!["containerd".into()],
             ..NodeConfig::default()
         };
-        let names: Vec<String> = plan(&data, &config)
-            .unwrap()
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
+        let names = planned(&data, &config);
         assert!(!names.contains(&"containerd".to_string()), "{names:?}");
         assert!(names.contains(&"datastore".to_string()), "{names:?}");
         let config = NodeConfig {
@@ -686,11 +691,7 @@ mod tests {
             role: crate::config::Role::Worker,
             ..NodeConfig::default()
         };
-        let names: Vec<String> = plan(&data, &config)
-            .unwrap()
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
+        let names = planned(&data, &config);
         assert!(!names.contains(&"etcd".to_string()), "{names:?}");
         assert!(names.contains(&"containerd".to_string()), "{names:?}");
     }
