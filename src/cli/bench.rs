@@ -81,6 +81,10 @@ pub struct DatastoreArgs {
     pub ranges: usize,
     #[arg(long, default_value_t = 500)]
     pub watch_events: usize,
+    /// Runs of the whole workload per endpoint, the endpoints taking turns; each figure
+    /// reported is its median over the rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -539,16 +543,27 @@ async fn datastore(args: DatastoreArgs) -> anyhow::Result<ExitCode> {
         ranges: args.ranges.max(1),
         watch_events: args.watch_events.max(1),
     };
-    let mut results = Vec::new();
-    for e in &args.endpoints {
-        let (name, url) = match e.split_once('=') {
+    let endpoints: Vec<(String, String)> = args
+        .endpoints
+        .iter()
+        .map(|e| match e.split_once('=') {
             Some((n, u)) if !n.contains("://") => (n.to_string(), u.to_string()),
             _ => (e.clone(), e.clone()),
-        };
-        eprintln!("benchmarking {name} ({url}) ...");
-        let result = bench::run(&url, &opts).await?;
-        results.push(Named { name, result });
+        })
+        .collect();
+    let rounds = args.rounds.max(1);
+    let mut runs: Vec<Vec<BenchResult>> = vec![Vec::new(); endpoints.len()];
+    for round in 1..=rounds {
+        for (i, (name, url)) in endpoints.iter().enumerate() {
+            eprintln!("round {round}/{rounds}: benchmarking {name} ({url}) ...");
+            runs[i].push(bench::run(url, &opts).await?);
+        }
     }
+    let results: Vec<Named> = endpoints
+        .into_iter()
+        .zip(runs)
+        .filter_map(|((name, _), runs)| bench::median(&runs).map(|result| Named { name, result }))
+        .collect();
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
         Output::Yaml => print!("{}", serde_yaml::to_string(&results)?),

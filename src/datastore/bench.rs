@@ -268,3 +268,79 @@ async fn watch_latency(
     drop(tx);
     Ok(Latency::of(lat))
 }
+
+/// One result per metric, each the median over `rounds` (runs of the same endpoint);
+/// on a busy machine single runs move by a third, medians of interleaved rounds much less.
+pub fn median(rounds: &[BenchResult]) -> Option<BenchResult> {
+    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2]
+    }
+    let first = rounds.first()?;
+    let pick = |f: fn(&BenchResult) -> u64| mid(rounds.iter().map(f).collect());
+    Some(BenchResult {
+        endpoint: first.endpoint.clone(),
+        puts: pick(|r| r.puts),
+        puts_per_sec: mid(rounds.iter().map(|r| r.puts_per_sec).collect()),
+        put_latency: Latency {
+            p50_us: pick(|r| r.put_latency.p50_us),
+            p99_us: pick(|r| r.put_latency.p99_us),
+        },
+        range_latency: Latency {
+            p50_us: pick(|r| r.range_latency.p50_us),
+            p99_us: pick(|r| r.range_latency.p99_us),
+        },
+        watch_latency: Latency {
+            p50_us: pick(|r| r.watch_latency.p50_us),
+            p99_us: pick(|r| r.watch_latency.p99_us),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(puts_per_sec: f64, range_p50: u64, watch_p99: u64) -> BenchResult {
+        BenchResult {
+            endpoint: "e".into(),
+            puts: puts_per_sec as u64 * 5,
+            puts_per_sec,
+            put_latency: Latency {
+                p50_us: 1,
+                p99_us: 2,
+            },
+            range_latency: Latency {
+                p50_us: range_p50,
+                p99_us: range_p50 * 2,
+            },
+            watch_latency: Latency {
+                p50_us: 1,
+                p99_us: watch_p99,
+            },
+        }
+    }
+
+    #[test]
+    fn median_takes_each_metric_from_the_middle_round() {
+        let rounds = [
+            result(5000.0, 900, 3000),
+            result(9000.0, 2000, 1000),
+            result(7000.0, 1500, 2000),
+        ];
+        let m = median(&rounds).unwrap();
+        assert_eq!(m.puts_per_sec, 7000.0);
+        assert_eq!(m.puts, 35000);
+        assert_eq!(m.range_latency.p50_us, 1500);
+        assert_eq!(m.range_latency.p99_us, 3000);
+        assert_eq!(m.watch_latency.p99_us, 2000);
+        assert!(median(&[]).is_none());
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_the_sorted_samples() {
+        let samples = (1..=100).rev().map(Duration::from_micros).collect();
+        let l = Latency::of(samples);
+        assert_eq!((l.p50_us, l.p99_us), (51, 99));
+    }
+}
