@@ -302,9 +302,17 @@ impl Side {
     async fn run(&mut self, op: &Op) -> String {
         match op {
             Op::Put { .. } | Op::Delete { .. } | Op::Txn { .. } | Op::Range { .. } => {
+                // A range's negative revision counts back from the current one, so a
+                // sequence reads history wherever the server's revision stands.
+                let mut op = op.clone();
+                if let Op::Range { revision, .. } = &mut op
+                    && *revision < 0
+                {
+                    *revision = (self.current_rev().await + *revision).max(1);
+                }
                 let Some(RequestOp {
                     request: Some(request),
-                }) = to_request(op)
+                }) = to_request(&op)
                 else {
                     return "skip".into();
                 };
@@ -538,7 +546,12 @@ fn random_ops(seed: u64, n: usize, lease_base: i64) -> Vec<Op> {
                 key: key(rng),
                 end: end(rng),
                 limit: rng.random_range(0..4),
-                revision: 0,
+                // negative: that many revisions before the current one (see `run`)
+                revision: if rng.random_range(0..3) == 0 {
+                    -rng.random_range(1..6)
+                } else {
+                    0
+                },
                 sort_order: rng.random_range(0..3),
                 sort_target: rng.random_range(0..5),
                 keys_only: rng.random_range(0..4) == 0,

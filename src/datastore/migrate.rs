@@ -395,14 +395,14 @@ pub fn write_embedded(path: &Path, snap: &Snapshot) -> Result<(), DatastoreError
         {
             let mut live = tx
                 .prepare(
-                    "INSERT INTO live (key, create_rev, mod_rev, version, value, lease) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO live (key, create_rev, mod_rev, version, value, lease, \
+                     mod_sub) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(sqlite)?;
             let mut history = tx
                 .prepare(
-                    "INSERT INTO kv (key, rev, sub, create_rev, version, value, lease) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO kv (key, rev, sub, create_rev, version, value, lease, \
+                     prev_rev, prev_sub) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 0)",
                 )
                 .map_err(sqlite)?;
             let mut lease = tx
@@ -418,7 +418,8 @@ pub fn write_embedded(path: &Path, snap: &Snapshot) -> Result<(), DatastoreError
                     kv.mod_revision,
                     kv.version,
                     kv.value,
-                    kv.lease
+                    kv.lease,
+                    *sub
                 ])
                 .map_err(sqlite)?;
                 history

@@ -4,10 +4,18 @@
 //!
 //! Tables: `live` holds the newest version of every existing key (fast reads at the
 //! current revision); `kv` holds every version and tombstone (version 0) ever written,
-//! keyed by (key, revision), until compaction removes what no revision >= the compacted
-//! one can see; `lease` holds granted leases; `meta` the current and compacted revision.
+//! keyed by revision (main, sub) like etcd's own backend, until compaction removes what
+//! no revision >= the compacted one can see; `lease` holds granted leases; `meta` the
+//! current and compacted revision.
+//!
+//! History is keyed by revision so that a write appends to the end of `kv` (the rows of
+//! one commit share its last pages) instead of inserting into a page per key. Each row
+//! points at the previous row of its key (`prev_rev`, `prev_sub`; 0 for none), and `live`
+//! keeps the position of each key's newest row (`mod_rev`, `mod_sub`): a read at an
+//! older revision takes the keys `live` shows unchanged since then and, for the keys
+//! changed after it, follows the first later row back to the version of that time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -19,7 +27,7 @@ use super::proto::etcdserverpb::{
 };
 use super::proto::mvccpb::{Event, KeyValue, event};
 
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE meta (
@@ -37,24 +45,55 @@ CREATE TABLE live (
     mod_rev INTEGER NOT NULL,
     version INTEGER NOT NULL,
     value BLOB NOT NULL,
-    lease INTEGER NOT NULL
+    lease INTEGER NOT NULL,
+    mod_sub INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX live_lease ON live(lease) WHERE lease != 0;
 CREATE TABLE kv (
-    key BLOB NOT NULL,
     rev INTEGER NOT NULL,
     sub INTEGER NOT NULL,
+    key BLOB NOT NULL,
     create_rev INTEGER NOT NULL,
     version INTEGER NOT NULL,
     value BLOB NOT NULL,
     lease INTEGER NOT NULL,
-    PRIMARY KEY (key, rev, sub)
+    prev_rev INTEGER NOT NULL,
+    prev_sub INTEGER NOT NULL,
+    PRIMARY KEY (rev, sub)
 ) WITHOUT ROWID;
-CREATE INDEX kv_rev ON kv(rev, sub);
 CREATE TABLE lease (
     id INTEGER PRIMARY KEY,
     ttl INTEGER NOT NULL
 );
+";
+
+/// Turns a schema 1 store (history keyed by key) into schema 2, in the caller's
+/// transaction. Rows left by a schema 1 compaction are each key's newest version at the
+/// compacted revision and everything after it, so the previous remaining row of a key is
+/// its real predecessor (or none, where compaction removed a tombstone).
+pub(crate) const UPGRADE_FROM_1: &str = "
+CREATE TABLE kv2 (
+    rev INTEGER NOT NULL,
+    sub INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    create_rev INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    lease INTEGER NOT NULL,
+    prev_rev INTEGER NOT NULL,
+    prev_sub INTEGER NOT NULL,
+    PRIMARY KEY (rev, sub)
+) WITHOUT ROWID;
+INSERT INTO kv2 (rev, sub, key, create_rev, version, value, lease, prev_rev, prev_sub)
+    SELECT rev, sub, key, create_rev, version, value, lease,
+        coalesce(lag(rev) OVER w, 0), coalesce(lag(sub) OVER w, 0)
+    FROM kv WINDOW w AS (PARTITION BY key ORDER BY rev, sub);
+ALTER TABLE live ADD COLUMN mod_sub INTEGER NOT NULL DEFAULT 0;
+UPDATE live SET mod_sub = coalesce(
+    (SELECT max(sub) FROM kv WHERE kv.key = live.key AND kv.rev = live.mod_rev), 0);
+DROP TABLE kv;
+ALTER TABLE kv2 RENAME TO kv;
+UPDATE meta SET schema = 2 WHERE id = 0;
 ";
 
 /// etcd's request size limit (`--max-request-bytes` default).
@@ -185,43 +224,67 @@ fn count_live(conn: &Connection, range: &KeyRange) -> rusqlite::Result<i64> {
     }
 }
 
-/// Keys of a range as they were at `rev` (newest version <= rev that is not a tombstone).
+/// Keys of a range as they were at `rev` (newest version <= rev that is not a tombstone),
+/// in key order: the keys `live` shows unchanged since `rev`, and for each key changed
+/// after it, the row its first later change points back to. The cost grows with the
+/// changes since `rev`, not with the history kept.
 fn select_at(conn: &Connection, range: &KeyRange, rev: i64) -> rusqlite::Result<Vec<KeyValue>> {
-    // SQLite takes the bare columns from the row holding the max(); a key can change
-    // more than once in one revision (a txn may put a key and delete a range over it).
-    const SQL: [&str; 3] = by_shape!(
-        "SELECT key, create_rev, rev, version, value, lease, max(rev * 1048576 + sub) \
-         FROM kv WHERE",
-        "AND rev <= ?3 GROUP BY key ORDER BY key"
-    );
-    let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
-    range.bind(&mut stmt)?;
-    stmt.raw_bind_parameter(3, rev)?;
-    let mut rows = stmt.raw_query();
-    let mut out = Vec::new();
+    let mut out: Vec<KeyValue> = select_live(conn, range, -1)?
+        .into_iter()
+        .filter(|kv| kv.mod_revision <= rev)
+        .collect();
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    let mut changes = conn.prepare_cached(
+        "SELECT key, prev_rev, prev_sub FROM kv WHERE rev > ?1 ORDER BY rev, sub",
+    )?;
+    let mut rows = changes.query(params![rev])?;
     while let Some(row) = rows.next()? {
-        let kv = row_kv(row)?;
-        if kv.version > 0 {
+        let key = row.get_ref(0)?.as_blob()?;
+        if !range.contains(key) || seen.contains(key) {
+            continue;
+        }
+        seen.insert(key.to_vec());
+        let (prev_rev, prev_sub): (i64, i64) = (row.get(1)?, row.get(2)?);
+        if let Some(kv) = history_row(conn, prev_rev, prev_sub)? {
             out.push(kv);
         }
     }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
 }
 
-/// The newest version of `key` strictly before `rev`, if it existed then.
+/// The version stored at (`rev`, `sub`), if that row exists and is not a tombstone.
+fn history_row(conn: &Connection, rev: i64, sub: i64) -> rusqlite::Result<Option<KeyValue>> {
+    if rev == 0 {
+        return Ok(None);
+    }
+    let kv = conn
+        .prepare_cached(
+            "SELECT key, create_rev, rev, version, value, lease FROM kv \
+             WHERE rev = ?1 AND sub = ?2",
+        )?
+        .query_row(params![rev, sub], row_kv)
+        .optional()?;
+    Ok(kv.filter(|kv| kv.version > 0))
+}
+
+/// The newest version of `key` strictly before `rev` (at which the key changed), if it
+/// existed then: where the key's first change at `rev` points back to.
 pub(crate) fn prev_version(
     conn: &Connection,
     key: &[u8],
     rev: i64,
 ) -> rusqlite::Result<Option<KeyValue>> {
-    let kv = conn
+    let prev: Option<(i64, i64)> = conn
         .prepare_cached(
-            "SELECT key, create_rev, rev, version, value, lease FROM kv \
-             WHERE key = ?1 AND rev < ?2 ORDER BY rev DESC, sub DESC LIMIT 1",
+            "SELECT prev_rev, prev_sub FROM kv WHERE rev = ?1 AND key = ?2 ORDER BY sub LIMIT 1",
         )?
-        .query_row(params![key, rev], row_kv)
+        .query_row(params![rev, key], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
-    Ok(kv.filter(|kv| kv.version > 0))
+    match prev {
+        Some((prev_rev, prev_sub)) => history_row(conn, prev_rev, prev_sub),
+        None => Ok(None),
+    }
 }
 
 /// Range as etcd serves it: revision checks, limit/count/more, min/max filters, sort.
@@ -290,8 +353,13 @@ pub(crate) fn range(
         };
         (kvs, count)
     } else {
-        let kvs = select_at(conn, &range, rev)?;
+        let mut kvs = select_at(conn, &range, rev)?;
         let count = kvs.len() as i64;
+        // as at the current revision: without an explicit order or filters, etcd sorts
+        // (by a non-key target) only the first `limit` keys
+        if !needs_all && req.limit > 0 {
+            kvs.truncate(req.limit.saturating_add(1) as usize);
+        }
         (kvs, count)
     };
 
@@ -472,7 +540,9 @@ fn check_path(
                 if r.revision > cur {
                     return Err(ApiError::FutureRev);
                 }
-                if r.revision > 0 && r.revision < compacted {
+                // etcd checks every nonzero revision against the first one it keeps
+                // (-1 before any compaction), negative ones too.
+                if r.revision != 0 && r.revision < compacted {
                     return Err(ApiError::Compacted);
                 }
             }
@@ -557,34 +627,72 @@ impl<'a> Applier<'a> {
         self.base_rev + i64::from(self.changed())
     }
 
-    fn live(&self, key: &[u8]) -> rusqlite::Result<Option<KeyValue>> {
-        Ok(select_live(self.conn, &KeyRange::Single(key.to_vec()), 1)?
-            .into_iter()
-            .next())
+    /// The key's newest version with the `sub` of its row in `kv` (the position a new
+    /// row of the key points back to).
+    fn live(&self, key: &[u8]) -> rusqlite::Result<Option<(KeyValue, i64)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT key, create_rev, mod_rev, version, value, lease, mod_sub FROM live \
+                 WHERE key = ?1",
+            )?
+            .query_row(params![key], |row| Ok((row_kv(row)?, row.get(6)?)))
+            .optional()
     }
 
-    fn record(&mut self, kv: &KeyValue, tombstone: bool) -> rusqlite::Result<()> {
+    /// Live keys `sql` (which selects `live`'s columns and then `mod_sub`) picks, with
+    /// the sub of each one's newest row.
+    fn victims(
+        &self,
+        sql: &str,
+        bind: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<()>,
+    ) -> rusqlite::Result<Vec<(KeyValue, i64)>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push((row_kv(row)?, row.get(6)?));
+        }
+        Ok(out)
+    }
+
+    /// Appends a row to the history; `prev` is where the key's previous row is
+    /// ((0, 0) for none). Returns the new row's sub.
+    fn record(
+        &mut self,
+        kv: &KeyValue,
+        tombstone: bool,
+        prev: (i64, i64),
+    ) -> rusqlite::Result<i64> {
         let sub = self.sub;
         self.sub += 1;
         self.conn
             .prepare_cached(
-                "INSERT INTO kv (key, rev, sub, create_rev, version, value, lease) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO kv (rev, sub, key, create_rev, version, value, lease, prev_rev, \
+                 prev_sub) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
-                kv.key,
                 kv.mod_revision,
                 sub,
+                kv.key,
                 if tombstone { 0 } else { kv.create_revision },
                 if tombstone { 0 } else { kv.version },
                 if tombstone { &[][..] } else { &kv.value[..] },
                 if tombstone { 0 } else { kv.lease },
+                prev.0,
+                prev.1,
             ])?;
-        Ok(())
+        Ok(sub)
     }
 
     pub(crate) fn put(&mut self, req: &PutRequest) -> Result<PutResponse, ApiError> {
-        let prev = self.live(&req.key)?;
+        let (prev, prev_at) = match self.live(&req.key)? {
+            Some((kv, sub)) => {
+                let at = (kv.mod_revision, sub);
+                (Some(kv), at)
+            }
+            None => (None, (0, 0)),
+        };
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(ApiError::KeyNotFound);
         }
@@ -608,14 +716,16 @@ impl<'a> Applier<'a> {
             value,
             lease,
         };
+        let sub = self.record(&kv, false, prev_at)?;
         self.conn
             .prepare_cached(
                 // An upsert updates the row in place; INSERT OR REPLACE deletes and
                 // inserts it again.
-                "INSERT INTO live (key, create_rev, mod_rev, version, value, lease) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key) DO UPDATE SET \
+                "INSERT INTO live (key, create_rev, mod_rev, version, value, lease, mod_sub) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (key) DO UPDATE SET \
                  create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, \
-                 version = excluded.version, value = excluded.value, lease = excluded.lease",
+                 version = excluded.version, value = excluded.value, lease = excluded.lease, \
+                 mod_sub = excluded.mod_sub",
             )?
             .execute(params![
                 kv.key,
@@ -623,9 +733,9 @@ impl<'a> Applier<'a> {
                 kv.mod_revision,
                 kv.version,
                 kv.value,
-                kv.lease
+                kv.lease,
+                sub
             ])?;
-        self.record(&kv, false)?;
         let before = self.state_before(&req.key, &prev);
         self.events.push(Event {
             r#type: event::EventType::Put as i32,
@@ -642,20 +752,29 @@ impl<'a> Applier<'a> {
         &mut self,
         req: &DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, ApiError> {
+        const SQL: [&str; 3] = by_shape!(
+            "SELECT key, create_rev, mod_rev, version, value, lease, mod_sub FROM live WHERE",
+            "ORDER BY key"
+        );
         let range = KeyRange::new(&req.key, &req.range_end);
-        let victims = select_live(self.conn, &range, -1)?;
+        let victims = self.victims(range.pick(&SQL), |stmt| range.bind(stmt))?;
         let rev = self.base_rev + 1;
-        for prev in &victims {
-            self.delete_key(prev.clone(), rev)?;
+        let deleted = victims.len() as i64;
+        let mut prev_kvs = Vec::new();
+        for (prev, sub) in victims {
+            if req.prev_kv {
+                prev_kvs.push(prev.clone());
+            }
+            self.delete_key(prev, sub, rev)?;
         }
         Ok(DeleteRangeResponse {
             header: rev_header(self.cur_rev()),
-            deleted: victims.len() as i64,
-            prev_kvs: if req.prev_kv { victims } else { Vec::new() },
+            deleted,
+            prev_kvs,
         })
     }
 
-    fn delete_key(&mut self, prev: KeyValue, rev: i64) -> rusqlite::Result<()> {
+    fn delete_key(&mut self, prev: KeyValue, prev_sub: i64, rev: i64) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached("DELETE FROM live WHERE key = ?1")?
             .execute(params![prev.key])?;
@@ -664,7 +783,7 @@ impl<'a> Applier<'a> {
             mod_revision: rev,
             ..Default::default()
         };
-        self.record(&tomb, true)?;
+        self.record(&tomb, true, (prev.mod_revision, prev_sub))?;
         let before = self.state_before(&prev.key, &Some(prev.clone()));
         self.events.push(Event {
             r#type: event::EventType::Delete as i32,
@@ -676,17 +795,14 @@ impl<'a> Applier<'a> {
 
     /// Deletes every key attached to `lease`, in key order (as etcd's revoke does).
     pub(crate) fn delete_lease_keys(&mut self, lease: i64) -> rusqlite::Result<()> {
-        let victims: Vec<KeyValue> = {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT key, create_rev, mod_rev, version, value, lease FROM live \
-                 WHERE lease = ?1 ORDER BY key",
-            )?;
-            stmt.query_map(params![lease], row_kv)?
-                .collect::<rusqlite::Result<_>>()?
-        };
+        let victims = self.victims(
+            "SELECT key, create_rev, mod_rev, version, value, lease, mod_sub FROM live \
+             WHERE lease = ?1 ORDER BY key",
+            |stmt| stmt.raw_bind_parameter(1, lease),
+        )?;
         let rev = self.base_rev + 1;
-        for prev in victims {
-            self.delete_key(prev, rev)?;
+        for (prev, sub) in victims {
+            self.delete_key(prev, sub, rev)?;
         }
         Ok(())
     }

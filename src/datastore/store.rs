@@ -144,7 +144,8 @@ pub(crate) fn verify(path: &Path) -> Result<(), DatastoreError> {
         .optional()
         .map_err(|e| corrupt(format!("no kdist schema: {e}")))?;
     match schema {
-        Some(mvcc::SCHEMA_VERSION) => Ok(()),
+        // schema 1 is upgraded when the store opens (see `Store::open`)
+        Some(1 | mvcc::SCHEMA_VERSION) => Ok(()),
         Some(other) => Err(corrupt(format!("unknown schema version {other}"))),
         None => Err(corrupt("no kdist schema: empty meta table".into())),
     }
@@ -202,6 +203,25 @@ fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
     }
 }
 
+/// Brings a store written by an older kdist to the current schema, in one transaction
+/// (nothing changes if it fails), then checkpoints so the new layout is in the database
+/// file.
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let schema: i64 = conn.query_row("SELECT schema FROM meta WHERE id = 0", [], |r| r.get(0))?;
+    if schema != 1 {
+        return Ok(());
+    }
+    tracing::info!("datastore: upgrading the database from schema 1 to 2");
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {} COMMIT;",
+        mvcc::UPGRADE_FROM_1
+    ))
+    .inspect_err(|_| {
+        let _ = conn.execute_batch("ROLLBACK");
+    })?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+}
+
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
@@ -245,6 +265,7 @@ impl Store {
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                 .map_err(sqlite(path))?;
         }
+        upgrade(&conn).map_err(sqlite(path))?;
         let (cluster_id, member_id, rev, compact_rev, compact_done): (i64, i64, i64, i64, i64) =
             conn.query_row(
                 "SELECT cluster_id, member_id, rev, compact_rev, compact_done FROM meta",
@@ -289,10 +310,11 @@ impl Store {
             leases,
             compaction: (compact_done < compact_rev).then(|| Compaction {
                 rev: compact_rev,
-                cursor: Vec::new(),
+                cursor: (compact_done, i64::MAX),
                 waiters: Vec::new(),
             }),
             compact_retry: Instant::now(),
+            compact_done,
             next_lease: 0,
             recent_batch: 1.0,
             syncer: Some((durable, syncer)),
@@ -492,7 +514,7 @@ pub(crate) fn db_size(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
 pub(crate) fn hash_kv(conn: &Connection, rev: i64) -> rusqlite::Result<u32> {
     let mut hasher = Sha256::new();
     let mut stmt = conn.prepare_cached(
-        "SELECT key, rev, version, value, lease FROM kv WHERE rev <= ?1 ORDER BY key, rev",
+        "SELECT key, rev, version, value, lease FROM kv WHERE rev <= ?1 ORDER BY rev, sub",
     )?;
     let mut rows = stmt.query(params![rev])?;
     while let Some(row) = rows.next()? {
@@ -674,8 +696,8 @@ fn syncer(mut wal: WalFile, shared: Arc<Shared>, rx: mpsc::Receiver<Durable>) {
 
 struct Compaction {
     rev: i64,
-    /// First key not yet compacted.
-    cursor: Vec<u8>,
+    /// The history position (rev, sub) after which rows are still to be looked at.
+    cursor: (i64, i64),
     waiters: Vec<(Reply, i64)>,
 }
 
@@ -689,6 +711,9 @@ struct Writer {
     compaction: Option<Compaction>,
     /// When a failed compaction step may be tried again.
     compact_retry: Instant,
+    /// The revision the last finished compaction removed everything below; the rows at
+    /// or before it need not be looked at again.
+    compact_done: i64,
     next_lease: i64,
     /// Moving average of batch sizes: how many writers are typically in flight.
     recent_batch: f64,
@@ -976,7 +1001,7 @@ impl Writer {
                     .unwrap_or_default();
                 self.compaction = Some(Compaction {
                     rev: revision,
-                    cursor: Vec::new(),
+                    cursor: (self.compact_done, i64::MAX),
                     waiters,
                 });
                 if physical {
@@ -1067,12 +1092,13 @@ impl Writer {
         let Some(task) = self.compaction.as_mut() else {
             return;
         };
-        let result = compact_rows(&self.conn, task.rev, &task.cursor);
+        let result = compact_rows(&self.conn, task.rev, task.cursor);
         match result {
             Ok(Some(next)) => task.cursor = next,
             Ok(None) => {
                 if let Some(task) = self.compaction.take() {
                     tracing::debug!(revision = task.rev, "datastore: compaction finished");
+                    self.compact_done = task.rev;
                     let replies = task
                         .waiters
                         .into_iter()
@@ -1100,66 +1126,46 @@ enum LeaseChange {
     Revoked(i64),
 }
 
-/// One compaction step from `cursor`: the next cursor, or None when the whole keyspace
-/// has been compacted (and `compact_done` recorded).
-fn compact_rows(conn: &Connection, rev: i64, cursor: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
-    let mut doomed: Vec<(Vec<u8>, i64, i64)> = Vec::new();
-    let mut next: Option<Vec<u8>> = None;
+/// One compaction step: looks at up to `COMPACT_STEP_ROWS` history rows after `cursor`
+/// and at or below `rev`, and removes what no read at `rev` or later can see: the row
+/// each of them replaced (its `prev`), and tombstones themselves. Returns the next
+/// cursor, or None when every row up to `rev` has been looked at (and `compact_done`
+/// recorded). A step is idempotent, so a restart may repeat one.
+fn compact_rows(
+    conn: &Connection,
+    rev: i64,
+    cursor: (i64, i64),
+) -> rusqlite::Result<Option<(i64, i64)>> {
+    let mut doomed: Vec<(i64, i64)> = Vec::new();
+    let mut last = cursor;
+    let mut scanned = 0usize;
     {
         let mut stmt = conn.prepare_cached(
-            "SELECT key, rev, sub, version FROM kv WHERE key >= ?1 ORDER BY key, rev, sub",
+            "SELECT rev, sub, version, prev_rev, prev_sub FROM kv \
+             WHERE (rev, sub) > (?1, ?2) AND rev <= ?3 ORDER BY rev, sub",
         )?;
-        let mut rows = stmt.query(params![cursor])?;
-        let mut scanned = 0usize;
-        // Versions of the current key at or below `rev`: all but the newest go, and the
-        // newest too when it is a tombstone.
-        let mut group: Vec<(i64, i64, i64)> = Vec::new();
-        let mut group_key: Option<Vec<u8>> = None;
-        let finish = |key: &[u8],
-                      group: &mut Vec<(i64, i64, i64)>,
-                      doomed: &mut Vec<(Vec<u8>, i64, i64)>| {
-            if let Some(&(last_rev, last_sub, last_version)) = group.last() {
-                for &(r, sub, _) in &group[..group.len() - 1] {
-                    doomed.push((key.to_vec(), r, sub));
-                }
-                if last_version == 0 {
-                    doomed.push((key.to_vec(), last_rev, last_sub));
-                }
+        let mut rows = stmt.query(params![cursor.0, cursor.1, rev])?;
+        while scanned < COMPACT_STEP_ROWS {
+            let Some(row) = rows.next()? else { break };
+            let at: (i64, i64) = (row.get(0)?, row.get(1)?);
+            let version: i64 = row.get(2)?;
+            let prev: (i64, i64) = (row.get(3)?, row.get(4)?);
+            if prev.0 != 0 {
+                doomed.push(prev);
             }
-            group.clear();
-        };
-        while let Some(row) = rows.next()? {
-            let key: Vec<u8> = row.get(0)?;
-            let r: i64 = row.get(1)?;
-            let sub: i64 = row.get(2)?;
-            let version: i64 = row.get(3)?;
-            if group_key.as_deref() != Some(key.as_slice()) {
-                if let Some(done_key) = group_key.take() {
-                    finish(&done_key, &mut group, &mut doomed);
-                }
-                if scanned >= COMPACT_STEP_ROWS {
-                    next = Some(key);
-                    break;
-                }
-                group_key = Some(key);
+            if version == 0 {
+                doomed.push(at);
             }
+            last = at;
             scanned += 1;
-            if r <= rev {
-                group.push((r, sub, version));
-            }
-        }
-        if next.is_none()
-            && let Some(done_key) = group_key.take()
-        {
-            finish(&done_key, &mut group, &mut doomed);
         }
     }
+    let next = (scanned == COMPACT_STEP_ROWS).then_some(last);
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let work = (|| {
-        let mut del =
-            conn.prepare_cached("DELETE FROM kv WHERE key = ?1 AND rev = ?2 AND sub = ?3")?;
-        for (key, r, sub) in &doomed {
-            del.execute(params![key, r, sub])?;
+        let mut del = conn.prepare_cached("DELETE FROM kv WHERE rev = ?1 AND sub = ?2")?;
+        for (r, sub) in &doomed {
+            del.execute(params![r, sub])?;
         }
         if next.is_none() {
             conn.execute(
@@ -1241,6 +1247,110 @@ mod tests {
             .collect();
         assert_eq!(seen, [(&b"a"[..], &b"old"[..]), (&b"b"[..], &b"kept"[..])]);
         assert_eq!(resp.header.unwrap().revision, visible);
+        store.close();
+    }
+
+    /// A store written by a kdist with schema 1 (history keyed by key): its layout as
+    /// that version created it, and a history with a put, an update, a delete.
+    fn schema_1_store(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 0), schema INTEGER NOT NULL,
+                cluster_id INTEGER NOT NULL, member_id INTEGER NOT NULL, rev INTEGER NOT NULL,
+                compact_rev INTEGER NOT NULL, compact_done INTEGER NOT NULL);
+             CREATE TABLE live (key BLOB PRIMARY KEY, create_rev INTEGER NOT NULL,
+                mod_rev INTEGER NOT NULL, version INTEGER NOT NULL, value BLOB NOT NULL,
+                lease INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX live_lease ON live(lease) WHERE lease != 0;
+             CREATE TABLE kv (key BLOB NOT NULL, rev INTEGER NOT NULL, sub INTEGER NOT NULL,
+                create_rev INTEGER NOT NULL, version INTEGER NOT NULL, value BLOB NOT NULL,
+                lease INTEGER NOT NULL, PRIMARY KEY (key, rev, sub)) WITHOUT ROWID;
+             CREATE INDEX kv_rev ON kv(rev, sub);
+             CREATE TABLE lease (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL);
+             INSERT INTO meta VALUES (0, 1, 7, 8, 7, -1, -1);
+             -- a: put at 2, updated at 3 and at 7 (with c in the same txn); b: put at 4,
+             -- deleted at 5; c: put at 6 and 7 (sub 1)
+             INSERT INTO kv VALUES ('a', 2, 0, 2, 1, 'a1', 0), ('a', 3, 0, 2, 2, 'a2', 0),
+                ('b', 4, 0, 4, 1, 'b1', 0), ('b', 5, 0, 0, 0, '', 0),
+                ('c', 6, 0, 6, 1, 'c1', 0), ('a', 7, 0, 2, 3, 'a3', 0),
+                ('c', 7, 1, 6, 2, 'c2', 0);
+             INSERT INTO live VALUES ('a', 2, 7, 3, 'a3', 0), ('c', 6, 7, 2, 'c2', 0);
+             -- kdist binds keys and values as blobs
+             UPDATE kv SET key = CAST(key AS BLOB), value = CAST(value AS BLOB);
+             UPDATE live SET key = CAST(key AS BLOB), value = CAST(value AS BLOB);",
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_store_is_upgraded_with_its_whole_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        schema_1_store(&path);
+        let store = Arc::new(Store::open(&path).unwrap());
+        let schema: i64 = store
+            .read_blocking(|conn| Ok(conn.query_row("SELECT schema FROM meta", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(schema, mvcc::SCHEMA_VERSION);
+        let at = |rev: i64| {
+            store
+                .read_blocking(move |conn| {
+                    let (cur, compact) = mvcc::read_meta(conn)?;
+                    mvcc::range(
+                        conn,
+                        cur,
+                        compact,
+                        &RangeRequest {
+                            key: vec![0],
+                            range_end: vec![0],
+                            revision: rev,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .unwrap()
+                .kvs
+                .into_iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8(kv.key).unwrap(),
+                        String::from_utf8(kv.value).unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(2), pairs(&[("a", "a1")]));
+        assert_eq!(at(4), pairs(&[("a", "a2"), ("b", "b1")]));
+        assert_eq!(at(6), pairs(&[("a", "a2"), ("c", "c1")]));
+        assert_eq!(at(7), pairs(&[("a", "a3"), ("c", "c2")]));
+        let prev = store
+            .read_blocking(|conn| Ok(mvcc::prev_version(conn, b"c", 7)?))
+            .unwrap();
+        assert_eq!(prev.unwrap().value, b"c1");
+        // New writes chain onto the upgraded rows: c's next row points at (7, 1).
+        store.write(put("c", "c3")).await.unwrap(); // rev 8
+        let prev = store
+            .read_blocking(|conn| Ok(mvcc::prev_version(conn, b"c", 8)?))
+            .unwrap();
+        assert_eq!(prev.unwrap().value, b"c2");
+        store
+            .write(WriteOp::Compact {
+                revision: 7,
+                physical: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rows(&store),
+            vec![(b"a".to_vec(), 7), (b"c".to_vec(), 7), (b"c".to_vec(), 8)]
+        );
+        assert_eq!(at(7), pairs(&[("a", "a3"), ("c", "c2")]));
         store.close();
     }
 
