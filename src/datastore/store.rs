@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,6 +43,10 @@ const READ_POOL_IDLE: usize = 8;
 /// Longest a batch waits for more concurrent writes before it commits.
 const GATHER_WAIT: Duration = Duration::from_micros(200);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// Commits after which the checkpointer copies the WAL even while writes go on; below
+/// it, it waits for a pause in writes, so that a checkpoint (which syncs the database
+/// file, and so competes with the WAL's fdatasync for the disk) rarely delays a write.
+const CHECKPOINT_COMMITS: u64 = 1000;
 /// WAL length (in 4 KiB frames, so 32 MiB) past which the checkpointer makes it restart.
 const WAL_RESTART_FRAMES: i64 = 8192;
 
@@ -107,6 +111,8 @@ pub(crate) struct Shared {
     /// Set when an fdatasync of the WAL failed: what is on disk is unknown, so every
     /// write from then on fails (an fsync error cannot be retried).
     pub sync_failed: OnceLock<String>,
+    /// Write transactions committed since the store opened (the checkpointer's clock).
+    pub wal_commits: AtomicU64,
 }
 
 pub(crate) struct Store {
@@ -115,7 +121,7 @@ pub(crate) struct Store {
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpoints: Mutex<Option<std::thread::JoinHandle<()>>>,
-    stop_checkpoints: Arc<std::sync::atomic::AtomicBool>,
+    stop_checkpoints: Arc<AtomicBool>,
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DatastoreError + '_ {
@@ -167,10 +173,11 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Copies committed WAL frames into the database file in the background. PASSIVE
-/// checkpoints take no lock that writers or readers wait for; once everything is copied
-/// and no reader needs the old frames, SQLite starts the WAL over at the next commit.
-fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
+/// Copies committed WAL frames into the database file in the background, when writes
+/// pause or `CHECKPOINT_COMMITS` have piled up. PASSIVE checkpoints take no lock that
+/// writers or readers wait for; once everything is copied and no reader needs the old
+/// frames, SQLite starts the WAL over at the next commit.
+fn checkpointer(path: PathBuf, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
     let conn = match Connection::open(&path) {
         Ok(conn) => conn,
         Err(err) => {
@@ -180,8 +187,16 @@ fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
     };
     let _ = conn.busy_timeout(Duration::from_secs(1));
     let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
+    // commits the last complete checkpoint covered, and those seen at the last tick
+    let (mut covered, mut seen) = (0u64, 0u64);
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(CHECKPOINT_INTERVAL);
+        let now = shared.wal_commits.load(Ordering::SeqCst);
+        let idle = now == seen;
+        seen = now;
+        if now == covered || (!idle && now - covered < CHECKPOINT_COMMITS) {
+            continue;
+        }
         let passive: rusqlite::Result<(i64, i64, i64)> =
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -197,6 +212,7 @@ fn checkpointer(path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
                     tracing::debug!(error = %err, "datastore: restart checkpoint failed");
                 }
             }
+            Ok((_, log, copied)) if copied >= log => covered = now,
             Ok(_) => {}
             Err(err) => tracing::debug!(error = %err, "datastore: checkpoint failed"),
         }
@@ -293,6 +309,7 @@ impl Store {
             commits,
             leases: Mutex::new(lessor),
             sync_failed: OnceLock::new(),
+            wal_commits: AtomicU64::new(0),
         });
         let (durable, to_sync) = mpsc::channel();
         let wal = WalFile::new(path);
@@ -323,12 +340,13 @@ impl Store {
             .name("datastore-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(DatastoreError::Thread)?;
-        let stop_checkpoints = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_checkpoints = Arc::new(AtomicBool::new(false));
         let stop = stop_checkpoints.clone();
         let db = path.to_path_buf();
+        let checkpoint_shared = shared.clone();
         let checkpoints = std::thread::Builder::new()
             .name("datastore-checkpoint".into())
-            .spawn(move || checkpointer(db, stop))
+            .spawn(move || checkpointer(db, checkpoint_shared, stop))
             .map_err(DatastoreError::Thread)?;
         Ok(Store {
             shared,
@@ -916,6 +934,9 @@ impl Writer {
                 .prepare_cached("UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0")
                 .and_then(|mut stmt| stmt.execute(params![self.rev, self.compact_rev]))
                 .and_then(|_| self.exec_cached("COMMIT"))
+                .inspect(|_| {
+                    self.shared.wal_commits.fetch_add(1, Ordering::SeqCst);
+                })
                 .map_err(|err| err.to_string()),
         };
         if let Err(err) = commit {
@@ -1093,6 +1114,9 @@ impl Writer {
             return;
         };
         let result = compact_rows(&self.conn, task.rev, task.cursor);
+        if result.is_ok() {
+            self.shared.wal_commits.fetch_add(1, Ordering::SeqCst);
+        }
         match result {
             Ok(Some(next)) => task.cursor = next,
             Ok(None) => {
@@ -1351,6 +1375,36 @@ mod tests {
             vec![(b"a".to_vec(), 7), (b"c".to_vec(), 7), (b"c".to_vec(), 8)]
         );
         assert_eq!(at(7), pairs(&[("a", "a3"), ("c", "c2")]));
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_pause_in_writes_gets_the_wal_copied_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        store.write(put("k", "in the wal")).await.unwrap();
+        // The database file alone, as a reader that ignores the WAL sees it.
+        let in_file = || {
+            let uri = format!("file:{}?immutable=1", path.display());
+            let conn = Connection::open_with_flags(
+                uri,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            conn.query_row("SELECT count(*) FROM live WHERE key = x'6b'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_file() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint after writes paused"
+            );
+            tokio::time::sleep(CHECKPOINT_INTERVAL).await;
+        }
         store.close();
     }
 
