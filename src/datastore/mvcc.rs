@@ -181,9 +181,25 @@ fn row_kv(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
     })
 }
 
+/// The committed revision, as SQL over `meta` (one row). Commits do not write `meta`
+/// (one page less per commit): every new revision has its rows at the end of `kv`, so
+/// the revision is the newest there, or `meta.rev` where compaction removed the newest
+/// rows (tombstones) and so records the revision itself.
+macro_rules! rev_sql {
+    () => {
+        "max(rev, coalesce((SELECT max(rev) FROM kv), 0))"
+    };
+}
+pub(crate) use rev_sql;
+
 /// Current and compacted revision as committed (read inside the caller's transaction).
 pub(crate) fn read_meta(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
-    conn.prepare_cached("SELECT rev, compact_rev FROM meta WHERE id = 0")?
+    const SQL: &str = concat!(
+        "SELECT ",
+        rev_sql!(),
+        ", compact_rev FROM meta WHERE id = 0"
+    );
+    conn.prepare_cached(SQL)?
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
 }
 
@@ -311,7 +327,7 @@ pub(crate) fn range(
     let range = KeyRange::new(&req.key, &req.range_end);
     // the snapshot's own revision (absent only in a bare schema without the writer)
     let snapshot_rev: Option<i64> = conn
-        .prepare_cached("SELECT rev FROM meta WHERE id = 0")?
+        .prepare_cached(concat!("SELECT ", rev_sql!(), " FROM meta WHERE id = 0"))?
         .query_row([], |row| row.get(0))
         .optional()?;
     let latest = rev == cur_rev && snapshot_rev.is_none_or(|s| s == cur_rev);

@@ -284,7 +284,11 @@ impl Store {
         upgrade(&conn).map_err(sqlite(path))?;
         let (cluster_id, member_id, rev, compact_rev, compact_done): (i64, i64, i64, i64, i64) =
             conn.query_row(
-                "SELECT cluster_id, member_id, rev, compact_rev, compact_done FROM meta",
+                concat!(
+                    "SELECT cluster_id, member_id, ",
+                    mvcc::rev_sql!(),
+                    ", compact_rev, compact_done FROM meta"
+                ),
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
@@ -864,6 +868,7 @@ impl Writer {
             return;
         }
         let start_rev = self.rev;
+        let start_compact = self.compact_rev;
         let start_leases = self.leases.clone();
         let mut done = Vec::with_capacity(batch.len());
         let mut published: Vec<RevEvents> = Vec::new();
@@ -929,15 +934,21 @@ impl Writer {
         }
         let commit = match failed {
             Some(reason) => Err(reason),
-            None => self
-                .conn
-                .prepare_cached("UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0")
-                .and_then(|mut stmt| stmt.execute(params![self.rev, self.compact_rev]))
-                .and_then(|_| self.exec_cached("COMMIT"))
-                .inspect(|_| {
-                    self.shared.wal_commits.fetch_add(1, Ordering::SeqCst);
-                })
-                .map_err(|err| err.to_string()),
+            // `meta` is written only when the compacted revision moved (the revision is
+            // read off `kv`, see mvcc::rev_sql).
+            None => (if self.compact_rev != start_compact {
+                self.conn
+                    .prepare_cached("UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0")
+                    .and_then(|mut stmt| stmt.execute(params![self.rev, self.compact_rev]))
+                    .map(|_| ())
+            } else {
+                Ok(())
+            })
+            .and_then(|_| self.exec_cached("COMMIT"))
+            .inspect(|_| {
+                self.shared.wal_commits.fetch_add(1, Ordering::SeqCst);
+            })
+            .map_err(|err| err.to_string()),
         };
         if let Err(err) = commit {
             tracing::error!(error = %err, "datastore: commit failed, batch rolled back");
@@ -1154,7 +1165,9 @@ enum LeaseChange {
 /// and at or below `rev`, and removes what no read at `rev` or later can see: the row
 /// each of them replaced (its `prev`), and tombstones themselves. Returns the next
 /// cursor, or None when every row up to `rev` has been looked at (and `compact_done`
-/// recorded). A step is idempotent, so a restart may repeat one.
+/// recorded). A step is idempotent, so a restart may repeat one. It removes rows at or
+/// below `rev` only, and the batch that set the compacted revision recorded the current
+/// one in `meta`, so the store's revision (mvcc::rev_sql) never goes back.
 fn compact_rows(
     conn: &Connection,
     rev: i64,
@@ -1404,6 +1417,41 @@ mod tests {
                 "no checkpoint after writes paused"
             );
             tokio::time::sleep(CHECKPOINT_INTERVAL).await;
+        }
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn the_revision_survives_a_restart_after_compaction_removed_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        store.write(put("k", "v")).await.unwrap(); // rev 2
+        store
+            .write(WriteOp::Delete(DeleteRangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap(); // rev 3
+        store
+            .write(WriteOp::Compact {
+                revision: 3,
+                physical: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows(&store), vec![]);
+        store.close();
+        let store = Arc::new(Store::open(&path).unwrap());
+        assert_eq!(store.current_rev(), 3);
+        let read = store
+            .read_blocking(|conn| Ok(mvcc::read_meta(conn)?))
+            .unwrap();
+        assert_eq!(read, (3, 3));
+        match store.write(put("k", "again")).await.unwrap() {
+            WriteResult::Put(resp) => assert_eq!(resp.header.unwrap().revision, 4),
+            _ => panic!("a put answers with a put response"),
         }
         store.close();
     }
