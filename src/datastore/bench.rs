@@ -38,7 +38,7 @@ impl Default for BenchOptions {
             value_size: 256,
             range_keys: 1000,
             ranges: 200,
-            watch_events: 500,
+            watch_events: 2000,
         }
     }
 }
