@@ -29,7 +29,31 @@ use super::proto::mvccpb::{Event, KeyValue, event};
 
 pub(crate) const SCHEMA_VERSION: i64 = 2;
 
-pub(crate) const SCHEMA: &str = "
+/// The history table (`kv` in schema 2) under `$name`.
+macro_rules! history_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
+    rev INTEGER NOT NULL,
+    sub INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    create_rev INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    lease INTEGER NOT NULL,
+    prev_rev INTEGER NOT NULL,
+    prev_sub INTEGER NOT NULL,
+    PRIMARY KEY (rev, sub)
+) WITHOUT ROWID;
+"
+        )
+    };
+}
+
+pub(crate) const SCHEMA: &str = concat!(
+    "
 CREATE TABLE meta (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     schema INTEGER NOT NULL,
@@ -49,42 +73,22 @@ CREATE TABLE live (
     mod_sub INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX live_lease ON live(lease) WHERE lease != 0;
-CREATE TABLE kv (
-    rev INTEGER NOT NULL,
-    sub INTEGER NOT NULL,
-    key BLOB NOT NULL,
-    create_rev INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    value BLOB NOT NULL,
-    lease INTEGER NOT NULL,
-    prev_rev INTEGER NOT NULL,
-    prev_sub INTEGER NOT NULL,
-    PRIMARY KEY (rev, sub)
-) WITHOUT ROWID;
-CREATE TABLE lease (
+",
+    history_table!("kv"),
+    "CREATE TABLE lease (
     id INTEGER PRIMARY KEY,
     ttl INTEGER NOT NULL
 );
-";
+"
+);
 
 /// Turns a schema 1 store (history keyed by key) into schema 2, in the caller's
 /// transaction. Rows left by a schema 1 compaction are each key's newest version at the
 /// compacted revision and everything after it, so the previous remaining row of a key is
 /// its real predecessor (or none, where compaction removed a tombstone).
-pub(crate) const UPGRADE_FROM_1: &str = "
-CREATE TABLE kv2 (
-    rev INTEGER NOT NULL,
-    sub INTEGER NOT NULL,
-    key BLOB NOT NULL,
-    create_rev INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    value BLOB NOT NULL,
-    lease INTEGER NOT NULL,
-    prev_rev INTEGER NOT NULL,
-    prev_sub INTEGER NOT NULL,
-    PRIMARY KEY (rev, sub)
-) WITHOUT ROWID;
-INSERT INTO kv2 (rev, sub, key, create_rev, version, value, lease, prev_rev, prev_sub)
+pub(crate) const UPGRADE_FROM_1: &str = concat!(
+    history_table!("kv2"),
+    "INSERT INTO kv2 (rev, sub, key, create_rev, version, value, lease, prev_rev, prev_sub)
     SELECT rev, sub, key, create_rev, version, value, lease,
         coalesce(lag(rev) OVER w, 0), coalesce(lag(sub) OVER w, 0)
     FROM kv WINDOW w AS (PARTITION BY key ORDER BY rev, sub);
@@ -94,7 +98,8 @@ UPDATE live SET mod_sub = coalesce(
 DROP TABLE kv;
 ALTER TABLE kv2 RENAME TO kv;
 UPDATE meta SET schema = 2 WHERE id = 0;
-";
+"
+);
 
 /// etcd's request size limit (`--max-request-bytes` default).
 pub(crate) const MAX_REQUEST_BYTES: usize = 1536 * 1024;

@@ -1225,13 +1225,26 @@ fn compact_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::proto::etcdserverpb::RangeRequest;
+    use crate::datastore::proto::etcdserverpb::{RangeRequest, RangeResponse};
 
     fn put(key: &str, value: &str) -> WriteOp {
         WriteOp::Put(PutRequest {
             key: key.into(),
             value: value.into(),
             ..Default::default()
+        })
+    }
+
+    /// `req` through the read path, as a reader whose published revision is `published`
+    /// (None: the store's own) answers it.
+    fn range_as(
+        store: &Store,
+        published: Option<i64>,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, ApiError> {
+        store.read_blocking(move |conn| {
+            let (cur, compact) = mvcc::read_meta(conn)?;
+            mvcc::range(conn, published.unwrap_or(cur), compact, &req)
         })
     }
 
@@ -1262,21 +1275,12 @@ mod tests {
             }))
             .await
             .unwrap();
-        let resp = store
-            .read_blocking(move |conn| {
-                let (_, compact) = mvcc::read_meta(conn)?;
-                mvcc::range(
-                    conn,
-                    visible,
-                    compact,
-                    &RangeRequest {
-                        key: vec![0],
-                        range_end: vec![0],
-                        ..Default::default()
-                    },
-                )
-            })
-            .unwrap();
+        let all = RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        };
+        let resp = range_as(&store, Some(visible), all).unwrap();
         let seen: Vec<(&[u8], &[u8])> = resp
             .kvs
             .iter()
@@ -1331,21 +1335,13 @@ mod tests {
             .unwrap();
         assert_eq!(schema, mvcc::SCHEMA_VERSION);
         let at = |rev: i64| {
-            store
-                .read_blocking(move |conn| {
-                    let (cur, compact) = mvcc::read_meta(conn)?;
-                    mvcc::range(
-                        conn,
-                        cur,
-                        compact,
-                        &RangeRequest {
-                            key: vec![0],
-                            range_end: vec![0],
-                            revision: rev,
-                            ..Default::default()
-                        },
-                    )
-                })
+            let all = RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                revision: rev,
+                ..Default::default()
+            };
+            range_as(&store, None, all)
                 .unwrap()
                 .kvs
                 .into_iter()
@@ -1481,19 +1477,12 @@ mod tests {
         // k's versions and its tombstone are gone; j keeps the version rev 5 sees.
         assert_eq!(rows(&store), vec![(b"j".to_vec(), 5), (b"j".to_vec(), 6)]);
         let at = |rev: i64| {
-            store.read_blocking(move |conn| {
-                let (cur, compact) = mvcc::read_meta(conn)?;
-                mvcc::range(
-                    conn,
-                    cur,
-                    compact,
-                    &RangeRequest {
-                        key: b"j".to_vec(),
-                        revision: rev,
-                        ..Default::default()
-                    },
-                )
-            })
+            let j = RangeRequest {
+                key: b"j".to_vec(),
+                revision: rev,
+                ..Default::default()
+            };
+            range_as(&store, None, j)
         };
         assert_eq!(at(5).unwrap().kvs[0].value, b"x");
         assert!(matches!(at(4), Err(ApiError::Compacted)));
