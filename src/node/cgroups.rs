@@ -218,19 +218,22 @@ pub fn remove_root(root: &str) -> usize {
     let mut removed = 0;
     for hierarchy in visible_mounts() {
         let top = hierarchy.join(relative);
-        if !top.is_dir() {
-            continue;
-        }
-        let mut dirs = Vec::new();
-        collect_dirs(&top, &mut dirs);
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        for d in dirs {
-            if std::fs::remove_dir(&d).is_ok() {
-                removed += 1;
-            }
+        if top.is_dir() {
+            removed += remove_tree(&top);
         }
     }
     removed
+}
+
+/// Removes the cgroup directory `top` and every one below it, deepest first; those that
+/// still hold processes (or are not empty) stay. Returns how many were removed.
+pub(super) fn remove_tree(top: &Path) -> usize {
+    let mut dirs = Vec::new();
+    collect_dirs(top, &mut dirs);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.iter()
+        .filter(|d| std::fs::remove_dir(d).is_ok())
+        .count()
 }
 
 /// Whether the cgroup `root` exists in any hierarchy.

@@ -2,11 +2,11 @@
 //! node has stopped, and restores the host settings kdist changed. Certificates,
 //! kubeconfigs, config.yaml, args, components and the datastore stay.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::cmd;
 use super::error::NodeError;
-use super::{cni, egress, hostprep, procs};
+use super::{cgroups, cni, egress, hostprep, procs};
 use crate::config::{DataDir, NodeConfig};
 
 /// Chains created by kube-proxy, kubelet and the CNI plugins.
@@ -128,29 +128,11 @@ fn remove_kubepods_cgroups() -> usize {
             roots.push(e.path().join("kubepods.slice"));
         }
     }
-    let mut removed = 0;
-    for root in roots.iter().filter(|r| r.is_dir()) {
-        let mut dirs = Vec::new();
-        collect_dirs(root, &mut dirs);
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        for d in dirs {
-            if std::fs::remove_dir(&d).is_ok() {
-                removed += 1;
-            }
-        }
-    }
-    removed
-}
-
-fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
-    out.push(dir.to_path_buf());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                collect_dirs(&e.path(), out);
-            }
-        }
-    }
+    roots
+        .iter()
+        .filter(|r| r.is_dir())
+        .map(|r| cgroups::remove_tree(r))
+        .sum()
 }
 
 /// Resets the node; the daemon must be stopped. Returns a line per thing done.
