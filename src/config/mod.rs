@@ -161,6 +161,32 @@ pub enum DatastoreKind {
     Embedded,
 }
 
+impl DatastoreKind {
+    /// The name config.yaml and the CLI use (`datastore: etcd|embedded`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatastoreKind::Etcd => "etcd",
+            DatastoreKind::Embedded => "embedded",
+        }
+    }
+
+    /// Parses `as_str`'s names.
+    pub fn parse(text: &str) -> Option<DatastoreKind> {
+        [DatastoreKind::Etcd, DatastoreKind::Embedded]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+
+    /// The service that runs a datastore of this kind (`embedded` is served in-process
+    /// by the daemon, as a builtin).
+    pub fn service_name(self) -> &'static str {
+        match self {
+            DatastoreKind::Etcd => "etcd",
+            DatastoreKind::Embedded => "datastore",
+        }
+    }
+}
+
 /// What forwarded pod and service traffic may leave the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -315,11 +341,7 @@ impl NodeConfig {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let name = match kind {
-            DatastoreKind::Embedded => "embedded",
-            DatastoreKind::Etcd => "etcd",
-        };
-        let line = format!("datastore: {name}");
+        let line = format!("datastore: {}", kind.as_str());
         let mut replaced = false;
         let mut lines: Vec<String> = text
             .lines()

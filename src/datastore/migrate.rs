@@ -498,10 +498,7 @@ pub fn retire(data: &DataDir, kind: DatastoreKind) -> Result<PathBuf, DatastoreE
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let name = match kind {
-        DatastoreKind::Embedded => "embedded",
-        DatastoreKind::Etcd => "etcd",
-    };
+    let name = kind.as_str();
     let dest = data
         .datastore_dir()
         .join(format!("migrated-{name}-{stamp}"));

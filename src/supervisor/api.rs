@@ -117,7 +117,7 @@ async fn handle(
         }
         (&Method::POST, ["v1", "datastore", "migrate"]) => {
             let to = req.uri().query().unwrap_or_default().strip_prefix("to=");
-            match to.and_then(super::migrate::parse_kind) {
+            match to.and_then(crate::config::DatastoreKind::parse) {
                 None => error(
                     StatusCode::BAD_REQUEST,
                     "say where to: ?to=etcd or ?to=embedded",
@@ -286,7 +286,7 @@ impl Client {
         &self,
         to: crate::config::DatastoreKind,
     ) -> Result<super::migrate::MigrationReport, SupervisorError> {
-        let to = super::migrate::kind_name(to);
+        let to = to.as_str();
         let path = format!("/v1/datastore/migrate?to={to}");
         let (_, body) = self.request(Method::POST, &path).await?;
         serde_json::from_slice(&body).map_err(|e| SupervisorError::Api {

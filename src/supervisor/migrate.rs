@@ -48,29 +48,6 @@ pub struct MigrationReport {
     pub seconds: f64,
 }
 
-pub fn parse_kind(text: &str) -> Option<DatastoreKind> {
-    match text {
-        "etcd" => Some(DatastoreKind::Etcd),
-        "embedded" => Some(DatastoreKind::Embedded),
-        _ => None,
-    }
-}
-
-pub fn kind_name(kind: DatastoreKind) -> &'static str {
-    match kind {
-        DatastoreKind::Etcd => "etcd",
-        DatastoreKind::Embedded => "embedded",
-    }
-}
-
-/// The service that runs a datastore of `kind`.
-fn service_name(kind: DatastoreKind) -> &'static str {
-    match kind {
-        DatastoreKind::Etcd => "etcd",
-        DatastoreKind::Embedded => "datastore",
-    }
-}
-
 fn refused(reason: impl Into<String>) -> SupervisorError {
     SupervisorError::MigrateRefused {
         reason: reason.into(),
@@ -148,7 +125,7 @@ pub(crate) async fn migrate(
     if from == to {
         return Err(refused(format!(
             "this node already runs the {} datastore ({})",
-            kind_name(to),
+            to.as_str(),
             data.config_file().display()
         )));
     }
@@ -157,7 +134,7 @@ pub(crate) async fn migrate(
             "a worker runs no datastore; migrate on a control-plane node",
         ));
     }
-    let (old_name, new_name) = (service_name(from), service_name(to));
+    let (old_name, new_name) = (from.service_name(), to.service_name());
     let running_old = fleet.lock().await.sender(old_name).is_some();
     if !running_old {
         return Err(refused(format!(
@@ -193,7 +170,7 @@ pub(crate) async fn migrate(
         let fleet = fleet.lock().await;
         (fleet.specs.clone(), dependents(&fleet.specs, old_name))
     };
-    info!(from = kind_name(from), to = kind_name(to), stopping = ?restarted, "datastore migration: stopping writers");
+    info!(from = from.as_str(), to = to.as_str(), stopping = ?restarted, "datastore migration: stopping writers");
     {
         let mut fleet = fleet.lock().await;
         for name in restarted.iter().rev() {
@@ -237,13 +214,13 @@ pub(crate) async fn migrate(
             .await;
             return Err(SupervisorError::MigrateFailed {
                 step,
-                from: kind_name(from).into(),
+                from: from.as_str().into(),
                 source: Box::new(err),
             });
         }
     };
     info!(
-        to = kind_name(to),
+        to = to.as_str(),
         "datastore migration: config.yaml switched"
     );
     {
@@ -269,8 +246,8 @@ pub(crate) async fn migrate(
     };
     let ready = wait_ready(fleet, &restarted, SERVICES_READY).await;
     let report = MigrationReport {
-        from: kind_name(from).into(),
-        to: kind_name(to).into(),
+        from: from.as_str().into(),
+        to: to.as_str().into(),
         source_revision: snap.revision,
         target_revision: checked.revision,
         keys: checked.keys,
@@ -318,7 +295,7 @@ async fn copy_and_check(
         revision = snap.revision,
         "datastore migration: source read"
     );
-    let new_name = service_name(to);
+    let new_name = to.service_name();
     let spec = new_specs
         .iter()
         .find(|s| s.name == new_name)

@@ -121,13 +121,8 @@ pub struct ServiceSpec {
 /// datastore and containerd, and `kdist status` says what is missing. Blocking: it runs
 /// each Kubernetes binary's `--version`.
 pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, SupervisorError> {
-    let datastore_service = match config.datastore {
-        DatastoreKind::Etcd => Some("etcd"),
-        // served in-process by the daemon (a builtin), not a child
-        DatastoreKind::Embedded => Some("datastore"),
-    };
     let worker = config.role == crate::config::Role::Worker;
-    let datastore_service = if worker { None } else { datastore_service };
+    let datastore_service = (!worker).then(|| config.datastore.service_name());
     let mut names: Vec<&str> = datastore_service.into_iter().collect();
     names.push("containerd");
     let kube = crate::node::kube::detect(data, config.role)?;
