@@ -34,6 +34,7 @@ use super::proto::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient, request_op,
 };
 use super::proto::mvccpb::KeyValue;
+use super::remote::rpc;
 use super::tls::TlsFiles;
 use crate::config::{DataDir, DatastoreKind};
 
@@ -91,14 +92,6 @@ impl Side {
             Side::Etcd { tls, .. } => Some(tls),
         };
         super::client::connect_with(&self.name(), tls).await
-    }
-}
-
-fn rpc<'a>(endpoint: &'a str, what: &'static str) -> impl Fn(tonic::Status) -> DatastoreError + 'a {
-    move |source| DatastoreError::Rpc {
-        endpoint: endpoint.to_string(),
-        call: what,
-        source: Box::new(source),
     }
 }
 

@@ -51,7 +51,11 @@ pub struct RemoteStatus {
     pub healthy: bool,
 }
 
-fn rpc<'a>(endpoint: &'a str, call: &'static str) -> impl Fn(tonic::Status) -> DatastoreError + 'a {
+/// Maps a failed call `call` to `endpoint` into the error that names both.
+pub(crate) fn rpc<'a>(
+    endpoint: &'a str,
+    call: &'static str,
+) -> impl Fn(tonic::Status) -> DatastoreError + 'a {
     move |source| DatastoreError::Rpc {
         endpoint: endpoint.to_string(),
         call,
