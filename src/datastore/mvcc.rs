@@ -310,11 +310,13 @@ pub(crate) fn prev_version(
 
 /// Range as etcd serves it: revision checks, limit/count/more, min/max filters, sort.
 /// The header carries `cur_rev`, the store's revision, whatever revision was read.
-/// `cur_rev` may be behind what the caller's snapshot holds (a batch committed but not
-/// yet synced, see store.rs `syncer`): then `live` is ahead and history answers.
+/// `cur_rev` may be behind `snapshot_rev`, the revision the caller's snapshot holds (a
+/// batch committed but not yet synced, see store.rs `syncer`): then `live` is ahead and
+/// history answers.
 pub(crate) fn range(
     conn: &Connection,
     cur_rev: i64,
+    snapshot_rev: i64,
     compact_rev: i64,
     req: &RangeRequest,
 ) -> Result<RangeResponse, ApiError> {
@@ -330,12 +332,7 @@ pub(crate) fn range(
         return Err(ApiError::Compacted);
     }
     let range = KeyRange::new(&req.key, &req.range_end);
-    // the snapshot's own revision (absent only in a bare schema without the writer)
-    let snapshot_rev: Option<i64> = conn
-        .prepare_cached(concat!("SELECT ", rev_sql!(), " FROM meta WHERE id = 0"))?
-        .query_row([], |row| row.get(0))
-        .optional()?;
-    let latest = rev == cur_rev && snapshot_rev.is_none_or(|s| s == cur_rev);
+    let latest = rev == cur_rev && snapshot_rev == cur_rev;
     let sort_order = range_request::SortOrder::try_from(req.sort_order)
         .map_err(|_| ApiError::InvalidSortOption)?;
     let sort_target = range_request::SortTarget::try_from(req.sort_target)
@@ -829,7 +826,14 @@ impl<'a> Applier<'a> {
     }
 
     pub(crate) fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApiError> {
-        range(self.conn, self.cur_rev(), self.compact_rev, req)
+        // the writer's transaction (or a read-only txn's snapshot) holds `cur_rev`
+        range(
+            self.conn,
+            self.cur_rev(),
+            self.cur_rev(),
+            self.compact_rev,
+            req,
+        )
     }
 
     /// Runs the ops of the branches `path` chose (see `txn_path`).
@@ -1034,6 +1038,7 @@ mod tests {
         let at = |r: i64| {
             range(
                 &conn,
+                rev,
                 rev,
                 -1,
                 &RangeRequest {

@@ -100,7 +100,7 @@ impl kv_server::Kv for Api {
             .read(move |conn| {
                 let (rev, compact) = mvcc::read_meta(conn)?;
                 // only what is durable is shown: a batch still being synced is read past
-                mvcc::range(conn, rev.min(store.current_rev()), compact, &req)
+                mvcc::range(conn, rev.min(store.current_rev()), rev, compact, &req)
             })
             .await?;
         self.fill(&mut resp.header);

@@ -1244,7 +1244,7 @@ mod tests {
     ) -> Result<RangeResponse, ApiError> {
         store.read_blocking(move |conn| {
             let (cur, compact) = mvcc::read_meta(conn)?;
-            mvcc::range(conn, published.unwrap_or(cur), compact, &req)
+            mvcc::range(conn, published.unwrap_or(cur), cur, compact, &req)
         })
     }
 
