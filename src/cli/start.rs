@@ -105,18 +105,15 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             Ok(false)
         })
         .await??;
-        if !node_ready && worker {
-            eprintln!(
-                "node {node} is not Ready after {} s; see `kdist kubectl describe node {node}` \
-                 on a control-plane node and `kdist logs kubelet` here",
-                args.timeout
-            );
-            return Ok(ExitCode::from(1));
-        }
         if !node_ready {
+            let logs = if worker {
+                "on a control-plane node and `kdist logs kubelet` here"
+            } else {
+                "and `kdist logs kubelet`"
+            };
             eprintln!(
                 "node {node} is not Ready after {} s; see `kdist kubectl describe node {node}` \
-                 and `kdist logs kubelet`",
+                 {logs}",
                 args.timeout
             );
             return Ok(ExitCode::from(1));

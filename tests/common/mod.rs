@@ -87,13 +87,13 @@ pub const OFFLINE: &str = "components:\n  auto_install: false\n";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// One node's data dir in a fresh temp directory. Dropping it stops the daemon and
-/// every process marked for this data dir, then removes the directory.
 /// The egress guard's iptables chain of the node whose data dir is `root`.
 pub fn egress_chain(root: &Path) -> String {
     kdist::node::egress::chain(&DataDir::new(root))
 }
 
+/// One node's data dir in a fresh temp directory. Dropping it stops the daemon and
+/// every process marked for this data dir, then removes the directory.
 pub struct Node {
     pub root: PathBuf,
 }
