@@ -83,12 +83,7 @@ pub fn group_of(pid: i32, daemon: i32, facts: &BTreeMap<i32, ProcessFacts>) -> S
 }
 
 fn service_env(pid: i32) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{}=", crate::supervisor::SERVICE_ENV);
-    environ
-        .split(|b| *b == 0)
-        .find_map(|e| e.strip_prefix(prefix.as_bytes()))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    crate::supervisor::env_of(pid, crate::supervisor::SERVICE_ENV)
 }
 
 /// User + system CPU time of `pid` in milliseconds, from `/proc/<pid>/stat`.

@@ -102,14 +102,19 @@ pub async fn stop(
     Ok(status)
 }
 
-/// Reads the marker of process `pid`: the data dir it was started for, if any.
-fn marker_of(pid: i32) -> Option<PathBuf> {
+/// The value of environment variable `name` in process `pid`, if it has one.
+pub(crate) fn env_of(pid: i32, name: &str) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{MARKER_ENV}=");
+    let prefix = format!("{name}=");
     environ
         .split(|b| *b == 0)
         .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))
-        .map(|value| PathBuf::from(String::from_utf8_lossy(value).into_owned()))
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
+
+/// Reads the marker of process `pid`: the data dir it was started for, if any.
+fn marker_of(pid: i32) -> Option<PathBuf> {
+    env_of(pid, MARKER_ENV).map(PathBuf::from)
 }
 
 /// Every live process that carries our marker for `data`.

@@ -26,6 +26,7 @@ mod status;
 pub use api::Client;
 pub use backoff::RestartPolicy;
 pub use builtin::{Builtin, BuiltinFuture, Builtins};
+pub(crate) use child::env_of;
 pub use child::{SERVICE_ENV, find_marked};
 pub use daemon::{Daemon, bind_control_socket};
 pub use error::SupervisorError;
