@@ -386,12 +386,6 @@ pub fn write_embedded(path: &Path, snap: &Snapshot) -> Result<(), DatastoreError
         )
         .map_err(sqlite)?;
         {
-            let mut live = tx
-                .prepare(
-                    "INSERT INTO live (key, create_rev, mod_rev, version, value, lease, \
-                     mod_sub) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(sqlite)?;
             let mut history = tx
                 .prepare(
                     "INSERT INTO kv (key, rev, sub, create_rev, version, value, lease, \
@@ -405,16 +399,6 @@ pub fn write_embedded(path: &Path, snap: &Snapshot) -> Result<(), DatastoreError
             let mut subs: BTreeMap<i64, i64> = BTreeMap::new();
             for kv in &snap.kvs {
                 let sub = subs.entry(kv.mod_revision).or_insert(0);
-                live.execute(params![
-                    kv.key,
-                    kv.create_revision,
-                    kv.mod_revision,
-                    kv.version,
-                    kv.value,
-                    kv.lease,
-                    *sub
-                ])
-                .map_err(sqlite)?;
                 history
                     .execute(params![
                         kv.key,
@@ -573,16 +557,10 @@ mod tests {
         let store = super::super::store::Store::open(&path).unwrap();
         assert_eq!(store.current_rev(), 12);
         assert_eq!(store.lease_get(7).map(|l| l.ttl), Some(30));
+        let b = store.published().index.get(b"b").cloned().unwrap();
+        assert_eq!((b.create_rev, b.mod_rev, b.version, b.lease), (5, 5, 1, 7));
+        assert_eq!(&b.value[..], b"x");
         store.close();
-        let conn = Connection::open(&path).unwrap();
-        let row: (i64, i64, i64, i64) = conn
-            .query_row(
-                "SELECT create_rev, mod_rev, version, lease FROM live WHERE key = x'62'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .unwrap();
-        assert_eq!(row, (5, 5, 1, 7));
         let err = write_embedded(&path, &snap).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
     }

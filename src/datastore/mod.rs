@@ -5,9 +5,10 @@
 //! It owns `<data>/datastore/state.db` (and its `-wal`/`-shm`), the datastore socket and
 //! its TCP listeners (TLS from the etcd CA, `tls`). `remote` and `EtcdRestore` operate a
 //! datastore through the etcd API or etcd's tools (`kdist datastore` on `datastore: etcd`).
-//! Durability: WAL with synchronous=FULL; throughput: group commit on one writer
-//! thread; reads on a pool of read connections; watch events pushed on commit; MVCC
-//! history kept until compaction. It must not touch other subsystems' files; the
+//! Durability: every acknowledged write follows an fdatasync of the WAL; throughput:
+//! group commit on one writer thread, with only history stored (the newest version of
+//! each key is an in-memory index); reads on a snapshot of that index and a pool of
+//! read connections; watch events pushed on commit; MVCC history kept until compaction. It must not touch other subsystems' files; the
 //! supervisor runs it as an in-process service through [`Server::run`].
 
 mod authority;
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod client;
 mod error;
 mod etcd_restore;
+mod index;
 pub mod migrate;
 mod mvcc;
 mod ops;

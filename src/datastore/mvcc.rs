@@ -2,17 +2,18 @@
 //! turns etcd requests into rows and events. Pure functions over a `Connection`; the
 //! writer thread and the read pool (store.rs) decide which connection runs them.
 //!
-//! Tables: `live` holds the newest version of every existing key (fast reads at the
-//! current revision); `kv` holds every version and tombstone (version 0) ever written,
-//! keyed by revision (main, sub) like etcd's own backend, until compaction removes what
-//! no revision >= the compacted one can see; `lease` holds granted leases; `meta` the
-//! current and compacted revision.
+//! Tables: `kv` holds every version and tombstone (version 0) ever written, keyed by
+//! revision (main, sub) like etcd's own backend, until compaction removes what no
+//! revision >= the compacted one can see; `lease` holds granted leases; `meta` the
+//! compacted revision (and the current one where compaction removed the newest rows).
+//! The newest version of every existing key is not stored: it is the in-memory
+//! [`Index`], derived from `kv` (index.rs).
 //!
-//! History is keyed by revision so that a write appends to the end of `kv` (the rows of
-//! one commit share its last pages) instead of inserting into a page per key. Each row
-//! points at the previous row of its key (`prev_rev`, `prev_sub`; 0 for none), and `live`
-//! keeps the position of each key's newest row (`mod_rev`, `mod_sub`): a read at an
-//! older revision takes the keys `live` shows unchanged since then and, for the keys
+//! History is keyed by revision so that a write appends to the end of `kv`: the rows of
+//! one commit share its last pages, and that is all a put writes. Each row points at the
+//! previous row of its key (`prev_rev`, `prev_sub`; 0 for none), and the index keeps
+//! the position of each key's newest row (`mod_rev`, `mod_sub`): a read at an older
+//! revision takes the keys the index shows unchanged since then and, for the keys
 //! changed after it, follows the first later row back to the version of that time.
 
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::error::ApiError;
+use super::index::{Entry, Index};
 use super::proto::etcdserverpb::{
     Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
     RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse, compare,
@@ -27,7 +29,7 @@ use super::proto::etcdserverpb::{
 };
 use super::proto::mvccpb::{Event, KeyValue, event};
 
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// The history table (`kv` in schema 2) under `$name`.
 macro_rules! history_table {
@@ -63,16 +65,6 @@ CREATE TABLE meta (
     compact_rev INTEGER NOT NULL,
     compact_done INTEGER NOT NULL
 );
-CREATE TABLE live (
-    key BLOB PRIMARY KEY,
-    create_rev INTEGER NOT NULL,
-    mod_rev INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    value BLOB NOT NULL,
-    lease INTEGER NOT NULL,
-    mod_sub INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE INDEX live_lease ON live(lease) WHERE lease != 0;
 ",
     history_table!("kv"),
     "CREATE TABLE lease (
@@ -100,6 +92,12 @@ ALTER TABLE kv2 RENAME TO kv;
 UPDATE meta SET schema = 2 WHERE id = 0;
 "
 );
+
+/// Turns a schema 2 store into schema 3: the `live` table (the newest version of every
+/// key, now kept in memory) goes.
+pub(crate) const UPGRADE_FROM_2: &str = "DROP TABLE live;
+UPDATE meta SET schema = 3 WHERE id = 0;
+";
 
 /// etcd's request size limit (`--max-request-bytes` default).
 pub(crate) const MAX_REQUEST_BYTES: usize = 1536 * 1024;
@@ -140,39 +138,6 @@ impl KeyRange {
             KeyRange::Between(start, end) => key >= start.as_slice() && key < end.as_slice(),
         }
     }
-
-    /// Which of three SQL texts fits this shape. Each shape gets its own statement:
-    /// one text for all of them (with `?2 IS NULL` for the unused bound) made SQLite
-    /// re-plan the statement at every execution.
-    fn pick(&self, sql: &[&'static str; 3]) -> &'static str {
-        match self {
-            KeyRange::Single(_) => sql[0],
-            KeyRange::From(_) => sql[1],
-            KeyRange::Between(..) => sql[2],
-        }
-    }
-
-    /// Binds ?1 (and ?2 when the shape has an end) of a statement `pick` chose.
-    fn bind(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<()> {
-        match self {
-            KeyRange::Single(k) | KeyRange::From(k) => stmt.raw_bind_parameter(1, k),
-            KeyRange::Between(s, e) => {
-                stmt.raw_bind_parameter(1, s)?;
-                stmt.raw_bind_parameter(2, e)
-            }
-        }
-    }
-}
-
-/// The three shapes of a key condition, with `$tail` (which may use ?3) appended.
-macro_rules! by_shape {
-    ($head:literal, $tail:literal) => {
-        [
-            concat!($head, " key = ?1 ", $tail),
-            concat!($head, " key >= ?1 ", $tail),
-            concat!($head, " key >= ?1 AND key < ?2 ", $tail),
-        ]
-    };
 }
 
 fn row_kv(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
@@ -208,57 +173,32 @@ pub(crate) fn read_meta(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
 }
 
-/// Live keys of a range at the current revision, in key order; `limit` < 0 is no limit.
-pub(crate) fn select_live(
-    conn: &Connection,
-    range: &KeyRange,
-    limit: i64,
-) -> rusqlite::Result<Vec<KeyValue>> {
-    // No `LIMIT ?`: SQLite (3.54, bundled) plans with the bound limit's value and so
-    // re-prepares such a statement at every execution. Rows come one step at a time,
-    // so stopping early costs the same.
-    const SQL: [&str; 3] = by_shape!(
-        "SELECT key, create_rev, mod_rev, version, value, lease FROM live WHERE",
-        "ORDER BY key"
-    );
-    let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
-    range.bind(&mut stmt)?;
-    let mut rows = stmt.raw_query();
-    let mut out = Vec::new();
-    while limit < 0 || (out.len() as i64) < limit {
-        match rows.next()? {
-            Some(row) => out.push(row_kv(row)?),
-            None => break,
-        }
-    }
-    Ok(out)
+/// What a read sees: the store at revision `rev`, whose keys `index` holds. `conn`'s
+/// snapshot may hold later history rows (a batch committed and not yet synced, see
+/// store.rs `syncer`); reads ignore those.
+pub(crate) struct View<'a> {
+    pub conn: &'a Connection,
+    pub index: &'a Index,
+    pub rev: i64,
+    pub compact_rev: i64,
 }
 
-fn count_live(conn: &Connection, range: &KeyRange) -> rusqlite::Result<i64> {
-    const SQL: [&str; 3] = by_shape!("SELECT count(*) FROM live WHERE", "");
-    let mut stmt = conn.prepare_cached(range.pick(&SQL))?;
-    range.bind(&mut stmt)?;
-    let mut rows = stmt.raw_query();
-    match rows.next()? {
-        Some(row) => row.get(0),
-        None => Err(rusqlite::Error::QueryReturnedNoRows),
-    }
-}
-
-/// Keys of a range as they were at `rev` (newest version <= rev that is not a tombstone),
-/// in key order: the keys `live` shows unchanged since `rev`, and for each key changed
-/// after it, the row its first later change points back to. The cost grows with the
-/// changes since `rev`, not with the history kept.
-fn select_at(conn: &Connection, range: &KeyRange, rev: i64) -> rusqlite::Result<Vec<KeyValue>> {
-    let mut out: Vec<KeyValue> = select_live(conn, range, -1)?
-        .into_iter()
-        .filter(|kv| kv.mod_revision <= rev)
+/// Keys of a range as they were at `at` <= `view.rev` (newest version <= at that is not
+/// a tombstone), in key order: the keys the index shows unchanged since `at` and, for
+/// each key changed after it, the row its first later change points back to. The cost
+/// grows with the changes since `at`, not with the history kept.
+fn select_at(view: &View<'_>, range: &KeyRange, at: i64) -> rusqlite::Result<Vec<KeyValue>> {
+    let mut out: Vec<KeyValue> = view
+        .index
+        .range(range)
+        .filter(|(_, entry)| entry.mod_rev <= at)
+        .map(|(key, entry)| entry.kv(key))
         .collect();
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
-    let mut changes = conn.prepare_cached(
-        "SELECT key, prev_rev, prev_sub FROM kv WHERE rev > ?1 ORDER BY rev, sub",
+    let mut changes = view.conn.prepare_cached(
+        "SELECT key, prev_rev, prev_sub FROM kv WHERE rev > ?1 AND rev <= ?2 ORDER BY rev, sub",
     )?;
-    let mut rows = changes.query(params![rev])?;
+    let mut rows = changes.query(params![at, view.rev])?;
     while let Some(row) = rows.next()? {
         let key = row.get_ref(0)?.as_blob()?;
         if !range.contains(key) || seen.contains(key) {
@@ -266,7 +206,7 @@ fn select_at(conn: &Connection, range: &KeyRange, rev: i64) -> rusqlite::Result<
         }
         seen.insert(key.to_vec());
         let (prev_rev, prev_sub): (i64, i64) = (row.get(1)?, row.get(2)?);
-        if let Some(kv) = history_row(conn, prev_rev, prev_sub)? {
+        if let Some(kv) = history_row(view.conn, prev_rev, prev_sub)? {
             out.push(kv);
         }
     }
@@ -309,17 +249,9 @@ pub(crate) fn prev_version(
 }
 
 /// Range as etcd serves it: revision checks, limit/count/more, min/max filters, sort.
-/// The header carries `cur_rev`, the store's revision, whatever revision was read.
-/// `cur_rev` may be behind `snapshot_rev`, the revision the caller's snapshot holds (a
-/// batch committed but not yet synced, see store.rs `syncer`): then `live` is ahead and
-/// history answers.
-pub(crate) fn range(
-    conn: &Connection,
-    cur_rev: i64,
-    snapshot_rev: i64,
-    compact_rev: i64,
-    req: &RangeRequest,
-) -> Result<RangeResponse, ApiError> {
+/// The header carries the view's revision, whatever revision was read.
+pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse, ApiError> {
+    let (cur_rev, compact_rev) = (view.rev, view.compact_rev);
     if req.revision > cur_rev {
         return Err(ApiError::FutureRev);
     }
@@ -332,7 +264,7 @@ pub(crate) fn range(
         return Err(ApiError::Compacted);
     }
     let range = KeyRange::new(&req.key, &req.range_end);
-    let latest = rev == cur_rev && snapshot_rev == cur_rev;
+    let latest = rev == cur_rev;
     let sort_order = range_request::SortOrder::try_from(req.sort_order)
         .map_err(|_| ApiError::InvalidSortOption)?;
     let sort_target = range_request::SortTarget::try_from(req.sort_target)
@@ -345,9 +277,9 @@ pub(crate) fn range(
 
     if req.count_only {
         let count = if latest {
-            count_live(conn, &range)?
+            view.index.count(&range)
         } else {
-            select_at(conn, &range, rev)?.len() as i64
+            select_at(view, &range, rev)?.len() as i64
         };
         return Ok(RangeResponse {
             header: rev_header(cur_rev),
@@ -363,15 +295,15 @@ pub(crate) fn range(
         } else {
             -1
         };
-        let kvs = select_live(conn, &range, fetch)?;
+        let kvs = view.index.select(&range, fetch);
         let count = if fetch > 0 && kvs.len() as i64 == fetch {
-            count_live(conn, &range)?
+            view.index.count(&range)
         } else {
             kvs.len() as i64
         };
         (kvs, count)
     } else {
-        let mut kvs = select_at(conn, &range, rev)?;
+        let mut kvs = select_at(view, &range, rev)?;
         let count = kvs.len() as i64;
         // as at the current revision: without an explicit order or filters, etcd sorts
         // (by a non-key target) only the first `limit` keys
@@ -474,40 +406,29 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
     }
 }
 
-fn compare_holds(conn: &Connection, c: &Compare) -> rusqlite::Result<bool> {
-    let kvs = select_live(conn, &KeyRange::new(&c.key, &c.range_end), -1)?;
+fn compare_holds(index: &Index, c: &Compare) -> bool {
+    let kvs = index.select(&KeyRange::new(&c.key, &c.range_end), -1);
     if kvs.is_empty() {
         // A missing key has no value to compare: etcd fails every value compare on it.
         if c.target == compare::CompareTarget::Value as i32 {
-            return Ok(false);
+            return false;
         }
-        return Ok(compare_kv(c, &KeyValue::default()));
+        return compare_kv(c, &KeyValue::default());
     }
-    Ok(kvs.iter().all(|kv| compare_kv(c, kv)))
+    kvs.iter().all(|kv| compare_kv(c, kv))
 }
 
 /// Evaluates the compares of a txn and of every nested txn on the chosen branches, all
 /// against the state before the txn runs (etcd's `compareToPath`).
-pub(crate) fn txn_path(
-    conn: &Connection,
-    txn: &TxnRequest,
-    path: &mut Vec<bool>,
-) -> rusqlite::Result<()> {
-    let mut ok = true;
-    for c in &txn.compare {
-        if !compare_holds(conn, c)? {
-            ok = false;
-            break;
-        }
-    }
+pub(crate) fn txn_path(index: &Index, txn: &TxnRequest, path: &mut Vec<bool>) {
+    let ok = txn.compare.iter().all(|c| compare_holds(index, c));
     path.push(ok);
     let ops = if ok { &txn.success } else { &txn.failure };
     for op in ops {
         if let Some(request_op::Request::RequestTxn(inner)) = &op.request {
-            txn_path(conn, inner, path)?;
+            txn_path(index, inner, path);
         }
     }
-    Ok(())
 }
 
 pub(crate) fn txn_is_read_only(txn: &TxnRequest) -> bool {
@@ -530,7 +451,7 @@ enum CheckPass {
 }
 
 fn check_path(
-    conn: &Connection,
+    index: &Index,
     txn: &TxnRequest,
     path: &[bool],
     idx: &mut usize,
@@ -544,9 +465,7 @@ fn check_path(
     for op in ops {
         match &op.request {
             Some(request_op::Request::RequestPut(put)) if pass == CheckPass::Puts => {
-                if (put.ignore_value || put.ignore_lease)
-                    && select_live(conn, &KeyRange::Single(put.key.clone()), 1)?.is_empty()
-                {
+                if (put.ignore_value || put.ignore_lease) && index.get(&put.key).is_none() {
                     return Err(ApiError::KeyNotFound);
                 }
                 if put.lease != 0 && !lease_exists(put.lease) {
@@ -565,7 +484,7 @@ fn check_path(
                 }
             }
             Some(request_op::Request::RequestTxn(inner)) => {
-                check_path(conn, inner, path, idx, pass, revs, lease_exists)?
+                check_path(index, inner, path, idx, pass, revs, lease_exists)?
             }
             _ => {}
         }
@@ -576,7 +495,7 @@ fn check_path(
 /// Checks the ops on the chosen path before anything is applied, so a txn either
 /// applies whole or fails with etcd's error and changes nothing.
 pub(crate) fn check_txn(
-    conn: &Connection,
+    index: &Index,
     txn: &TxnRequest,
     path: &[bool],
     revs: (i64, i64),
@@ -584,10 +503,18 @@ pub(crate) fn check_txn(
     lease_exists: &dyn Fn(i64) -> bool,
 ) -> Result<(), ApiError> {
     if write {
-        check_path(conn, txn, path, &mut 0, CheckPass::Puts, revs, lease_exists)?;
+        check_path(
+            index,
+            txn,
+            path,
+            &mut 0,
+            CheckPass::Puts,
+            revs,
+            lease_exists,
+        )?;
     }
     check_path(
-        conn,
+        index,
         txn,
         path,
         &mut 0,
@@ -597,10 +524,12 @@ pub(crate) fn check_txn(
     )
 }
 
-/// Applies writes at revision `base_rev + 1` on one connection inside the caller's
-/// transaction, collecting the events they produce.
+/// Applies writes at revision `base_rev + 1`: history rows on one connection inside the
+/// caller's transaction, the newest versions to `index`; collects the events they
+/// produce.
 pub(crate) struct Applier<'a> {
     pub conn: &'a Connection,
+    pub index: &'a mut Index,
     pub base_rev: i64,
     pub compact_rev: i64,
     pub sub: i64,
@@ -614,12 +543,14 @@ pub(crate) struct Applier<'a> {
 impl<'a> Applier<'a> {
     pub(crate) fn new(
         conn: &'a Connection,
+        index: &'a mut Index,
         base_rev: i64,
         compact_rev: i64,
         leases: &'a HashMap<i64, i64>,
     ) -> Self {
         Self {
             conn,
+            index,
             base_rev,
             compact_rev,
             sub: 0,
@@ -647,31 +578,20 @@ impl<'a> Applier<'a> {
 
     /// The key's newest version with the `sub` of its row in `kv` (the position a new
     /// row of the key points back to).
-    fn live(&self, key: &[u8]) -> rusqlite::Result<Option<(KeyValue, i64)>> {
-        self.conn
-            .prepare_cached(
-                "SELECT key, create_rev, mod_rev, version, value, lease, mod_sub FROM live \
-                 WHERE key = ?1",
-            )?
-            .query_row(params![key], |row| Ok((row_kv(row)?, row.get(6)?)))
-            .optional()
+    fn live(&self, key: &[u8]) -> Option<(KeyValue, i64)> {
+        self.index
+            .get(key)
+            .map(|entry| (entry.kv(key), entry.mod_sub))
     }
 
-    /// Live keys `sql` (which selects `live`'s columns and then `mod_sub`) picks, with
-    /// the sub of each one's newest row.
-    fn victims(
-        &self,
-        sql: &str,
-        bind: impl FnOnce(&mut rusqlite::Statement<'_>) -> rusqlite::Result<()>,
-    ) -> rusqlite::Result<Vec<(KeyValue, i64)>> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        bind(&mut stmt)?;
-        let mut rows = stmt.raw_query();
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            out.push((row_kv(row)?, row.get(6)?));
-        }
-        Ok(out)
+    /// Existing keys the filter picks, in key order, with the sub of each one's newest
+    /// row.
+    fn victims(&self, range: &KeyRange, pick: impl Fn(&Entry) -> bool) -> Vec<(KeyValue, i64)> {
+        self.index
+            .range(range)
+            .filter(|(_, entry)| pick(entry))
+            .map(|(key, entry)| (entry.kv(key), entry.mod_sub))
+            .collect()
     }
 
     /// Appends a row to the history; `prev` is where the key's previous row is
@@ -704,7 +624,7 @@ impl<'a> Applier<'a> {
     }
 
     pub(crate) fn put(&mut self, req: &PutRequest) -> Result<PutResponse, ApiError> {
-        let (prev, prev_at) = match self.live(&req.key)? {
+        let (prev, prev_at) = match self.live(&req.key) {
             Some((kv, sub)) => {
                 let at = (kv.mod_revision, sub);
                 (Some(kv), at)
@@ -735,25 +655,7 @@ impl<'a> Applier<'a> {
             lease,
         };
         let sub = self.record(&kv, false, prev_at)?;
-        self.conn
-            .prepare_cached(
-                // An upsert updates the row in place; INSERT OR REPLACE deletes and
-                // inserts it again.
-                "INSERT INTO live (key, create_rev, mod_rev, version, value, lease, mod_sub) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (key) DO UPDATE SET \
-                 create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, \
-                 version = excluded.version, value = excluded.value, lease = excluded.lease, \
-                 mod_sub = excluded.mod_sub",
-            )?
-            .execute(params![
-                kv.key,
-                kv.create_revision,
-                kv.mod_revision,
-                kv.version,
-                kv.value,
-                kv.lease,
-                sub
-            ])?;
+        self.index.insert(&kv.key, Entry::of(&kv, sub));
         let before = self.state_before(&req.key, &prev);
         self.events.push(Event {
             r#type: event::EventType::Put as i32,
@@ -770,12 +672,8 @@ impl<'a> Applier<'a> {
         &mut self,
         req: &DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, ApiError> {
-        const SQL: [&str; 3] = by_shape!(
-            "SELECT key, create_rev, mod_rev, version, value, lease, mod_sub FROM live WHERE",
-            "ORDER BY key"
-        );
         let range = KeyRange::new(&req.key, &req.range_end);
-        let victims = self.victims(range.pick(&SQL), |stmt| range.bind(stmt))?;
+        let victims = self.victims(&range, |_| true);
         let rev = self.base_rev + 1;
         let deleted = victims.len() as i64;
         let mut prev_kvs = Vec::new();
@@ -793,9 +691,7 @@ impl<'a> Applier<'a> {
     }
 
     fn delete_key(&mut self, prev: KeyValue, prev_sub: i64, rev: i64) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM live WHERE key = ?1")?
-            .execute(params![prev.key])?;
+        self.index.remove(&prev.key);
         let tomb = KeyValue {
             key: prev.key.clone(),
             mod_revision: rev,
@@ -813,11 +709,7 @@ impl<'a> Applier<'a> {
 
     /// Deletes every key attached to `lease`, in key order (as etcd's revoke does).
     pub(crate) fn delete_lease_keys(&mut self, lease: i64) -> rusqlite::Result<()> {
-        let victims = self.victims(
-            "SELECT key, create_rev, mod_rev, version, value, lease, mod_sub FROM live \
-             WHERE lease = ?1 ORDER BY key",
-            |stmt| stmt.raw_bind_parameter(1, lease),
-        )?;
+        let victims = self.victims(&KeyRange::From(Vec::new()), |entry| entry.lease == lease);
         let rev = self.base_rev + 1;
         for (prev, sub) in victims {
             self.delete_key(prev, sub, rev)?;
@@ -827,13 +719,13 @@ impl<'a> Applier<'a> {
 
     pub(crate) fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApiError> {
         // the writer's transaction (or a read-only txn's snapshot) holds `cur_rev`
-        range(
-            self.conn,
-            self.cur_rev(),
-            self.cur_rev(),
-            self.compact_rev,
-            req,
-        )
+        let view = View {
+            conn: self.conn,
+            index: self.index,
+            rev: self.cur_rev(),
+            compact_rev: self.compact_rev,
+        };
+        range(&view, req)
     }
 
     /// Runs the ops of the branches `path` chose (see `txn_path`).
@@ -1022,25 +914,29 @@ mod tests {
     fn history_is_readable_at_every_revision() {
         let conn = db();
         let leases = HashMap::new();
+        let mut index = Index::default();
         let mut rev = 1;
         for value in ["v1", "v2"] {
-            let mut a = Applier::new(&conn, rev, -1, &leases);
+            let mut a = Applier::new(&conn, &mut index, rev, -1, &leases);
             a.put(&put("k", value)).unwrap();
             rev += 1;
         }
-        let mut a = Applier::new(&conn, rev, -1, &leases);
+        let mut a = Applier::new(&conn, &mut index, rev, -1, &leases);
         a.delete_range(&DeleteRangeRequest {
             key: b"k".to_vec(),
             ..Default::default()
         })
         .unwrap();
         rev += 1;
+        let view = View {
+            conn: &conn,
+            index: &index,
+            rev,
+            compact_rev: -1,
+        };
         let at = |r: i64| {
             range(
-                &conn,
-                rev,
-                rev,
-                -1,
+                &view,
                 &RangeRequest {
                     key: b"k".to_vec(),
                     revision: r,

@@ -94,15 +94,7 @@ impl kv_server::Kv for Api {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = req.into_inner();
         check::range(&req)?;
-        let store = self.store.clone();
-        let mut resp = self
-            .store
-            .read(move |conn| {
-                let (rev, compact) = mvcc::read_meta(conn)?;
-                // only what is durable is shown: a batch still being synced is read past
-                mvcc::range(conn, rev.min(store.current_rev()), rev, compact, &req)
-            })
-            .await?;
+        let mut resp = self.store.read(move |view| mvcc::range(view, &req)).await?;
         self.fill(&mut resp.header);
         Ok(Response::new(resp))
     }
@@ -142,20 +134,17 @@ impl kv_server::Kv for Api {
         check::intervals(&req.failure)?;
         too_large(&req)?;
         let read_only = if mvcc::txn_is_read_only(&req) {
-            let (store, req) = (self.store.clone(), req.clone());
+            let req = req.clone();
             self.store
-                .read(move |conn| {
-                    let (rev, compact) = mvcc::read_meta(conn)?;
-                    if rev > store.current_rev() {
-                        // compares would see a batch still being synced: the writer
-                        // answers this one, after the sync
-                        return Ok(None);
-                    }
+                .read(move |view| {
+                    let (rev, compact) = (view.rev, view.compact_rev);
                     let mut path = Vec::new();
-                    mvcc::txn_path(conn, &req, &mut path)?;
-                    mvcc::check_txn(conn, &req, &path, (rev, compact), false, &|_| false)?;
+                    mvcc::txn_path(view.index, &req, &mut path);
+                    mvcc::check_txn(view.index, &req, &path, (rev, compact), false, &|_| false)?;
                     let no_leases = HashMap::new();
-                    let mut applier = Applier::new(conn, rev, compact, &no_leases);
+                    // a read-only txn changes nothing: the applier gets its own (O(1)) copy
+                    let mut index = view.index.clone();
+                    let mut applier = Applier::new(view.conn, &mut index, rev, compact, &no_leases);
                     let mut resp = applier.txn(&req, &path, &mut 0)?;
                     resp.header = mvcc::rev_header(rev);
                     Ok(Some(resp))
@@ -303,9 +292,7 @@ impl lease_server::Lease for Api {
         let remaining = entry.expiry.saturating_duration_since(Instant::now());
         let keys = if req.keys {
             let id = req.id;
-            self.store
-                .read(move |conn| Ok(store::lease_keys(conn, id)?))
-                .await?
+            self.store.published().index.lease_keys(id)
         } else {
             Vec::new()
         };
@@ -367,9 +354,9 @@ impl maintenance_server::Maintenance for Api {
     ) -> Result<Response<StatusResponse>, Status> {
         let (rev, size, in_use) = self
             .store
-            .read(|conn| {
-                let (rev, _) = mvcc::read_meta(conn)?;
-                let (size, in_use) = store::db_size(conn)?;
+            .read(|view| {
+                let rev = view.rev;
+                let (size, in_use) = store::db_size(view.conn)?;
                 Ok((rev, size, in_use))
             })
             .await?;
@@ -402,10 +389,7 @@ impl maintenance_server::Maintenance for Api {
     async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let (rev, hash) = self
             .store
-            .read(|conn| {
-                let (rev, _) = mvcc::read_meta(conn)?;
-                Ok((rev, store::hash_kv(conn, i64::MAX)?))
-            })
+            .read(|view| Ok((view.rev, store::hash_kv(view.conn, view.rev)?)))
             .await?;
         Ok(Response::new(HashResponse {
             header: self.store.header(rev),
@@ -420,8 +404,8 @@ impl maintenance_server::Maintenance for Api {
         let want = req.into_inner().revision;
         let (rev, compact, at, hash) = self
             .store
-            .read(move |conn| {
-                let (rev, compact) = mvcc::read_meta(conn)?;
+            .read(move |view| {
+                let (rev, compact) = (view.rev, view.compact_rev);
                 if want > rev {
                     return Err(ApiError::FutureRev);
                 }
@@ -429,7 +413,7 @@ impl maintenance_server::Maintenance for Api {
                 if at < compact {
                     return Err(ApiError::Compacted);
                 }
-                Ok((rev, compact, at, store::hash_kv(conn, at)?))
+                Ok((rev, compact, at, store::hash_kv(view.conn, at)?))
             })
             .await?;
         Ok(Response::new(HashKvResponse {

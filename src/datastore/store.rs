@@ -1,14 +1,16 @@
-//! The store: one SQLite file, one writer thread doing group commit, a small pool of
-//! read connections, the lease table and the commit broadcast that feeds watches.
+//! The store: one SQLite file, one writer thread doing group commit, the in-memory index
+//! of current keys (index.rs), a small pool of read connections, the lease table and
+//! the commit broadcast that feeds watches.
 //!
 //! Writes are sent to the writer thread as jobs; it takes every job waiting, applies
 //! them in one SQLite transaction (a savepoint each, so one failing job does not undo
 //! the others) and commits once. The commit does not fsync (WAL + synchronous=NORMAL):
 //! the writer hands the batch to the syncer thread and starts the next one, while the
 //! syncer fdatasyncs the WAL once for every batch waiting, then publishes their events
-//! and revision and answers (see `syncer` for why this is durable). Reads run on their
-//! own connections via `spawn_blocking` and see the last published revision; WAL never
-//! makes them wait for the writer.
+//! and revision, with the index as of that revision, and answers (see `syncer` for why
+//! this is durable). Reads run via `spawn_blocking` on the published index and their
+//! own connections, and see the published revision; WAL never makes them wait for the
+//! writer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, oneshot};
 
 use super::error::{ApiError, DatastoreError};
-use super::mvcc::{self, Applier};
+use super::index::Index;
+use super::mvcc::{self, Applier, View};
 use super::proto::etcdserverpb::{
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, ResponseHeader, TxnRequest,
     TxnResponse,
@@ -98,6 +101,13 @@ struct Job {
     reply: Option<Reply>,
 }
 
+/// What readers see: the newest durable revision and every key at it.
+#[derive(Clone)]
+pub(crate) struct Published {
+    pub rev: i64,
+    pub index: Index,
+}
+
 /// State shared by the writer thread and the async side.
 pub(crate) struct Shared {
     pub path: PathBuf,
@@ -105,6 +115,9 @@ pub(crate) struct Shared {
     pub member_id: u64,
     /// Newest revision whose events have been published.
     pub rev: AtomicI64,
+    /// The index at the published revision (`rev` may be read ahead of this while the
+    /// syncer publishes; never behind it).
+    pub published: Mutex<Published>,
     pub compact_rev: AtomicI64,
     pub commits: broadcast::Sender<Commit>,
     pub leases: Mutex<HashMap<i64, LeaseEntry>>,
@@ -150,8 +163,8 @@ pub(crate) fn verify(path: &Path) -> Result<(), DatastoreError> {
         .optional()
         .map_err(|e| corrupt(format!("no kdist schema: {e}")))?;
     match schema {
-        // schema 1 is upgraded when the store opens (see `Store::open`)
-        Some(1 | mvcc::SCHEMA_VERSION) => Ok(()),
+        // older schemas are upgraded when the store opens (see `upgrade`)
+        Some(1..=mvcc::SCHEMA_VERSION) => Ok(()),
         Some(other) => Err(corrupt(format!("unknown schema version {other}"))),
         None => Err(corrupt("no kdist schema: empty meta table".into())),
     }
@@ -224,17 +237,21 @@ fn checkpointer(path: PathBuf, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
 /// file.
 fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
     let schema: i64 = conn.query_row("SELECT schema FROM meta WHERE id = 0", [], |r| r.get(0))?;
-    if schema != 1 {
+    let steps = [mvcc::UPGRADE_FROM_1, mvcc::UPGRADE_FROM_2];
+    let Some(todo) = steps.get(usize::try_from(schema - 1).unwrap_or(steps.len())..) else {
+        return Ok(());
+    };
+    if todo.is_empty() {
         return Ok(());
     }
-    tracing::info!("datastore: upgrading the database from schema 1 to 2");
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {} COMMIT;",
-        mvcc::UPGRADE_FROM_1
-    ))
-    .inspect_err(|_| {
-        let _ = conn.execute_batch("ROLLBACK");
-    })?;
+    tracing::info!(
+        "datastore: upgrading the database from schema {schema} to {}",
+        mvcc::SCHEMA_VERSION
+    );
+    conn.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", todo.concat()))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
 }
 
@@ -294,6 +311,7 @@ impl Store {
             )
             .map_err(sqlite(path))?;
         let leases = load_leases(&conn).map_err(sqlite(path))?;
+        let index = Index::load(&conn).map_err(sqlite(path))?;
         // Like etcd after a restart, every lease gets its full TTL again.
         let now = Instant::now();
         let lessor: HashMap<i64, LeaseEntry> = leases
@@ -309,6 +327,10 @@ impl Store {
             cluster_id: cluster_id as u64,
             member_id: member_id as u64,
             rev: AtomicI64::new(rev),
+            published: Mutex::new(Published {
+                rev,
+                index: index.clone(),
+            }),
             compact_rev: AtomicI64::new(compact_rev),
             commits,
             leases: Mutex::new(lessor),
@@ -326,6 +348,7 @@ impl Store {
         let mut writer = Writer {
             conn,
             shared: shared.clone(),
+            index,
             rev,
             compact_rev,
             leases,
@@ -379,11 +402,12 @@ impl Store {
         let _ = self.jobs.send(Job { op, reply: None });
     }
 
-    /// Runs `f` on a read connection inside one read transaction, off the async workers.
+    /// Runs `f` on the published revision, off the async workers: its index, and a read
+    /// connection inside one read transaction for history.
     pub(crate) async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&View<'_>) -> Result<T, ApiError> + Send + 'static,
     {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.read_blocking(f))
@@ -393,9 +417,30 @@ impl Store {
 
     pub(crate) fn read_blocking<T>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, ApiError>,
+        f: impl FnOnce(&View<'_>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.read_conn(true, f)
+        // The published state first: its batches are committed, so the connection's
+        // snapshot (taken by the first statement below) holds at least that revision.
+        let published = self.published();
+        self.read_conn(true, |conn| {
+            // The compacted revision comes from the snapshot that history rows are read
+            // from, so a compaction never removes rows a read was allowed to need.
+            let (_, compact_rev) = mvcc::read_meta(conn)?;
+            f(&View {
+                conn,
+                index: &published.index,
+                rev: published.rev,
+                compact_rev,
+            })
+        })
+    }
+
+    /// The newest durable revision and its index, a snapshot that never changes.
+    pub(crate) fn published(&self) -> Published {
+        match self.shared.published.lock() {
+            Ok(published) => published.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Like `read`, without an enclosing transaction (for statements such as
@@ -516,13 +561,6 @@ fn load_leases(conn: &Connection) -> rusqlite::Result<HashMap<i64, i64>> {
     rows.collect()
 }
 
-/// Keys attached to a lease (read side of TimeToLive).
-pub(crate) fn lease_keys(conn: &Connection, id: i64) -> rusqlite::Result<Vec<Vec<u8>>> {
-    let mut stmt = conn.prepare_cached("SELECT key FROM live WHERE lease = ?1 ORDER BY key")?;
-    let rows = stmt.query_map(params![id], |r| r.get(0))?;
-    rows.collect()
-}
-
 /// Size of the database file and the part of it in use, in bytes.
 pub(crate) fn db_size(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
@@ -620,6 +658,8 @@ pub(crate) fn events_between(
 struct Durable {
     /// The revision after the batch.
     rev: i64,
+    /// Every key at `rev`.
+    index: Index,
     commit: Option<Commit>,
     replies: Vec<Done>,
 }
@@ -691,6 +731,22 @@ fn syncer(mut wal: WalFile, shared: Arc<Shared>, rx: mpsc::Receiver<Durable>) {
                 reason
             }),
         };
+        if synced.is_ok()
+            && let Some(newest) = pending.iter().max_by_key(|batch| batch.rev)
+        {
+            // Readers see the batches before their writers and watchers hear of them,
+            // so whoever learns of a revision can read it.
+            let mut published = match shared.published.lock() {
+                Ok(published) => published,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if newest.rev >= published.rev {
+                *published = Published {
+                    rev: newest.rev,
+                    index: newest.index.clone(),
+                };
+            }
+        }
         for batch in pending {
             match &synced {
                 Ok(()) => {
@@ -726,6 +782,8 @@ struct Compaction {
 struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
+    /// Every key at `rev`, including batches committed and not yet published.
+    index: Index,
     rev: i64,
     compact_rev: i64,
     /// Lease id -> TTL, the writer's authoritative view of which leases exist.
@@ -840,6 +898,7 @@ impl Writer {
         if let Some((durable, _)) = &self.syncer {
             let _ = durable.send(Durable {
                 rev: self.rev,
+                index: self.index.clone(),
                 commit,
                 replies,
             });
@@ -870,6 +929,7 @@ impl Writer {
         let start_rev = self.rev;
         let start_compact = self.compact_rev;
         let start_leases = self.leases.clone();
+        let start_index = self.index.clone();
         let mut done = Vec::with_capacity(batch.len());
         let mut published: Vec<RevEvents> = Vec::new();
         let mut failed: Option<String> = None;
@@ -884,6 +944,7 @@ impl Writer {
             // leave it half done, and that undoes the whole batch (below). Other jobs
             // may fail after writing and get a savepoint to roll back to.
             let guarded = !matches!(job.op, WriteOp::Put(_));
+            let job_index = guarded.then(|| self.index.clone());
             if guarded {
                 let _ = self.exec_cached("SAVEPOINT job");
             }
@@ -920,6 +981,9 @@ impl Writer {
                         let _ = self.exec_cached("ROLLBACK TO job");
                         let _ = self.exec_cached("RELEASE job");
                     }
+                    if let Some(index) = job_index {
+                        self.index = index;
+                    }
                 }
             }
             let mut reply = job.reply;
@@ -955,6 +1019,7 @@ impl Writer {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.rev = start_rev;
             self.leases = start_leases;
+            self.index = start_index;
             for d in done {
                 if let Some(reply) = d.reply {
                     let _ = reply.send(Err(ApiError::Internal(err.to_string())));
@@ -989,30 +1054,48 @@ impl Writer {
     ) -> Result<WriteResult, ApiError> {
         match op {
             WriteOp::Put(req) => {
-                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let mut a = Applier::new(
+                    &self.conn,
+                    &mut self.index,
+                    self.rev,
+                    self.compact_rev,
+                    &self.leases,
+                );
                 let resp = a.put(&req)?;
                 *events = a.events;
                 Ok(WriteResult::Put(resp))
             }
             WriteOp::Delete(req) => {
-                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let mut a = Applier::new(
+                    &self.conn,
+                    &mut self.index,
+                    self.rev,
+                    self.compact_rev,
+                    &self.leases,
+                );
                 let resp = a.delete_range(&req)?;
                 *events = a.events;
                 Ok(WriteResult::Delete(resp))
             }
             WriteOp::Txn(req) => {
                 let mut path = Vec::new();
-                mvcc::txn_path(&self.conn, &req, &mut path)?;
+                mvcc::txn_path(&self.index, &req, &mut path);
                 let write = !mvcc::txn_is_read_only(&req);
                 mvcc::check_txn(
-                    &self.conn,
+                    &self.index,
                     &req,
                     &path,
                     (self.rev, self.compact_rev),
                     write,
                     &|id| self.leases.contains_key(&id),
                 )?;
-                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let mut a = Applier::new(
+                    &self.conn,
+                    &mut self.index,
+                    self.rev,
+                    self.compact_rev,
+                    &self.leases,
+                );
                 let mut resp = a.txn(&req, &path, &mut 0)?;
                 resp.header = mvcc::rev_header(a.cur_rev());
                 *events = a.events;
@@ -1080,7 +1163,13 @@ impl Writer {
                         return Ok(WriteResult::Rev(self.rev));
                     }
                 }
-                let mut a = Applier::new(&self.conn, self.rev, self.compact_rev, &self.leases);
+                let mut a = Applier::new(
+                    &self.conn,
+                    &mut self.index,
+                    self.rev,
+                    self.compact_rev,
+                    &self.leases,
+                );
                 a.delete_lease_keys(id)?;
                 let changed = a.changed();
                 *events = a.events;
@@ -1235,38 +1324,59 @@ mod tests {
         })
     }
 
-    /// `req` through the read path, as a reader whose published revision is `published`
-    /// (None: the store's own) answers it.
+    /// `req` through the read path, as a reader that took `published` (None: the
+    /// store's current one) answers it.
     fn range_as(
         store: &Store,
-        published: Option<i64>,
+        published: Option<Published>,
         req: RangeRequest,
     ) -> Result<RangeResponse, ApiError> {
-        store.read_blocking(move |conn| {
-            let (cur, compact) = mvcc::read_meta(conn)?;
-            mvcc::range(conn, published.unwrap_or(cur), cur, compact, &req)
+        store.read_blocking(move |view| match &published {
+            Some(p) => mvcc::range(
+                &View {
+                    conn: view.conn,
+                    index: &p.index,
+                    rev: p.rev,
+                    compact_rev: view.compact_rev,
+                },
+                &req,
+            ),
+            None => mvcc::range(view, &req),
         })
+    }
+
+    fn all_keys() -> RangeRequest {
+        RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        }
     }
 
     fn rows(store: &Store) -> Vec<(Vec<u8>, i64)> {
         store
-            .read_blocking(|conn| {
-                let mut stmt = conn.prepare("SELECT key, rev FROM kv ORDER BY key, rev")?;
+            .read_blocking(|view| {
+                let mut stmt = view
+                    .conn
+                    .prepare("SELECT key, rev FROM kv ORDER BY key, rev")?;
                 let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
             })
             .unwrap()
     }
 
-    /// A range at a revision behind the snapshot's (a batch committed, not yet synced)
-    /// answers from history: neither a newer value nor a deleted key's absence shows.
+    /// A reader holding a published revision while later batches commit (the rows of a
+    /// batch not yet synced are in its SQLite snapshot) sees only that revision: neither
+    /// a newer value nor a deleted key's absence shows.
     #[tokio::test]
-    async fn a_range_behind_the_snapshot_shows_only_that_revision() {
+    async fn a_reader_sees_its_published_revision_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
         store.write(put("a", "old")).await.unwrap();
         store.write(put("b", "kept")).await.unwrap();
         let visible = store.current_rev();
+        let published = store.published();
+        assert_eq!(published.rev, visible);
         store.write(put("a", "unsynced")).await.unwrap();
         store
             .write(WriteOp::Delete(DeleteRangeRequest {
@@ -1275,12 +1385,7 @@ mod tests {
             }))
             .await
             .unwrap();
-        let all = RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            ..Default::default()
-        };
-        let resp = range_as(&store, Some(visible), all).unwrap();
+        let resp = range_as(&store, Some(published), all_keys()).unwrap();
         let seen: Vec<(&[u8], &[u8])> = resp
             .kvs
             .iter()
@@ -1331,7 +1436,11 @@ mod tests {
         schema_1_store(&path);
         let store = Arc::new(Store::open(&path).unwrap());
         let schema: i64 = store
-            .read_blocking(|conn| Ok(conn.query_row("SELECT schema FROM meta", [], |r| r.get(0))?))
+            .read_blocking(|view| {
+                Ok(view
+                    .conn
+                    .query_row("SELECT schema FROM meta", [], |r| r.get(0))?)
+            })
             .unwrap();
         assert_eq!(schema, mvcc::SCHEMA_VERSION);
         let at = |rev: i64| {
@@ -1363,13 +1472,13 @@ mod tests {
         assert_eq!(at(6), pairs(&[("a", "a2"), ("c", "c1")]));
         assert_eq!(at(7), pairs(&[("a", "a3"), ("c", "c2")]));
         let prev = store
-            .read_blocking(|conn| Ok(mvcc::prev_version(conn, b"c", 7)?))
+            .read_blocking(|view| Ok(mvcc::prev_version(view.conn, b"c", 7)?))
             .unwrap();
         assert_eq!(prev.unwrap().value, b"c1");
         // New writes chain onto the upgraded rows: c's next row points at (7, 1).
         store.write(put("c", "c3")).await.unwrap(); // rev 8
         let prev = store
-            .read_blocking(|conn| Ok(mvcc::prev_version(conn, b"c", 8)?))
+            .read_blocking(|view| Ok(mvcc::prev_version(view.conn, b"c", 8)?))
             .unwrap();
         assert_eq!(prev.unwrap().value, b"c2");
         store
@@ -1401,7 +1510,7 @@ mod tests {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
             )
             .unwrap();
-            conn.query_row("SELECT count(*) FROM live WHERE key = x'6b'", [], |r| {
+            conn.query_row("SELECT count(*) FROM kv WHERE key = x'6b'", [], |r| {
                 r.get::<_, i64>(0)
             })
             .unwrap()
@@ -1442,9 +1551,9 @@ mod tests {
         let store = Arc::new(Store::open(&path).unwrap());
         assert_eq!(store.current_rev(), 3);
         let read = store
-            .read_blocking(|conn| Ok(mvcc::read_meta(conn)?))
+            .read_blocking(|view| Ok((mvcc::read_meta(view.conn)?, view.rev)))
             .unwrap();
-        assert_eq!(read, (3, 3));
+        assert_eq!(read, ((3, 3), 3));
         match store.write(put("k", "again")).await.unwrap() {
             WriteResult::Put(resp) => assert_eq!(resp.header.unwrap().revision, 4),
             _ => panic!("a put answers with a put response"),

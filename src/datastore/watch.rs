@@ -299,15 +299,16 @@ impl WatchStream {
             let want_prev = w.prev_kv;
             let replay = self
                 .store
-                .read(move |conn| {
-                    let (rev, compact) = mvcc::read_meta(conn)?;
+                .read(move |view| {
+                    // only up to the published revision: later batches are not durable yet
+                    let (rev, compact) = (view.rev, view.compact_rev);
                     if from < compact {
                         return Ok(Replay::Compacted(compact));
                     }
                     let to = rev.min(from.saturating_add(REPLAY_REVS - 1));
-                    let mut revs = store::events_between(conn, from, to)?;
+                    let mut revs = store::events_between(view.conn, from, to)?;
                     if want_prev {
-                        add_prev_kvs(conn, &mut revs, compact)?;
+                        add_prev_kvs(view.conn, &mut revs, compact)?;
                     }
                     Ok(Replay::Events { revs, to, rev })
                 })

@@ -1,0 +1,209 @@
+//! The current version of every existing key, in memory.
+//!
+//! History (`kv`) is the only thing a write makes durable; the newest version of each
+//! key is derived from it: replayed from `kv` when the store opens, then kept up to date
+//! by the writer. A durable `live` table cost every put a page of its own in the WAL
+//! (keys of concurrent writers sit on different pages), more than the history append
+//! itself.
+//!
+//! The map is persistent (`imbl::OrdMap`): a clone is O(1) and shares every node, and a
+//! change copies only the nodes on its path. The writer clones its index at every commit
+//! and the syncer publishes that clone once the batch is durable, so a reader takes the
+//! published index, a snapshot that never changes under it, without holding a lock, and
+//! the writer rolls a failed job back by putting its clone from before the job back.
+
+use bytes::Bytes;
+use imbl::OrdMap;
+use rusqlite::Connection;
+use std::ops::Bound;
+
+use super::mvcc::KeyRange;
+use super::proto::mvccpb::KeyValue;
+
+/// The newest version of a key, and where its row is in history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub create_rev: i64,
+    pub mod_rev: i64,
+    /// With `mod_rev`, the position of the key's newest row in `kv`.
+    pub mod_sub: i64,
+    pub version: i64,
+    pub lease: i64,
+    pub value: Bytes,
+}
+
+impl Entry {
+    pub(crate) fn of(kv: &KeyValue, mod_sub: i64) -> Entry {
+        Entry {
+            create_rev: kv.create_revision,
+            mod_rev: kv.mod_revision,
+            mod_sub,
+            version: kv.version,
+            lease: kv.lease,
+            value: Bytes::copy_from_slice(&kv.value),
+        }
+    }
+
+    pub(crate) fn kv(&self, key: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            create_revision: self.create_rev,
+            mod_revision: self.mod_rev,
+            version: self.version,
+            value: self.value.to_vec(),
+            lease: self.lease,
+        }
+    }
+}
+
+/// Every existing key at one revision.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Index {
+    map: OrdMap<Bytes, Entry>,
+}
+
+impl Index {
+    /// The keys at the newest revision of `conn`'s history: every row replayed in
+    /// revision order. Compaction keeps each key's newest row at or below the compacted
+    /// revision unless it is a tombstone, so what it removed never changes the outcome.
+    pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Index> {
+        let mut index = Index::default();
+        let mut stmt = conn.prepare(
+            "SELECT key, rev, sub, create_rev, version, value, lease FROM kv ORDER BY rev, sub",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key = Bytes::copy_from_slice(row.get_ref(0)?.as_blob()?);
+            let version: i64 = row.get(4)?;
+            if version == 0 {
+                index.map.remove(&key);
+                continue;
+            }
+            let entry = Entry {
+                mod_rev: row.get(1)?,
+                mod_sub: row.get(2)?,
+                create_rev: row.get(3)?,
+                version,
+                value: Bytes::copy_from_slice(row.get_ref(5)?.as_blob()?),
+                lease: row.get(6)?,
+            };
+            index.map.insert(key, entry);
+        }
+        Ok(index)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Entry> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn insert(&mut self, key: &[u8], entry: Entry) {
+        self.map.insert(Bytes::copy_from_slice(key), entry);
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) {
+        self.map.remove(key);
+    }
+
+    /// The entries of `range`, in key order.
+    pub(crate) fn range<'a>(
+        &'a self,
+        range: &'a KeyRange,
+    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Entry)> + 'a> {
+        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = match range {
+            KeyRange::Single(key) => {
+                return Box::new(self.map.get_key_value(key.as_slice()).into_iter());
+            }
+            KeyRange::From(start) => (Bound::Included(start), Bound::Unbounded),
+            // An end at or before the start selects nothing (and would make the map's
+            // range panic).
+            KeyRange::Between(start, end) if end <= start => {
+                return Box::new(std::iter::empty());
+            }
+            KeyRange::Between(start, end) => (Bound::Included(start), Bound::Excluded(end)),
+        };
+        Box::new(self.map.range::<_, [u8]>(bounds))
+    }
+
+    /// The keys of `range` as etcd returns them, at most `limit` (< 0: all).
+    pub(crate) fn select(&self, range: &KeyRange, limit: i64) -> Vec<KeyValue> {
+        let take = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.range(range)
+            .take(take)
+            .map(|(key, entry)| entry.kv(key))
+            .collect()
+    }
+
+    pub(crate) fn count(&self, range: &KeyRange) -> i64 {
+        self.range(range).count() as i64
+    }
+
+    /// Keys attached to `lease`, in key order.
+    pub(crate) fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.map
+            .iter()
+            .filter(|(_, entry)| entry.lease == lease)
+            .map(|(key, _)| key.to_vec())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, rev: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+            value: format!("v{rev}").into_bytes(),
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn ranges_follow_etcds_key_conventions() {
+        let mut index = Index::default();
+        for (i, key) in ["a", "ab", "b", "c"].into_iter().enumerate() {
+            index.insert(key.as_bytes(), Entry::of(&kv(key, i as i64 + 2), 0));
+        }
+        let keys = |range: KeyRange, limit| -> Vec<Vec<u8>> {
+            index
+                .select(&range, limit)
+                .into_iter()
+                .map(|kv| kv.key)
+                .collect()
+        };
+        assert_eq!(keys(KeyRange::new(b"a", b""), -1), [b"a".to_vec()]);
+        assert_eq!(
+            keys(KeyRange::new(b"a", b"b"), -1),
+            [b"a".to_vec(), b"ab".to_vec()]
+        );
+        assert_eq!(
+            keys(KeyRange::new(b"ab", b"\0"), 2),
+            [b"ab".to_vec(), b"b".to_vec()]
+        );
+        assert!(keys(KeyRange::new(b"c", b"a"), -1).is_empty());
+        assert_eq!(index.count(&KeyRange::new(b"\0", b"\0")), 4);
+        assert_eq!(index.select(&KeyRange::new(b"b", b""), -1)[0].value, b"v4");
+    }
+
+    #[test]
+    fn a_clone_does_not_see_later_changes() {
+        let mut index = Index::default();
+        index.insert(b"a", Entry::of(&kv("a", 2), 0));
+        let before = index.clone();
+        index.insert(b"a", Entry::of(&kv("a", 3), 0));
+        index.insert(b"b", Entry::of(&kv("b", 3), 1));
+        index.remove(b"a");
+        assert_eq!(before.len(), 1);
+        assert_eq!(before.get(b"a").map(|e| e.mod_rev), Some(2));
+        assert_eq!(index.len(), 1);
+        assert!(index.get(b"a").is_none());
+    }
+}
