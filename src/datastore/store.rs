@@ -2,11 +2,12 @@
 //! of current keys (index.rs), a small pool of read connections, the lease table and
 //! the commit broadcast that feeds watches.
 //!
-//! Writes are sent to the writer thread as jobs; it takes every job waiting, applies
-//! them in one SQLite transaction (a savepoint each, so one failing job does not undo
-//! the others) and commits once. The commit does not fsync (WAL + synchronous=NORMAL):
-//! the writer hands the batch to the syncer thread and starts the next one, while the
-//! syncer fdatasyncs the WAL once for every batch waiting, then publishes their events
+//! Writes are sent to the writer thread as jobs; it applies them in one SQLite
+//! transaction (a savepoint each, so one failing job does not undo the others) for as
+//! long as the syncer is still busy with earlier batches, then commits once. The commit
+//! does not fsync (WAL + synchronous=NORMAL): the writer hands the batch to the syncer
+//! thread and starts the next one, while the syncer fdatasyncs the WAL once for every
+//! batch waiting, then publishes their events
 //! and revision, with the index as of that revision, and answers (see `syncer` for why
 //! this is durable). Reads run via `spawn_blocking` on the published index and their
 //! own connections, and see the published revision; WAL never makes them wait for the
@@ -14,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,8 +44,6 @@ const MAX_BATCH: usize = 512;
 /// Rows one compaction step looks at; small so writes never wait long behind it.
 const COMPACT_STEP_ROWS: usize = 2000;
 const READ_POOL_IDLE: usize = 8;
-/// Longest a batch waits for more concurrent writes before it commits.
-const GATHER_WAIT: Duration = Duration::from_micros(200);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// Commits after which the checkpointer copies the WAL even while writes go on; below
 /// it, it waits for a pause in writes, so that a checkpoint (which syncs the database
@@ -73,11 +72,22 @@ pub(crate) enum WriteOp {
     Put(PutRequest),
     Delete(DeleteRangeRequest),
     Txn(TxnRequest),
-    Compact { revision: i64, physical: bool },
-    LeaseGrant { id: i64, ttl: i64 },
-    LeaseRevoke { id: i64, only_if_expired: bool },
+    Compact {
+        revision: i64,
+        physical: bool,
+    },
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke {
+        id: i64,
+        only_if_expired: bool,
+    },
     Defrag,
     Shutdown,
+    /// From the syncer: it has answered every batch handed to it (see `Handoff`).
+    Wake,
 }
 
 #[derive(Debug)]
@@ -267,6 +277,14 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The syncer holds a sender of the job channel (to wake the writer), so the writer
+/// never sees the channel close: a store dropped without `close` is closed here.
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 impl Store {
     /// Opens `path`, creating a new datastore when the file does not exist. An existing
     /// file that is not an intact datastore is refused and left as it is.
@@ -338,13 +356,16 @@ impl Store {
             wal_commits: AtomicU64::new(0),
         });
         let (durable, to_sync) = mpsc::channel();
-        let wal = WalFile::new(path);
-        let sync_shared = shared.clone();
-        let syncer = std::thread::Builder::new()
-            .name("datastore-sync".into())
-            .spawn(move || syncer(wal, sync_shared, to_sync))
-            .map_err(DatastoreError::Thread)?;
         let (jobs, rx) = mpsc::channel();
+        let wal = WalFile::new(path);
+        let handoff = Arc::new(Handoff::default());
+        let syncer = {
+            let (shared, handoff, wake) = (shared.clone(), handoff.clone(), jobs.clone());
+            std::thread::Builder::new()
+                .name("datastore-sync".into())
+                .spawn(move || syncer(wal, shared, to_sync, handoff, wake))
+                .map_err(DatastoreError::Thread)?
+        };
         let mut writer = Writer {
             conn,
             shared: shared.clone(),
@@ -360,7 +381,7 @@ impl Store {
             compact_retry: Instant::now(),
             compact_done,
             next_lease: 0,
-            recent_batch: 1.0,
+            handoff,
             syncer: Some((durable, syncer)),
         };
         let handle = std::thread::Builder::new()
@@ -712,7 +733,13 @@ impl WalFile {
 /// revision) see a batch at the same time its writers are answered, so nothing that a
 /// crash could take back is ever shown. A failed fdatasync leaves the WAL's state on
 /// disk unknown: the waiting writes fail and the store takes no more writes.
-fn syncer(mut wal: WalFile, shared: Arc<Shared>, rx: mpsc::Receiver<Durable>) {
+fn syncer(
+    mut wal: WalFile,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Durable>,
+    handoff: Arc<Handoff>,
+    wake: mpsc::Sender<Job>,
+) {
     while let Ok(first) = rx.recv() {
         let mut pending = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -747,6 +774,7 @@ fn syncer(mut wal: WalFile, shared: Arc<Shared>, rx: mpsc::Receiver<Durable>) {
                 };
             }
         }
+        let answered = pending.len();
         for batch in pending {
             match &synced {
                 Ok(()) => {
@@ -769,7 +797,28 @@ fn syncer(mut wal: WalFile, shared: Arc<Shared>, rx: mpsc::Receiver<Durable>) {
                 }
             }
         }
+        handoff.in_flight.fetch_sub(answered, Ordering::SeqCst);
+        if handoff.writer_waiting.swap(false, Ordering::SeqCst) {
+            let _ = wake.send(Job {
+                op: WriteOp::Wake,
+                reply: None,
+            });
+        }
     }
+}
+
+/// How the writer knows when to commit: a batch committed while the syncer is busy
+/// would wait for the fdatasync in progress anyway, so the writer keeps its transaction
+/// open and takes more jobs into it until the syncer has answered everything handed to
+/// it. Fewer, larger commits write each WAL page (the end of `kv`) once instead of once
+/// per commit.
+#[derive(Default)]
+struct Handoff {
+    /// Batches handed to the syncer and not yet answered.
+    in_flight: AtomicUsize,
+    /// Set by a writer about to block with an open batch; the syncer clears it and
+    /// sends a `WriteOp::Wake` job once nothing is in flight.
+    writer_waiting: AtomicBool,
 }
 
 struct Compaction {
@@ -795,8 +844,7 @@ struct Writer {
     /// or before it need not be looked at again.
     compact_done: i64,
     next_lease: i64,
-    /// Moving average of batch sizes: how many writers are typically in flight.
-    recent_batch: f64,
+    handoff: Arc<Handoff>,
     /// Where committed batches go to be made durable and answered (see `syncer`).
     syncer: Option<(mpsc::Sender<Durable>, std::thread::JoinHandle<()>)>,
 }
@@ -806,76 +854,96 @@ struct Done {
     result: Result<WriteResult, ApiError>,
 }
 
+/// An open write transaction and what to undo if its commit fails.
+struct Batch {
+    start_rev: i64,
+    start_compact: i64,
+    start_leases: HashMap<i64, i64>,
+    start_index: Index,
+    done: Vec<Done>,
+    published: Vec<RevEvents>,
+    /// Set when a storage error hit a put: the whole batch is rolled back.
+    failed: Option<String>,
+}
+
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
+        let mut open: Option<Batch> = None;
         loop {
-            let first = if self.compaction.is_some() {
-                let wait = self.compact_retry.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(wait) {
-                    Ok(job) => job,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
+            let job = match open.take() {
+                Some(batch) if batch.done.len() >= MAX_BATCH || !self.syncer_busy() => {
+                    self.commit(batch);
+                    // One bounded step per batch keeps compaction moving under load.
+                    if self.compaction.is_some() && Instant::now() >= self.compact_retry {
                         self.compact_step();
+                    }
+                    continue;
+                }
+                Some(batch) => {
+                    open = Some(batch);
+                    // Take more jobs until the syncer is done (see `Handoff`).
+                    self.handoff.writer_waiting.store(true, Ordering::SeqCst);
+                    if !self.syncer_busy() {
+                        self.handoff.writer_waiting.store(false, Ordering::SeqCst);
                         continue;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            };
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            // With many concurrent writers, a short wait for the rest of them turns
-            // several commits (fsyncs) into one; a lone writer never waits.
-            let expected = (self.recent_batch as usize).min(MAX_BATCH);
-            if jobs.len() > 1 || expected > 1 {
-                let until = Instant::now() + GATHER_WAIT;
-                while jobs.len() < expected {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match rx.recv_timeout(left) {
-                        Ok(job) => jobs.push(job),
+                    match rx.recv() {
+                        Ok(job) => job,
                         Err(_) => break,
                     }
                 }
-            }
-            self.recent_batch = (self.recent_batch * 7.0 + jobs.len() as f64) / 8.0;
-            let mut batch = Vec::new();
-            let mut stop = false;
-            for job in jobs {
-                match job.op {
-                    WriteOp::Shutdown => stop = true,
-                    WriteOp::Defrag => {
-                        self.flush(std::mem::take(&mut batch));
-                        let result = self.defrag();
-                        self.after_sync(
-                            None,
-                            vec![Done {
-                                reply: job.reply,
-                                result,
-                            }],
-                        );
+                None if self.compaction.is_some() => {
+                    let wait = self.compact_retry.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(job) => job,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.compact_step();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    _ => batch.push(job),
+                }
+                None => match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            match job.op {
+                WriteOp::Wake => {}
+                WriteOp::Shutdown => break,
+                WriteOp::Defrag => {
+                    if let Some(batch) = open.take() {
+                        self.commit(batch);
+                    }
+                    let result = self.defrag();
+                    self.after_sync(
+                        None,
+                        vec![Done {
+                            reply: job.reply,
+                            result,
+                        }],
+                    );
+                }
+                _ => {
+                    if open.is_none() {
+                        match self.begin() {
+                            Ok(batch) => open = Some(batch),
+                            Err(reason) => {
+                                if let Some(reply) = job.reply {
+                                    let _ = reply.send(Err(ApiError::Internal(reason)));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    if let Some(batch) = open.as_mut() {
+                        self.add(batch, job);
+                    }
                 }
             }
-            self.flush(batch);
-            if stop {
-                break;
-            }
-            // One bounded step per batch keeps compaction moving under constant load.
-            if self.compaction.is_some() && Instant::now() >= self.compact_retry {
-                self.compact_step();
-            }
+        }
+        if let Some(batch) = open.take() {
+            self.commit(batch);
         }
         // Everything committed is answered before the store reports itself closed.
         if let Some((durable, handle)) = self.syncer.take() {
@@ -888,6 +956,10 @@ impl Writer {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
+    fn syncer_busy(&self) -> bool {
+        self.handoff.in_flight.load(Ordering::SeqCst) > 0
+    }
+
     fn exec_cached(&self, sql: &str) -> rusqlite::Result<()> {
         self.conn.prepare_cached(sql)?.execute([])?;
         Ok(())
@@ -896,6 +968,7 @@ impl Writer {
     /// Queues answers (and a batch's events) to be sent once the WAL is synced.
     fn after_sync(&self, commit: Option<Commit>, replies: Vec<Done>) {
         if let Some((durable, _)) = &self.syncer {
+            self.handoff.in_flight.fetch_add(1, Ordering::SeqCst);
             let _ = durable.send(Durable {
                 rev: self.rev,
                 index: self.index.clone(),
@@ -905,102 +978,98 @@ impl Writer {
         }
     }
 
-    fn flush(&mut self, batch: Vec<Job>) {
-        if batch.is_empty() {
-            return;
-        }
+    /// Opens the write transaction of a new batch.
+    fn begin(&mut self) -> Result<Batch, String> {
         if let Some(reason) = self.shared.sync_failed.get() {
-            for job in batch {
-                if let Some(reply) = job.reply {
-                    let _ = reply.send(Err(ApiError::Internal(reason.clone())));
-                }
-            }
-            return;
+            return Err(reason.clone());
         }
-        if let Err(err) = self.exec_cached("BEGIN IMMEDIATE") {
+        self.exec_cached("BEGIN IMMEDIATE").map_err(|err| {
             tracing::warn!(error = %err, "datastore: cannot begin a write transaction");
-            for job in batch {
-                if let Some(reply) = job.reply {
-                    let _ = reply.send(Err(ApiError::Internal(err.to_string())));
-                }
+            err.to_string()
+        })?;
+        Ok(Batch {
+            start_rev: self.rev,
+            start_compact: self.compact_rev,
+            start_leases: self.leases.clone(),
+            start_index: self.index.clone(),
+            done: Vec::new(),
+            published: Vec::new(),
+            failed: None,
+        })
+    }
+
+    /// Applies one job inside the batch's transaction.
+    fn add(&mut self, batch: &mut Batch, job: Job) {
+        if let Some(reason) = &batch.failed {
+            if let Some(reply) = job.reply {
+                let _ = reply.send(Err(ApiError::Internal(reason.clone())));
             }
             return;
         }
-        let start_rev = self.rev;
-        let start_compact = self.compact_rev;
-        let start_leases = self.leases.clone();
-        let start_index = self.index.clone();
-        let mut done = Vec::with_capacity(batch.len());
-        let mut published: Vec<RevEvents> = Vec::new();
-        let mut failed: Option<String> = None;
-        for job in batch {
-            if let Some(reason) = &failed {
-                if let Some(reply) = job.reply {
-                    let _ = reply.send(Err(ApiError::Internal(reason.clone())));
-                }
-                continue;
-            }
-            // A put checks everything before it writes, so only a storage error can
-            // leave it half done, and that undoes the whole batch (below). Other jobs
-            // may fail after writing and get a savepoint to roll back to.
-            let guarded = !matches!(job.op, WriteOp::Put(_));
-            let job_index = guarded.then(|| self.index.clone());
-            if guarded {
-                let _ = self.exec_cached("SAVEPOINT job");
-            }
-            let mut events = Vec::new();
-            let mut lease_change = None;
-            let result = self.apply(job.op, &mut events, &mut lease_change);
-            match &result {
-                Err(ApiError::Storage(err)) if !guarded => {
-                    failed = Some(err.to_string());
-                }
-                Ok(_) => {
-                    if guarded {
-                        let _ = self.exec_cached("RELEASE job");
-                    }
-                    if !events.is_empty() {
-                        self.rev += 1;
-                        published.push(RevEvents {
-                            rev: self.rev,
-                            events,
-                        });
-                    }
-                    match lease_change {
-                        Some(LeaseChange::Granted(id, ttl)) => {
-                            self.leases.insert(id, ttl);
-                        }
-                        Some(LeaseChange::Revoked(id)) => {
-                            self.leases.remove(&id);
-                        }
-                        None => {}
-                    }
-                }
-                Err(_) => {
-                    if guarded {
-                        let _ = self.exec_cached("ROLLBACK TO job");
-                        let _ = self.exec_cached("RELEASE job");
-                    }
-                    if let Some(index) = job_index {
-                        self.index = index;
-                    }
-                }
-            }
-            let mut reply = job.reply;
-            if matches!(result, Ok(WriteResult::Rev(-1)))
-                && let Some(task) = self.compaction.as_mut()
-                && let Some(waiter) = reply.take()
-            {
-                // A physical compaction answers once the last step committed.
-                task.waiters.push((waiter, 0));
-            }
-            done.push(Done { reply, result });
+        // A put checks everything before it writes, so only a storage error can leave it
+        // half done, and that undoes the whole batch (see `commit`). Other jobs may fail
+        // after writing and get a savepoint to roll back to.
+        let guarded = !matches!(job.op, WriteOp::Put(_));
+        let job_index = guarded.then(|| self.index.clone());
+        if guarded {
+            let _ = self.exec_cached("SAVEPOINT job");
         }
-        let commit = match failed {
+        let mut events = Vec::new();
+        let mut lease_change = None;
+        let result = self.apply(job.op, &mut events, &mut lease_change);
+        match &result {
+            Err(ApiError::Storage(err)) if !guarded => {
+                batch.failed = Some(err.to_string());
+            }
+            Ok(_) => {
+                if guarded {
+                    let _ = self.exec_cached("RELEASE job");
+                }
+                if !events.is_empty() {
+                    self.rev += 1;
+                    batch.published.push(RevEvents {
+                        rev: self.rev,
+                        events,
+                    });
+                }
+                match lease_change {
+                    Some(LeaseChange::Granted(id, ttl)) => {
+                        self.leases.insert(id, ttl);
+                    }
+                    Some(LeaseChange::Revoked(id)) => {
+                        self.leases.remove(&id);
+                    }
+                    None => {}
+                }
+            }
+            Err(_) => {
+                if guarded {
+                    let _ = self.exec_cached("ROLLBACK TO job");
+                    let _ = self.exec_cached("RELEASE job");
+                }
+                if let Some(index) = job_index {
+                    self.index = index;
+                }
+            }
+        }
+        let mut reply = job.reply;
+        if matches!(result, Ok(WriteResult::Rev(-1)))
+            && let Some(task) = self.compaction.as_mut()
+            && let Some(waiter) = reply.take()
+        {
+            // A physical compaction answers once the last step committed.
+            task.waiters.push((waiter, 0));
+        }
+        batch.done.push(Done { reply, result });
+    }
+
+    /// Commits the batch and hands it to the syncer, or rolls all of it back.
+    fn commit(&mut self, batch: Batch) {
+        let commit = match batch.failed {
             Some(reason) => Err(reason),
             // `meta` is written only when the compacted revision moved (the revision is
             // read off `kv`, see mvcc::rev_sql).
-            None => (if self.compact_rev != start_compact {
+            None => (if self.compact_rev != batch.start_compact {
                 self.conn
                     .prepare_cached("UPDATE meta SET rev = ?1, compact_rev = ?2 WHERE id = 0")
                     .and_then(|mut stmt| stmt.execute(params![self.rev, self.compact_rev]))
@@ -1017,10 +1086,10 @@ impl Writer {
         if let Err(err) = commit {
             tracing::error!(error = %err, "datastore: commit failed, batch rolled back");
             let _ = self.conn.execute_batch("ROLLBACK");
-            self.rev = start_rev;
-            self.leases = start_leases;
-            self.index = start_index;
-            for d in done {
+            self.rev = batch.start_rev;
+            self.leases = batch.start_leases;
+            self.index = batch.start_index;
+            for d in batch.done {
                 if let Some(reply) = d.reply {
                     let _ = reply.send(Err(ApiError::Internal(err.to_string())));
                 }
@@ -1042,8 +1111,8 @@ impl Writer {
         self.shared
             .compact_rev
             .store(self.compact_rev, Ordering::SeqCst);
-        let commit = (!published.is_empty()).then(|| Arc::new(published));
-        self.after_sync(commit, done);
+        let commit = (!batch.published.is_empty()).then(|| Arc::new(batch.published));
+        self.after_sync(commit, batch.done);
     }
 
     fn apply(
@@ -1179,7 +1248,7 @@ impl Writer {
                 *lease_change = Some(LeaseChange::Revoked(id));
                 Ok(WriteResult::Rev(self.rev + i64::from(changed)))
             }
-            WriteOp::Defrag | WriteOp::Shutdown => Ok(WriteResult::Rev(self.rev)),
+            WriteOp::Defrag | WriteOp::Shutdown | WriteOp::Wake => Ok(WriteResult::Rev(self.rev)),
         }
     }
 
