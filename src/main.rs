@@ -1,3 +1,9 @@
+/// mimalloc instead of glibc's malloc: glibc's per-thread arenas shrink and grow again
+/// under the datastore's allocation pattern (a syscall and page faults each time); with
+/// mimalloc the embedded datastore does about a fifth more puts per second.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;
