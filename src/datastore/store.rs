@@ -1565,6 +1565,123 @@ mod tests {
         store.close();
     }
 
+    /// A store of the previous layout (schema 2, with a durable `live` table) opens as
+    /// schema 3: `live` is dropped and the index replayed from history says the same.
+    #[tokio::test]
+    async fn a_schema_2_store_drops_live_and_replays_the_same_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        schema_1_store(&path);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!("BEGIN; {} COMMIT;", mvcc::UPGRADE_FROM_1))
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (schema, tables): (i64, i64) = store
+            .read_blocking(|view| {
+                Ok(view.conn.query_row(
+                    "SELECT (SELECT schema FROM meta), \
+                     (SELECT count(*) FROM sqlite_master WHERE name LIKE 'live%')",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?)
+            })
+            .unwrap();
+        assert_eq!((schema, tables), (3, 0));
+        let keys: Vec<(Vec<u8>, i64, i64, i64, Vec<u8>)> = range_as(&store, None, all_keys())
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                let at = (kv.create_revision, kv.mod_revision, kv.version);
+                (kv.key, at.0, at.1, at.2, kv.value)
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (b"a".to_vec(), 2, 7, 3, b"a3".to_vec()),
+                (b"c".to_vec(), 6, 7, 2, b"c2".to_vec())
+            ]
+        );
+        // c's newest row is (7, 1): the next write of c points back at it.
+        store.write(put("c", "c3")).await.unwrap();
+        let prev = store
+            .read_blocking(|view| Ok(mvcc::prev_version(view.conn, b"c", 8)?))
+            .unwrap();
+        assert_eq!(prev.unwrap().value, b"c2");
+        store.close();
+    }
+
+    /// What the writer kept in memory is what a restart replays from history, after
+    /// updates, deletes, a lease revoke and a compaction that removed tombstones.
+    #[tokio::test]
+    async fn the_index_replayed_at_open_is_the_one_the_writer_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .write(WriteOp::LeaseGrant { id: 9, ttl: 600 })
+            .await
+            .unwrap();
+        for i in 0..40 {
+            let key = format!("k{:02}", i % 13);
+            store.write(put(&key, &format!("v{i}"))).await.unwrap();
+            if i % 5 == 0 {
+                store
+                    .write(WriteOp::Delete(DeleteRangeRequest {
+                        key: format!("k{:02}", i % 7).into_bytes(),
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap();
+            }
+        }
+        for key in ["l1", "l2"] {
+            let req = PutRequest {
+                key: key.into(),
+                value: b"leased".to_vec(),
+                lease: 9,
+                ..Default::default()
+            };
+            store.write(WriteOp::Put(req)).await.unwrap();
+        }
+        store.write(put("m", "kept")).await.unwrap();
+        store
+            .write(WriteOp::LeaseRevoke {
+                id: 9,
+                only_if_expired: false,
+            })
+            .await
+            .unwrap();
+        let compact_at = store.current_rev() - 3;
+        store
+            .write(WriteOp::Compact {
+                revision: compact_at,
+                physical: true,
+            })
+            .await
+            .unwrap();
+        let before = store.published();
+        let kept: Vec<_> = before.index.select(&mvcc::KeyRange::From(Vec::new()), -1);
+        assert!(kept.iter().all(|kv| !kv.key.starts_with(b"l")));
+        assert!(kept.len() > 5, "{kept:?}");
+        store.close();
+        let store = Store::open(&path).unwrap();
+        let after = store.published();
+        assert_eq!(after.rev, before.rev);
+        assert_eq!(
+            after.index.select(&mvcc::KeyRange::From(Vec::new()), -1),
+            kept
+        );
+        for kv in &kept {
+            let (a, b) = (before.index.get(&kv.key), after.index.get(&kv.key));
+            assert_eq!(a.map(|e| e.mod_sub), b.map(|e| e.mod_sub));
+        }
+        store.close();
+    }
+
     #[tokio::test]
     async fn a_pause_in_writes_gets_the_wal_copied_into_the_database_file() {
         let dir = tempfile::tempdir().unwrap();
