@@ -1589,20 +1589,20 @@ mod tests {
             })
             .unwrap();
         assert_eq!((schema, tables), (3, 0));
-        let keys: Vec<(Vec<u8>, i64, i64, i64, Vec<u8>)> = range_as(&store, None, all_keys())
+        let keys: Vec<(Vec<u8>, [i64; 3], Vec<u8>)> = range_as(&store, None, all_keys())
             .unwrap()
             .kvs
             .into_iter()
             .map(|kv| {
-                let at = (kv.create_revision, kv.mod_revision, kv.version);
-                (kv.key, at.0, at.1, at.2, kv.value)
+                let at = [kv.create_revision, kv.mod_revision, kv.version];
+                (kv.key, at, kv.value)
             })
             .collect();
         assert_eq!(
             keys,
             [
-                (b"a".to_vec(), 2, 7, 3, b"a3".to_vec()),
-                (b"c".to_vec(), 6, 7, 2, b"c2".to_vec())
+                (b"a".to_vec(), [2, 7, 3], b"a3".to_vec()),
+                (b"c".to_vec(), [6, 7, 2], b"c2".to_vec())
             ]
         );
         // c's newest row is (7, 1): the next write of c points back at it.
