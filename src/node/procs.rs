@@ -115,15 +115,15 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-/// RSS and PSS in bytes from `/proc/<pid>/smaps_rollup`, RSS from `status` as fallback.
-fn memory_of(pid: i32) -> Option<(u64, Option<u64>)> {
+/// RSS and PSS in bytes from `/proc/<pid>/smaps_rollup`, RSS from its `status` (already
+/// read by the caller) as fallback.
+fn memory_of(pid: i32, status: &str) -> Option<(u64, Option<u64>)> {
     if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         && let Some(rss) = kib_field(&text, "Rss:")
     {
         return Some((rss, kib_field(&text, "Pss:")));
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    Some((kib_field(&status, "VmRSS:")?, None))
+    Some((kib_field(status, "VmRSS:")?, None))
 }
 
 /// Every process of the node whose daemon is `daemon`: the daemon, its descendants,
@@ -133,8 +133,8 @@ fn memory_of(pid: i32) -> Option<(u64, Option<u64>)> {
 pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
     let mut roots = find_marked(data);
     roots.push(daemon);
-    let pids = with_descendants(&roots);
     let parents = parents();
+    let pids = descendants(&parents, &roots);
     let facts: BTreeMap<i32, ProcessFacts> = pids
         .iter()
         .map(|pid| {
@@ -151,10 +151,9 @@ pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
         .collect();
     pids.iter()
         .filter_map(|pid| {
-            let (rss, pss) = memory_of(*pid)?;
-            let anon = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| kib_field(&s, "RssAnon:"));
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let (rss, pss) = memory_of(*pid, &status)?;
+            let anon = kib_field(&status, "RssAnon:");
             Some(ProcessUsage {
                 pid: *pid,
                 group: group_of(*pid, daemon, &facts),
@@ -173,11 +172,15 @@ pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
 
 /// `roots` and all their descendants.
 pub fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
-    let parents = parents();
+    descendants(&parents(), roots)
+}
+
+/// `roots` and all their descendants in `parents` (pid -> parent pid).
+fn descendants(parents: &BTreeMap<i32, i32>, roots: &[i32]) -> BTreeSet<i32> {
     let mut set: BTreeSet<i32> = roots.iter().copied().collect();
     loop {
         let before = set.len();
-        for (pid, ppid) in &parents {
+        for (pid, ppid) in parents {
             if set.contains(ppid) {
                 set.insert(*pid);
             }
