@@ -60,6 +60,14 @@ pub enum Side {
 }
 
 impl Side {
+    /// Which datastore this is.
+    pub fn kind(&self) -> DatastoreKind {
+        match self {
+            Side::Unix(_) => DatastoreKind::Embedded,
+            Side::Etcd { .. } => DatastoreKind::Etcd,
+        }
+    }
+
     /// How this node's datastore of `kind` is reached.
     pub fn of(data: &DataDir, kind: DatastoreKind, client_port: u16) -> Self {
         match kind {

@@ -184,7 +184,7 @@ pub(crate) async fn migrate(
         data,
         &src,
         &source_name,
-        to,
+        Side::of(data, to, config.etcd.client_port),
         &new_specs,
         &mut target_started,
     )
@@ -279,10 +279,11 @@ async fn copy_and_check(
     data: &DataDir,
     src: &tonic::transport::Channel,
     source_name: &str,
-    to: DatastoreKind,
+    target: Side,
     new_specs: &[ServiceSpec],
     target_started: &mut bool,
 ) -> Result<(Snapshot, Checked), (String, SupervisorError)> {
+    let to = target.kind();
     let at = |step: &str| {
         let step = step.to_string();
         move |e: crate::datastore::DatastoreError| (step, SupervisorError::from(e))
@@ -306,9 +307,6 @@ async fn copy_and_check(
                 refused(format!("the {new_name} service is disabled in config.yaml")),
             )
         })?;
-    let config =
-        NodeConfig::load(data).map_err(|e| ("reading config.yaml".to_string(), e.into()))?;
-    let target = Side::of(data, to, config.etcd.client_port);
     let target_name = target.name();
     if to == DatastoreKind::Embedded {
         let (path, s) = (crate::datastore::db_path(data), snap.clone());
