@@ -1,7 +1,7 @@
 //! The current version of every existing key, in memory.
 //!
 //! History (`kv`) is the only thing a write makes durable; the newest version of each
-//! key is derived from it: replayed from `kv` when the store opens, then kept up to date
+//! key is derived from it: read from `kv` when the store opens, then kept up to date
 //! by the writer. A durable `live` table cost every put a page of its own in the WAL
 //! (keys of concurrent writers sit on different pages), more than the history append
 //! itself.
@@ -15,13 +15,14 @@
 use bytes::Bytes;
 use imbl::OrdMap;
 use rusqlite::Connection;
+use std::collections::HashSet;
 use std::ops::Bound;
 
 use super::mvcc::KeyRange;
 use super::proto::mvccpb::KeyValue;
 
 /// The newest version of a key, and where its row is in history.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub create_rev: i64,
     pub mod_rev: i64,
@@ -63,20 +64,22 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    /// The keys at the newest revision of `conn`'s history: every row replayed in
-    /// revision order. Compaction keeps each key's newest row at or below the compacted
-    /// revision unless it is a tombstone, so what it removed never changes the outcome.
+    /// The keys at the newest revision of `conn`'s history: each key's newest row, read
+    /// newest first, unless it is a tombstone. Compaction keeps each key's newest row at
+    /// or below the compacted revision unless it is a tombstone, so what it removed never
+    /// changes the outcome.
     pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Index> {
         let mut index = Index::default();
+        let mut seen: HashSet<Bytes> = HashSet::new();
         let mut stmt = conn.prepare(
-            "SELECT key, rev, sub, create_rev, version, value, lease FROM kv ORDER BY rev, sub",
+            "SELECT key, rev, sub, create_rev, version, value, lease FROM kv \
+             ORDER BY rev DESC, sub DESC",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let key = Bytes::copy_from_slice(row.get_ref(0)?.as_blob()?);
             let version: i64 = row.get(4)?;
-            if version == 0 {
-                index.map.remove(&key);
+            if !seen.insert(key.clone()) || version == 0 {
                 continue;
             }
             let entry = Entry {
@@ -129,6 +132,7 @@ impl Index {
     }
 
     /// The keys of `range` as etcd returns them, at most `limit` (< 0: all).
+    #[cfg(test)]
     pub(crate) fn select(&self, range: &KeyRange, limit: i64) -> Vec<KeyValue> {
         let take = usize::try_from(limit).unwrap_or(usize::MAX);
         self.range(range)
@@ -141,13 +145,11 @@ impl Index {
         self.range(range).count() as i64
     }
 
-    /// Keys attached to `lease`, in key order.
-    pub(crate) fn lease_keys(&self, lease: i64) -> Vec<Vec<u8>> {
+    /// The entries attached to `lease`, in key order.
+    pub(crate) fn with_lease(&self, lease: i64) -> impl Iterator<Item = (&Bytes, &Entry)> {
         self.map
             .iter()
-            .filter(|(_, entry)| entry.lease == lease)
-            .map(|(key, _)| key.to_vec())
-            .collect()
+            .filter(move |(_, entry)| entry.lease == lease)
     }
 }
 

@@ -28,6 +28,7 @@ use super::proto::etcdserverpb::{
     range_request, request_op, response_op,
 };
 use super::proto::mvccpb::{Event, KeyValue, event};
+use bytes::Bytes;
 
 pub(crate) const SCHEMA_VERSION: i64 = 3;
 
@@ -77,16 +78,15 @@ CREATE TABLE meta (
 /// Turns a schema 1 store (history keyed by key) into schema 2, in the caller's
 /// transaction. Rows left by a schema 1 compaction are each key's newest version at the
 /// compacted revision and everything after it, so the previous remaining row of a key is
-/// its real predecessor (or none, where compaction removed a tombstone).
+/// its real predecessor (or none, where compaction removed a tombstone). It leaves
+/// `live` as schema 1 had it: `UPGRADE_FROM_2` always follows in the same transaction
+/// and drops it.
 pub(crate) const UPGRADE_FROM_1: &str = concat!(
     history_table!("kv2"),
     "INSERT INTO kv2 (rev, sub, key, create_rev, version, value, lease, prev_rev, prev_sub)
     SELECT rev, sub, key, create_rev, version, value, lease,
         coalesce(lag(rev) OVER w, 0), coalesce(lag(sub) OVER w, 0)
     FROM kv WINDOW w AS (PARTITION BY key ORDER BY rev, sub);
-ALTER TABLE live ADD COLUMN mod_sub INTEGER NOT NULL DEFAULT 0;
-UPDATE live SET mod_sub = coalesce(
-    (SELECT max(sub) FROM kv WHERE kv.key = live.key AND kv.rev = live.mod_rev), 0);
 DROP TABLE kv;
 ALTER TABLE kv2 RENAME TO kv;
 UPDATE meta SET schema = 2 WHERE id = 0;
@@ -162,6 +162,12 @@ macro_rules! rev_sql {
 }
 pub(crate) use rev_sql;
 
+/// The compacted revision as committed (read inside the caller's transaction).
+pub(crate) fn read_compact_rev(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT compact_rev FROM meta WHERE id = 0")?
+        .query_row([], |row| row.get(0))
+}
+
 /// Current and compacted revision as committed (read inside the caller's transaction).
 pub(crate) fn read_meta(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
     const SQL: &str = concat!(
@@ -215,7 +221,11 @@ fn select_at(view: &View<'_>, range: &KeyRange, at: i64) -> rusqlite::Result<Vec
 }
 
 /// The version stored at (`rev`, `sub`), if that row exists and is not a tombstone.
-fn history_row(conn: &Connection, rev: i64, sub: i64) -> rusqlite::Result<Option<KeyValue>> {
+pub(crate) fn history_row(
+    conn: &Connection,
+    rev: i64,
+    sub: i64,
+) -> rusqlite::Result<Option<KeyValue>> {
     if rev == 0 {
         return Ok(None);
     }
@@ -231,6 +241,7 @@ fn history_row(conn: &Connection, rev: i64, sub: i64) -> rusqlite::Result<Option
 
 /// The newest version of `key` strictly before `rev` (at which the key changed), if it
 /// existed then: where the key's first change at `rev` points back to.
+#[cfg(test)]
 pub(crate) fn prev_version(
     conn: &Connection,
     key: &[u8],
@@ -274,6 +285,13 @@ pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse
         || req.min_create_revision != 0
         || req.max_create_revision != 0;
     let needs_all = sort_order != range_request::SortOrder::None || filtered;
+    // without an explicit order or filters only the first `limit` keys (and whether
+    // there are more) matter, as etcd sorts by a non-key target only those
+    let fetch = if !needs_all && req.limit > 0 {
+        usize::try_from(req.limit.saturating_add(1)).unwrap_or(usize::MAX)
+    } else {
+        usize::MAX
+    };
 
     if req.count_only {
         let count = if latest {
@@ -290,26 +308,18 @@ pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse
     }
 
     let (mut kvs, count) = if latest {
-        let fetch = if !needs_all && req.limit > 0 {
-            req.limit.saturating_add(1)
-        } else {
-            -1
-        };
-        let kvs = view.index.select(&range, fetch);
-        let count = if fetch > 0 && kvs.len() as i64 == fetch {
-            view.index.count(&range)
-        } else {
-            kvs.len() as i64
-        };
+        let mut entries = view.index.range(&range);
+        let kvs: Vec<KeyValue> = entries
+            .by_ref()
+            .take(fetch)
+            .map(|(key, entry)| entry.kv(key))
+            .collect();
+        let count = (kvs.len() + entries.count()) as i64;
         (kvs, count)
     } else {
         let mut kvs = select_at(view, &range, rev)?;
         let count = kvs.len() as i64;
-        // as at the current revision: without an explicit order or filters, etcd sorts
-        // (by a non-key target) only the first `limit` keys
-        if !needs_all && req.limit > 0 {
-            kvs.truncate(req.limit.saturating_add(1) as usize);
-        }
+        kvs.truncate(fetch);
         (kvs, count)
     };
 
@@ -366,7 +376,7 @@ pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse
     })
 }
 
-fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+fn compare_entry(c: &Compare, kv: &Entry) -> bool {
     use compare::CompareTarget as T;
     use compare::TargetUnion as U;
     use std::cmp::Ordering;
@@ -378,13 +388,13 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
                 Some(U::Value(v)) => v,
                 _ => &[],
             };
-            kv.value.as_slice().cmp(want)
+            kv.value.as_ref().cmp(want)
         }
-        T::Create => kv.create_revision.cmp(&int(|u| match u {
+        T::Create => kv.create_rev.cmp(&int(|u| match u {
             U::CreateRevision(v) => Some(*v),
             _ => None,
         })),
-        T::Mod => kv.mod_revision.cmp(&int(|u| match u {
+        T::Mod => kv.mod_rev.cmp(&int(|u| match u {
             U::ModRevision(v) => Some(*v),
             _ => None,
         })),
@@ -407,15 +417,16 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
 }
 
 fn compare_holds(index: &Index, c: &Compare) -> bool {
-    let kvs = index.select(&KeyRange::new(&c.key, &c.range_end), -1);
-    if kvs.is_empty() {
+    let range = KeyRange::new(&c.key, &c.range_end);
+    let mut entries = index.range(&range).peekable();
+    if entries.peek().is_none() {
         // A missing key has no value to compare: etcd fails every value compare on it.
         if c.target == compare::CompareTarget::Value as i32 {
             return false;
         }
-        return compare_kv(c, &KeyValue::default());
+        return compare_entry(c, &Entry::default());
     }
-    kvs.iter().all(|kv| compare_kv(c, kv))
+    entries.all(|(_, entry)| compare_entry(c, entry))
 }
 
 /// Evaluates the compares of a txn and of every nested txn on the chosen branches, all
@@ -584,12 +595,9 @@ impl<'a> Applier<'a> {
             .map(|entry| (entry.kv(key), entry.mod_sub))
     }
 
-    /// Existing keys the filter picks, in key order, with the sub of each one's newest
-    /// row.
-    fn victims(&self, range: &KeyRange, pick: impl Fn(&Entry) -> bool) -> Vec<(KeyValue, i64)> {
-        self.index
-            .range(range)
-            .filter(|(_, entry)| pick(entry))
+    /// Existing keys, in key order, with the sub of each one's newest row.
+    fn victims<'e>(entries: impl Iterator<Item = (&'e Bytes, &'e Entry)>) -> Vec<(KeyValue, i64)> {
+        entries
             .map(|(key, entry)| (entry.kv(key), entry.mod_sub))
             .collect()
     }
@@ -673,7 +681,7 @@ impl<'a> Applier<'a> {
         req: &DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, ApiError> {
         let range = KeyRange::new(&req.key, &req.range_end);
-        let victims = self.victims(&range, |_| true);
+        let victims = Self::victims(self.index.range(&range));
         let rev = self.base_rev + 1;
         let deleted = victims.len() as i64;
         let mut prev_kvs = Vec::new();
@@ -709,7 +717,7 @@ impl<'a> Applier<'a> {
 
     /// Deletes every key attached to `lease`, in key order (as etcd's revoke does).
     pub(crate) fn delete_lease_keys(&mut self, lease: i64) -> rusqlite::Result<()> {
-        let victims = self.victims(&KeyRange::From(Vec::new()), |entry| entry.lease == lease);
+        let victims = Self::victims(self.index.with_lease(lease));
         let rev = self.base_rev + 1;
         for (prev, sub) in victims {
             self.delete_key(prev, sub, rev)?;

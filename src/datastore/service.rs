@@ -292,7 +292,9 @@ impl lease_server::Lease for Api {
         let remaining = entry.expiry.saturating_duration_since(Instant::now());
         let keys = if req.keys {
             let id = req.id;
-            self.store.published().index.lease_keys(id)
+            let published = self.store.published();
+            let keys = published.index.with_lease(id).map(|(key, _)| key.to_vec());
+            keys.collect()
         } else {
             Vec::new()
         };

@@ -125,8 +125,8 @@ pub(crate) struct Shared {
     pub member_id: u64,
     /// Newest revision whose events have been published.
     pub rev: AtomicI64,
-    /// The index at the published revision (`rev` may be read ahead of this while the
-    /// syncer publishes; never behind it).
+    /// The index at the published revision (`rev` may lag it while the syncer
+    /// publishes; never run ahead of it).
     pub published: Mutex<Published>,
     pub compact_rev: AtomicI64,
     pub commits: broadcast::Sender<Commit>,
@@ -200,8 +200,8 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
 /// pause or `CHECKPOINT_COMMITS` have piled up. PASSIVE checkpoints take no lock that
 /// writers or readers wait for; once everything is copied and no reader needs the old
 /// frames, SQLite starts the WAL over at the next commit.
-fn checkpointer(path: PathBuf, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
-    let conn = match Connection::open(&path) {
+fn checkpointer(shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    let conn = match Connection::open(&shared.path) {
         Ok(conn) => conn,
         Err(err) => {
             tracing::warn!(error = %err, "datastore: no checkpointer connection");
@@ -390,11 +390,10 @@ impl Store {
             .map_err(DatastoreError::Thread)?;
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
         let stop = stop_checkpoints.clone();
-        let db = path.to_path_buf();
         let checkpoint_shared = shared.clone();
         let checkpoints = std::thread::Builder::new()
             .name("datastore-checkpoint".into())
-            .spawn(move || checkpointer(db, checkpoint_shared, stop))
+            .spawn(move || checkpointer(checkpoint_shared, stop))
             .map_err(DatastoreError::Thread)?;
         Ok(Store {
             shared,
@@ -446,7 +445,7 @@ impl Store {
         self.read_conn(true, |conn| {
             // The compacted revision comes from the snapshot that history rows are read
             // from, so a compaction never removes rows a read was allowed to need.
-            let (_, compact_rev) = mvcc::read_meta(conn)?;
+            let compact_rev = mvcc::read_compact_rev(conn)?;
             f(&View {
                 conn,
                 index: &published.index,
@@ -458,10 +457,7 @@ impl Store {
 
     /// The newest durable revision and its index, a snapshot that never changes.
     pub(crate) fn published(&self) -> Published {
-        match self.shared.published.lock() {
-            Ok(published) => published.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        lock_published(&self.shared).clone()
     }
 
     /// Like `read`, without an enclosing transaction (for statements such as
@@ -576,6 +572,15 @@ impl Store {
     }
 }
 
+/// The published state; a panic elsewhere while it was held cannot leave it half
+/// written (it is replaced whole), so a poisoned lock is used as it is.
+fn lock_published(shared: &Shared) -> std::sync::MutexGuard<'_, Published> {
+    match shared.published.lock() {
+        Ok(published) => published,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 fn load_leases(conn: &Connection) -> rusqlite::Result<HashMap<i64, i64>> {
     let mut stmt = conn.prepare("SELECT id, ttl FROM lease")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -625,18 +630,24 @@ pub(crate) fn copy_into(conn: &Connection, dest: &Path) -> rusqlite::Result<()> 
 }
 
 /// Events with revisions in `[from, to]`, ordered; used to replay history to a watch.
+/// With `prev_from`, the events of every revision whose previous one is at or after it
+/// (not compacted) carry the key's version before them, as etcd's prev_kv does.
 pub(crate) fn events_between(
     conn: &Connection,
     from: i64,
     to: i64,
+    prev_from: Option<i64>,
 ) -> rusqlite::Result<Vec<RevEvents>> {
     use super::proto::mvccpb::{KeyValue, event};
     let mut stmt = conn.prepare_cached(
-        "SELECT key, create_rev, rev, version, value, lease FROM kv \
+        "SELECT key, create_rev, rev, version, value, lease, prev_rev, prev_sub FROM kv \
          WHERE rev >= ?1 AND rev <= ?2 ORDER BY rev, sub",
     )?;
     let mut rows = stmt.query(params![from, to])?;
     let mut out: Vec<RevEvents> = Vec::new();
+    // where the first row of each key in the current revision points back to: the
+    // version before that revision, which every event of the key in it carries
+    let mut before: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
     while let Some(row) = rows.next()? {
         let kv = KeyValue {
             key: row.get(0)?,
@@ -647,6 +658,19 @@ pub(crate) fn events_between(
             lease: row.get(5)?,
         };
         let rev = kv.mod_revision;
+        if out.last().is_none_or(|last| last.rev != rev) {
+            before.clear();
+        }
+        let prev_at = *before
+            .entry(kv.key.clone())
+            .or_insert((row.get(6)?, row.get(7)?));
+        let prev_kv = match prev_from {
+            // a put's first version has nothing before it
+            Some(since) if rev > since && kv.version != 1 => {
+                mvcc::history_row(conn, prev_at.0, prev_at.1)?
+            }
+            _ => None,
+        };
         let ev = if kv.version == 0 {
             Event {
                 r#type: event::EventType::Delete as i32,
@@ -655,13 +679,13 @@ pub(crate) fn events_between(
                     mod_revision: rev,
                     ..Default::default()
                 }),
-                prev_kv: None,
+                prev_kv,
             }
         } else {
             Event {
                 r#type: event::EventType::Put as i32,
                 kv: Some(kv),
-                prev_kv: None,
+                prev_kv,
             }
         };
         match out.last_mut() {
@@ -677,10 +701,8 @@ pub(crate) fn events_between(
 
 /// A committed batch waiting for the WAL to reach the disk.
 struct Durable {
-    /// The revision after the batch.
-    rev: i64,
-    /// Every key at `rev`.
-    index: Index,
+    /// The revision after the batch and every key at it.
+    published: Published,
     commit: Option<Commit>,
     replies: Vec<Done>,
 }
@@ -759,19 +781,13 @@ fn syncer(
             }),
         };
         if synced.is_ok()
-            && let Some(newest) = pending.iter().max_by_key(|batch| batch.rev)
+            && let Some(newest) = pending.iter().map(|b| &b.published).max_by_key(|p| p.rev)
         {
             // Readers see the batches before their writers and watchers hear of them,
             // so whoever learns of a revision can read it.
-            let mut published = match shared.published.lock() {
-                Ok(published) => published,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut published = lock_published(&shared);
             if newest.rev >= published.rev {
-                *published = Published {
-                    rev: newest.rev,
-                    index: newest.index.clone(),
-                };
+                *published = newest.clone();
             }
         }
         let answered = pending.len();
@@ -781,7 +797,7 @@ fn syncer(
                     if let Some(commit) = batch.commit {
                         let _ = shared.commits.send(commit);
                     }
-                    shared.rev.fetch_max(batch.rev, Ordering::SeqCst);
+                    shared.rev.fetch_max(batch.published.rev, Ordering::SeqCst);
                     for d in batch.replies {
                         if let Some(reply) = d.reply {
                             let _ = reply.send(d.result);
@@ -970,8 +986,10 @@ impl Writer {
         if let Some((durable, _)) = &self.syncer {
             self.handoff.in_flight.fetch_add(1, Ordering::SeqCst);
             let _ = durable.send(Durable {
-                rev: self.rev,
-                index: self.index.clone(),
+                published: Published {
+                    rev: self.rev,
+                    index: self.index.clone(),
+                },
                 commit,
                 replies,
             });

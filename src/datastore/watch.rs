@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::error::ApiError;
-use super::mvcc::{self, KeyRange};
+use super::mvcc::KeyRange;
 use super::proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request, watch_request,
 };
@@ -306,10 +306,8 @@ impl WatchStream {
                         return Ok(Replay::Compacted(compact));
                     }
                     let to = rev.min(from.saturating_add(REPLAY_REVS - 1));
-                    let mut revs = store::events_between(view.conn, from, to)?;
-                    if want_prev {
-                        add_prev_kvs(view.conn, &mut revs, compact)?;
-                    }
+                    let prev_from = want_prev.then_some(compact);
+                    let revs = store::events_between(view.conn, from, to, prev_from)?;
                     Ok(Replay::Events { revs, to, rev })
                 })
                 .await?;
@@ -388,26 +386,4 @@ enum Replay {
         to: i64,
         rev: i64,
     },
-}
-
-/// etcd reads a replayed event's previous version at `mod_revision - 1`; none for
-/// creations or when that revision is compacted.
-fn add_prev_kvs(
-    conn: &rusqlite::Connection,
-    revs: &mut [RevEvents],
-    compact: i64,
-) -> Result<(), ApiError> {
-    for r in revs.iter_mut() {
-        if r.rev - 1 < compact {
-            continue;
-        }
-        for ev in &mut r.events {
-            let Some(kv) = &ev.kv else { continue };
-            if ev.r#type == event::EventType::Put as i32 && kv.version == 1 {
-                continue;
-            }
-            ev.prev_kv = mvcc::prev_version(conn, &kv.key, r.rev)?;
-        }
-    }
-    Ok(())
 }
