@@ -1403,6 +1403,21 @@ mod tests {
     use super::*;
     use crate::datastore::proto::etcdserverpb::{RangeRequest, RangeResponse};
 
+    /// A new store in a temporary directory (removed when the first value drops).
+    fn temp_store() -> (tempfile::TempDir, PathBuf, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        (dir, path, store)
+    }
+
+    fn delete(key: impl Into<Vec<u8>>) -> WriteOp {
+        WriteOp::Delete(DeleteRangeRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+    }
+
     fn put(key: &str, value: &str) -> WriteOp {
         WriteOp::Put(PutRequest {
             key: key.into(),
@@ -1457,21 +1472,14 @@ mod tests {
     /// a newer value nor a deleted key's absence shows.
     #[tokio::test]
     async fn a_reader_sees_its_published_revision_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (_dir, _, store) = temp_store();
         store.write(put("a", "old")).await.unwrap();
         store.write(put("b", "kept")).await.unwrap();
         let visible = store.current_rev();
         let published = store.published();
         assert_eq!(published.rev, visible);
         store.write(put("a", "unsynced")).await.unwrap();
-        store
-            .write(WriteOp::Delete(DeleteRangeRequest {
-                key: b"b".to_vec(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
+        store.write(delete(b"b".to_vec())).await.unwrap();
         let resp = range_as(&store, Some(published), all_keys()).unwrap();
         let seen: Vec<(&[u8], &[u8])> = resp
             .kvs
@@ -1636,9 +1644,7 @@ mod tests {
     /// updates, deletes, a lease revoke and a compaction that removed tombstones.
     #[tokio::test]
     async fn the_index_replayed_at_open_is_the_one_the_writer_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let store = Store::open(&path).unwrap();
+        let (_dir, path, store) = temp_store();
         store
             .write(WriteOp::LeaseGrant { id: 9, ttl: 600 })
             .await
@@ -1648,10 +1654,7 @@ mod tests {
             store.write(put(&key, &format!("v{i}"))).await.unwrap();
             if i % 5 == 0 {
                 store
-                    .write(WriteOp::Delete(DeleteRangeRequest {
-                        key: format!("k{:02}", i % 7).into_bytes(),
-                        ..Default::default()
-                    }))
+                    .write(delete(format!("k{:02}", i % 7).into_bytes()))
                     .await
                     .unwrap();
             }
@@ -1702,9 +1705,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_pause_in_writes_gets_the_wal_copied_into_the_database_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let store = Arc::new(Store::open(&path).unwrap());
+        let (_dir, path, store) = temp_store();
+        let store = Arc::new(store);
         store.write(put("k", "in the wal")).await.unwrap();
         // The database file alone, as a reader that ignores the WAL sees it.
         let in_file = || {
@@ -1732,17 +1734,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_revision_survives_a_restart_after_compaction_removed_every_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let store = Arc::new(Store::open(&path).unwrap());
+        let (_dir, path, store) = temp_store();
+        let store = Arc::new(store);
         store.write(put("k", "v")).await.unwrap(); // rev 2
-        store
-            .write(WriteOp::Delete(DeleteRangeRequest {
-                key: b"k".to_vec(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap(); // rev 3
+        store.write(delete(b"k".to_vec())).await.unwrap(); // rev 3
         store
             .write(WriteOp::Compact {
                 revision: 3,
@@ -1767,17 +1762,11 @@ mod tests {
 
     #[tokio::test]
     async fn compaction_keeps_exactly_what_later_revisions_see() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("s.db")).unwrap());
+        let (_dir, _, store) = temp_store();
+        let store = Arc::new(store);
         store.write(put("k", "v1")).await.unwrap(); // rev 2
         store.write(put("k", "v2")).await.unwrap(); // rev 3
-        store
-            .write(WriteOp::Delete(DeleteRangeRequest {
-                key: b"k".to_vec(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap(); // rev 4
+        store.write(delete(b"k".to_vec())).await.unwrap(); // rev 4
         store.write(put("j", "x")).await.unwrap(); // rev 5
         store.write(put("j", "y")).await.unwrap(); // rev 6
         store
@@ -1813,9 +1802,7 @@ mod tests {
 
     #[tokio::test]
     async fn leases_survive_restart_and_revoke_deletes_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let store = Store::open(&path).unwrap();
+        let (_dir, path, store) = temp_store();
         let granted = store
             .write(WriteOp::LeaseGrant { id: 42, ttl: 60 })
             .await
@@ -1856,9 +1843,7 @@ mod tests {
     #[tokio::test]
     async fn wal_keeps_its_inode_across_checkpoints_and_sync_failure_stops_writes() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let store = Store::open(&path).unwrap();
+        let (_dir, path, store) = temp_store();
         store.write(put("a", "1")).await.unwrap();
         let wal = WalFile::new(&path).path;
         let inode = std::fs::metadata(&wal).unwrap().ino();
