@@ -308,17 +308,11 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
         config.network.cluster_domain.clone(),
     );
     vars.insert("SANDBOX_IMAGE".into(), config.runtime.sandbox_image.clone());
-    let (datastore, servers) = match config.datastore {
-        DatastoreKind::Etcd => (
-            "etcd",
-            format!("https://127.0.0.1:{}", config.etcd.client_port),
-        ),
-        DatastoreKind::Embedded => (
-            "embedded",
-            format!("unix://{}", data.datastore_socket().display()),
-        ),
+    let servers = match config.datastore {
+        DatastoreKind::Etcd => format!("https://127.0.0.1:{}", config.etcd.client_port),
+        DatastoreKind::Embedded => format!("unix://{}", data.datastore_socket().display()),
     };
-    vars.insert("DATASTORE".into(), datastore.into());
+    vars.insert("DATASTORE".into(), config.datastore.as_str().into());
     vars.insert("ETCD_SERVERS".into(), servers);
     vars
 }
