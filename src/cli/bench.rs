@@ -68,8 +68,12 @@ pub struct DatastoreArgs {
     /// benchmark writes lives under /kdist-bench/ and is deleted afterwards.
     #[arg(long, num_args = 1.., required = true, value_name = "URL")]
     pub endpoints: Vec<String>,
+    /// Concurrent writers in the put phase.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
+    /// Connections the writers share, as etcd's `benchmark --conns` (at most --clients).
+    #[arg(long, default_value_t = 16)]
+    pub conns: usize,
     /// Seconds of the put phase.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
@@ -539,6 +543,7 @@ struct Named {
 async fn datastore(args: DatastoreArgs) -> anyhow::Result<ExitCode> {
     let opts = BenchOptions {
         clients: args.clients.max(1),
+        conns: args.conns.max(1),
         put_duration: Duration::from_secs(args.seconds.max(1)),
         value_size: args.value_size,
         range_keys: args.range_keys.max(1),
@@ -558,7 +563,7 @@ async fn datastore(args: DatastoreArgs) -> anyhow::Result<ExitCode> {
     for round in 1..=rounds {
         for (i, (name, url)) in endpoints.iter().enumerate() {
             eprintln!("round {round}/{rounds}: benchmarking {name} ({url}) ...");
-            runs[i].push(bench::run(url, &opts).await?);
+            runs[i].push(bench::run_on_own_thread(url.clone(), opts.clone()).await?);
         }
     }
     let results: Vec<Named> = endpoints
