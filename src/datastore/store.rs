@@ -317,48 +317,12 @@ impl Store {
                 .map_err(sqlite(path))?;
         }
         upgrade(&conn).map_err(sqlite(path))?;
-        let (cluster_id, member_id, rev, compact_rev, compact_done): (i64, i64, i64, i64, i64) =
-            conn.query_row(
-                concat!(
-                    "SELECT cluster_id, member_id, ",
-                    mvcc::rev_sql!(),
-                    ", compact_rev, compact_done FROM meta"
-                ),
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .map_err(sqlite(path))?;
-        let leases = load_leases(&conn).map_err(sqlite(path))?;
-        let index = Index::load(&conn).map_err(sqlite(path))?;
-        // Like etcd after a restart, every lease gets its full TTL again.
-        let now = Instant::now();
-        let lessor: HashMap<i64, LeaseEntry> = leases
-            .iter()
-            .map(|(&id, &ttl)| {
-                let expiry = now + Duration::from_secs(ttl.max(0) as u64);
-                (id, LeaseEntry { ttl, expiry })
-            })
-            .collect();
-        let (commits, _) = broadcast::channel(4096);
-        let shared = Arc::new(Shared {
-            path: path.to_path_buf(),
-            cluster_id: cluster_id as u64,
-            member_id: member_id as u64,
-            rev: AtomicI64::new(rev),
-            published: Mutex::new(Published {
-                rev,
-                index: index.clone(),
-            }),
-            compact_rev: AtomicI64::new(compact_rev),
-            commits,
-            leases: Mutex::new(lessor),
-            sync_failed: OnceLock::new(),
-            wal_commits: AtomicU64::new(0),
-        });
+        let mut writer = Writer::load(conn, path).map_err(sqlite(path))?;
+        let shared = writer.shared.clone();
         let (durable, to_sync) = mpsc::channel();
         let (jobs, rx) = mpsc::channel();
         let wal = WalFile::new(path);
-        let handoff = Arc::new(Handoff::default());
+        let handoff = writer.handoff.clone();
         let syncer = {
             let (shared, handoff, wake) = (shared.clone(), handoff.clone(), jobs.clone());
             std::thread::Builder::new()
@@ -366,24 +330,7 @@ impl Store {
                 .spawn(move || syncer(wal, shared, to_sync, handoff, wake))
                 .map_err(DatastoreError::Thread)?
         };
-        let mut writer = Writer {
-            conn,
-            shared: shared.clone(),
-            index,
-            rev,
-            compact_rev,
-            leases,
-            compaction: (compact_done < compact_rev).then(|| Compaction {
-                rev: compact_rev,
-                cursor: (compact_done, i64::MAX),
-                waiters: Vec::new(),
-            }),
-            compact_retry: Instant::now(),
-            compact_done,
-            next_lease: 0,
-            handoff,
-            syncer: Some((durable, syncer)),
-        };
+        writer.syncer = Some((durable, syncer));
         let handle = std::thread::Builder::new()
             .name("datastore-writer".into())
             .spawn(move || writer.run(rx))
@@ -874,6 +821,10 @@ struct Done {
 struct Batch {
     start_rev: i64,
     start_compact: i64,
+    /// The compaction task when the batch began (revision and cursor) and how many
+    /// waiters it had: a failed batch puts it back (see `restore_compaction`).
+    start_compaction: Option<(i64, (i64, i64))>,
+    start_waiters: usize,
     start_leases: HashMap<i64, i64>,
     start_index: Index,
     done: Vec<Done>,
@@ -883,6 +834,67 @@ struct Batch {
 }
 
 impl Writer {
+    /// The writer's state for the store at `path`, read from `conn` (schema current):
+    /// the revision, the leases and every current key, with `Shared` for the other
+    /// threads. It has no syncer yet (see `Store::open`).
+    fn load(conn: Connection, path: &Path) -> rusqlite::Result<Writer> {
+        let (cluster_id, member_id, rev, compact_rev, compact_done): (i64, i64, i64, i64, i64) =
+            conn.query_row(
+                concat!(
+                    "SELECT cluster_id, member_id, ",
+                    mvcc::rev_sql!(),
+                    ", compact_rev, compact_done FROM meta"
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )?;
+        let leases = load_leases(&conn)?;
+        let index = Index::load(&conn)?;
+        // Like etcd after a restart, every lease gets its full TTL again.
+        let now = Instant::now();
+        let lessor: HashMap<i64, LeaseEntry> = leases
+            .iter()
+            .map(|(&id, &ttl)| {
+                let expiry = now + Duration::from_secs(ttl.max(0) as u64);
+                (id, LeaseEntry { ttl, expiry })
+            })
+            .collect();
+        let (commits, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            cluster_id: cluster_id as u64,
+            member_id: member_id as u64,
+            rev: AtomicI64::new(rev),
+            published: Mutex::new(Published {
+                rev,
+                index: index.clone(),
+            }),
+            compact_rev: AtomicI64::new(compact_rev),
+            commits,
+            leases: Mutex::new(lessor),
+            sync_failed: OnceLock::new(),
+            wal_commits: AtomicU64::new(0),
+        });
+        Ok(Writer {
+            conn,
+            shared,
+            index,
+            rev,
+            compact_rev,
+            leases,
+            compaction: (compact_done < compact_rev).then(|| Compaction {
+                rev: compact_rev,
+                cursor: (compact_done, i64::MAX),
+                waiters: Vec::new(),
+            }),
+            compact_retry: Instant::now(),
+            compact_done,
+            next_lease: 0,
+            handoff: Arc::new(Handoff::default()),
+            syncer: None,
+        })
+    }
+
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         let mut open: Option<Batch> = None;
         loop {
@@ -1008,6 +1020,11 @@ impl Writer {
         Ok(Batch {
             start_rev: self.rev,
             start_compact: self.compact_rev,
+            start_compaction: self.compaction.as_ref().map(|task| (task.rev, task.cursor)),
+            start_waiters: self
+                .compaction
+                .as_ref()
+                .map_or(0, |task| task.waiters.len()),
             start_leases: self.leases.clone(),
             start_index: self.index.clone(),
             done: Vec::new(),
@@ -1107,6 +1124,8 @@ impl Writer {
             self.rev = batch.start_rev;
             self.leases = batch.start_leases;
             self.index = batch.start_index;
+            self.compact_rev = batch.start_compact;
+            self.restore_compaction(batch.start_compaction, batch.start_waiters, &err);
             for d in batch.done {
                 if let Some(reply) = d.reply {
                     let _ = reply.send(Err(ApiError::Internal(err.to_string())));
@@ -1131,6 +1150,25 @@ impl Writer {
             .store(self.compact_rev, Ordering::SeqCst);
         let commit = (!batch.published.is_empty()).then(|| Arc::new(batch.published));
         self.after_sync(commit, batch.done);
+    }
+
+    /// Puts the compaction task back as it was when a failed batch began. Physical
+    /// compactions asked for in the batch wait in the task: they are answered with `err`.
+    fn restore_compaction(&mut self, start: Option<(i64, (i64, i64))>, kept: usize, err: &str) {
+        let mut waiters = self
+            .compaction
+            .take()
+            .map(|task| task.waiters)
+            .unwrap_or_default();
+        let kept = kept.min(waiters.len());
+        for (reply, _) in waiters.drain(kept..) {
+            let _ = reply.send(Err(ApiError::Internal(err.to_string())));
+        }
+        self.compaction = start.map(|(rev, cursor)| Compaction {
+            rev,
+            cursor,
+            waiters,
+        });
     }
 
     fn apply(
@@ -1838,6 +1876,71 @@ mod tests {
         assert_eq!(commit[0].events[0].kv.as_ref().unwrap().key, b"leased");
         assert!(store.lease_get(42).is_none());
         store.close();
+    }
+
+    /// One job through a writer driven by the test, in a batch of its own that fails
+    /// when `fail` says why.
+    fn job_in_batch(
+        writer: &mut Writer,
+        op: WriteOp,
+        fail: Option<&str>,
+    ) -> oneshot::Receiver<Result<WriteResult, ApiError>> {
+        let (reply, answer) = oneshot::channel();
+        let mut batch = writer.begin().unwrap();
+        writer.add(
+            &mut batch,
+            Job {
+                op,
+                reply: Some(reply),
+            },
+        );
+        batch.failed = fail.map(str::to_string);
+        writer.commit(batch);
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_takes_back_its_compaction() {
+        let (_dir, path, store) = temp_store();
+        for i in 0..6 {
+            store.write(put("k", &i.to_string())).await.unwrap();
+        }
+        store.close();
+        // The writer without its threads: each job is a batch, answered at commit.
+        let conn = Connection::open(&path).unwrap();
+        configure_writer(&conn).unwrap();
+        let mut writer = Writer::load(conn, &path).unwrap();
+        let compact = |revision, physical| WriteOp::Compact { revision, physical };
+
+        // A compaction that commits leaves a task to finish in steps.
+        job_in_batch(&mut writer, compact(3, false), None);
+        assert_eq!(writer.compact_rev, 3);
+        let task = writer.compaction.as_ref().map(|t| (t.rev, t.cursor));
+        assert_eq!(task.map(|t| t.0), Some(3));
+
+        // One in a batch that fails is taken back, in memory and in the file, and its
+        // caller hears the failure.
+        let mut answer = job_in_batch(&mut writer, compact(5, true), Some("disk full"));
+        assert_eq!(writer.compact_rev, 3);
+        assert_eq!(writer.compaction.as_ref().map(|t| (t.rev, t.cursor)), task);
+        assert!(
+            writer
+                .compaction
+                .as_ref()
+                .is_some_and(|t| t.waiters.is_empty())
+        );
+        match answer.try_recv() {
+            Ok(Err(ApiError::Internal(reason))) => {
+                assert!(reason.contains("disk full"), "{reason}")
+            }
+            other => panic!("the failed compaction was answered with {other:?}"),
+        }
+        assert_eq!(mvcc::read_compact_rev(&writer.conn).unwrap(), 3);
+
+        // The revisions it would have removed are still there to compact to later.
+        job_in_batch(&mut writer, compact(4, false), None);
+        assert_eq!(writer.compact_rev, 4);
+        assert_eq!(mvcc::read_compact_rev(&writer.conn).unwrap(), 4);
     }
 
     #[tokio::test]
