@@ -563,7 +563,7 @@ async fn datastore(args: DatastoreArgs) -> anyhow::Result<ExitCode> {
     for round in 1..=rounds {
         for (i, (name, url)) in endpoints.iter().enumerate() {
             eprintln!("round {round}/{rounds}: benchmarking {name} ({url}) ...");
-            runs[i].push(bench::run_on_own_thread(url.clone(), opts.clone()).await?);
+            runs[i].push(bench::run(url, &opts).await?);
         }
     }
     let results: Vec<Named> = endpoints

@@ -88,31 +88,6 @@ fn rpc(endpoint: &str) -> impl Fn(tonic::Status) -> DatastoreError + '_ {
     }
 }
 
-/// Runs [`run`] on a single-threaded runtime of its own. The client shares the
-/// machine's cores with the server it measures, so what it costs comes out of the
-/// server's share. A multi-threaded client costs more per request (tasks stolen between
-/// workers, wake-ups across threads): measured here, 93-106 us of CPU a put against
-/// etcd and 51-54 us against kdist, where the multi-threaded one took 120 and 66-76.
-pub async fn run_on_own_thread(
-    endpoint: String,
-    opts: BenchOptions,
-) -> Result<BenchResult, DatastoreError> {
-    let failed = |endpoint: &str, reason: String| DatastoreError::Bench {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    let ep = endpoint.clone();
-    tokio::task::spawn_blocking(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| failed(&ep, format!("no runtime for the client: {e}")))?
-            .block_on(run(&ep, &opts))
-    })
-    .await
-    .map_err(|e| failed(&endpoint, e.to_string()))?
-}
-
 /// Runs the whole workload against `endpoint`. Keys live under `/kdist-bench/`, which
 /// is deleted before and after.
 pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, DatastoreError> {
