@@ -13,7 +13,7 @@
 //! the writer rolls a failed job back by putting its clone from before the job back.
 
 use bytes::Bytes;
-use imbl::OrdMap;
+use imbl::{HashMap, OrdMap, OrdSet};
 use rusqlite::Connection;
 use std::collections::HashSet;
 use std::ops::Bound;
@@ -61,6 +61,9 @@ impl Entry {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Index {
     map: OrdMap<Bytes, Entry>,
+    /// The keys attached to each lease (never lease 0), kept with `map` so a lease's
+    /// revoke or TimeToLive reads its own keys instead of every key.
+    leased: HashMap<i64, OrdSet<Bytes>>,
 }
 
 impl Index {
@@ -90,7 +93,7 @@ impl Index {
                 value: Bytes::copy_from_slice(row.get_ref(5)?.as_blob()?),
                 lease: row.get(6)?,
             };
-            index.map.insert(key, entry);
+            index.insert_key(key, entry);
         }
         Ok(index)
     }
@@ -104,11 +107,39 @@ impl Index {
     }
 
     pub(crate) fn insert(&mut self, key: &[u8], entry: Entry) {
-        self.map.insert(Bytes::copy_from_slice(key), entry);
+        self.insert_key(Bytes::copy_from_slice(key), entry);
+    }
+
+    fn insert_key(&mut self, key: Bytes, entry: Entry) {
+        let lease = entry.lease;
+        let old = self
+            .map
+            .insert(key.clone(), entry)
+            .map_or(0, |old| old.lease);
+        if old != lease {
+            self.detach(old, &key);
+            if lease != 0 {
+                self.leased.entry(lease).or_default().insert(key);
+            }
+        }
     }
 
     pub(crate) fn remove(&mut self, key: &[u8]) {
-        self.map.remove(key);
+        if let Some(old) = self.map.remove(key) {
+            self.detach(old.lease, key);
+        }
+    }
+
+    fn detach(&mut self, lease: i64, key: &[u8]) {
+        if lease == 0 {
+            return;
+        }
+        if let Some(keys) = self.leased.get_mut(&lease) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.leased.remove(&lease);
+            }
+        }
     }
 
     /// The entries of `range`, in key order.
@@ -147,9 +178,11 @@ impl Index {
 
     /// The entries attached to `lease`, in key order.
     pub(crate) fn with_lease(&self, lease: i64) -> impl Iterator<Item = (&Bytes, &Entry)> {
-        self.map
-            .iter()
-            .filter(move |(_, entry)| entry.lease == lease)
+        self.leased
+            .get(&lease)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .filter_map(|key| self.map.get_key_value(key))
     }
 }
 
@@ -193,6 +226,49 @@ mod tests {
         assert!(keys(KeyRange::new(b"c", b"a"), -1).is_empty());
         assert_eq!(index.count(&KeyRange::new(b"\0", b"\0")), 4);
         assert_eq!(index.select(&KeyRange::new(b"b", b""), -1)[0].value, b"v4");
+    }
+
+    fn leased(index: &Index, lease: i64) -> Vec<&[u8]> {
+        index
+            .with_lease(lease)
+            .map(|(key, _)| key.as_ref())
+            .collect()
+    }
+
+    #[test]
+    fn each_lease_lists_exactly_its_keys_in_key_order() {
+        let mut index = Index::default();
+        let attached = |key: &str, rev, lease| {
+            Entry::of(
+                &KeyValue {
+                    lease,
+                    ..kv(key, rev)
+                },
+                0,
+            )
+        };
+        for (key, lease) in [("c", 7), ("a", 7), ("b", 8), ("d", 0)] {
+            index.insert(key.as_bytes(), attached(key, 2, lease));
+        }
+        assert_eq!(leased(&index, 7), [b"a".as_ref(), b"c"]);
+        assert_eq!(leased(&index, 8), [b"b".as_ref()]);
+        assert!(leased(&index, 0).is_empty());
+        let before = index.clone();
+
+        // a put moves its key to the lease it names (or to none), a delete detaches it
+        index.insert(b"c", attached("c", 3, 8));
+        index.insert(b"b", attached("b", 3, 0));
+        index.insert(b"d", attached("d", 3, 7));
+        index.remove(b"a");
+        assert_eq!(leased(&index, 7), [b"d".as_ref()]);
+        assert_eq!(leased(&index, 8), [b"c".as_ref()]);
+        index.remove(b"c");
+        assert!(leased(&index, 8).is_empty());
+        assert!(!index.leased.contains_key(&8), "an empty set is dropped");
+
+        // the clone taken before still has its own lists
+        assert_eq!(leased(&before, 7), [b"a".as_ref(), b"c"]);
+        assert_eq!(leased(&before, 8), [b"b".as_ref()]);
     }
 
     #[test]
