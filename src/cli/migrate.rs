@@ -7,27 +7,17 @@ use super::Output;
 use crate::config::{DataDir, DatastoreKind};
 use crate::supervisor::Client;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Etcd,
-    Embedded,
-}
-
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// The datastore to move to.
     #[arg(long, value_enum)]
-    pub to: Backend,
+    pub to: DatastoreKind,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
 pub async fn run(args: MigrateArgs, data: DataDir) -> anyhow::Result<ExitCode> {
-    let to = match args.to {
-        Backend::Etcd => DatastoreKind::Etcd,
-        Backend::Embedded => DatastoreKind::Embedded,
-    };
-    let report = Client::new(&data).migrate(to).await?;
+    let report = Client::new(&data).migrate(args.to).await?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),

@@ -151,7 +151,7 @@ impl DataDir {
 }
 
 /// Which datastore backs the apiserver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DatastoreKind {
     /// A real etcd child process.
