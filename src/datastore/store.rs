@@ -1464,6 +1464,11 @@ mod tests {
         })
     }
 
+    /// A compaction to `revision`; `physical` ones are answered once the rows are gone.
+    fn compact(revision: i64, physical: bool) -> WriteOp {
+        WriteOp::Compact { revision, physical }
+    }
+
     /// `req` through the read path, as a reader that took `published` (None: the
     /// store's current one) answers it.
     fn range_as(
@@ -1614,13 +1619,7 @@ mod tests {
             .read_blocking(|view| Ok(mvcc::prev_version(view.conn, b"c", 8)?))
             .unwrap();
         assert_eq!(prev.unwrap().value, b"c2");
-        store
-            .write(WriteOp::Compact {
-                revision: 7,
-                physical: true,
-            })
-            .await
-            .unwrap();
+        store.write(compact(7, true)).await.unwrap();
         assert_eq!(
             rows(&store),
             vec![(b"a".to_vec(), 7), (b"c".to_vec(), 7), (b"c".to_vec(), 8)]
@@ -1715,13 +1714,7 @@ mod tests {
             .await
             .unwrap();
         let compact_at = store.current_rev() - 3;
-        store
-            .write(WriteOp::Compact {
-                revision: compact_at,
-                physical: true,
-            })
-            .await
-            .unwrap();
+        store.write(compact(compact_at, true)).await.unwrap();
         let before = store.published();
         let kept: Vec<_> = before.index.select(&mvcc::KeyRange::From(Vec::new()), -1);
         assert!(kept.iter().all(|kv| !kv.key.starts_with(b"l")));
@@ -1776,13 +1769,7 @@ mod tests {
         let store = Arc::new(store);
         store.write(put("k", "v")).await.unwrap(); // rev 2
         store.write(delete(b"k".to_vec())).await.unwrap(); // rev 3
-        store
-            .write(WriteOp::Compact {
-                revision: 3,
-                physical: true,
-            })
-            .await
-            .unwrap();
+        store.write(compact(3, true)).await.unwrap();
         assert_eq!(rows(&store), vec![]);
         store.close();
         let store = Arc::new(Store::open(&path).unwrap());
@@ -1807,13 +1794,7 @@ mod tests {
         store.write(delete(b"k".to_vec())).await.unwrap(); // rev 4
         store.write(put("j", "x")).await.unwrap(); // rev 5
         store.write(put("j", "y")).await.unwrap(); // rev 6
-        store
-            .write(WriteOp::Compact {
-                revision: 5,
-                physical: true,
-            })
-            .await
-            .unwrap();
+        store.write(compact(5, true)).await.unwrap();
         // k's versions and its tombstone are gone; j keeps the version rev 5 sees.
         assert_eq!(rows(&store), vec![(b"j".to_vec(), 5), (b"j".to_vec(), 6)]);
         let at = |rev: i64| {
@@ -1827,12 +1808,7 @@ mod tests {
         assert_eq!(at(5).unwrap().kvs[0].value, b"x");
         assert!(matches!(at(4), Err(ApiError::Compacted)));
         assert!(matches!(
-            store
-                .write(WriteOp::Compact {
-                    revision: 5,
-                    physical: false
-                })
-                .await,
+            store.write(compact(5, false)).await,
             Err(ApiError::Compacted)
         ));
         store.close();
@@ -1910,7 +1886,6 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         configure_writer(&conn).unwrap();
         let mut writer = Writer::load(conn, &path).unwrap();
-        let compact = |revision, physical| WriteOp::Compact { revision, physical };
 
         // A compaction that commits leaves a task to finish in steps.
         job_in_batch(&mut writer, compact(3, false), None);
