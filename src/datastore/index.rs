@@ -67,37 +67,39 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    /// The keys at the newest revision of `conn`'s history: each key's newest row, read
-    /// newest first, unless it is a tombstone. Compaction keeps each key's newest row at
-    /// or below the compacted revision unless it is a tombstone, so what it removed never
-    /// changes the outcome.
+    /// The keys at the newest revision of `conn`'s history (see `each_current`).
     pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Index> {
         let mut index = Index::default();
-        let mut seen: HashSet<Bytes> = HashSet::new();
-        let mut stmt = conn.prepare(
-            "SELECT key, rev, sub, create_rev, version, value, lease FROM kv \
-             ORDER BY rev DESC, sub DESC",
+        each_current(
+            conn,
+            "rev, sub, create_rev, value, lease",
+            |key, version, row| {
+                let entry = Entry {
+                    mod_rev: row.get(2)?,
+                    mod_sub: row.get(3)?,
+                    create_rev: row.get(4)?,
+                    version,
+                    value: Bytes::copy_from_slice(row.get_ref(5)?.as_blob()?),
+                    lease: row.get(6)?,
+                };
+                index.insert_key(Bytes::copy_from_slice(key), entry);
+                Ok(())
+            },
         )?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let key = Bytes::copy_from_slice(row.get_ref(0)?.as_blob()?);
-            let version: i64 = row.get(4)?;
-            if !seen.insert(key.clone()) || version == 0 {
-                continue;
-            }
-            let entry = Entry {
-                mod_rev: row.get(1)?,
-                mod_sub: row.get(2)?,
-                create_rev: row.get(3)?,
-                version,
-                value: Bytes::copy_from_slice(row.get_ref(5)?.as_blob()?),
-                lease: row.get(6)?,
-            };
-            index.insert_key(key, entry);
-        }
         Ok(index)
     }
 
+    /// How many keys `load` would find, without reading their values.
+    pub(crate) fn count_stored(conn: &Connection) -> rusqlite::Result<i64> {
+        let mut keys = 0;
+        each_current(conn, "", |_, _, _| {
+            keys += 1;
+            Ok(())
+        })?;
+        Ok(keys)
+    }
+
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
@@ -184,6 +186,36 @@ impl Index {
             .flat_map(|keys| keys.iter())
             .filter_map(|key| self.map.get_key_value(key))
     }
+}
+
+/// Calls `f` with every current key of `conn`'s history: each key's newest row, read
+/// newest first, unless it is a tombstone. The row holds `key, version` and then the
+/// `extra` columns (from index 2). Compaction keeps each key's newest row at or below
+/// the compacted revision unless it is a tombstone, so what it removed never changes
+/// the outcome.
+fn each_current(
+    conn: &Connection,
+    extra: &str,
+    mut f: impl FnMut(&[u8], i64, &rusqlite::Row) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let sep = if extra.is_empty() { "" } else { ", " };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT key, version{sep}{extra} FROM kv ORDER BY rev DESC, sub DESC"
+    ))?;
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let key = row.get_ref(0)?.as_blob()?;
+        if seen.contains(key) {
+            continue;
+        }
+        seen.insert(key.to_vec());
+        let version: i64 = row.get(1)?;
+        if version != 0 {
+            f(key, version, row)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ pub fn local_status(path: &Path) -> Result<LocalStatus, DatastoreError> {
     let conn = open_read_only(path)?;
     let err = sqlite_err(path);
     let (rev, compact) = mvcc::read_meta(&conn).map_err(&err)?;
-    let keys = super::index::Index::load(&conn).map_err(&err)?.len() as i64;
+    let keys = super::index::Index::count_stored(&conn).map_err(&err)?;
     let leases: i64 = conn
         .query_row("SELECT count(*) FROM lease", [], |r| r.get(0))
         .map_err(&err)?;

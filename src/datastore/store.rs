@@ -1732,6 +1732,9 @@ mod tests {
             assert_eq!(a.map(|e| e.mod_sub), b.map(|e| e.mod_sub));
         }
         store.close();
+        // `datastore status` counts the same keys without loading them
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(Index::count_stored(&conn).unwrap(), kept.len() as i64);
     }
 
     #[tokio::test]
