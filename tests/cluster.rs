@@ -1072,6 +1072,34 @@ fn worker_registers_and_becomes_ready() {
         "10.203.0.2"
     );
 
+    // `bench node` on the worker measures from its start to its Node Ready (read with
+    // the kubelet's credentials: a worker has no apiserver), and leaves it running
+    worker.ok(&["stop"]);
+    let bench: serde_json::Value = serde_json::from_str(&worker.ok(&[
+        "bench",
+        "node",
+        "--seconds",
+        "5",
+        "--timeout",
+        "240",
+        "--keep-running",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let run = &bench[0];
+    assert!(run["apiserver_ready_secs"].is_null(), "{run:#}");
+    assert!(
+        run["node_ready_secs"].as_f64().is_some_and(|s| s > 0.0),
+        "{run:#}"
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(120), Duration::from_secs(2), || {
+            node_field("w1", ready) == "True"
+        }),
+        "w1 not Ready after bench node"
+    );
+
     // the egress guard and kube-proxy's rules live in the worker's own namespace
     let chain = common::egress_chain(&worker.node.root);
     let guard = worker.inside("iptables", &["-w", "5", "-t", "mangle", "-S", &chain]);

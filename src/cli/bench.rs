@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
-use crate::config::{DataDir, NodeConfig};
+use crate::config::{DataDir, NodeConfig, Role};
 use crate::datastore::bench::{self, BenchOptions, BenchResult};
 use crate::node::ProcessUsage;
 use crate::supervisor::{Client, SupervisorError};
@@ -276,15 +276,20 @@ async fn node_run(
         config_text = c.display().to_string();
         start_args.extend(["--config", &config_text]);
     }
-    // the node name comes from the config this run installs, when it names one
-    let node_name = match config {
+    // the node's name and role come from the config this run installs, when it has one
+    let node_config = match config {
         Some(file) => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            NodeConfig::parse(&text, file)?.node_name()
+            NodeConfig::parse(&text, file)?
         }
-        None => NodeConfig::load(data)?.node_name(),
+        None => NodeConfig::load(data)?,
     };
+    let node_name = node_config.node_name();
+    // A worker has no apiserver of its own: its kubelet's credentials read its Node from
+    // the control plane's.
+    let worker = node_config.role == Role::Worker;
+    let kubeconfig = crate::node::rbac::node_kubeconfig(data, &node_config);
     let started = Instant::now();
     let start = kdist_command(data, &start_args)?
         .stdin(Stdio::null())
@@ -308,11 +313,10 @@ async fn node_run(
                 all_ready = Some(at);
             }
             let has_kubelet = report.services.iter().any(|s| s.name == "kubelet");
-            if apiserver.is_some() && has_kubelet && node_ready.is_none() {
-                let (d, n) = (data.clone(), node_name.clone());
+            if (apiserver.is_some() || worker) && has_kubelet && node_ready.is_none() {
+                let (d, n, k) = (data.clone(), node_name.clone(), kubeconfig.clone());
                 let ready = tokio::task::spawn_blocking(move || {
-                    let kubeconfig = crate::node::rbac::admin_kubeconfig(&d);
-                    crate::node::rbac::node_ready(&d, &kubeconfig, &n).unwrap_or(false)
+                    crate::node::rbac::node_ready(&d, &k, &n).unwrap_or(false)
                 })
                 .await?;
                 if ready {
@@ -389,7 +393,8 @@ async fn node_run(
             );
         }
     }
-    let targets_met = apiserver.is_some_and(|s| s <= TARGET_APISERVER_SECS)
+    // a worker runs no apiserver, so only its node and memory targets apply
+    let targets_met = (worker || apiserver.is_some_and(|s| s <= TARGET_APISERVER_SECS))
         && node_ready.is_some_and(|s| s <= TARGET_NODE_SECS)
         && total_rss <= TARGET_RSS_BYTES;
     Ok(NodeRun {
