@@ -172,8 +172,10 @@ impl DatastoreKind {
 
     /// Parses `as_str`'s names.
     pub fn parse(text: &str) -> Option<DatastoreKind> {
-        [DatastoreKind::Etcd, DatastoreKind::Embedded]
-            .into_iter()
+        use clap::ValueEnum;
+        Self::value_variants()
+            .iter()
+            .copied()
             .find(|kind| kind.as_str() == text)
     }
 

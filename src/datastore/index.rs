@@ -82,7 +82,7 @@ impl Index {
                     value: Bytes::copy_from_slice(row.get_ref(5)?.as_blob()?),
                     lease: row.get(6)?,
                 };
-                index.insert_key(Bytes::copy_from_slice(key), entry);
+                index.insert_key(key.clone(), entry);
                 Ok(())
             },
         )?;
@@ -196,23 +196,25 @@ impl Index {
 fn each_current(
     conn: &Connection,
     extra: &str,
-    mut f: impl FnMut(&[u8], i64, &rusqlite::Row) -> rusqlite::Result<()>,
+    mut f: impl FnMut(&Bytes, i64, &rusqlite::Row) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<()> {
     let sep = if extra.is_empty() { "" } else { ", " };
     let mut stmt = conn.prepare(&format!(
         "SELECT key, version{sep}{extra} FROM kv ORDER BY rev DESC, sub DESC"
     ))?;
-    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    // each key is copied once, shared by `seen` and what `f` keeps
+    let mut seen: HashSet<Bytes> = HashSet::new();
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let key = row.get_ref(0)?.as_blob()?;
         if seen.contains(key) {
             continue;
         }
-        seen.insert(key.to_vec());
+        let key = Bytes::copy_from_slice(key);
+        seen.insert(key.clone());
         let version: i64 = row.get(1)?;
         if version != 0 {
-            f(key, version, row)?;
+            f(&key, version, row)?;
         }
     }
     Ok(())

@@ -293,8 +293,8 @@ impl lease_server::Lease for Api {
         let keys = if req.keys {
             let id = req.id;
             let published = self.store.published();
-            let keys = published.index.with_lease(id).map(|(key, _)| key.to_vec());
-            keys.collect()
+            let keys = published.index.with_lease(id);
+            keys.map(|(key, _)| key.to_vec()).collect()
         } else {
             Vec::new()
         };

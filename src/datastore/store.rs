@@ -1464,6 +1464,22 @@ mod tests {
         })
     }
 
+    fn put_leased(key: &str, value: &str, lease: i64) -> WriteOp {
+        WriteOp::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease,
+            ..Default::default()
+        })
+    }
+
+    fn revoke(id: i64) -> WriteOp {
+        WriteOp::LeaseRevoke {
+            id,
+            only_if_expired: false,
+        }
+    }
+
     /// A compaction to `revision`; `physical` ones are answered once the rows are gone.
     fn compact(revision: i64, physical: bool) -> WriteOp {
         WriteOp::Compact { revision, physical }
@@ -1697,22 +1713,10 @@ mod tests {
             }
         }
         for key in ["l1", "l2"] {
-            let req = PutRequest {
-                key: key.into(),
-                value: b"leased".to_vec(),
-                lease: 9,
-                ..Default::default()
-            };
-            store.write(WriteOp::Put(req)).await.unwrap();
+            store.write(put_leased(key, "leased", 9)).await.unwrap();
         }
         store.write(put("m", "kept")).await.unwrap();
-        store
-            .write(WriteOp::LeaseRevoke {
-                id: 9,
-                only_if_expired: false,
-            })
-            .await
-            .unwrap();
+        store.write(revoke(9)).await.unwrap();
         let compact_at = store.current_rev() - 3;
         store.write(compact(compact_at, true)).await.unwrap();
         let before = store.published();
@@ -1832,25 +1836,12 @@ mod tests {
                 ..
             }
         ));
-        store
-            .write(WriteOp::Put(PutRequest {
-                key: b"leased".to_vec(),
-                lease: 42,
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
+        store.write(put_leased("leased", "", 42)).await.unwrap();
         store.close();
         let store = Store::open(&path).unwrap();
         assert_eq!(store.lease_get(42).map(|l| l.ttl), Some(60));
         let mut commits = store.shared.commits.subscribe();
-        store
-            .write(WriteOp::LeaseRevoke {
-                id: 42,
-                only_if_expired: false,
-            })
-            .await
-            .unwrap();
+        store.write(revoke(42)).await.unwrap();
         let commit = commits.recv().await.unwrap();
         assert_eq!(commit[0].events[0].kv.as_ref().unwrap().key, b"leased");
         assert!(store.lease_get(42).is_none());
