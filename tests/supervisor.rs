@@ -426,9 +426,23 @@ fn rss_file_kib(pid: i64) -> u64 {
 #[test]
 fn program_pages_of_a_ready_child_are_paged_out() {
     let node = Node::new("pageout");
+    // MADV_PAGEOUT leaves pages that another process maps too, and tests running beside
+    // this one start containerds of their own from /usr/bin/containerd: this node's
+    // containerd runs from a private, synced copy among the node's components.
+    let bin = node.data().components_dir().join("current/bin");
+    std::fs::create_dir_all(&bin).expect("components bin dir");
+    let copy = bin.join("containerd");
+    std::fs::copy("/usr/bin/containerd", &copy).expect("copy containerd");
+    std::fs::File::open(&copy)
+        .and_then(|f| f.sync_all())
+        .expect("sync the copy");
     node.write_config("memory:\n  page_out_after: 10s\n");
     node.kdist_ok(&["start", "--timeout", "60"]);
     let containerd = node.service_pid("containerd").expect("containerd runs");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{containerd}/exe")).expect("containerd's exe"),
+        copy
+    );
     let before = rss_file_kib(containerd);
     let logged = wait_for(Duration::from_secs(30), || {
         node.log("kdist")
@@ -443,8 +457,8 @@ fn program_pages_of_a_ready_child_are_paged_out() {
     );
     let after = rss_file_kib(containerd);
     assert!(
-        after < before,
-        "containerd's program pages: {before} KiB before, {after} KiB after"
+        after * 2 < before,
+        "containerd's program pages: {before} KiB before, {after} KiB after (not halved)"
     );
     assert_eq!(
         node.service_pid("containerd"),
