@@ -233,9 +233,16 @@ fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
     joiner("reuse1", "first").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
     refused("reused", conn(port, &token, &fp), "already been used");
     // revoked
-    let (token, _, id) = add_node(&cp, &["--worker", "--uses", "3"]);
+    let (token, _, id) = add_node(&cp, &["--worker", "--uses", "3", "--ttl", "1h"]);
     let listed = cp.kdist_ok(&["add-node", "--list"]);
     assert!(listed.contains(&id) && !listed.contains(&token), "{listed}");
+    // its expiry in RFC 3339, UTC
+    let line = listed.lines().find(|l| l.starts_with(&id)).unwrap();
+    let expires = line.split_whitespace().last().unwrap();
+    assert!(
+        expires.len() == 20 && expires.starts_with("20") && expires.ends_with('Z'),
+        "{line}"
+    );
     cp.kdist_ok(&["add-node", "--revoke", &id]);
     assert!(!cp.kdist_ok(&["add-node", "--list"]).contains(&id));
     refused("revoked", conn(port, &token, &fp), "not known");
@@ -671,18 +678,9 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
     let n2 = ha_node("ha2", 2, "etcd");
     let n3 = ha_node("ha3", 3, "etcd");
     in_ns_ok(lab.ns(1), &n1, &["start", "--timeout", "120"]);
-    let socket = format!(
-        "--endpoints=unix://{}",
-        n1.data().datastore_socket().display()
-    );
-    let put = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            socket.as_str(),
-            "put",
-            "/kdist-test/before-migrate",
-            "embedded",
-        ])
+    let put = n1
+        .etcdctl_unix()
+        .args(["put", "/kdist-test/before-migrate", "embedded"])
         .output()
         .unwrap();
     assert!(put.status.success(), "{}", describe(&put));

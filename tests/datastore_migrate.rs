@@ -52,12 +52,8 @@ fn read_all(out: Output) -> (i64, Kvs) {
 
 /// etcdctl over the embedded datastore's unix socket; `stdin` is fed as raw bytes.
 fn unix_etcdctl(node: &Node, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!(
-            "--endpoints=unix://{}",
-            node.data().datastore_socket().display()
-        ))
+    let mut child = node
+        .etcdctl_unix()
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -160,12 +156,8 @@ fn embedded_to_etcd_and_back_keeps_every_key() {
     {
         use std::os::unix::ffi::OsStrExt;
         let key = std::ffi::OsStr::from_bytes(b"/registry/binary/\xff\xfe\x01key");
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!(
-                "--endpoints=unix://{}",
-                node.data().datastore_socket().display()
-            ))
+        let out = node
+            .etcdctl_unix()
             .arg("put")
             .arg(key)
             .arg(std::ffi::OsStr::from_bytes(b"\x80\x81\xc3"))

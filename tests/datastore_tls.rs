@@ -375,12 +375,8 @@ fn daemon_serves_embedded_listen_with_mtls() {
         .expect("etcdctl");
     assert_eq!(stdout(&get).trim(), "v", "{}", describe(&get));
     // the same data as on the unix socket kube-apiserver uses
-    let unix = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!(
-            "--endpoints=unix://{}",
-            node.data().datastore_socket().display()
-        ))
+    let unix = node
+        .etcdctl_unix()
         .args(["get", "/daemon/k", "--print-value-only"])
         .output()
         .expect("etcdctl");

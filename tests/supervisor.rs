@@ -312,17 +312,6 @@ fn foreground_daemon_notifies_systemd_and_stops_on_sigterm() {
     assert!(kdist::supervisor::find_marked(&node.data()).is_empty());
 }
 
-/// etcdctl against the embedded datastore's unix socket.
-fn etcdctl_unix(node: &Node, args: &[&str]) -> std::process::Output {
-    let endpoint = format!("unix://{}", node.data().datastore_socket().display());
-    std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(args)
-        .output()
-        .expect("run etcdctl")
-}
-
 #[test]
 fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
     let node = Node::new("embedded");
@@ -333,7 +322,11 @@ fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
     assert!(ds["pid"].is_null(), "runs inside the daemon: {ds}");
     assert!(node.service("etcd").is_none(), "no etcd child by default");
 
-    let put = etcdctl_unix(&node, &["put", "/embedded/k", "v1"]);
+    let put = node
+        .etcdctl_unix()
+        .args(["put", "/embedded/k", "v1"])
+        .output()
+        .expect("etcdctl");
     assert!(
         put.status.success(),
         "{}",
@@ -343,13 +336,21 @@ fn embedded_datastore_is_the_default_and_runs_inside_the_daemon() {
     // a daemon killed with SIGKILL loses no acknowledged write
     sigkill_daemon(&node);
     node.kdist_ok(&["start", "--timeout", "60"]);
-    let get = etcdctl_unix(&node, &["get", "/embedded/k", "--print-value-only"]);
+    let get = node
+        .etcdctl_unix()
+        .args(["get", "/embedded/k", "--print-value-only"])
+        .output()
+        .expect("etcdctl");
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v1");
 
     // restart of the builtin service: the socket comes back and serves the same data
     node.kdist_ok(&["restart", "datastore"]);
     node.kdist_ok(&["status", "--wait-ready", "--timeout", "20"]);
-    let get = etcdctl_unix(&node, &["get", "/embedded/k", "--print-value-only"]);
+    let get = node
+        .etcdctl_unix()
+        .args(["get", "/embedded/k", "--print-value-only"])
+        .output()
+        .expect("etcdctl");
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v1");
     node.kdist_ok(&["stop"]);
     assert!(!node.data().datastore_socket().exists());

@@ -47,19 +47,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         for t in tokens {
             let expires = t
                 .expires_at
-                .and_then(|e| time::OffsetDateTime::from_unix_timestamp(e as i64).ok())
-                .map(|t| {
-                    format!(
-                        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                        t.year(),
-                        u8::from(t.month()),
-                        t.day(),
-                        t.hour(),
-                        t.minute(),
-                        t.second()
-                    )
-                })
-                .unwrap_or_else(|| "never".into());
+                .map_or_else(|| "never".into(), |e| crate::pki::rfc3339(e as i64));
             println!(
                 "{:<10} {:<14} {:>9}  {expires}",
                 t.id,

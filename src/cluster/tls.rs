@@ -61,20 +61,8 @@ pub fn cluster_ca(data: &DataDir) -> Result<(String, String), ClusterError> {
     let pem = read(&path)?;
     let der = first_cert(&pem, &path.display().to_string())?;
     let fp = fingerprint(&der);
-    let single = pem_encode(&der);
+    let single = crate::pki::pem_encode(&der);
     Ok((single, fp))
-}
-
-fn pem_encode(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 /// The cluster CA's issuer (certificate + key) for signing joiners' requests.

@@ -15,6 +15,7 @@ use super::proto::etcdserverpb::{
     DeleteRangeRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
     kv_client::KvClient, watch_client::WatchClient, watch_request,
 };
+use super::remote::rpc;
 
 /// The workload.
 #[derive(Debug, Clone)]
@@ -81,17 +82,17 @@ pub struct BenchResult {
     pub watch_latency: Latency,
 }
 
-fn rpc(endpoint: &str) -> impl Fn(tonic::Status) -> DatastoreError + '_ {
-    move |status| DatastoreError::Bench {
+/// A failure of the benchmark itself (not of an RPC) against `endpoint`.
+fn failed(endpoint: &str, reason: impl ToString) -> DatastoreError {
+    DatastoreError::Bench {
         endpoint: endpoint.to_string(),
-        reason: status.message().to_string(),
+        reason: reason.to_string(),
     }
 }
 
 /// Runs the whole workload against `endpoint`. Keys live under `/kdist-bench/`, which
 /// is deleted before and after.
 pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, DatastoreError> {
-    let err = rpc(endpoint);
     let channel = client::connect(endpoint).await?;
     let mut kv = KvClient::new(channel.clone());
     let prefix = b"/kdist-bench/".to_vec();
@@ -102,7 +103,7 @@ pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, Dat
         prev_kv: false,
     })
     .await
-    .map_err(&err)?;
+    .map_err(rpc(endpoint, "DeleteRange"))?;
     let value = vec![b'v'; opts.value_size];
 
     // Puts: `clients` writers on `conns` connections, each writing as fast as its puts
@@ -140,13 +141,8 @@ pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, Dat
     for w in writers {
         match w.await {
             Ok(Ok(lat)) => put_lat.extend(lat),
-            Ok(Err(status)) => return Err(err(status)),
-            Err(e) => {
-                return Err(DatastoreError::Bench {
-                    endpoint: endpoint.into(),
-                    reason: e.to_string(),
-                });
-            }
+            Ok(Err(status)) => return Err(rpc(endpoint, "Put")(status)),
+            Err(e) => return Err(failed(endpoint, e)),
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -160,7 +156,7 @@ pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, Dat
             ..Default::default()
         })
         .await
-        .map_err(&err)?;
+        .map_err(rpc(endpoint, "Put"))?;
     }
     let mut range_lat = Vec::new();
     for _ in 0..opts.ranges {
@@ -172,14 +168,14 @@ pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, Dat
                 ..Default::default()
             })
             .await
-            .map_err(&err)?
+            .map_err(rpc(endpoint, "Range"))?
             .into_inner();
         range_lat.push(t.elapsed());
         if resp.kvs.len() != opts.range_keys {
-            return Err(DatastoreError::Bench {
-                endpoint: endpoint.into(),
-                reason: format!("range returned {} keys", resp.kvs.len()),
-            });
+            return Err(failed(
+                endpoint,
+                format!("range returned {} keys", resp.kvs.len()),
+            ));
         }
     }
 
@@ -192,7 +188,7 @@ pub async fn run(endpoint: &str, opts: &BenchOptions) -> Result<BenchResult, Dat
         prev_kv: false,
     })
     .await
-    .map_err(&err)?;
+    .map_err(rpc(endpoint, "DeleteRange"))?;
     Ok(BenchResult {
         endpoint: endpoint.to_string(),
         puts,
@@ -209,7 +205,6 @@ async fn watch_latency(
     value: &[u8],
     events: usize,
 ) -> Result<Latency, DatastoreError> {
-    let err = rpc(endpoint);
     let mut watch = WatchClient::new(client::connect(endpoint).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(WatchRequest {
@@ -222,17 +217,14 @@ async fn watch_latency(
         )),
     })
     .await
-    .map_err(|e| DatastoreError::Bench {
-        endpoint: endpoint.into(),
-        reason: e.to_string(),
-    })?;
+    .map_err(|e| failed(endpoint, e))?;
     let mut stream = watch
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(&err)?
+        .map_err(rpc(endpoint, "Watch"))?
         .into_inner();
     // The created response.
-    stream.message().await.map_err(&err)?;
+    stream.message().await.map_err(rpc(endpoint, "Watch"))?;
     let sent: Arc<Mutex<HashMap<Vec<u8>, Instant>>> = Arc::default();
     let seen = sent.clone();
     let receiver = tokio::spawn(async move {
@@ -262,18 +254,12 @@ async fn watch_latency(
             ..Default::default()
         })
         .await
-        .map_err(&err)?;
+        .map_err(rpc(endpoint, "Put"))?;
     }
     let lat = tokio::time::timeout(Duration::from_secs(30), receiver)
         .await
-        .map_err(|_| DatastoreError::Bench {
-            endpoint: endpoint.into(),
-            reason: "watch events did not all arrive within 30s".into(),
-        })?
-        .map_err(|e| DatastoreError::Bench {
-            endpoint: endpoint.into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|_| failed(endpoint, "watch events did not all arrive within 30s"))?
+        .map_err(|e| failed(endpoint, e))?;
     drop(tx);
     Ok(Latency::of(lat))
 }

@@ -1171,6 +1171,17 @@ impl Writer {
         });
     }
 
+    /// An applier of one operation on top of the writer's current state.
+    fn applier(&mut self) -> Applier<'_> {
+        Applier::new(
+            &self.conn,
+            &mut self.index,
+            self.rev,
+            self.compact_rev,
+            &self.leases,
+        )
+    }
+
     fn apply(
         &mut self,
         op: WriteOp,
@@ -1179,25 +1190,13 @@ impl Writer {
     ) -> Result<WriteResult, ApiError> {
         match op {
             WriteOp::Put(req) => {
-                let mut a = Applier::new(
-                    &self.conn,
-                    &mut self.index,
-                    self.rev,
-                    self.compact_rev,
-                    &self.leases,
-                );
+                let mut a = self.applier();
                 let resp = a.put(&req)?;
                 *events = a.events;
                 Ok(WriteResult::Put(resp))
             }
             WriteOp::Delete(req) => {
-                let mut a = Applier::new(
-                    &self.conn,
-                    &mut self.index,
-                    self.rev,
-                    self.compact_rev,
-                    &self.leases,
-                );
+                let mut a = self.applier();
                 let resp = a.delete_range(&req)?;
                 *events = a.events;
                 Ok(WriteResult::Delete(resp))
@@ -1214,13 +1213,7 @@ impl Writer {
                     write,
                     &|id| self.leases.contains_key(&id),
                 )?;
-                let mut a = Applier::new(
-                    &self.conn,
-                    &mut self.index,
-                    self.rev,
-                    self.compact_rev,
-                    &self.leases,
-                );
+                let mut a = self.applier();
                 let mut resp = a.txn(&req, &path, &mut 0)?;
                 resp.header = mvcc::rev_header(a.cur_rev());
                 *events = a.events;
@@ -1288,13 +1281,7 @@ impl Writer {
                         return Ok(WriteResult::Rev(self.rev));
                     }
                 }
-                let mut a = Applier::new(
-                    &self.conn,
-                    &mut self.index,
-                    self.rev,
-                    self.compact_rev,
-                    &self.leases,
-                );
+                let mut a = self.applier();
                 a.delete_lease_keys(id)?;
                 let changed = a.changed();
                 *events = a.events;

@@ -14,6 +14,7 @@ mod kubeconfig;
 mod spec;
 
 pub use error::PkiError;
+pub use inspect::rfc3339;
 pub use kubeconfig::{DEFAULT_SERVER, render as render_kubeconfig};
 pub use spec::RESTART_ORDER;
 
@@ -314,7 +315,8 @@ fn keep_matching(bundle: &str, key: Option<&KeyPair>) -> String {
     out
 }
 
-fn pem_encode(der: &[u8]) -> String {
+/// One certificate in DER as a PEM block (64-column base64, LF line ends).
+pub fn pem_encode(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");

@@ -241,6 +241,17 @@ impl Node {
         ports[0]
     }
 
+    /// An `etcdctl` (API v3) command against this node's embedded datastore socket; the
+    /// caller adds the arguments.
+    pub fn etcdctl_unix(&self) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3").arg(format!(
+            "--endpoints=unix://{}",
+            self.data().datastore_socket().display()
+        ));
+        cmd
+    }
+
     /// `etcdctl` against this node's etcd on `port` over mTLS, as the apiserver's etcd
     /// client.
     pub fn etcdctl(&self, port: u16, args: &[&str]) -> Output {
