@@ -40,6 +40,16 @@ fn next_lines(rx: &mpsc::Receiver<String>, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The store's current revision, from the header of a read.
+fn header_rev(endpoint: &str) -> i64 {
+    let out = ok(endpoint, &["get", "/", "-w", "json"]);
+    out.split("\"revision\":")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no header revision in {out}"))
+}
+
 fn ok(endpoint: &str, args: &[&str]) -> String {
     let (success, out, err) = etcdctl(endpoint, args);
     assert!(success, "etcdctl {args:?} failed: {err}");
@@ -89,8 +99,9 @@ fn exercise(endpoint: &str, dir: &std::path::Path) {
     assert_eq!(ok(endpoint, &["get", "/app/never"]), "");
 
     // watch sees puts and deletes as they happen
-    let (mut watch, lines) = etcdctl_stream(endpoint, &["watch", "--prefix", "/w/"]);
-    std::thread::sleep(Duration::from_millis(300));
+    // from the next revision on: the events are there however late the watch starts
+    let from = format!("--rev={}", header_rev(endpoint) + 1);
+    let (mut watch, lines) = etcdctl_stream(endpoint, &["watch", "--prefix", "/w/", &from]);
     ok(endpoint, &["put", "/w/1", "one"]);
     ok(endpoint, &["del", "/w/1"]);
     assert_eq!(next_lines(&lines, 3), ["PUT", "/w/1", "one"]);
@@ -130,12 +141,7 @@ fn exercise(endpoint: &str, dir: &std::path::Path) {
     assert!(members.contains(", started, kdist, "), "{members}");
 
     // compaction: history before it is gone, with etcd's error
-    let rev: i64 = ok(endpoint, &["get", "/app/b", "-w", "json"])
-        .split("\"revision\":")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.parse().ok())
-        .expect("header revision");
+    let rev = header_rev(endpoint);
     assert!(ok(endpoint, &["compaction", &rev.to_string(), "--physical"]).contains("compacted"));
     let (success, _, err) = etcdctl(endpoint, &["get", "/app/b", "--rev=2"]);
     assert!(!success);
