@@ -271,11 +271,13 @@ pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse
     } else {
         req.revision
     };
-    if rev < compact_rev {
+    let latest = rev == cur_rev;
+    // The index holds the latest revision whole, whatever the snapshot's compaction
+    // (which may already count a batch not yet published) has removed below it.
+    if !latest && rev < compact_rev {
         return Err(ApiError::Compacted);
     }
     let range = KeyRange::new(&req.key, &req.range_end);
-    let latest = rev == cur_rev;
     let sort_order = range_request::SortOrder::try_from(req.sort_order)
         .map_err(|_| ApiError::InvalidSortOption)?;
     let sort_target = range_request::SortTarget::try_from(req.sort_target)
@@ -959,6 +961,37 @@ mod tests {
         assert_eq!(at(3).kvs[0].create_revision, 2);
         assert!(at(4).kvs.is_empty());
         assert_eq!(at(4).header.unwrap().revision, 4);
+    }
+
+    #[test]
+    fn latest_reads_ignore_a_compaction_past_the_published_revision() {
+        let conn = db();
+        let mut index = Index::default();
+        Applier::new(&conn, &mut index, 1, -1, &HashMap::new())
+            .put(&put("k", "v"))
+            .unwrap();
+        // the read snapshot already counts a compaction to 5 that a batch not yet
+        // published committed; the published revision is 2
+        let view = View {
+            conn: &conn,
+            index: &index,
+            rev: 2,
+            compact_rev: 5,
+        };
+        let at = |revision: i64| {
+            range(
+                &view,
+                &RangeRequest {
+                    key: b"k".to_vec(),
+                    revision,
+                    ..Default::default()
+                },
+            )
+        };
+        for latest in [0, 2] {
+            assert_eq!(at(latest).unwrap().kvs[0].value, b"v", "at {latest}");
+        }
+        assert!(matches!(at(1), Err(ApiError::Compacted)));
     }
 
     #[test]
