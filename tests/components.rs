@@ -983,6 +983,26 @@ fn bundle_installs_identically_without_network() {
         files(&tree(&third.path().join("components/1-31-2")))
     );
 
+    // a file changed in the directory is refused and nothing of it is installed
+    std::fs::write(dir.join("kube-proxy"), b"not what the manifest hashed").unwrap();
+    let tampered = TempDir::new("bundle-t");
+    let err = failed(kdist(
+        tampered.path(),
+        &["components", "install", "--from", dir.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("kube-proxy") && err.contains("tampered"),
+        "{err}"
+    );
+    assert!(release_dirs(tampered.path()).is_empty());
+    assert!(
+        !tampered
+            .path()
+            .join("components/.staging-1-31-2/downloads/kube-proxy.part")
+            .exists(),
+        "the rejected copy is not kept"
+    );
+
     // a missing file is named
     std::fs::remove_file(dir.join("kubelet")).unwrap();
     let fourth = TempDir::new("bundle-d");

@@ -379,7 +379,8 @@ async fn fetch_once(
     Ok(offset > 0)
 }
 
-/// Copies a local file into staging (air gap) and verifies it like a download.
+/// Copies a local file into staging (air gap) and verifies it like a download: the
+/// staged copy is what is hashed, so a source changed during the copy is caught.
 pub async fn copy_local(
     from: &Path,
     dest: &Path,
@@ -388,16 +389,17 @@ pub async fn copy_local(
     what: &str,
     item: &Item,
 ) -> Result<Digests, ComponentsError> {
-    let digests = digest_file_async(from).await?;
-    item.sized(digests.size);
-    if let Err(e) = check(what, &digests, sha256, sha512) {
-        item.fail(&e.to_string());
-        return Err(e);
-    }
     let tmp = part_path(dest);
     tokio::fs::copy(from, &tmp)
         .await
         .map_err(ComponentsError::io(from))?;
+    let digests = digest_file_async(&tmp).await?;
+    item.sized(digests.size);
+    if let Err(e) = check(what, &digests, sha256, sha512) {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        item.fail(&e.to_string());
+        return Err(e);
+    }
     tokio::fs::rename(&tmp, dest)
         .await
         .map_err(ComponentsError::io(dest))?;
