@@ -1,42 +1,32 @@
 //! Small filesystem helpers shared by every subsystem: atomic writes with explicit modes.
 //! Nothing here knows about kdist's layout; that is `config::DataDir`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Writes `contents` to `path` atomically: a temp file in the same directory, fsync,
-/// rename over the target, fsync of the directory. Readers see the old or the new file,
-/// never a torn one, and a crash loses nothing that was there before.
+/// Writes `contents` to `path` atomically: a temp file of a unique name in the same
+/// directory, fsync, rename over the target, fsync of the directory. Readers see the old
+/// or the new file, never a torn one; a crash loses nothing that was there before; two
+/// writers (threads or processes) never share a temp file, the last rename wins.
 pub fn atomic_write(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The mode given to open() is filtered by the umask; keys must end up exactly 0600.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    // created 0600 (O_EXCL); removed on any error before the rename
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    // the mode given to open() would be filtered by the umask; keys must be exactly 0600
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
 }
 
 /// Creates `path` (and parents) and sets its mode, also when it already existed.
@@ -59,6 +49,29 @@ mod tests {
         assert_eq!(fs::read(&file).unwrap(), b"two");
         let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temp files must not be left behind");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_in_one_process_never_mix_their_files() {
+        let dir = std::env::temp_dir().join(format!("kdist-fsutil-mt-{}", std::process::id()));
+        ensure_dir(&dir, 0o700).unwrap();
+        let file = dir.join("nodes.json");
+        let contents: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'a' + i; 64 << 10]).collect();
+        std::thread::scope(|s| {
+            for c in &contents {
+                let file = &file;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        atomic_write(file, c, 0o600).unwrap();
+                    }
+                });
+            }
+        });
+        let last = fs::read(&file).unwrap();
+        assert!(contents.contains(&last), "a torn or mixed file");
         let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temp files must not be left behind");
         fs::remove_dir_all(&dir).unwrap();
