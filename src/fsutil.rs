@@ -29,6 +29,19 @@ pub fn atomic_write(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Takes an exclusive `flock` on `path` (created if missing, never truncated), waiting
+/// for whoever holds it; released when the returned guard is dropped. For
+/// read-modify-write of a file shared by the daemon's threads and CLI processes.
+pub fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
+}
+
 /// Creates `path` (and parents) and sets its mode, also when it already existed.
 pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
     fs::create_dir_all(path)?;

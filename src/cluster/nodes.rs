@@ -68,8 +68,18 @@ pub fn list(data: &DataDir) -> Result<Vec<NodeRecord>, ClusterError> {
     read_json(&nodes_file(data))
 }
 
+/// Holds `<data>/cluster/nodes.lock` while the list is read, changed and written: joins
+/// are served by parallel threads and `remove-node` runs in another process.
+fn locked(data: &DataDir) -> Result<nix::fcntl::Flock<std::fs::File>, ClusterError> {
+    let path = data.cluster_dir().join("nodes.lock");
+    fsutil::ensure_dir(&data.cluster_dir(), 0o700)
+        .and_then(|()| fsutil::lock_exclusive(&path))
+        .map_err(|source| ClusterError::Io { path, source })
+}
+
 /// Records (or replaces: a node that left may join again) a joined node.
 pub fn record(data: &DataDir, name: &str, role: Role, address: IpAddr) -> Result<(), ClusterError> {
+    let _lock = locked(data)?;
     let mut nodes = list(data)?;
     nodes.retain(|n| n.name != name);
     nodes.push(NodeRecord {
@@ -83,6 +93,7 @@ pub fn record(data: &DataDir, name: &str, role: Role, address: IpAddr) -> Result
 
 /// Forgets a node; false when it was not recorded.
 pub fn forget(data: &DataDir, name: &str) -> Result<bool, ClusterError> {
+    let _lock = locked(data)?;
     let mut nodes = list(data)?;
     let before = nodes.len();
     nodes.retain(|n| n.name != name);
@@ -107,4 +118,30 @@ pub fn joined(data: &DataDir) -> Result<Option<Joined>, ClusterError> {
 
 pub fn write_joined(data: &DataDir, joined: &Joined) -> Result<(), ClusterError> {
     write_json(&joined_file(data), joined)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_joins_and_removals_lose_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let address: IpAddr = [127, 0, 0, 1].into();
+        record(&data, "gone", Role::Worker, address).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..16 {
+                let data = &data;
+                s.spawn(move || {
+                    record(data, &format!("w{i:02}"), Role::Worker, address).unwrap();
+                });
+            }
+            s.spawn(|| assert!(forget(&data, "gone").unwrap()));
+        });
+        let mut names: Vec<String> = list(&data).unwrap().into_iter().map(|n| n.name).collect();
+        names.sort();
+        let expected: Vec<String> = (0..16).map(|i| format!("w{i:02}")).collect();
+        assert_eq!(names, expected);
+    }
 }

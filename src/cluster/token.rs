@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -105,14 +105,7 @@ impl TokenStore {
         if let Some(dir) = self.lock.parent() {
             fsutil::ensure_dir(dir, 0o700).map_err(io)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock)
-            .map_err(io)?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| io(std::io::Error::from(errno)))
+        fsutil::lock_exclusive(&self.lock).map_err(io)
     }
 
     fn read(&self) -> Result<Stored, ClusterError> {
