@@ -262,27 +262,29 @@ impl TokenStore {
     }
 }
 
-/// Parses a duration such as `30s`, `10m`, `1h`, `2d`.
+/// Parses a duration such as `30s`, `10m`, `1h`, `2d`, of at most ten years.
 pub fn parse_ttl(text: &str) -> Result<Duration, ClusterError> {
-    let invalid = || ClusterError::Invalid {
+    let invalid = |reason: String| ClusterError::Invalid {
         what: format!("--ttl {text}"),
-        reason: "use a number followed by s, m, h or d, e.g. 1h".into(),
+        reason,
     };
-    let text = text.trim();
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let n: u64 = number.parse().map_err(|_| invalid())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(invalid()),
-    };
-    if secs == 0 {
-        return Err(invalid());
+    let ttl = text
+        .parse::<crate::config::Lifetime>()
+        .map_err(invalid)?
+        .duration();
+    if ttl.is_zero() {
+        return Err(invalid("a token must live at least 1s".into()));
     }
-    Ok(Duration::from_secs(secs))
+    if ttl > Duration::from_secs(MAX_TTL_DAYS * 86_400) {
+        return Err(invalid(format!(
+            "longer than {MAX_TTL_DAYS}d; leave out --ttl for a token that never expires"
+        )));
+    }
+    Ok(ttl)
 }
+
+/// The longest `--ttl` taken (ten years).
+const MAX_TTL_DAYS: u64 = 3_650;
 
 #[cfg(test)]
 mod tests {
@@ -332,6 +334,20 @@ mod tests {
         ));
         assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_ttl("1y").is_err() && parse_ttl("0s").is_err() && parse_ttl("").is_err());
+        // a multibyte unit, an overflowing number and an absurd span are errors, not panics
+        for bad in [
+            "1µ",
+            "999999999999999999d",
+            "18446744073709551615s",
+            "3651d",
+        ] {
+            let err = parse_ttl(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("--ttl {bad}")), "{err}");
+        }
+        assert_eq!(
+            parse_ttl("3650d").unwrap(),
+            Duration::from_secs(3_650 * 86_400)
+        );
         let _ = std::fs::remove_dir_all(root);
     }
 }
