@@ -15,6 +15,7 @@ use common::{KDIST, Node, describe, free_port};
 use http_body_util::{BodyExt, Full};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// A started control-plane node that runs only the daemon and its cluster agent (no
 /// child services: the agent needs none), on a free port.
@@ -406,6 +407,63 @@ fn join_body(token: &str, name: &str) -> String {
         "kubelet_client_csr": csr(), "kube_proxy_csr": csr(), "kubelet_serving_csr": csr(),
     })
     .to_string()
+}
+
+/// A TLS connection to the agent that has written `sent` and nothing more.
+async fn stalled(port: u16, config: Arc<rustls::ClientConfig>, sent: &[u8]) -> impl AsyncRead {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into()),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.write_all(sent).await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
+#[test]
+fn connections_that_stall_are_closed_and_joins_still_answer() {
+    let (cp, port) = agent_node("stall");
+    let (token, _, _) = add_node(&cp, &["--worker"]);
+    let config = client_config(&cp);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let started = Instant::now();
+            // nothing after the handshake, half a header, headers without their body
+            let body = "POST /v1/join HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n";
+            let mut held = Vec::new();
+            for sent in [
+                &b""[..],
+                b"POST /v1/join HTTP/1.1\r\nhost: 12",
+                body.as_bytes(),
+            ] {
+                held.push(stalled(port, config.clone(), sent).await);
+            }
+            // every one is answered or closed by the agent (10 s each), well before 40 s
+            for (i, mut conn) in held.into_iter().enumerate() {
+                let mut rest = Vec::new();
+                let read = tokio::time::timeout(
+                    Duration::from_secs(40) - started.elapsed(),
+                    conn.read_to_end(&mut rest),
+                )
+                .await;
+                assert!(read.is_ok(), "stalled connection {i} still open after 40 s");
+            }
+            assert!(
+                started.elapsed() >= Duration::from_secs(9),
+                "closed too early"
+            );
+            let mut sender = connect(port, None, config).await;
+            let (status, answer) =
+                send(&mut sender, "POST", "/v1/join", join_body(&token, "after")).await;
+            assert_eq!(status, 200, "{answer}");
+        });
 }
 
 #[test]

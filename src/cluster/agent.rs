@@ -34,6 +34,8 @@ pub const MAX_FAILURES: u32 = 20;
 pub const WINDOW: Duration = Duration::from_secs(60);
 const MAX_BODY: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers, and then its body.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 256;
 const PROMOTE_EVERY: Duration = Duration::from_secs(3);
 
@@ -148,7 +150,11 @@ impl Agent {
                     let agent = agent.clone();
                     async move { Ok::<_, Infallible>(agent.handle(req, peer).await) }
                 });
+                // a client that stalls in its headers (or sends none) is cut off, so
+                // idle connections cannot hold every slot
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(REQUEST_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), service);
                 tokio::select! {
                     _ = conn => {}
@@ -206,13 +212,18 @@ impl Agent {
                 peer: peer.ip().to_string(),
             });
         }
-        let body = Limited::new(req.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| ClusterError::BadRequest {
-                reason: format!("cannot read the body: {e}"),
-            })?
-            .to_bytes();
+        let body = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            Limited::new(req.into_body(), MAX_BODY).collect(),
+        )
+        .await
+        .map_err(|_| ClusterError::BadRequest {
+            reason: format!("the body did not arrive within {REQUEST_TIMEOUT:?}"),
+        })?
+        .map_err(|e| ClusterError::BadRequest {
+            reason: format!("cannot read the body: {e}"),
+        })?
+        .to_bytes();
         let request: JoinRequest =
             serde_json::from_slice(&body).map_err(|e| ClusterError::BadRequest {
                 reason: format!("body is not a join request: {e}"),
