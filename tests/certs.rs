@@ -124,6 +124,35 @@ fn etcdctl(node: &Node, port: u16, client: Option<&str>, args: &[&str]) -> Outpu
 }
 
 #[test]
+fn apiserver_cert_follows_the_service_cidr_and_cluster_domain() {
+    let node = Node::new("svcnet");
+    node.write_config(
+        "network:\n  service_cidr: 10.96.0.0/12\n  cluster_dns: 10.96.0.10\n  \
+         cluster_domain: lab.internal\n",
+    );
+    node.ok(&["certs", "init"]);
+    let apiserver = x509_text(&node.certs("apiserver.crt"));
+    for san in [
+        "IP Address:10.96.0.1",
+        "DNS:kubernetes.default.svc.lab.internal",
+    ] {
+        assert!(
+            apiserver.contains(san),
+            "apiserver lacks {san}: {apiserver}"
+        );
+    }
+    assert!(!apiserver.contains("10.152.183.1"), "{apiserver}");
+    assert!(!apiserver.contains("cluster.local"), "{apiserver}");
+
+    // back to the defaults: the certificate is issued again with their names
+    node.write_config("");
+    node.ok(&["certs", "init"]);
+    let apiserver = x509_text(&node.certs("apiserver.crt"));
+    assert!(apiserver.contains("IP Address:10.152.183.1"), "{apiserver}");
+    assert!(apiserver.contains("DNS:kubernetes.default.svc.cluster.local"));
+}
+
+#[test]
 fn init_writes_kubeadm_layout_that_openssl_accepts() {
     let node = Node::new("init");
     node.write_config(

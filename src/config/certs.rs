@@ -2,7 +2,6 @@
 //! the certificates kdist issues.
 
 use std::fmt;
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -102,8 +101,10 @@ pub struct CertsConfig {
     pub check_interval: Lifetime,
     /// Extra names (DNS or IP) for the apiserver serving certificate.
     pub extra_sans: Vec<String>,
-    /// The Kubernetes service CIDR; its first address is a SAN of the apiserver.
-    pub service_cidr: String,
+    /// Kept for configs written before `network.service_cidr` existed: when given it must
+    /// equal that, whose first address is the apiserver certificate's service IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<String>,
 }
 
 impl Default for CertsConfig {
@@ -114,30 +115,12 @@ impl Default for CertsConfig {
             renewal_window: Lifetime::from_days(30),
             check_interval: Lifetime::from_secs(3_600),
             extra_sans: Vec::new(),
-            service_cidr: "10.152.183.0/24".to_string(),
+            service_cidr: None,
         }
     }
 }
 
 impl CertsConfig {
-    /// The first usable address of the service CIDR (the `kubernetes` service's IP).
-    pub fn service_ip(&self) -> Result<Ipv4Addr, String> {
-        let bad = || {
-            format!(
-                "`{}` is not an IPv4 CIDR like 10.152.183.0/24",
-                self.service_cidr
-            )
-        };
-        let (addr, prefix) = self.service_cidr.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u32 = prefix.parse().map_err(|_| bad())?;
-        if !(1..=30).contains(&prefix) {
-            return Err(bad());
-        }
-        let mask = u32::MAX << (32 - prefix);
-        Ok(Ipv4Addr::from((u32::from(addr) & mask) + 1))
-    }
-
     pub(super) fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
         let invalid = |field: &str, reason: String| ConfigError::Invalid {
             path: origin.to_path_buf(),
@@ -165,8 +148,6 @@ impl CertsConfig {
                 "must be at least 1s".to_string(),
             ));
         }
-        self.service_ip()
-            .map_err(|reason| invalid("certs.service_cidr", reason))?;
         for san in &self.extra_sans {
             if !is_valid_san(san) {
                 return Err(invalid(
@@ -216,16 +197,6 @@ mod tests {
         let err = "ten days".parse::<Lifetime>().unwrap_err();
         assert!(err.contains("ten days"), "{err}");
         assert!("5w".parse::<Lifetime>().is_err());
-    }
-
-    #[test]
-    fn service_ip_is_first_address() {
-        let mut c = CertsConfig::default();
-        assert_eq!(c.service_ip().unwrap(), Ipv4Addr::new(10, 152, 183, 1));
-        c.service_cidr = "10.96.0.0/12".into();
-        assert_eq!(c.service_ip().unwrap(), Ipv4Addr::new(10, 96, 0, 1));
-        c.service_cidr = "10.96.0.0".into();
-        assert!(c.service_ip().is_err());
     }
 
     #[test]

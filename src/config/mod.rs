@@ -217,6 +217,15 @@ pub struct NetworkConfig {
     pub egress: Egress,
 }
 
+impl NetworkConfig {
+    /// The first address of `service_cidr`: the `kubernetes` Service's IP, which the
+    /// apiserver certificate must name.
+    pub fn kubernetes_service_ip(&self) -> Result<std::net::Ipv4Addr, String> {
+        let net = parse_cidr(&self.service_cidr)?;
+        Ok((u32::from(net.network()) + 1).into())
+    }
+}
+
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
@@ -447,6 +456,27 @@ impl NodeConfig {
                 format!("{services} overlaps network.pod_cidr {pods}; pick disjoint ranges"),
             ));
         }
+        if let Some(legacy) = &self.certs.service_cidr
+            && legacy != &net.service_cidr
+        {
+            return Err(invalid(
+                "certs.service_cidr",
+                format!(
+                    "`{legacy}` differs from network.service_cidr `{}`, whose first address \
+                     the apiserver certificate names; remove certs.service_cidr",
+                    net.service_cidr
+                ),
+            ));
+        }
+        if !is_dns_name(&net.cluster_domain) {
+            return Err(invalid(
+                "network.cluster_domain",
+                format!(
+                    "`{}` is not a lowercase DNS name like cluster.local",
+                    net.cluster_domain
+                ),
+            ));
+        }
         match net.cluster_dns {
             IpAddr::V4(ip) if services.contains(&ip) => {}
             other => {
@@ -516,6 +546,21 @@ pub fn is_valid_cgroup_root(root: &str) -> bool {
 }
 
 /// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
+/// A lowercase DNS name: dot-separated labels of a-z, 0-9 and inner '-'.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
 pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
     let net: ipnet::Ipv4Net = text
         .parse()
@@ -649,5 +694,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("10.1.0.0/16"), "{err}");
+    }
+
+    #[test]
+    fn the_service_cidr_and_domain_are_one_setting_for_the_certificate_too() {
+        let parse = |yaml: &str| NodeConfig::parse(yaml, Path::new("c.yaml"));
+        let net = "network:\n  service_cidr: 10.96.0.0/12\n  cluster_dns: 10.96.0.10\n";
+        let config = parse(net).unwrap();
+        assert_eq!(
+            config.network.kubernetes_service_ip().unwrap(),
+            std::net::Ipv4Addr::new(10, 96, 0, 1)
+        );
+        assert_eq!(
+            NodeConfig::default()
+                .network
+                .kubernetes_service_ip()
+                .unwrap(),
+            std::net::Ipv4Addr::new(10, 152, 183, 1)
+        );
+        // the old certs.service_cidr is taken when it agrees, refused when it does not
+        assert!(parse(&format!("{net}certs:\n  service_cidr: 10.96.0.0/12\n")).is_ok());
+        let err = parse("certs:\n  service_cidr: 10.96.0.0/12\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.yaml")
+                && err.contains("certs.service_cidr")
+                && err.contains("10.152.183.0/24"),
+            "{err}"
+        );
+        for bad in ["Cluster.Local", "cluster local", "-x.local", "a..b", ""] {
+            let err = parse(&format!("network:\n  cluster_domain: \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("network.cluster_domain"), "{bad}: {err}");
+        }
+        assert!(parse("network:\n  cluster_domain: lab.internal\n").is_ok());
     }
 }

@@ -384,11 +384,11 @@ impl Pki {
 
     fn service_ip(&self) -> Result<std::net::IpAddr, PkiError> {
         self.config
-            .certs
-            .service_ip()
+            .network
+            .kubernetes_service_ip()
             .map(Into::into)
             .map_err(|reason| PkiError::Config {
-                field: "service_cidr".into(),
+                field: "network.service_cidr".into(),
                 reason,
             })
     }
@@ -396,7 +396,12 @@ impl Pki {
     fn expected_sans(&self, leaf: &LeafSpec) -> Result<BTreeSet<San>, PkiError> {
         let mut extra = self.config.certs.extra_sans.clone();
         extra.extend(self.added_sans()?);
-        let mut sans = spec::sans_for(leaf.sans, &self.host, self.service_ip()?, &extra);
+        let mut sans = spec::sans_for(
+            leaf.sans,
+            &self.host,
+            (self.service_ip()?, &self.config.network.cluster_domain),
+            &extra,
+        );
         // the embedded datastore serves TLS on its configured addresses with this cert
         if leaf.name == spec::DATASTORE_SERVING_LEAF {
             for listen in &self.config.embedded.listen {

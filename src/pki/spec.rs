@@ -337,7 +337,7 @@ impl San {
 pub fn sans_for(
     kind: Sans,
     host: &HostNames,
-    service_ip: IpAddr,
+    (service_ip, cluster_domain): (IpAddr, &str),
     extra: &[String],
 ) -> BTreeSet<San> {
     let mut sans = BTreeSet::new();
@@ -345,14 +345,10 @@ pub fn sans_for(
     match kind {
         Sans::None => return sans,
         Sans::Apiserver => {
-            for name in [
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ] {
+            for name in ["kubernetes", "kubernetes.default", "kubernetes.default.svc"] {
                 sans.insert(San::Dns(name.to_string()));
             }
+            sans.insert(San::Dns(format!("kubernetes.default.svc.{cluster_domain}")));
             sans.insert(San::Ip(service_ip));
             for name in extra {
                 sans.insert(San::parse(name));
@@ -389,7 +385,7 @@ mod tests {
         let sans = sans_for(
             Sans::Apiserver,
             &host(),
-            "10.152.183.1".parse().unwrap(),
+            ("10.152.183.1".parse().unwrap(), "lab.internal"),
             &["api.example.com".into(), "10.9.9.9".into()],
         );
         let text: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
@@ -397,7 +393,7 @@ mod tests {
             "DNS:kubernetes",
             "DNS:kubernetes.default",
             "DNS:kubernetes.default.svc",
-            "DNS:kubernetes.default.svc.cluster.local",
+            "DNS:kubernetes.default.svc.lab.internal",
             "DNS:box",
             "DNS:node-1",
             "DNS:api.example.com",
@@ -408,11 +404,16 @@ mod tests {
         ] {
             assert!(text.iter().any(|t| t == want), "{want} missing in {text:?}");
         }
+        assert!(
+            !text.iter().any(|t| t.ends_with(".cluster.local")),
+            "{text:?}"
+        );
     }
 
     #[test]
     fn client_certs_have_no_sans() {
-        assert!(sans_for(Sans::None, &host(), [10, 0, 0, 1].into(), &[]).is_empty());
+        let service = ([10, 0, 0, 1].into(), "cluster.local");
+        assert!(sans_for(Sans::None, &host(), service, &[]).is_empty());
     }
 
     #[test]
