@@ -59,7 +59,6 @@ pub fn affected_services(issued: &[Issued]) -> Vec<String> {
         .collect()
 }
 
-/// Names accepted by `kdist certs renew`: every leaf.
 /// Whether the first certificate of `pem` names `ip` among its subject alternative names.
 pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, String> {
     let certs = inspect::parse_pem_bundle(pem)?;

@@ -74,8 +74,11 @@ pub fn spawn(
             source: std::io::Error::other("child exited before its pid was known"),
         })?;
     let pidfile = data.pidfile(service);
-    fsutil::atomic_write(&pidfile, format!("{pid}\n").as_bytes(), 0o644)
-        .map_err(io_err(&pidfile))?;
+    if let Err(source) = fsutil::atomic_write(&pidfile, format!("{pid}\n").as_bytes(), 0o644) {
+        // not supervised without its pidfile: it must not outlive this failed start
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        return Err(io_err(&pidfile)(source));
+    }
     Ok(Running { child, pid })
 }
 
@@ -205,6 +208,33 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(find_marked(&data).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_child_whose_pidfile_cannot_be_written_is_not_left_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        data.ensure().unwrap();
+        // a directory that is not empty where the pidfile should go: rename fails
+        let pidfile = data.pidfile("t");
+        std::fs::create_dir_all(pidfile.join("occupied")).unwrap();
+        let argv = vec!["300".to_string()];
+        let err = spawn(
+            &data,
+            "t",
+            Path::new("/bin/sleep"),
+            &argv,
+            &BTreeMap::new(),
+            &data.log_file("t"),
+        )
+        .err()
+        .expect("the start fails");
+        assert!(err.to_string().contains("t.pid"), "{err}");
+        let gone = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            find_marked(&data).is_empty()
+        });
+        assert!(gone, "left running: {:?}", find_marked(&data));
     }
 
     #[tokio::test]

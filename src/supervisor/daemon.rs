@@ -1,6 +1,6 @@
 //! The daemon: owns the data dir lock, the runners, the control API and the stop order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
@@ -218,26 +218,31 @@ async fn renew_periodically(data: DataDir, config: NodeConfig, fleet: SharedFlee
         return;
     }
     let interval = config.certs.check_interval.duration();
+    // services that still have to load renewed certificates: a restart that could not be
+    // ordered (its runner stopped, as during a datastore migration) is tried again at the
+    // next check, since the certificates on disk are no longer due then
+    let mut pending = BTreeSet::new();
     loop {
         tokio::time::sleep(interval).await;
         let (d, c) = (data.clone(), config.clone());
-        let issued = match tokio::task::spawn_blocking(move || pki::ensure(&d, &c)).await {
-            Ok(Ok(issued)) => issued,
-            Ok(Err(e)) => {
-                warn!("certificate check failed: {e}");
-                continue;
-            }
-            Err(e) => {
-                warn!("certificate check panicked: {e}");
-                continue;
-            }
-        };
-        if issued.is_empty() {
+        match tokio::task::spawn_blocking(move || pki::ensure(&d, &c)).await {
+            Ok(Ok(issued)) => pending.extend(pki::affected_services(&issued)),
+            Ok(Err(e)) => warn!("certificate check failed: {e}"),
+            Err(e) => warn!("certificate check panicked: {e}"),
+        }
+        if pending.is_empty() {
             tracing::debug!("certificates checked: nothing due");
             continue;
         }
-        for service in pki::affected_services(&issued) {
+        for service in pki::RESTART_ORDER
+            .iter()
+            .map(|s| s.to_string())
+            .filter(|s| pending.contains(s))
+            .collect::<Vec<_>>()
+        {
             let Some(tx) = fleet.lock().await.sender(&service) else {
+                // not run on this node (disabled, or no binary)
+                pending.remove(&service);
                 continue;
             };
             let old_pid = board
@@ -248,8 +253,10 @@ async fn renew_periodically(data: DataDir, config: NodeConfig, fleet: SharedFlee
             info!(service = %service, "restarting to load renewed certificates");
             let (reply, done) = oneshot::channel();
             if tx.send(Order::Restart(reply)).await.is_err() || done.await.is_err() {
-                return;
+                warn!(service = %service, "cannot restart it now for renewed certificates; trying again at the next check");
+                continue;
             }
+            pending.remove(&service);
             let mut rx = board.subscribe();
             let back = rx.wait_for(|map| {
                 map.get(&service)
