@@ -143,6 +143,21 @@ fn killed_daemon_leaves_nothing_behind_on_next_start() {
 }
 
 #[test]
+fn stop_after_a_killed_daemon_stops_what_it_left() {
+    let (node, _) = etcd_node("stale-stop");
+    node.kdist_ok(&["start", "--timeout", "60"]);
+    let old_etcd = etcd_pid(&node);
+    sigkill_daemon(&node);
+    assert!(alive(old_etcd));
+
+    let out = node.kdist_ok(&["stop"]);
+    assert!(out.contains("was not running; stopped"), "{out}");
+    assert!(!alive(old_etcd), "etcd {old_etcd} still runs after stop");
+    assert!(kdist::supervisor::find_marked(&node.data()).is_empty());
+    assert_eq!(node.kdist_ok(&["stop"]).trim(), "kdist is not running");
+}
+
+#[test]
 fn bad_flag_is_a_crashloop_with_the_error_text() {
     let (node, _) = etcd_node("crashloop");
     node.kdist_ok(&["start", "--timeout", "60"]);

@@ -4,8 +4,8 @@ use std::time::Duration;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
-use crate::config::DataDir;
-use crate::supervisor::{Client, SupervisorError, find_marked};
+use crate::config::{DataDir, NodeConfig};
+use crate::supervisor::{Client, SupervisorError, find_marked, stop_leftovers};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,16 +19,21 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let pid = match client.status().await {
         Ok(report) => report.daemon.pid,
         Err(SupervisorError::NotRunning { .. }) => {
-            let left = find_marked(&data);
-            if left.is_empty() {
+            if find_marked(&data).is_empty() {
                 println!("kdist is not running");
-            } else {
-                println!(
-                    "kdist is not running, but {} process(es) of an earlier daemon remain: \
-                     they are stopped by the next `kdist start`",
+                return Ok(ExitCode::SUCCESS);
+            }
+            // a daemon that was killed left its services running: stop them now
+            let config = NodeConfig::load(&data)?;
+            let stopped = stop_leftovers(&data, &config).await?;
+            let left = find_marked(&data);
+            if !left.is_empty() {
+                anyhow::bail!(
+                    "kdist was not running and {} process(es) it left did not stop: {left:?}",
                     left.len()
                 );
             }
+            println!("kdist was not running; stopped {stopped} service process(es) it left");
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(e.into()),

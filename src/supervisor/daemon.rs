@@ -48,6 +48,50 @@ pub struct Daemon {
     _lock: Flock<File>,
 }
 
+/// Locks `data` for one daemon (or a `kdist stop` cleaning up after a dead one).
+fn lock_data_dir(data: &DataDir) -> Result<Flock<File>, SupervisorError> {
+    let lock_path = data.run_dir().join("kdist.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| SupervisorError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+        let mut pid = String::new();
+        let _ = File::open(data.pidfile("kdist")).and_then(|mut f| f.read_to_string(&mut pid));
+        SupervisorError::AlreadyRunning {
+            data_dir: data.root().to_path_buf(),
+            pid: pid.trim().to_string(),
+        }
+    })
+}
+
+/// Stops what a killed daemon of `data` left: containerd's shims with their containers,
+/// then every marked service (SIGTERM, SIGKILL after a grace period). Returns how many
+/// services were signalled.
+async fn stop_stale(data: &DataDir) -> usize {
+    let shim_data = data.clone();
+    let _ = tokio::task::spawn_blocking(move || crate::node::kill_leftover_containers(&shim_data))
+        .await;
+    child::cleanup_stale(data, STALE_GRACE).await
+}
+
+/// `kdist stop` when no daemon answers but a killed one left services running: what a
+/// new daemon does first and what a daemon does last (the node teardown: leftover
+/// containers, pod cgroups, the egress guard), under the data dir's lock so that no
+/// daemon starts meanwhile. Returns how many processes were stopped.
+pub async fn stop_leftovers(data: &DataDir, config: &NodeConfig) -> Result<usize, SupervisorError> {
+    let _lock = lock_data_dir(data)?;
+    let stopped = stop_stale(data).await;
+    let (d, c) = (data.clone(), config.clone());
+    let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&d, &c)).await;
+    Ok(stopped)
+}
+
 impl Daemon {
     /// Takes the data dir: creates it, locks it against a second daemon, stops what a
     /// killed daemon left behind, makes sure every certificate is in place and valid,
@@ -57,25 +101,11 @@ impl Daemon {
             path: data.root().to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let lock_path = data.run_dir().join("kdist.lock");
         let io = |path: &std::path::Path| {
             let path = path.to_path_buf();
             move |source| SupervisorError::Io { path, source }
         };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-            let mut pid = String::new();
-            let _ = File::open(data.pidfile("kdist")).and_then(|mut f| f.read_to_string(&mut pid));
-            SupervisorError::AlreadyRunning {
-                data_dir: data.root().to_path_buf(),
-                pid: pid.trim().to_string(),
-            }
-        })?;
+        let lock = lock_data_dir(&data)?;
         let pidfile = data.pidfile("kdist");
         fsutil::atomic_write(
             &pidfile,
@@ -83,14 +113,7 @@ impl Daemon {
             0o644,
         )
         .map_err(io(&pidfile))?;
-        {
-            let shim_data = data.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                crate::node::kill_leftover_containers(&shim_data)
-            })
-            .await;
-        }
-        child::cleanup_stale(&data, STALE_GRACE).await;
+        stop_stale(&data).await;
         // a worker holds certificates signed by its control plane and no CA key
         if config.role != crate::config::Role::Worker {
             let (d, c) = (data.clone(), config.clone());

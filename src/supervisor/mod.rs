@@ -28,7 +28,7 @@ pub use backoff::RestartPolicy;
 pub use builtin::{Builtin, BuiltinFuture, Builtins};
 pub(crate) use child::env_of;
 pub use child::{SERVICE_ENV, find_marked};
-pub use daemon::{Daemon, bind_control_socket};
+pub use daemon::{Daemon, bind_control_socket, stop_leftovers};
 pub use error::SupervisorError;
 pub use runner::log_tail;
 pub use service::{
