@@ -1232,6 +1232,15 @@ impl Node {
         }
         cmd.output().unwrap()
     }
+    /// How `kdist status` names `binary` of an installed release.
+    fn program_of(&self, release: &str, binary: &str) -> String {
+        std::fs::canonicalize(self.data().join("components").join(release))
+            .unwrap()
+            .join("bin")
+            .join(binary)
+            .display()
+            .to_string()
+    }
     fn etcd_status(&self) -> serde_json::Value {
         let out = ok(kdist(self.data(), &["status", "-o", "json"]));
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1271,14 +1280,29 @@ fn start_installs_the_latest_release_first_and_runs_it() {
     assert_eq!(active(node.data()).as_deref(), Some("1-31-3"));
     let etcd = node.etcd_status();
     assert_eq!(etcd["origin"], "components", "{etcd}");
-    assert_eq!(
-        etcd["program"].as_str().unwrap(),
-        node.data()
-            .join("components/current/bin/etcd")
-            .display()
-            .to_string()
-    );
+    assert_eq!(etcd["program"], node.program_of("1-31-3", "etcd"), "{etcd}");
     assert_eq!(etcd["ready"], true);
+
+    // release 4 becomes current while the node runs: a restarted service keeps the
+    // release the daemon started with; the next daemon runs release 4
+    let four = Fixture::new(4, arch());
+    four.serve(&mirror);
+    ok(install(node.data(), &mirror, &["--release", "4"]));
+    assert_eq!(active(node.data()).as_deref(), Some("1-31-4"));
+    let old_pid = etcd["pid"].as_i64().unwrap();
+    ok(kdist(node.data(), &["restart", "etcd"]));
+    ok(kdist(
+        node.data(),
+        &["status", "--wait-ready", "--timeout", "30"],
+    ));
+    let etcd = node.etcd_status();
+    assert_ne!(etcd["pid"].as_i64().unwrap(), old_pid, "{etcd}");
+    assert_eq!(etcd["program"], node.program_of("1-31-3", "etcd"), "{etcd}");
+    ok(kdist(node.data(), &["stop"]));
+    let out = node.start(None);
+    assert!(out.status.success(), "{}", text(&out));
+    let etcd = node.etcd_status();
+    assert_eq!(etcd["program"], node.program_of("1-31-4", "etcd"), "{etcd}");
 }
 
 #[test]

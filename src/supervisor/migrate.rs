@@ -453,6 +453,7 @@ mod tests {
             name: name.into(),
             description: String::new(),
             binary: None,
+            release: None,
             after: after.iter().map(|s| s.to_string()).collect(),
             stop_grace: Duration::ZERO,
             probe: service::Probe::Unix { path: "x".into() },

@@ -235,7 +235,7 @@ impl Runner {
         };
         let argv = service::read_args(spec).map_err(|e| e.to_string())?;
         let (program, origin) =
-            service::resolve_binary(&self.data, binary).map_err(|e| e.to_string())?;
+            service::resolve_binary_for(&self.data, spec, binary).map_err(|e| e.to_string())?;
         let running = child::spawn(
             &self.data,
             &spec.name,
@@ -470,6 +470,7 @@ mod tests {
                 name: name.into(),
                 description: String::new(),
                 binary: binary.map(str::to_string),
+                release: None,
                 after: Vec::new(),
                 stop_grace: Duration::from_secs(2),
                 probe,

@@ -93,9 +93,13 @@ fn default_grace() -> u64 {
 pub struct ServiceSpec {
     pub name: String,
     pub description: String,
-    /// Program name or path, resolved by [`resolve_binary`] at each start; `None` for a
-    /// builtin service, which runs inside the daemon.
+    /// Program name or path, resolved by [`resolve_binary_for`] at each start; `None` for
+    /// a builtin service, which runs inside the daemon.
     pub binary: Option<String>,
+    /// The components release (`<data>/components/<id>`) active when the daemon planned
+    /// its services: restarts keep running its binaries, whatever `components use` or
+    /// `install` switch meanwhile, until the daemon starts again.
+    pub release: Option<PathBuf>,
     /// Services that must be ready before this one starts.
     pub after: Vec<String>,
     pub stop_grace: Duration,
@@ -141,6 +145,7 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
     names.retain(|n| !config.disable.iter().any(|d| d == n));
     let planned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let vars = variables(data, config);
+    let release = active_release(data);
     names
         .iter()
         .map(|name| {
@@ -185,6 +190,7 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                 name: name.to_string(),
                 description: def.description,
                 binary: def.binary,
+                release: release.clone(),
                 after,
                 stop_grace: Duration::from_secs(def.stop_grace_secs),
                 probe,
@@ -495,16 +501,37 @@ pub enum Origin {
     Explicit,
 }
 
+/// The release directory `<data>/components/current` points to now, if any.
+fn active_release(data: &DataDir) -> Option<PathBuf> {
+    std::fs::canonicalize(data.components_dir().join("current")).ok()
+}
+
 /// Finds the program for `binary`: the active components first, then PATH.
 pub fn resolve_binary(data: &DataDir, binary: &str) -> Result<(PathBuf, Origin), SupervisorError> {
+    resolve_in(data.components_dir().join("current"), binary)
+}
+
+/// Finds the program of `spec`: in the release it was planned with (see
+/// [`ServiceSpec::release`]), else as [`resolve_binary`] does.
+pub fn resolve_binary_for(
+    data: &DataDir,
+    spec: &ServiceSpec,
+    binary: &str,
+) -> Result<(PathBuf, Origin), SupervisorError> {
+    match &spec.release {
+        Some(release) if release.join("bin").join(binary).is_file() => {
+            resolve_in(release.clone(), binary)
+        }
+        _ => resolve_binary(data, binary),
+    }
+}
+
+/// `binary` under `<release>/bin`, else on PATH; a path is taken as it is.
+fn resolve_in(release: PathBuf, binary: &str) -> Result<(PathBuf, Origin), SupervisorError> {
     if binary.contains('/') {
         return Ok((PathBuf::from(binary), Origin::Explicit));
     }
-    let installed = data
-        .components_dir()
-        .join("current")
-        .join("bin")
-        .join(binary);
+    let installed = release.join("bin").join(binary);
     if installed.is_file() {
         return Ok((installed, Origin::Components));
     }
