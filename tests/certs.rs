@@ -153,6 +153,30 @@ fn apiserver_cert_follows_the_service_cidr_and_cluster_domain() {
 }
 
 #[test]
+fn a_renamed_node_gets_certificates_in_its_new_name() {
+    let node = Node::new("rename");
+    node.write_config("node_name: first\n");
+    node.ok(&["certs", "init"]);
+    let client = x509_text(&node.certs("kubelet-client.crt"));
+    assert!(client.contains("CN = system:node:first"), "{client}");
+
+    node.write_config("node_name: second\n");
+    let check = node.run(&["certs", "check"]);
+    assert!(!check.status.success(), "check passes a stale subject");
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("CN=system:node:first"),
+        "{}",
+        describe(&check)
+    );
+    node.ok(&["certs", "init"]);
+    let client = x509_text(&node.certs("kubelet-client.crt"));
+    assert!(client.contains("CN = system:node:second"), "{client}");
+    let kubelet = x509_text(&node.certs("kubelet.crt"));
+    assert!(kubelet.contains("CN = second"), "{kubelet}");
+    node.ok(&["certs", "check"]);
+}
+
+#[test]
 fn init_writes_kubeadm_layout_that_openssl_accepts() {
     let node = Node::new("init");
     node.write_config(

@@ -15,6 +15,8 @@ use super::spec::San;
 pub struct CertInfo {
     pub der: Vec<u8>,
     pub subject: String,
+    /// The subject's first CN, when it has one.
+    pub common_name: Option<String>,
     pub issuer: String,
     pub sans: BTreeSet<San>,
     pub not_before: i64,
@@ -72,6 +74,12 @@ pub fn parse_der(der: &[u8]) -> Result<CertInfo, String> {
     Ok(CertInfo {
         der: der.to_vec(),
         subject: cert.subject().to_string(),
+        common_name: cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
         issuer: cert.issuer().to_string(),
         sans,
         not_before: cert.validity().not_before.timestamp(),

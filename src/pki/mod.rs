@@ -586,6 +586,14 @@ impl Pki {
             Ok(_) if !ca_bundle.iter().any(|ca| inspect::signed_by(&info, ca)) => {
                 LeafState::Invalid(format!("not signed by {}", spec::ca(leaf.ca).name))
             }
+            // the node name is in some subjects: a renamed node needs them issued again
+            Ok(_) if info.common_name.as_deref() != Some(self.common_name(leaf).as_str()) => {
+                LeafState::Invalid(format!(
+                    "its subject is CN={}, not CN={} (was the node renamed?)",
+                    info.common_name.as_deref().unwrap_or("(none)"),
+                    self.common_name(leaf)
+                ))
+            }
             Ok(_) => {
                 let now = self.now.unix_timestamp();
                 let lacking: Vec<San> = self
