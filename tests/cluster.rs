@@ -179,6 +179,15 @@ fn worker_join_exchanges_certificates_and_never_a_ca_key() {
     // the control plane records the node
     let nodes = std::fs::read_to_string(cp.path("cluster/nodes.json")).unwrap();
     assert!(nodes.contains("w-one"), "{nodes}");
+    // its only control plane does not leave it stranded without --force
+    let out = cp.kdist(&["leave"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("only control plane") && err.contains("w-one") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(cp.certs("ca.key").exists() && cp.path("cluster/nodes.json").exists());
     // a worker cannot hand out tokens
     let out = worker.kdist(&["add-node"]);
     assert!(!out.status.success());

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use crate::config::{DataDir, NodeConfig};
+use crate::config::{DataDir, NodeConfig, Role};
 use crate::supervisor::Client;
 
 #[derive(Debug, clap::Args)]
@@ -12,6 +12,9 @@ pub struct Args {
 
 pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(&data)?;
+    if !args.force {
+        refuse_orphaning_workers(&data, &config)?;
+    }
     let running = Client::new(&data).status().await.is_ok();
     if running {
         let (d, c, force) = (data.clone(), config.clone(), args.force);
@@ -22,7 +25,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         }
         super::stop::run(super::stop::Args { timeout: 120 }, data.clone()).await?;
     } else if !args.force
-        && config.role == crate::config::Role::ControlPlane
+        && config.role == Role::ControlPlane
         && crate::cluster::joined(&data)?.is_some()
     {
         anyhow::bail!(
@@ -32,7 +35,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             config.node_name()
         );
     }
-    if config.role == crate::config::Role::Worker {
+    if config.role == Role::Worker {
         println!(
             "On a control plane, run `kdist remove-node {}` to delete its Node object and record.",
             config.node_name()
@@ -45,4 +48,24 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
          again with a new token from `kdist add-node`."
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A control plane that did not join another one and through which only workers joined
+/// is their whole control plane: leaving would reset it and strand them.
+fn refuse_orphaning_workers(data: &DataDir, config: &NodeConfig) -> anyhow::Result<()> {
+    if config.role != Role::ControlPlane || crate::cluster::joined(data)?.is_some() {
+        return Ok(());
+    }
+    let nodes = crate::cluster::list_nodes(data)?;
+    if nodes.is_empty() || nodes.iter().any(|n| n.role == Role::ControlPlane) {
+        return Ok(());
+    }
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    anyhow::bail!(
+        "this node is the only control plane of {} worker(s) that joined it ({}): leaving \
+         resets its CA and datastore and leaves them without a cluster; run \
+         `kdist remove-node NAME` for each first, or `kdist leave --force` to reset anyway",
+        names.len(),
+        names.join(", ")
+    )
 }
