@@ -747,6 +747,39 @@ fn reinstall_is_a_no_op() {
     );
     assert_eq!(std::fs::metadata(&bin).unwrap().modified().unwrap(), before);
     assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
+
+    // a damaged file of the active release: verify names it and the repair; a plain
+    // install leaves it, --force installs the release again in one exchange
+    std::fs::write(&bin, b"truncated").unwrap();
+    let out = kdist(data.path(), &["components", "verify"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kube-apiserver") && err.contains("--release 2 --force"),
+        "{err}"
+    );
+    ok(install(data.path(), &mirror, &["--release", "2"]));
+    assert_eq!(std::fs::read(&bin).unwrap(), b"truncated");
+    ok(install(
+        data.path(),
+        &mirror,
+        &["--release", "2", "--force"],
+    ));
+    assert_eq!(mirror.requests(&asset).len(), 2);
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        release.kube_bytes("kube-apiserver")
+    );
+    ok(kdist(data.path(), &["components", "verify"]));
+    assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
+    assert_eq!(release_dirs(data.path()), vec!["1-31-2"]);
+    let leftovers: Vec<_> = std::fs::read_dir(data.path().join("components"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".staging") || n.starts_with(".old"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]

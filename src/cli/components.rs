@@ -54,6 +54,9 @@ pub struct InstallArgs {
     /// Install without making the release active.
     #[arg(long)]
     pub no_activate: bool,
+    /// Install again even when the same release is installed (repairs damaged files).
+    #[arg(long)]
+    pub force: bool,
     /// Attempts per download before giving up.
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
@@ -128,6 +131,7 @@ async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         request.base_url = base.trim_end_matches('/').to_string();
     }
     request.activate = !args.no_activate;
+    request.force = args.force;
     request.retry = components::retry_with(args.retries);
     request.parallel = args.parallel;
     let outcome = components::install(&data, &request, &Progress::detect()).await?;
@@ -293,9 +297,11 @@ async fn verify(args: VerifyArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         eprintln!("{p}");
     }
     eprintln!(
-        "EKS-D {}: {} problem(s); reinstall with `kdist components remove` + `install` (or `use` another release first)",
+        "EKS-D {}: {} problem(s); repair with `kdist components install --channel {} --release {} --force`",
         id.eks_name(),
-        problems.len()
+        problems.len(),
+        id.channel,
+        id.number
     );
     Ok(ExitCode::from(1))
 }

@@ -50,6 +50,9 @@ pub struct Request {
     pub retry: RetryPolicy,
     /// Downloads at once.
     pub parallel: usize,
+    /// Fetch and install again even when the same manifest is installed (a repair after
+    /// `kdist components verify` found damaged files).
+    pub force: bool,
 }
 
 impl Request {
@@ -64,6 +67,7 @@ impl Request {
             activate: true,
             retry: RetryPolicy::default(),
             parallel: 4,
+            force: false,
         }
     }
 }
@@ -207,7 +211,8 @@ async fn install_locked(
     let manifest_sha256 = super::store::sha256_hex(text.as_bytes());
 
     // 2. the same manifest already installed: nothing to fetch
-    if let Ok(record) = store.record(&id)
+    if !request.force
+        && let Ok(record) = store.record(&id)
         && record.manifest_sha256 == manifest_sha256
     {
         if request.activate && store.active().as_ref() != Some(&id) {
@@ -304,12 +309,20 @@ async fn install_locked(
     // 5. into place, then `current`
     let target = store.release_dir(&id);
     if target.exists() {
-        // same release, different manifest (re-published or embedded one changed)
-        let old = store.root().join(format!(".old-{id}"));
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&target, &old).map_err(ComponentsError::io(&target))?;
-        std::fs::rename(&tree, &target).map_err(ComponentsError::io(&target))?;
-        let _ = std::fs::remove_dir_all(&old);
+        // same release again (re-published, the embedded one changed, or a repair): one
+        // atomic exchange, so `current` never points at nothing and a failure leaves the
+        // installed release as it was; the old tree ends up in staging
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &tree,
+            nix::fcntl::AT_FDCWD,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|errno| ComponentsError::Io {
+            path: target.clone(),
+            source: std::io::Error::from(errno),
+        })?;
     } else {
         std::fs::rename(&tree, &target).map_err(ComponentsError::io(&target))?;
     }
