@@ -121,3 +121,40 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
         .path("containerd")
         .exists()));
 }
+
+/// Runs `ip` with `args`, asserting success.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+}
+
+#[test]
+fn reset_keeps_pod_namespaces_that_another_runtime_still_uses() {
+    let id = std::process::id();
+    let (used, free) = (format!("cni-kdt-used-{id}"), format!("cni-kdt-free-{id}"));
+    ip(&["netns", "add", &used]);
+    ip(&["netns", "add", &free]);
+    // a "pod" of another runtime: a process inside `used`
+    let mut pod = Command::new("ip")
+        .args(["netns", "exec", &used, "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let entered = poll_until(Duration::from_secs(5), || {
+        std::fs::read_link(format!("/proc/{}/ns/net", pod.id())).is_ok_and(|ns| ns != ours)
+    });
+
+    let data = TempData::new("netns");
+    let out = data.kdist(&["reset"]);
+    let kept = std::path::Path::new("/run/netns").join(&used).exists();
+    let removed = !std::path::Path::new("/run/netns").join(&free).exists();
+    // clean up before asserting: by pid and by name, never by pattern
+    let _ = pod.kill();
+    let _ = pod.wait();
+    let _ = Command::new("ip").args(["netns", "del", &used]).status();
+    let _ = Command::new("ip").args(["netns", "del", &free]).status();
+    assert!(entered, "the stand-in pod never entered its namespace");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(kept, "reset removed a namespace a process is in");
+    assert!(removed, "reset left an unused CNI namespace");
+}

@@ -2,6 +2,7 @@
 //! node has stopped, and restores the host settings kdist changed. Certificates,
 //! kubeconfigs, config.yaml, args, components and the datastore stay.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use super::cmd;
@@ -135,6 +136,19 @@ fn remove_kubepods_cgroups() -> usize {
         .sum()
 }
 
+/// The network namespaces some live process is in, as (device, inode) of nsfs.
+fn netns_in_use() -> std::collections::HashSet<(u64, u64)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    procs
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::metadata(e.path().join("ns/net")).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect()
+}
+
 /// Resets the node; the daemon must be stopped. Returns a line per thing done.
 pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeError> {
     let mut done = Vec::new();
@@ -149,10 +163,14 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
         PathBuf::from("/run/containerd"),
         PathBuf::from("/var/lib/kubelet"),
     ];
+    // CNI's pod namespaces: this node's pods are dead now, so one still entered by a
+    // process belongs to a pod of another node or runtime on this host and stays
+    let in_use = netns_in_use();
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         roots.extend(entries.flatten().map(|e| e.path()).filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
+                && !std::fs::metadata(p).is_ok_and(|m| in_use.contains(&(m.dev(), m.ino())))
         }));
     }
     let unmounted = unmount_all(&roots);
