@@ -198,6 +198,41 @@ fn worker_join_exchanges_certificates_and_never_a_ca_key() {
     );
 }
 
+#[test]
+fn joins_after_a_ca_rotation_pin_the_new_ca() {
+    let (cp, port) = agent_node("rot");
+    let old_ca = std::fs::read(cp.certs("ca.crt")).unwrap();
+    // the agent is up (it opens with the first token) under the old CA
+    add_node(&cp, &["--worker"]);
+    let up = common::wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "{}", cp.log("kdist"));
+    cp.kdist_ok(&["certs", "rotate-ca", "--overlap", "1h"]);
+    let (token, fp, _) = add_node(&cp, &["--worker"]);
+    let worker = joiner("rotw", "w-rot");
+    let out = worker.kdist(&["join", &conn(port, &token, &fp), "--worker"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        cp.log("kdist")
+    );
+    // the worker got the new CA, which is not the old one
+    let first = |pem: &[u8]| CertificateDer::pem_slice_iter(pem).next().unwrap().unwrap();
+    let ca = std::fs::read(cp.certs("ca.crt")).unwrap();
+    assert_eq!(
+        first(&std::fs::read(worker.certs("ca.crt")).unwrap()),
+        first(&ca)
+    );
+    assert_ne!(first(&ca), first(&old_ca));
+    assert!(
+        cp.log("kdist").contains("agent certificate issued again"),
+        "{}",
+        cp.log("kdist")
+    );
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {

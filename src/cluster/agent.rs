@@ -73,7 +73,10 @@ impl Limiter {
 pub struct Agent {
     data: DataDir,
     config: NodeConfig,
-    tls: Arc<rustls::ServerConfig>,
+    /// The serving configuration and the fingerprint of the CA it was issued under.
+    tls: Mutex<(String, Arc<rustls::ServerConfig>)>,
+    /// The addresses the agent's certificate names.
+    addresses: Vec<IpAddr>,
     limiter: Arc<Mutex<Limiter>>,
     membership: Mutex<()>,
 }
@@ -88,11 +91,13 @@ impl Agent {
             addresses.insert(0, ip);
         }
         addresses.push(IpAddr::from([127, 0, 0, 1]));
+        let (_, fingerprint) = super::tls::cluster_ca(&data)?;
         let tls = super::tls::agent_server_config(&data, &addresses)?;
         Ok(Self {
             data,
             config,
-            tls: Arc::new(tls),
+            tls: Mutex::new((fingerprint, Arc::new(tls))),
+            addresses,
             limiter: Arc::new(Mutex::new(Limiter::default())),
             membership: Mutex::new(()),
         })
@@ -108,7 +113,6 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
-        let acceptor = TlsAcceptor::from(self.tls.clone());
         let shared = Arc::new(self);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         if let Ok(addr) = listener.local_addr() {
@@ -132,7 +136,7 @@ impl Agent {
                     }
                 },
             };
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(shared.clone().server_config().await);
             let agent = shared.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -161,6 +165,45 @@ impl Agent {
                     _ = shutdown.cancelled() => {}
                 }
             });
+        }
+    }
+
+    /// The serving configuration for a new connection: issued again under the current
+    /// cluster CA when `kdist certs rotate-ca` changed it, since joiners pin the CA that
+    /// `kdist add-node` prints now.
+    async fn server_config(self: Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let current = super::tls::cluster_ca(&self.data).map(|(_, fp)| fp);
+        let (fingerprint, config) = match self.tls.lock() {
+            Ok(tls) => tls.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        match current {
+            Ok(fp) if fp != fingerprint => {
+                let agent = self.clone();
+                let issued = tokio::task::spawn_blocking(move || {
+                    super::tls::agent_server_config(&agent.data, &agent.addresses)
+                })
+                .await;
+                match issued {
+                    Ok(Ok(new)) => {
+                        info!("cluster CA changed: agent certificate issued again");
+                        let new = Arc::new(new);
+                        if let Ok(mut tls) = self.tls.lock() {
+                            *tls = (fp, new.clone());
+                        }
+                        new
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot issue the agent certificate under the new CA");
+                        config
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "agent certificate task failed");
+                        config
+                    }
+                }
+            }
+            _ => config,
         }
     }
 
