@@ -269,6 +269,19 @@ fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
     let refused = |name: &str, connection: String, expect: &str| {
         refused_as(name, connection, expect, &["--worker"])
     };
+    // the control plane's own name: refused before the token is spent
+    // (the agent node sets no node_name: it is the host name)
+    let own = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .to_lowercase();
+    let (token, _, _) = add_node(&cp, &["--worker"]);
+    refused(
+        &own,
+        conn(port, &token, &fp),
+        "is the name of the control plane",
+    );
+    joiner("own-ok", "not-the-cp").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
     // expired
     let (token, _, _) = add_node(&cp, &["--worker", "--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(2100));

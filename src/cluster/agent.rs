@@ -275,6 +275,13 @@ impl Agent {
         if self.config.role == Role::Worker {
             return Err(ClusterError::NotControlPlane);
         }
+        // a joiner with this node's own name would get credentials as this node
+        // (system:node:<name>) and, as a control plane, take its etcd member's place
+        if request.node_name == self.config.node_name() {
+            return Err(ClusterError::NameTaken {
+                name: request.node_name,
+            });
+        }
         let agent = self.clone();
         tokio::task::spawn_blocking(move || agent.join_blocking(request, peer.ip()))
             .await

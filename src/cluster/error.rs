@@ -39,6 +39,10 @@ pub enum ClusterError {
         "this node runs the embedded datastore, which serves a single node; run `kdist datastore migrate --to etcd` on it first, then create a new token"
     )]
     EmbeddedDatastore,
+    #[error(
+        "node name `{name}` is the name of the control plane it joins; set another `node_name:` in the joining node's config.yaml"
+    )]
+    NameTaken { name: String },
     #[error("this node is a worker; run `kdist add-node` on a control-plane node")]
     NotControlPlane,
     #[error("certificate error ({what})")]
@@ -87,7 +91,7 @@ impl ClusterError {
             | ClusterError::UsedToken { .. } => 401,
             ClusterError::WrongRole { .. } | ClusterError::NotControlPlane => 403,
             ClusterError::NoSuchTokenId { .. } => 404,
-            ClusterError::EmbeddedDatastore => 409,
+            ClusterError::EmbeddedDatastore | ClusterError::NameTaken { .. } => 409,
             ClusterError::RateLimited { .. } => 429,
             ClusterError::Etcd { .. } => 503,
             _ => 500,
