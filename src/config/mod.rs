@@ -41,8 +41,9 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Takes `root` as given, made absolute against the current directory so that
-    /// children and a detached daemon see the same paths.
+    /// Takes `root` made absolute against the current directory and with its symlinks,
+    /// `.` and `..` resolved as far as it exists: children, a detached daemon, the
+    /// process marker and the egress chain's id see one spelling of one directory.
     pub fn new(root: impl AsRef<Path>) -> Self {
         let root = root.as_ref();
         let root = if root.is_absolute() {
@@ -52,7 +53,9 @@ impl DataDir {
                 .map(|cwd| cwd.join(root))
                 .unwrap_or_else(|_| root.to_path_buf())
         };
-        Self { root }
+        Self {
+            root: resolved(&root),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -546,6 +549,29 @@ pub fn is_valid_cgroup_root(root: &str) -> bool {
 }
 
 /// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
+/// `path` (absolute) with each existing prefix resolved as the kernel would (symlinks,
+/// then `..`), and what does not exist yet appended as written, `.` and `..` applied.
+fn resolved(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir => out.push(component.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => {
+                out.push(name);
+                if let Ok(real) = std::fs::canonicalize(&out) {
+                    out = real;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A lowercase DNS name: dot-separated labels of a-z, 0-9 and inner '-'.
 fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
@@ -589,6 +615,27 @@ mod tests {
         for bad in ["", "/", "kdist", "/a//b", "/a/../b", "/a b", "/a/"] {
             assert!(!is_valid_cgroup_root(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_data_dir_has_one_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(real.join("node")).unwrap();
+        std::os::unix::fs::symlink(real.join("node"), real.join("link")).unwrap();
+        let want = DataDir::new(real.join("node"));
+        for spelling in [
+            real.join("link"),
+            real.join("node/./sub/.."),
+            real.join("other/../link/"),
+        ] {
+            assert_eq!(DataDir::new(&spelling), want, "{}", spelling.display());
+        }
+        // not there yet: taken as written, below the resolved part
+        assert_eq!(
+            DataDir::new(real.join("link/new/./x/..")).root(),
+            real.join("node/new")
+        );
     }
 
     #[test]
