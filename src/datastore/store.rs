@@ -483,11 +483,22 @@ impl Store {
         self.shared.rev.load(Ordering::SeqCst)
     }
 
-    /// Renews a lease; its TTL, or None when it does not exist.
+    /// The revision readers see: published before its commit is broadcast to watchers
+    /// and before `current_rev` reaches it.
+    pub(crate) fn published_rev(&self) -> i64 {
+        lock_published(&self.shared).rev
+    }
+
+    /// Renews a lease; its TTL, or None when it does not exist or its time is already up
+    /// (as etcd, an expired lease is not brought back: its revoke is on the way).
     pub(crate) fn lease_renew(&self, id: i64) -> Option<i64> {
         let mut leases = self.shared.leases.lock().ok()?;
         let entry = leases.get_mut(&id)?;
-        entry.expiry = Instant::now() + Duration::from_secs(entry.ttl.max(0) as u64);
+        let now = Instant::now();
+        if entry.expiry <= now {
+            return None;
+        }
+        entry.expiry = now + Duration::from_secs(entry.ttl.max(0) as u64);
         Some(entry.ttl)
     }
 
@@ -1678,6 +1689,35 @@ mod tests {
             .unwrap();
         assert_eq!(prev.unwrap().value, b"c2");
         store.close();
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_after_expiry_does_not_bring_the_lease_back() {
+        let (_dir, _path, store) = temp_store();
+        store
+            .write(WriteOp::LeaseGrant { id: 7, ttl: 1 })
+            .await
+            .unwrap();
+        store.write(put_leased("k", "v", 7)).await.unwrap();
+        // (granted TTLs have a floor, as etcd's)
+        let ttl = store.lease_renew(7).expect("a live lease renews");
+        // past its TTL, before the expiry check revokes it
+        tokio::time::sleep(Duration::from_secs(ttl as u64) + Duration::from_millis(100)).await;
+        assert_eq!(store.lease_renew(7), None);
+        assert_eq!(store.expired_leases(), [7]);
+        store
+            .write(WriteOp::LeaseRevoke {
+                id: 7,
+                only_if_expired: true,
+            })
+            .await
+            .unwrap();
+        assert!(store.lease_get(7).is_none());
+        let keys = store
+            .published()
+            .index
+            .select(&mvcc::KeyRange::From(Vec::new()), -1);
+        assert!(keys.is_empty(), "{keys:?}");
     }
 
     /// What the writer kept in memory is what a restart replays from history, after

@@ -68,6 +68,8 @@ pub(crate) struct WatchStream {
     out: Out,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
+    /// The newest revision taken from the commit queue and delivered to the watchers.
+    delivered: i64,
 }
 
 /// Serves one watch stream until the client goes away.
@@ -83,6 +85,7 @@ pub(crate) async fn serve(
         out,
         watchers: BTreeMap::new(),
         next_id: 0,
+        delivered: 0,
     };
     let mut tick = tokio::time::interval(progress_interval);
     tick.tick().await;
@@ -178,8 +181,9 @@ impl WatchStream {
         &mut self,
         commits: &mut broadcast::Receiver<Commit>,
     ) -> Result<i64, Stop> {
-        // The writer broadcasts before it publishes the revision, so every commit up to
-        // `rev` is in the queue now.
+        // The syncer broadcasts a commit before `current_rev` reaches it, so every commit
+        // up to `rev` is in the queue now; newer ones may be too, and once delivered
+        // they count: a progress revision is never below an event already sent.
         let rev = self.store.current_rev();
         loop {
             match commits.try_recv() {
@@ -188,7 +192,7 @@ impl WatchStream {
                 Err(_) => break,
             }
         }
-        Ok(rev)
+        Ok(rev.max(self.delivered))
     }
 
     async fn create(
@@ -196,7 +200,10 @@ impl WatchStream {
         create: WatchCreateRequest,
         commits: &mut broadcast::Receiver<Commit>,
     ) -> Result<(), Stop> {
-        let cur = self.store.current_rev();
+        // The published revision, not `current_rev`: a commit is published before it is
+        // broadcast, so every newer one reaches this stream's queue (subscribed before
+        // any create) and nothing between the two is lost.
+        let cur = self.store.published_rev();
         let range = KeyRange::new(&create.key, &create.range_end);
         let failure = if let KeyRange::Between(start, end) = &range
             && start >= end
@@ -258,6 +265,7 @@ impl WatchStream {
     async fn deliver(&mut self, commit: &Commit) -> Result<(), Stop> {
         let mut out = Vec::new();
         for rev_events in commit.iter() {
+            self.delivered = self.delivered.max(rev_events.rev);
             for w in self.watchers.values_mut() {
                 if rev_events.rev < w.next_rev {
                     continue;
