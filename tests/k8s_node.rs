@@ -264,6 +264,11 @@ fn suite(datastore: &str) {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    // kube-proxy turns route_localnet on; reset puts back what it was (the kernel's
+    // default here, whatever an earlier run left)
+    let route_localnet = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    std::fs::write(route_localnet, "0").unwrap();
+    let localnet_before = std::fs::read_to_string(route_localnet).unwrap();
     let started = Instant::now();
     let out = data.kdist_env(
         &[
@@ -473,6 +478,11 @@ fn suite(datastore: &str) {
     assert!(!leftover, "pod processes outlived kdist stop");
     let out = data.kdist(&["reset"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(route_localnet).unwrap(),
+        localnet_before,
+        "reset did not restore route_localnet"
+    );
 }
 
 #[test]

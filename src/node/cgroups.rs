@@ -183,6 +183,17 @@ pub fn ensure_mounted() -> Result<Option<String>, NodeError> {
     )))
 }
 
+/// A pod cgroup root is a plain cgroup directory, which only kubelet's cgroupfs driver
+/// takes; with systemd, kubelet's driver wants a `.slice` kdist does not make.
+pub fn check_root_driver(root: &str, systemd: bool) -> Result<(), NodeError> {
+    if systemd {
+        return Err(NodeError::CgroupRootWithSystemd {
+            root: root.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Creates the cgroup `root` in every cgroup hierarchy (kubelet refuses a cgroupRoot
 /// that does not exist). A new v1 cpuset cgroup starts with no CPUs and memory nodes:
 /// it gets its parent's.
@@ -256,6 +267,20 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_cgroup_root_is_refused_with_the_systemd_driver() {
+        assert!(check_root_driver("/kdist-w1", false).is_ok());
+        let err = check_root_driver("/kdist-w1", true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("runtime.cgroup_root")
+                && err.contains("/kdist-w1")
+                && err.contains("systemd"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn v1_hierarchies_get_systemd_names_and_named_ones_no_controllers() {

@@ -54,6 +54,12 @@ pub enum NodeError {
     BadArchive { path: PathBuf, reason: String },
     #[error("the Kubernetes API did not answer: {0}")]
     Api(String),
+    #[error(
+        "runtime.cgroup_root `{root}` needs the cgroupfs driver, and this host runs systemd \
+         (kubelet's systemd driver looks for a `.slice` of that name instead); leave \
+         runtime.cgroup_root unset on this host"
+    )]
+    CgroupRootWithSystemd { root: String },
 }
 
 impl NodeError {

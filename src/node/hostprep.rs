@@ -75,6 +75,10 @@ impl HostState {
     }
 }
 
+/// What kube-proxy (iptables mode, localhost NodePorts on) sets itself: recorded so that
+/// `kdist reset`, which removes the KUBE-* chains guarding it, puts the original back.
+const KUBE_PROXY_SYSCTLS: &[&str] = &["net/ipv4/conf/all/route_localnet"];
+
 /// The sysctls kdist sets: key, value, whether the node fails without it.
 const NODE_SYSCTLS: &[(&str, &str, bool)] = &[
     ("net/ipv4/ip_forward", "1", true),
@@ -148,7 +152,8 @@ pub fn prepare(data: &DataDir, record_kubelet: bool) -> Result<Vec<HostFact>, No
         });
     }
     if record_kubelet {
-        for (key, _) in KUBELET_SYSCTLS {
+        let kubelet = KUBELET_SYSCTLS.iter().map(|(key, _)| *key);
+        for key in kubelet.chain(KUBE_PROXY_SYSCTLS.iter().copied()) {
             state.remember_sysctl(key);
         }
     }

@@ -31,11 +31,13 @@ fn ctr(data: &DataDir) -> Result<PathBuf, NodeError> {
 fn check_archive(path: &Path) -> Result<(), NodeError> {
     let mut header = [0u8; 512];
     let mut file = std::fs::File::open(path).map_err(NodeError::io(path))?;
-    file.read_exact(&mut header)
-        .map_err(|_| NodeError::BadArchive {
+    file.read_exact(&mut header).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => NodeError::BadArchive {
             path: path.to_path_buf(),
             reason: "shorter than one tar header".into(),
-        })?;
+        },
+        _ => NodeError::io(path)(e),
+    })?;
     if &header[257..262] != b"ustar" {
         let reason = if header.starts_with(&[0x1f, 0x8b]) {
             "it is gzip-compressed; decompress it first (`gunzip`)"
@@ -161,7 +163,15 @@ mod tests {
         assert!(err.contains("x.tar.gz") && err.contains("gunzip"), "{err}");
         let short = dir.join("short");
         std::fs::write(&short, b"hi").unwrap();
-        assert!(check_archive(&short).is_err());
+        let err = check_archive(&short).unwrap_err().to_string();
+        assert!(err.contains("shorter than one tar header"), "{err}");
+        // a read error is said as such, not as a short file
+        let err = check_archive(&dir).unwrap_err();
+        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            text.contains("kdist-img-") && text.contains("directory"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -64,6 +64,7 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         });
     }
     if let Some(root) = &config.runtime.cgroup_root {
+        cgroups::check_root_driver(root, facts.systemd)?;
         cgroups::create_root(root)?;
         report.push(HostFact {
             name: "pod cgroup root".into(),

@@ -156,13 +156,11 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
     if killed > 0 {
         done.push(format!("killed {killed} leftover container process(es)"));
     }
-    // what containerd, kubelet and CNI mounted: pod volumes, rootfs, netns, shm
-    let mut roots = vec![
-        data.kubelet_dir(),
-        data.containerd_dir(),
-        PathBuf::from("/run/containerd"),
-        PathBuf::from("/var/lib/kubelet"),
-    ];
+    // what containerd, kubelet and CNI mounted: pod volumes, rootfs, netns, shm. This
+    // node's kubelet (--root-dir) and containerd (root, state) keep theirs under the data
+    // dir; mounts below the host's /var/lib/kubelet or /run/containerd are another
+    // kubelet's or runtime's, and stay
+    let mut roots = vec![data.kubelet_dir(), data.containerd_dir()];
     // CNI's pod namespaces: this node's pods are dead now, so one still entered by a
     // process belongs to a pod of another node or runtime on this host and stays
     let in_use = netns_in_use();
