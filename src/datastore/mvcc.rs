@@ -190,34 +190,70 @@ pub(crate) struct View<'a> {
 }
 
 /// Keys of a range as they were at `at` <= `view.rev` (newest version <= at that is not
-/// a tombstone), in key order: the keys the index shows unchanged since `at` and, for
-/// each key changed after it, the row its first later change points back to. The cost
-/// grows with the changes since `at`, not with the history kept.
-fn select_at(view: &View<'_>, range: &KeyRange, at: i64) -> rusqlite::Result<Vec<KeyValue>> {
-    let mut out: Vec<KeyValue> = view
-        .index
-        .range(range)
-        .filter(|(_, entry)| entry.mod_rev <= at)
-        .map(|(key, entry)| entry.kv(key))
-        .collect();
+/// a tombstone), in key order, the first `fetch` of them read whole, and how many there
+/// are: the keys the index shows unchanged since `at` and, for each key changed after
+/// it, the row its first later change points back to. The cost grows with the changes
+/// since `at`, not with the history kept; values are read only for the keys returned, so
+/// a page of a paginated list at an old revision copies a page, not the rest of the range.
+fn select_at(
+    view: &View<'_>,
+    range: &KeyRange,
+    at: i64,
+    fetch: usize,
+) -> rusqlite::Result<(Vec<KeyValue>, i64)> {
+    /// Where a key's version at `at` is: the index, or a history row.
+    enum At<'a> {
+        Index(&'a crate::datastore::index::Entry),
+        Row(i64, i64),
+    }
+    let mut found: Vec<(Vec<u8>, At<'_>)> = Vec::new();
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
-    let mut changes = view.conn.prepare_cached(
-        "SELECT key, prev_rev, prev_sub FROM kv WHERE rev > ?1 AND rev <= ?2 ORDER BY rev, sub",
-    )?;
-    let mut rows = changes.query(params![at, view.rev])?;
-    while let Some(row) = rows.next()? {
-        let key = row.get_ref(0)?.as_blob()?;
-        if !range.contains(key) || seen.contains(key) {
-            continue;
-        }
-        seen.insert(key.to_vec());
-        let (prev_rev, prev_sub): (i64, i64) = (row.get(1)?, row.get(2)?);
-        if let Some(kv) = history_row(view.conn, prev_rev, prev_sub)? {
-            out.push(kv);
+    {
+        let mut changes = view.conn.prepare_cached(
+            "SELECT key, prev_rev, prev_sub FROM kv WHERE rev > ?1 AND rev <= ?2 ORDER BY rev, sub",
+        )?;
+        let mut live = view
+            .conn
+            .prepare_cached("SELECT version FROM kv WHERE rev = ?1 AND sub = ?2")?;
+        let mut rows = changes.query(params![at, view.rev])?;
+        while let Some(row) = rows.next()? {
+            let key = row.get_ref(0)?.as_blob()?;
+            if !range.contains(key) || seen.contains(key) {
+                continue;
+            }
+            seen.insert(key.to_vec());
+            let (prev_rev, prev_sub): (i64, i64) = (row.get(1)?, row.get(2)?);
+            // the key existed at `at` when the row it points back to is not a tombstone
+            let existed = prev_rev != 0
+                && live
+                    .query_row(params![prev_rev, prev_sub], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .is_some_and(|version| version > 0);
+            if existed {
+                found.push((key.to_vec(), At::Row(prev_rev, prev_sub)));
+            }
         }
     }
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok(out)
+    found.extend(
+        view.index
+            .range(range)
+            .filter(|(_, entry)| entry.mod_rev <= at)
+            .map(|(key, entry)| (key.to_vec(), At::Index(entry))),
+    );
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let count = found.len() as i64;
+    let mut out = Vec::with_capacity(fetch.min(found.len()));
+    for (key, at) in found.into_iter().take(fetch) {
+        match at {
+            At::Index(entry) => out.push(entry.kv(&key)),
+            At::Row(rev, sub) => {
+                if let Some(kv) = history_row(view.conn, rev, sub)? {
+                    out.push(kv);
+                }
+            }
+        }
+    }
+    Ok((out, count))
 }
 
 /// The version stored at (`rev`, `sub`), if that row exists and is not a tombstone.
@@ -299,7 +335,7 @@ pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse
         let count = if latest {
             view.index.count(&range)
         } else {
-            select_at(view, &range, rev)?.len() as i64
+            select_at(view, &range, rev, 0)?.1
         };
         return Ok(RangeResponse {
             header: rev_header(cur_rev),
@@ -319,10 +355,7 @@ pub(crate) fn range(view: &View<'_>, req: &RangeRequest) -> Result<RangeResponse
         let count = (kvs.len() + entries.count()) as i64;
         (kvs, count)
     } else {
-        let mut kvs = select_at(view, &range, rev)?;
-        let count = kvs.len() as i64;
-        kvs.truncate(fetch);
-        (kvs, count)
+        select_at(view, &range, rev, fetch)?
     };
 
     if req.max_mod_revision != 0 {
@@ -961,6 +994,84 @@ mod tests {
         assert_eq!(at(3).kvs[0].create_revision, 2);
         assert!(at(4).kvs.is_empty());
         assert_eq!(at(4).header.unwrap().revision, 4);
+    }
+
+    #[test]
+    fn a_page_at_an_old_revision_is_the_head_of_the_whole_range() {
+        let conn = db();
+        let leases = HashMap::new();
+        let mut index = Index::default();
+        let mut rev = 1;
+        let apply = |index: &mut Index, rev: &mut i64, f: &dyn Fn(&mut Applier<'_>)| {
+            let mut a = Applier::new(&conn, index, *rev, -1, &leases);
+            f(&mut a);
+            *rev += 1;
+        };
+        for i in 0..30 {
+            apply(&mut index, &mut rev, &|a| {
+                a.put(&put(&format!("k{i:02}"), &format!("old{i}")))
+                    .unwrap();
+            });
+        }
+        let at = rev;
+        // after `at`: updates, deletes and new keys, inside and before the page
+        for i in [0, 3, 4, 17] {
+            apply(&mut index, &mut rev, &|a| {
+                a.put(&put(&format!("k{i:02}"), "new")).unwrap();
+            });
+        }
+        for i in [1, 20] {
+            apply(&mut index, &mut rev, &|a| {
+                a.delete_range(&DeleteRangeRequest {
+                    key: format!("k{i:02}").into_bytes(),
+                    ..Default::default()
+                })
+                .unwrap();
+            });
+        }
+        apply(&mut index, &mut rev, &|a| {
+            a.put(&put("k015", "born later")).unwrap();
+        });
+        let view = View {
+            conn: &conn,
+            index: &index,
+            rev,
+            compact_rev: -1,
+        };
+        let page = |limit: i64| {
+            range(
+                &view,
+                &RangeRequest {
+                    key: b"k".to_vec(),
+                    range_end: b"l".to_vec(),
+                    revision: at,
+                    limit,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let all = page(0);
+        assert_eq!(all.count, 30);
+        assert!(all.kvs.iter().all(|kv| kv.value.starts_with(b"old")));
+        for limit in [1, 5, 29] {
+            let head = page(limit);
+            assert_eq!(head.count, 30);
+            assert!(head.more);
+            assert_eq!(head.kvs, all.kvs[..limit as usize]);
+        }
+        let count = range(
+            &view,
+            &RangeRequest {
+                key: b"k".to_vec(),
+                range_end: b"l".to_vec(),
+                revision: at,
+                count_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(count.count, 30);
     }
 
     #[test]
