@@ -129,22 +129,14 @@ async fn etcd_client_crate_works_unchanged() {
         .expect("watch");
     let mut events = Vec::new();
     while events.len() < 2 {
-        let resp = tokio::time::timeout(Duration::from_secs(5), w.message())
-            .await
-            .expect("watch timeout")
-            .expect("watch")
-            .expect("stream open");
+        let resp = next_message(&mut w).await;
         events.extend(resp.events().to_vec());
     }
     assert_eq!(events[0].kv().unwrap().value(), b"changed");
     assert_eq!(events[0].prev_kv().unwrap().value(), b"v0");
     assert_eq!(events[1].kv().unwrap().value(), b"v1-updated");
     c.delete("/registry/pods/p4", None).await.expect("delete");
-    let resp = tokio::time::timeout(Duration::from_secs(5), w.message())
-        .await
-        .expect("watch timeout")
-        .expect("watch")
-        .expect("open");
+    let resp = next_message(&mut w).await;
     assert_eq!(resp.events()[0].event_type(), EventType::Delete);
     assert_eq!(resp.events()[0].prev_kv().unwrap().value(), b"v4");
     let head = c
@@ -155,11 +147,7 @@ async fn etcd_client_crate_works_unchanged() {
         .unwrap()
         .revision();
     w.request_progress().await.expect("progress");
-    let progress = tokio::time::timeout(Duration::from_secs(5), w.message())
-        .await
-        .expect("progress timeout")
-        .expect("progress")
-        .expect("open");
+    let progress = next_message(&mut w).await;
     assert!(progress.events().is_empty());
     assert_eq!(progress.header().unwrap().revision(), head);
 
@@ -243,11 +231,7 @@ async fn watches_racing_writes_lose_nothing_and_progress_never_goes_back() {
             while checked < 200 {
                 w.request_progress().await.expect("progress");
                 loop {
-                    let resp = tokio::time::timeout(Duration::from_secs(5), w.message())
-                        .await
-                        .expect("watch timeout")
-                        .expect("watch")
-                        .expect("open");
+                    let resp = next_message(&mut w).await;
                     if resp.created() {
                         continue;
                     }
@@ -272,11 +256,7 @@ async fn watches_racing_writes_lose_nothing_and_progress_never_goes_back() {
         let mut w = c2.watch("/race/", Some(opts)).await.expect("watch");
         let mut created = None;
         loop {
-            let resp = tokio::time::timeout(Duration::from_secs(5), w.message())
-                .await
-                .expect("watch timeout")
-                .expect("watch")
-                .expect("open");
+            let resp = next_message(&mut w).await;
             if resp.created() {
                 created = Some(resp.header().unwrap().revision());
             }
@@ -294,4 +274,13 @@ async fn watches_racing_writes_lose_nothing_and_progress_never_goes_back() {
     progress.await.expect("progress checks");
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     writer.await.expect("writer");
+}
+
+/// The next message of a watch stream, within 5 s.
+async fn next_message(w: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(5), w.message())
+        .await
+        .expect("watch timeout")
+        .expect("watch")
+        .expect("open")
 }

@@ -165,16 +165,20 @@ pub fn is_valid_san(san: &str) -> bool {
     if san.parse::<std::net::IpAddr>().is_ok() {
         return true;
     }
-    !san.is_empty()
-        && san.len() <= 253
-        && san.split('.').all(|label| {
+    is_dns_name_of(san, |c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+}
+
+/// Whether `name` is dot-separated labels of 1 to 63 `allowed` characters, none starting
+/// or ending with '-', at most 253 in all.
+pub(super) fn is_dns_name_of(name: &str, allowed: impl Fn(char) -> bool) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+                && label.chars().all(&allowed)
         })
 }
 

@@ -574,17 +574,9 @@ fn resolved(path: &Path) -> PathBuf {
 
 /// A lowercase DNS name: dot-separated labels of a-z, 0-9 and inner '-'.
 fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        })
+    certs::is_dns_name_of(name, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+    })
 }
 
 pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
