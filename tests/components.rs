@@ -760,6 +760,17 @@ fn reinstall_is_a_no_op() {
     );
     ok(install(data.path(), &mirror, &["--release", "2"]));
     assert_eq!(std::fs::read(&bin).unwrap(), b"truncated");
+    // replacing the active release's files is an activation: --no-activate refuses it
+    let err = failed(install(
+        data.path(),
+        &mirror,
+        &["--release", "2", "--force", "--no-activate"],
+    ));
+    assert!(
+        err.contains("1-31-2 is active") && err.contains("--no-activate"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&bin).unwrap(), b"truncated");
     ok(install(
         data.path(),
         &mirror,

@@ -87,6 +87,10 @@ pub enum ComponentsError {
     BadReleaseId { given: String },
     #[error("release {release} is active; `kdist components use` another release first")]
     Active { release: String },
+    #[error(
+        "release {release} is active: installing it again replaces the binaries this node runs, which --no-activate does not do; run the install without --no-activate"
+    )]
+    ActiveNoActivate { release: String },
     #[error("no release is active in {path}; run `kdist components install`")]
     NoActive { path: PathBuf },
     #[error("another `kdist components` command is changing {path}; wait for it to finish")]

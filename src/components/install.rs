@@ -225,6 +225,13 @@ async fn install_locked(
         });
     }
 
+    // the active release would change under the node: not what --no-activate asks
+    if !request.activate && store.active().as_ref() == Some(&id) {
+        return Err(ComponentsError::ActiveNoActivate {
+            release: id.to_string(),
+        });
+    }
+
     // 3. every asset into staging, verified
     let staging = store.staging_dir(&id);
     let downloads = staging.join("downloads");
