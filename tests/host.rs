@@ -112,8 +112,31 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
     send(TARGET);
     assert!(arrives(after_stop + 1), "a packet sent after stop was lost");
 
+    // a host containerd started after the node (on tmpfs /run, absent at the node's
+    // first start): reset keeps the directory it serves from
+    let state = std::fs::read_to_string(data.path("node/host-state.json")).unwrap();
+    let recorded = state.contains("\"/run/containerd\"");
+    let host_runtime = recorded.then(|| {
+        std::fs::create_dir_all("/run/containerd").unwrap();
+        std::os::unix::net::UnixListener::bind("/run/containerd/kdist-test-host.sock").unwrap()
+    });
     let out = data.kdist(&["reset"]);
+    let kept = std::path::Path::new("/run/containerd").exists();
+    if host_runtime.is_some() {
+        drop(host_runtime);
+        let _ = std::fs::remove_dir_all("/run/containerd");
+    }
     assert!(out.status.success(), "{}", text(&out));
+    if recorded {
+        assert!(kept, "reset removed a directory a host runtime serves from");
+        assert!(
+            text(&out).contains("kept /run/containerd"),
+            "{}",
+            text(&out)
+        );
+    } else {
+        eprintln!("/run/containerd existed before the node started: not recorded, not checked");
+    }
     assert_eq!(sysctl("net/ipv4/ip_forward"), forward_before);
     assert_eq!(root_propagation(), propagation_before);
     assert!(!data.path("node/host-state.json").exists());

@@ -180,6 +180,40 @@ pub fn prepare(data: &DataDir, record_kubelet: bool) -> Result<Vec<HostFact>, No
     Ok(facts)
 }
 
+/// Who uses something below `dir`, if anyone: a listening unix socket there (a
+/// containerd's or kubelet's API), or a process whose working directory or open file is
+/// there. kdist's own services are stopped before this is asked.
+fn in_use_below(dir: &Path) -> Option<String> {
+    let below = |p: &Path| p.starts_with(dir);
+    if let Ok(table) = std::fs::read_to_string("/proc/net/unix") {
+        // Num RefCount Protocol Flags Type St Inode Path
+        if let Some(socket) = table
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(7))
+            .find(|p| below(Path::new(p)))
+        {
+            return Some(format!("a process listening on {socket}"));
+        }
+    }
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cwd = std::fs::read_link(entry.path().join("cwd"));
+        let fds = std::fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok());
+        if cwd.into_iter().chain(fds).any(|p| below(&p)) {
+            return Some(format!("process {pid}"));
+        }
+    }
+    None
+}
+
 /// Puts back every recorded setting, removes the host paths the node created, and
 /// forgets the record. Returns what was done. Mounts below those paths must be gone.
 pub fn restore(data: &DataDir) -> Result<Vec<String>, NodeError> {
@@ -199,10 +233,17 @@ pub fn restore(data: &DataDir) -> Result<Vec<String>, NodeError> {
     }
     for created in &state.created {
         let path = Path::new(created);
-        if path.exists() {
-            std::fs::remove_dir_all(path).map_err(NodeError::io(path))?;
-            done.push(format!("removed {created}"));
+        if !path.exists() {
+            continue;
         }
+        // absent when the node first started is not proof it is ours now: /run is
+        // emptied at boot, and a host containerd or kubelet may have started since
+        if let Some(user) = in_use_below(path) {
+            done.push(format!("kept {created}: {user} uses it"));
+            continue;
+        }
+        std::fs::remove_dir_all(path).map_err(NodeError::io(path))?;
+        done.push(format!("removed {created}"));
     }
     let path = state_path(data);
     match std::fs::remove_file(&path) {
