@@ -6,6 +6,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use nix::fcntl::{Flock, FlockArg};
+
 /// Writes `contents` to `path` atomically: a temp file of a unique name in the same
 /// directory, fsync, rename over the target, fsync of the directory. Readers see the old
 /// or the new file, never a torn one; a crash loses nothing that was there before; two
@@ -32,14 +34,27 @@ pub fn atomic_write(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 /// Takes an exclusive `flock` on `path` (created if missing, never truncated), waiting
 /// for whoever holds it; released when the returned guard is dropped. For
 /// read-modify-write of a file shared by the daemon's threads and CLI processes.
-pub fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
-    let file = fs::OpenOptions::new()
+pub fn lock_exclusive(path: &Path) -> io::Result<Flock<File>> {
+    Flock::lock(lock_file(path)?, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
+}
+
+/// Like [`lock_exclusive`] without waiting: `None` while another holder has it (one
+/// daemon per data dir, one `kdist components` command at a time).
+pub fn try_lock_exclusive(path: &Path) -> io::Result<Option<Flock<File>>> {
+    match Flock::lock(lock_file(path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io::Error::from(errno)),
+    }
+}
+
+fn lock_file(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(path)?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| io::Error::from(errno))
+        .open(path)
 }
 
 /// Creates `path` (and parents) and sets its mode, also when it already existed.

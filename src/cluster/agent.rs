@@ -136,11 +136,12 @@ impl Agent {
                     }
                 },
             };
-            let acceptor = TlsAcceptor::from(shared.clone().server_config().await);
             let agent = shared.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                // read here, not in the accept loop: it reads ca.crt
+                let acceptor = TlsAcceptor::from(agent.clone().server_config().await);
                 let tls =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => tls,
@@ -172,38 +173,38 @@ impl Agent {
     /// cluster CA when `kdist certs rotate-ca` changed it, since joiners pin the CA that
     /// `kdist add-node` prints now.
     async fn server_config(self: Arc<Self>) -> Arc<rustls::ServerConfig> {
-        let current = super::tls::cluster_ca(&self.data).map(|(_, fp)| fp);
-        let (fingerprint, config) = match self.tls.lock() {
-            Ok(tls) => tls.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+        let (fingerprint, config) = self
+            .tls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let current = match super::tls::cluster_ca(&self.data) {
+            Ok((_, current)) if current != fingerprint => current,
+            _ => return config,
         };
-        match current {
-            Ok(fp) if fp != fingerprint => {
-                let agent = self.clone();
-                let issued = tokio::task::spawn_blocking(move || {
-                    super::tls::agent_server_config(&agent.data, &agent.addresses)
-                })
-                .await;
-                match issued {
-                    Ok(Ok(new)) => {
-                        info!("cluster CA changed: agent certificate issued again");
-                        let new = Arc::new(new);
-                        if let Ok(mut tls) = self.tls.lock() {
-                            *tls = (fp, new.clone());
-                        }
-                        new
-                    }
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "cannot issue the agent certificate under the new CA");
-                        config
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "agent certificate task failed");
-                        config
-                    }
-                }
+        let agent = self.clone();
+        let issued = tokio::task::spawn_blocking(move || {
+            super::tls::agent_server_config(&agent.data, &agent.addresses)
+        })
+        .await;
+        match issued {
+            Ok(Ok(new)) => {
+                info!("cluster CA changed: agent certificate issued again");
+                let new = Arc::new(new);
+                *self
+                    .tls
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = (current, new.clone());
+                new
             }
-            _ => config,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot issue the agent certificate under the new CA");
+                config
+            }
+            Err(e) => {
+                warn!(error = %e, "agent certificate task failed");
+                config
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::error::ComponentsError;
@@ -101,19 +101,9 @@ impl Store {
     pub fn lock(&self) -> Result<StoreLock, ComponentsError> {
         self.ensure()?;
         let path = self.root.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(ComponentsError::io(&path))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(StoreLock { _lock: lock }),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(ComponentsError::Locked { path }),
-            Err((_, errno)) => Err(ComponentsError::Io {
-                path,
-                source: std::io::Error::from(errno),
-            }),
+        match fsutil::try_lock_exclusive(&path).map_err(ComponentsError::io(&path))? {
+            Some(lock) => Ok(StoreLock { _lock: lock }),
+            None => Err(ComponentsError::Locked { path }),
         }
     }
 

@@ -548,7 +548,6 @@ pub fn is_valid_cgroup_root(root: &str) -> bool {
         })
 }
 
-/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
 /// `path` (absolute) with each existing prefix resolved as the kernel would (symlinks,
 /// then `..`), and what does not exist yet appended as written, `.` and `..` applied.
 fn resolved(path: &Path) -> PathBuf {
@@ -579,6 +578,7 @@ fn is_dns_name(name: &str) -> bool {
     })
 }
 
+/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
 pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
     let net: ipnet::Ipv4Net = text
         .parse()

@@ -573,6 +573,7 @@ impl Pki {
                 ));
             }
         };
+        let expected_cn = self.common_name(leaf);
         let state = match KeyPair::from_pem(&key_pem) {
             Err(e) => LeafState::Invalid(format!(
                 "{} is not a PEM private key ({e})",
@@ -587,11 +588,10 @@ impl Pki {
                 LeafState::Invalid(format!("not signed by {}", spec::ca(leaf.ca).name))
             }
             // the node name is in some subjects: a renamed node needs them issued again
-            Ok(_) if info.common_name.as_deref() != Some(self.common_name(leaf).as_str()) => {
+            Ok(_) if info.common_name.as_deref() != Some(expected_cn.as_str()) => {
                 LeafState::Invalid(format!(
-                    "its subject is CN={}, not CN={} (was the node renamed?)",
+                    "its subject is CN={}, not CN={expected_cn} (was the node renamed?)",
                     info.common_name.as_deref().unwrap_or("(none)"),
-                    self.common_name(leaf)
                 ))
             }
             Ok(_) => {

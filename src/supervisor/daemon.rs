@@ -6,7 +6,7 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -51,16 +51,11 @@ pub struct Daemon {
 /// Locks `data` for one daemon (or a `kdist stop` cleaning up after a dead one).
 fn lock_data_dir(data: &DataDir) -> Result<Flock<File>, SupervisorError> {
     let lock_path = data.run_dir().join("kdist.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|source| SupervisorError::Io {
-            path: lock_path.clone(),
-            source,
-        })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+    let lock = fsutil::try_lock_exclusive(&lock_path).map_err(|source| SupervisorError::Io {
+        path: lock_path.clone(),
+        source,
+    })?;
+    lock.ok_or_else(|| {
         let mut pid = String::new();
         let _ = File::open(data.pidfile("kdist")).and_then(|mut f| f.read_to_string(&mut pid));
         SupervisorError::AlreadyRunning {
