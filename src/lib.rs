@@ -31,6 +31,8 @@ pub mod cli;
 pub mod cluster;
 pub mod components;
 pub mod config;
+pub mod controllers;
+pub mod daemon;
 pub mod datastore;
 pub mod fsutil;
 pub mod node;

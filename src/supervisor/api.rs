@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::SupervisorError;
 use super::fleet::SharedFleet;
 use super::runner::Order;
-use super::status::{Board, DaemonStatus, HostFact, StatusReport};
+use super::status::{Board, DaemonStatus, HostFact, ReportSections, StatusReport};
 use crate::config::DataDir;
 
 /// What request handlers reach: the board, the runners' order channels, shutdown.
@@ -35,6 +35,7 @@ pub struct ApiState {
     pub data: DataDir,
     pub host: Vec<HostFact>,
     pub notes: Vec<String>,
+    pub sections: Option<Arc<dyn ReportSections>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -176,6 +177,11 @@ async fn report(state: &ApiState) -> StatusReport {
         services,
         host: state.host.clone(),
         notes: state.notes.clone(),
+        sections: state
+            .sections
+            .as_ref()
+            .map(|s| s.sections())
+            .unwrap_or_default(),
     }
 }
 

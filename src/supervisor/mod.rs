@@ -24,8 +24,8 @@ mod service;
 mod status;
 
 pub use api::Client;
-pub use backoff::RestartPolicy;
-pub use builtin::{Builtin, BuiltinFuture, Builtins};
+pub use backoff::{Backoff, RestartPolicy};
+pub use builtin::{Builtin, BuiltinError, BuiltinFuture, Builtins};
 pub(crate) use child::env_of;
 pub use child::{SERVICE_ENV, find_marked};
 pub use daemon::{Daemon, bind_control_socket, stop_leftovers};
@@ -34,4 +34,4 @@ pub use runner::log_tail;
 pub use service::{
     Origin, Probe, ServiceSpec, known_services, plan, read_args, resolve_binary, write_default_args,
 };
-pub use status::{HostFact, ServiceState, ServiceStatus, StatusReport};
+pub use status::{Board, HostFact, ReportSections, ServiceState, ServiceStatus, StatusReport};

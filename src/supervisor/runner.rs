@@ -47,7 +47,7 @@ pub struct Runner {
 enum Proc {
     Child(Running),
     Task {
-        handle: tokio::task::JoinHandle<Result<(), String>>,
+        handle: tokio::task::JoinHandle<Result<(), super::builtin::BuiltinError>>,
         token: tokio_util::sync::CancellationToken,
     },
 }
@@ -70,7 +70,7 @@ impl Proc {
             }
             Proc::Task { handle, .. } => match handle.await {
                 Ok(Ok(())) => "returned".to_string(),
-                Ok(Err(e)) => format!("failed: {e}"),
+                Ok(Err(e)) => format!("failed: {}", crate::report::error_chain(e.as_ref())),
                 Err(e) => format!("panicked: {e}"),
             },
         }
@@ -668,7 +668,7 @@ mod tests {
             let path = self.path.clone();
             Box::pin(async move {
                 let _ = std::fs::remove_file(&path);
-                let listener = tokio::net::UnixListener::bind(&path).map_err(|e| e.to_string())?;
+                let listener = tokio::net::UnixListener::bind(&path)?;
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),

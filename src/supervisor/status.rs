@@ -115,6 +115,15 @@ pub struct StatusReport {
     /// Things the user should know, e.g. Kubernetes components that are not installed.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Sections other parts of the daemon publish (the controllers layer): the
+    /// supervisor serves them without knowing their shape.
+    #[serde(flatten)]
+    pub sections: BTreeMap<String, serde_json::Value>,
+}
+
+/// Publishes extra sections of the status report, read at every `GET /v1/status`.
+pub trait ReportSections: Send + Sync + 'static {
+    fn sections(&self) -> BTreeMap<String, serde_json::Value>;
 }
 
 impl StatusReport {
