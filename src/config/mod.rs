@@ -9,6 +9,7 @@ mod components;
 mod embedded;
 mod error;
 mod services;
+mod storage;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use cluster::{ClusterConfig, Role};
@@ -18,6 +19,7 @@ pub use components::{
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
 pub use services::{MemoryConfig, ServiceSettings};
+pub use storage::StorageConfig;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -307,6 +309,8 @@ pub struct NodeConfig {
     /// `services: {kube-apiserver: {env: {GOMEMLIMIT: 300MiB}, args: [--v=2]}}`.
     pub services: BTreeMap<String, ServiceSettings>,
     pub memory: MemoryConfig,
+    /// Node-local volumes (the `kdist-local` StorageClasses).
+    pub storage: StorageConfig,
 }
 
 impl NodeConfig {
@@ -391,6 +395,9 @@ impl NodeConfig {
             field: field.to_string(),
             reason: reason.to_string(),
         };
+        if let Some(reason) = self.storage.problem() {
+            return Err(invalid("storage.dir", reason));
+        }
         if self.etcd.client_port == 0 {
             return Err(invalid(
                 "etcd.client_port",

@@ -19,6 +19,7 @@ mod apply;
 mod error;
 mod host;
 mod rbac;
+pub mod storage;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub use apply::{Applier, FIELD_MANAGER, parse_manifests};
 pub use error::ControllerError;
 pub use host::{Board, ControllerState, ControllerStatus, Controllers, Reporter};
 pub use rbac::Rbac;
+pub use storage::Storage;
 
 use crate::config::{DataDir, NodeConfig};
 

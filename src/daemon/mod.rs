@@ -52,6 +52,7 @@ pub fn controllers_for(config: &NodeConfig) -> Vec<Arc<dyn Controller>> {
         list.push(Arc::new(controllers::Rbac));
         list.push(Arc::new(controllers::ClusterAgent));
     }
+    list.push(Arc::new(controllers::Storage));
     list
 }
 
