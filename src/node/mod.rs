@@ -19,13 +19,14 @@ pub mod images;
 pub mod inspect;
 pub mod kube;
 pub mod kubeconfig;
+pub mod proc;
 mod procs;
 pub mod rbac;
 pub mod reset;
 
 pub use error::NodeError;
 pub use host::HostFacts;
-pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, tree_usage};
+pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, SERVICE_ENV, find_marked, tree_usage};
 
 use crate::config::{DataDir, Egress, NodeConfig};
 use crate::supervisor::HostFact;

@@ -26,7 +26,6 @@ mod status;
 pub use api::Client;
 pub use backoff::{Backoff, RestartPolicy};
 pub use builtin::{Builtin, BuiltinError, BuiltinFuture, Builtins};
-pub(crate) use child::env_of;
 pub use child::{SERVICE_ENV, find_marked};
 pub use daemon::{Daemon, bind_control_socket, stop_leftovers};
 pub use error::SupervisorError;
