@@ -19,6 +19,7 @@ pub mod images;
 pub mod inspect;
 pub mod kube;
 pub mod kubeconfig;
+pub mod netlink;
 pub mod proc;
 mod procs;
 pub mod rbac;

@@ -177,9 +177,7 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
             }
         }
     }
-    if let Some(ip) = cmd::which("ip")
-        && cmd::run(&ip, &["link", "delete", &config.network.bridge]).is_ok()
-    {
+    if super::netlink::delete_link_blocking(&config.network.bridge)? {
         done.push(format!("removed bridge {}", config.network.bridge));
     }
     // under `ip netns exec` the cgroup file systems are hidden until mounted again
