@@ -242,7 +242,7 @@ impl Daemon {
         renew_task.abort();
         let _ = renew_task.await;
         info!("stopping services");
-        fleet.lock().await.stop_all().await;
+        super::fleet::stop_all(&fleet).await;
         let (data, config) = (self.data.clone(), self.config.clone());
         let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data, &config)).await;
         notify_task.abort();
