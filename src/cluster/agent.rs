@@ -106,7 +106,12 @@ impl Agent {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         // promotes only while the node runs etcd: `kdist datastore migrate` may move it there
-        if !self.config.disable.iter().any(|d| d == "etcd") {
+        if !self
+            .config
+            .disable
+            .iter()
+            .any(|d| crate::config::Service::Etcd == *d)
+        {
             tokio::spawn(promote_learners(
                 self.data.clone(),
                 self.config.clone(),

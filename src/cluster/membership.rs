@@ -35,7 +35,7 @@ fn delete_kube_node(data: &DataDir, name: &str, removed: &mut Removed) {
             .push("no apiserver on this node: Kubernetes Node object left alone".into());
         return;
     }
-    let kubectl = crate::supervisor::resolve_binary(data, "kubectl")
+    let kubectl = crate::components::resolve_binary(data, "kubectl")
         .map(|(p, _)| p)
         .unwrap_or_else(|_| "kubectl".into());
     let out = Command::new(kubectl)

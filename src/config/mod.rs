@@ -17,7 +17,7 @@ pub use components::{
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
-pub use services::{MemoryConfig, ServiceSettings};
+pub use services::{MemoryConfig, Service, ServiceSettings, known_services};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -184,11 +184,16 @@ impl DatastoreKind {
 
     /// The service that runs a datastore of this kind (`embedded` is served in-process
     /// by the daemon, as a builtin).
-    pub fn service_name(self) -> &'static str {
+    pub fn service(self) -> Service {
         match self {
-            DatastoreKind::Etcd => "etcd",
-            DatastoreKind::Embedded => "datastore",
+            DatastoreKind::Etcd => Service::Etcd,
+            DatastoreKind::Embedded => Service::Datastore,
         }
+    }
+
+    /// The name of [`DatastoreKind::service`].
+    pub fn service_name(self) -> &'static str {
+        self.service().as_str()
     }
 }
 
@@ -439,7 +444,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
-        services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
+        services::validate(&self.services, &services::known_services(), origin)?;
         Ok(())
     }
 

@@ -9,7 +9,17 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
-use crate::supervisor::HostFact;
+
+/// One fact about the host that shaped the node's configuration, or a change kdist made
+/// to it (e.g. `restrict_oom_score_adj = true`, `net.ipv4.ip_forward 0 -> 1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFact {
+    pub name: String,
+    pub value: String,
+    /// Why, when it is not obvious.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
 
 /// CAP_SYS_RESOURCE, the capability needed to lower oom_score_adj.
 const CAP_SYS_RESOURCE: u32 = 24;

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::NodeError;
+use super::host::HostFact;
 use super::host::{KUBELET_SYSCTLS, read_sysctl};
 use crate::config::DataDir;
 use crate::fsutil;
-use crate::supervisor::HostFact;
 
 /// What kdist changed, and what was there before. Only the first recorded value of a
 /// key counts: it is the host's own.

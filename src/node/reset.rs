@@ -294,7 +294,7 @@ COMMIT
         .unwrap();
         let mounted = Mounted(target.clone());
         let roots = [root.path().to_path_buf()];
-        assert_eq!(mounts_below(&roots), [target.clone()]);
+        assert_eq!(mounts_below(&roots), [target]);
         assert_eq!(unmount_all(&roots), 1);
         assert!(mounts_below(&roots).is_empty());
         assert!(

@@ -132,12 +132,15 @@ impl Daemon {
         };
         let specs = {
             let (plan_data, config) = (data.clone(), config.clone());
-            tokio::task::spawn_blocking(move || service::plan(&plan_data, &config))
-                .await
-                .map_err(|e| SupervisorError::Io {
-                    path: data.root().to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
-                })??
+            tokio::task::spawn_blocking(move || {
+                let host = service::HostInputs::probe(&plan_data, &config)?;
+                service::plan(&plan_data, &config, &host)
+            })
+            .await
+            .map_err(|e| SupervisorError::Io {
+                path: data.root().to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })??
         };
         service::write_default_args(&specs)?;
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();

@@ -147,7 +147,8 @@ pub(crate) async fn migrate(
     let new_specs = {
         let (d, c) = (data.clone(), new_config.clone());
         blocking(move || {
-            let specs = service::plan(&d, &c)?;
+            let host = service::HostInputs::probe(&d, &c)?;
+            let specs = service::plan(&d, &c, &host)?;
             service::write_default_args(&specs)?;
             Ok(specs)
         })

@@ -30,7 +30,6 @@ pub use child::{SERVICE_ENV, find_marked};
 pub use daemon::{Daemon, bind_control_socket, stop_leftovers};
 pub use error::SupervisorError;
 pub use runner::log_tail;
-pub use service::{
-    Origin, Probe, ServiceSpec, known_services, plan, read_args, resolve_binary, write_default_args,
-};
+pub use service::{HostInputs, Probe, ServiceSpec, plan, read_args, write_default_args};
+
 pub use status::{Board, HostFact, ReportSections, ServiceState, ServiceStatus, StatusReport};
