@@ -18,7 +18,7 @@ pub use components::{
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
-pub use services::{MemoryConfig, ServiceSettings};
+pub use services::{MemoryConfig, Service, ServiceSettings, known_services};
 pub use storage::StorageConfig;
 
 use std::collections::BTreeMap;
@@ -186,11 +186,16 @@ impl DatastoreKind {
 
     /// The service that runs a datastore of this kind (`embedded` is served in-process
     /// by the daemon, as a builtin).
-    pub fn service_name(self) -> &'static str {
+    pub fn service(self) -> Service {
         match self {
-            DatastoreKind::Etcd => "etcd",
-            DatastoreKind::Embedded => "datastore",
+            DatastoreKind::Etcd => Service::Etcd,
+            DatastoreKind::Embedded => Service::Datastore,
         }
+    }
+
+    /// The name of [`DatastoreKind::service`].
+    pub fn service_name(self) -> &'static str {
+        self.service().as_str()
     }
 }
 
@@ -446,7 +451,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
-        services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
+        services::validate(&self.services, &services::known_services(), origin)?;
         Ok(())
     }
 

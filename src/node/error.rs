@@ -17,6 +17,19 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "netlink request on link {link} failed; run `kdist inspect` and check the link with `ip link`"
+    )]
+    Netlink {
+        link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot open a netlink socket (kdist needs CAP_NET_ADMIN to change links)")]
+    NetlinkSocket {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {program}")]
     Spawn {
         program: PathBuf,

@@ -19,16 +19,17 @@ pub mod images;
 pub mod inspect;
 pub mod kube;
 pub mod kubeconfig;
+pub mod netlink;
+pub mod proc;
 mod procs;
 pub mod rbac;
 pub mod reset;
 
 pub use error::NodeError;
-pub use host::HostFacts;
-pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, tree_usage};
+pub use host::{HostFact, HostFacts};
+pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, SERVICE_ENV, find_marked, tree_usage};
 
 use crate::config::{DataDir, Egress, NodeConfig};
-use crate::supervisor::HostFact;
 
 /// What preparing the node found and did, for `kdist status`.
 #[derive(Debug, Clone)]

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use super::cmd;
 use super::error::NodeError;
+use crate::components::resolve_binary;
 use crate::config::{DataDir, NodeConfig, Role};
-use crate::supervisor::resolve_binary;
 
 /// apiserver -> kubelet API (logs, exec, port-forward, metrics) for the identity of
 /// `apiserver-kubelet-client.crt` (CN kube-apiserver-kubelet-client, kubeadm's name),

@@ -26,10 +26,8 @@ pub enum SupervisorError {
     Setting { field: String, reason: String },
     #[error("unknown service `{name}`; run `kdist status` to see the services of this node")]
     UnknownService { name: String },
-    #[error(
-        "program `{binary}` not found in {searched} nor on PATH; run `kdist components install` or install it"
-    )]
-    BinaryNotFound { binary: String, searched: PathBuf },
+    #[error(transparent)]
+    BinaryNotFound(#[from] crate::components::BinaryNotFound),
     #[error("cannot start {service} ({program})")]
     Spawn {
         service: String,

@@ -147,7 +147,8 @@ pub(crate) async fn migrate(
     let new_specs = {
         let (d, c) = (data.clone(), new_config.clone());
         blocking(move || {
-            let specs = service::plan(&d, &c)?;
+            let host = service::HostInputs::probe(&d, &c)?;
+            let specs = service::plan(&d, &c, &host)?;
             service::write_default_args(&specs)?;
             Ok(specs)
         })
@@ -171,12 +172,8 @@ pub(crate) async fn migrate(
         (fleet.specs.clone(), dependents(&fleet.specs, old_name))
     };
     info!(from = from.as_str(), to = to.as_str(), stopping = ?restarted, "datastore migration: stopping writers");
-    {
-        let mut fleet = fleet.lock().await;
-        for name in restarted.iter().rev() {
-            fleet.stop(name).await;
-        }
-    }
+    let writers: Vec<String> = restarted.iter().rev().cloned().collect();
+    super::fleet::stop(fleet, &writers).await;
 
     let mut target_started = false;
     let outcome = copy_and_check(
@@ -223,9 +220,9 @@ pub(crate) async fn migrate(
         to = to.as_str(),
         "datastore migration: config.yaml switched"
     );
+    super::fleet::stop(fleet, &[old_name.to_string()]).await;
     {
         let mut fleet = fleet.lock().await;
-        fleet.stop(old_name).await;
         fleet.specs = new_specs.clone();
         let names: Vec<String> = new_specs.iter().map(|s| s.name.clone()).collect();
         fleet.board.set_services(&names);
@@ -430,11 +427,11 @@ async fn rollback(
     old_specs: &[ServiceSpec],
     restarted: &[String],
 ) {
-    let mut fleet = fleet.lock().await;
     if target_started {
-        fleet.stop(new_name).await;
+        super::fleet::stop(fleet, &[new_name.to_string()]).await;
     }
     copy::discard_target(data, to);
+    let mut fleet = fleet.lock().await;
     let names: Vec<String> = old_specs.iter().map(|s| s.name.clone()).collect();
     fleet.board.set_services(&names);
     fleet.specs = old_specs.to_vec();

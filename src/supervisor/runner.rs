@@ -13,8 +13,9 @@ use super::builtin::Builtins;
 use super::child::{self, Running};
 use super::pageout;
 use super::probe::Prober;
-use super::service::{self, Origin, ServiceSpec};
+use super::service::{self, ServiceSpec};
 use super::status::{Board, ServiceState};
+use crate::components::Origin;
 use crate::config::DataDir;
 
 /// Orders the supervisor gives a runner; the reply comes once it is carried out.
