@@ -37,3 +37,4 @@ pub mod node;
 pub mod pki;
 pub mod report;
 pub mod supervisor;
+pub mod yaml;

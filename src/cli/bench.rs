@@ -223,7 +223,7 @@ async fn node(args: NodeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&runs)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&runs)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&runs)?),
         Output::Table => {
             if let Some((base, rest)) = runs.split_first() {
                 for r in rest {
@@ -578,7 +578,7 @@ async fn datastore(args: DatastoreArgs) -> anyhow::Result<ExitCode> {
         .collect();
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&results)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&results)?),
         Output::Table => {
             println!(
                 "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",

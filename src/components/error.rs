@@ -56,7 +56,7 @@ pub enum ComponentsError {
     ManifestParse {
         origin: String,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
     },
     #[error("{origin}: {reason}")]
     ManifestInvalid { origin: String, reason: String },

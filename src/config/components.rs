@@ -144,15 +144,15 @@ mod tests {
 
     #[test]
     fn release_pin_reads_numbers_and_latest() {
-        let c: ComponentsConfig = serde_yaml::from_str("release: 12\n").unwrap();
+        let c: ComponentsConfig = serde_saphyr::from_str("release: 12\n").unwrap();
         assert_eq!(c.release, ReleasePin::Number(12));
-        let c: ComponentsConfig = serde_yaml::from_str("release: latest\n").unwrap();
+        let c: ComponentsConfig = serde_saphyr::from_str("release: latest\n").unwrap();
         assert_eq!(c.release, ReleasePin::Latest);
-        let err = serde_yaml::from_str::<ComponentsConfig>("release: newest\n")
+        let err = serde_saphyr::from_str::<ComponentsConfig>("release: newest\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("newest"), "{err}");
-        assert!(serde_yaml::from_str::<ComponentsConfig>("release: 0\n").is_err());
+        assert!(serde_saphyr::from_str::<ComponentsConfig>("release: 0\n").is_err());
     }
 
     #[test]

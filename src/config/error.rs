@@ -20,12 +20,18 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    // serde_yaml's message names the line and the unknown or mistyped field; it is
+    // serde_saphyr's message names the line and the unknown or mistyped field; it is
     // shown with the file so the user can fix it without reading the cause chain.
     #[error("{path}: {source}; fix the file or remove the entry to use the default")]
     Parse {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
+    },
+    #[error("cannot write the settings as YAML for {path}")]
+    Serialize {
+        path: PathBuf,
+        #[source]
+        source: serde_saphyr::SerializeError,
     },
     #[error("{path}: {field} {reason}")]
     Invalid {

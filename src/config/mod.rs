@@ -315,7 +315,7 @@ impl NodeConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        let config: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Self = crate::yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.to_path_buf(),
             source,
         })?;
@@ -331,6 +331,17 @@ impl NodeConfig {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(ConfigError::Read { path, source }),
         }
+    }
+
+    /// Writes these settings as `<data>/config.yaml` (comments in the file are lost).
+    pub fn save(&self, data: &DataDir) -> Result<(), ConfigError> {
+        let path = data.config_file();
+        let yaml = match crate::yaml::to_string(self) {
+            Ok(yaml) => yaml,
+            Err(source) => return Err(ConfigError::Serialize { path, source }),
+        };
+        fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
+            .map_err(|source| ConfigError::Write { path, source })
     }
 
     /// Validates a user-supplied file and installs it as `<data>/config.yaml`.
@@ -655,6 +666,28 @@ mod tests {
             .to_string();
         assert!(err.contains("/x/c.yaml"), "{err}");
         assert!(err.contains("client_prot"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn saved_settings_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let mut config = NodeConfig::parse(
+            "node_name: n1\ndatastore: etcd\netcd:\n  client_port: 2399\n\
+             certs:\n  leaf_validity: 10m\n  renewal_window: 5m\nservices:\n  kubelet:\n    args: [--v=2]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        config.role = Role::ControlPlane;
+        config.save(&data).unwrap();
+        let text = std::fs::read_to_string(data.config_file()).unwrap();
+        let back = NodeConfig::load(&data).unwrap();
+        assert_eq!(crate::yaml::to_string(&back).unwrap(), text);
+        assert_eq!(back.etcd.client_port, 2399);
+        assert_eq!(back.certs.leaf_validity, Lifetime::from_secs(600));
+        assert_eq!(back.services["kubelet"].args, ["--v=2"]);
+        assert_eq!(back.node_name(), "n1");
     }
 
     #[test]

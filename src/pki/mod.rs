@@ -897,14 +897,14 @@ impl Pki {
                 return report;
             }
         };
-        let decoded = |value: &serde_yaml::Value| -> Option<String> {
+        let decoded = |value: &serde_json::Value| -> Option<String> {
             use base64::Engine;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(value.as_str()?)
                 .ok()?;
             String::from_utf8(bytes).ok()
         };
-        let parsed: Option<serde_yaml::Value> = serde_yaml::from_str(&text).ok();
+        let parsed: Option<serde_json::Value> = serde_saphyr::from_str(&text).ok();
         let embedded = parsed.as_ref().and_then(|v| {
             Some((
                 decoded(&v["clusters"][0]["cluster"]["certificate-authority-data"])?,
