@@ -6,12 +6,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Parses one YAML document. The error names line and column in one line of text,
-/// without a source snippet: callers put the file's name in front of it.
-pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+/// without a source snippet: callers put the file's name in front of it. It is boxed
+/// because it is large, and the error enums that carry it travel in every `Result`.
+pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, Box<serde_saphyr::Error>> {
     let options = serde_saphyr::options! {
         with_snippet: false,
     };
-    serde_saphyr::from_str_with_options(text, options)
+    serde_saphyr::from_str_with_options(text, options).map_err(Box::new)
 }
 
 /// `value` as a YAML document. A long single-line string (a base64 certificate in a

@@ -357,9 +357,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ComponentsError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ComponentsError::Io {
+        .map_err(|source| ComponentsError::Task {
             path: path.to_path_buf(),
-            source: std::io::Error::other(e),
+            source,
         })?
 }
 

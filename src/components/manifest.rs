@@ -215,7 +215,7 @@ impl Release {
             )));
         }
         crate::config::check_channel(&release.spec.channel)
-            .map_err(|r| invalid(format!("spec.channel: {r}")))?;
+            .map_err(|error| invalid(format!("spec.channel: {error}")))?;
         if release.spec.number == 0 {
             return Err(invalid("spec.number must be 1 or more".into()));
         }

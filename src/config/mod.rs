@@ -16,7 +16,7 @@ pub use components::{
     ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
-pub use error::ConfigError;
+pub use error::{ConfigError, ValueError};
 pub use services::{MemoryConfig, ServiceSettings};
 
 use std::collections::BTreeMap;
@@ -223,7 +223,7 @@ pub struct NetworkConfig {
 impl NetworkConfig {
     /// The first address of `service_cidr`: the `kubernetes` Service's IP, which the
     /// apiserver certificate must name.
-    pub fn kubernetes_service_ip(&self) -> Result<std::net::Ipv4Addr, String> {
+    pub fn kubernetes_service_ip(&self) -> Result<std::net::Ipv4Addr, ValueError> {
         let net = parse_cidr(&self.service_cidr)?;
         Ok((u32::from(net.network()) + 1).into())
     }
@@ -460,10 +460,14 @@ impl NodeConfig {
             field: field.to_string(),
             reason,
         };
+        let bad_value = |field: &str| {
+            let path = origin.to_path_buf();
+            let field = field.to_string();
+            move |error| ConfigError::BadValue { path, field, error }
+        };
         let net = &self.network;
-        let pods = parse_cidr(&net.pod_cidr).map_err(|r| invalid("network.pod_cidr", r))?;
-        let services =
-            parse_cidr(&net.service_cidr).map_err(|r| invalid("network.service_cidr", r))?;
+        let pods = parse_cidr(&net.pod_cidr).map_err(bad_value("network.pod_cidr"))?;
+        let services = parse_cidr(&net.service_cidr).map_err(bad_value("network.service_cidr"))?;
         if pods.contains(&services.network()) || services.contains(&pods.network()) {
             return Err(invalid(
                 "network.service_cidr",
@@ -589,19 +593,21 @@ fn is_dns_name(name: &str) -> bool {
     })
 }
 
-/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
-pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
-    let net: ipnet::Ipv4Net = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not an IPv4 CIDR like 10.1.0.0/16"))?;
+/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the error names the expected form.
+pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, ValueError> {
+    let net: ipnet::Ipv4Net = text.parse().map_err(|_| ValueError::CidrSyntax {
+        text: text.to_string(),
+    })?;
     if net.trunc() != net {
-        return Err(format!(
-            "`{text}` has host bits set; did you mean {}?",
-            net.trunc()
-        ));
+        return Err(ValueError::CidrHostBits {
+            text: text.to_string(),
+            network: net.trunc().to_string(),
+        });
     }
     if net.prefix_len() > 28 {
-        return Err(format!("`{text}` is too small; use a /28 or larger"));
+        return Err(ValueError::CidrTooSmall {
+            text: text.to_string(),
+        });
     }
     Ok(net)
 }

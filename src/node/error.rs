@@ -58,7 +58,7 @@ pub enum NodeError {
     KubeconfigParse {
         path: PathBuf,
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
     #[error("cannot write the kubeconfig read from {path} back as YAML")]
     KubeconfigWrite {

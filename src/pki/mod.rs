@@ -13,7 +13,7 @@ mod issue;
 mod kubeconfig;
 mod spec;
 
-pub use error::PkiError;
+pub use error::{CertParseError, PkiError};
 pub use inspect::rfc3339;
 pub use kubeconfig::{DEFAULT_SERVER, render as render_kubeconfig};
 pub use spec::RESTART_ORDER;
@@ -31,6 +31,7 @@ use time::OffsetDateTime;
 
 use crate::config::{DataDir, NodeConfig, is_valid_san};
 use crate::fsutil;
+use crate::report::error_chain;
 use inspect::CertInfo;
 use spec::{CaId, CaSpec, Cn, HostNames, LeafSpec, San};
 
@@ -60,9 +61,9 @@ pub fn affected_services(issued: &[Issued]) -> Vec<String> {
 }
 
 /// Whether the first certificate of `pem` names `ip` among its subject alternative names.
-pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, String> {
+pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, CertParseError> {
     let certs = inspect::parse_pem_bundle(pem)?;
-    let first = certs.first().ok_or("holds no certificate")?;
+    let first = certs.first().ok_or(CertParseError::Empty)?;
     Ok(first.sans.contains(&San::Ip(ip)))
 }
 
@@ -386,10 +387,7 @@ impl Pki {
             .network
             .kubernetes_service_ip()
             .map(Into::into)
-            .map_err(|reason| PkiError::Config {
-                field: "network.service_cidr".into(),
-                reason,
-            })
+            .map_err(PkiError::ServiceCidr)
     }
 
     fn expected_sans(&self, leaf: &LeafSpec) -> Result<BTreeSet<San>, PkiError> {
@@ -497,7 +495,7 @@ impl Pki {
             }
         };
         let bundle = inspect::parse_pem_bundle(file_pem.as_bytes())
-            .map_err(|reason| bad(&cert_path, "CA certificate", reason))?;
+            .map_err(|e| bad(&cert_path, "CA certificate", error_chain(&e)))?;
         let signing_pem = keep_matching(&file_pem, Some(&key));
         if signing_pem.is_empty() {
             return Err(bad(
@@ -528,14 +526,13 @@ impl Pki {
         write(&self.cert_path(spec.name), ca.signing_pem.as_bytes(), 0o644)?;
         std::fs::remove_file(&path).map_err(io_err(&path))?;
         ca.file_pem = ca.signing_pem.clone();
-        ca.bundle = inspect::parse_pem_bundle(ca.file_pem.as_bytes()).map_err(|reason| {
-            PkiError::BadCa {
+        ca.bundle =
+            inspect::parse_pem_bundle(ca.file_pem.as_bytes()).map_err(|e| PkiError::BadCa {
                 path: self.cert_path(spec.name),
                 what: "CA certificate".into(),
-                reason,
+                reason: error_chain(&e),
                 certs_dir: self.certs.clone(),
-            }
-        })?;
+            })?;
         tracing::info!("cluster CA rotation finished; the old CA is no longer trusted");
         issued.push(Issued {
             name: spec.name.to_string(),
@@ -566,10 +563,10 @@ impl Pki {
         };
         let info = match inspect::parse_pem_bundle(cert_pem.as_bytes()) {
             Ok(mut certs) => certs.remove(0),
-            Err(reason) => {
+            Err(e) => {
                 return Ok((
                     None,
-                    LeafState::Invalid(format!("{}: {reason}", cert_path.display())),
+                    LeafState::Invalid(format!("{}: {}", cert_path.display(), error_chain(&e))),
                 ));
             }
         };
@@ -794,9 +791,9 @@ impl Pki {
                     report.problem = Some(format!("{}: {e}", path.display()));
                 }
                 Ok(pem) => match inspect::parse_pem_bundle(&pem) {
-                    Err(reason) => {
+                    Err(e) => {
                         report.status = CertStatus::Invalid;
-                        report.problem = Some(reason);
+                        report.problem = Some(error_chain(&e));
                     }
                     Ok(bundle) => {
                         let key = std::fs::read_to_string(&key_path)

@@ -74,9 +74,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, SupervisorError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SupervisorError::Io {
-            path: "migration".into(),
-            source: std::io::Error::other(e.to_string()),
+        .map_err(|source| SupervisorError::Task {
+            what: "migration".into(),
+            source,
         })?
 }
 

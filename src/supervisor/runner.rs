@@ -304,7 +304,8 @@ impl Runner {
                                 s.log_tail.clear();
                             });
                         }
-                        Err(reason) => {
+                        Err(error) => {
+                            let reason = crate::report::error_chain(&error);
                             failures += 1;
                             let unhealthy = was_ready && failures >= UNHEALTHY_AFTER;
                             if unhealthy {
