@@ -43,3 +43,4 @@ pub mod node;
 pub mod pki;
 pub mod report;
 pub mod supervisor;
+pub mod yaml;

@@ -325,7 +325,7 @@ async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         let report = remote::status(channel, &remote.endpoint, remote.backend).await?;
         match args.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+            Output::Yaml => print!("{}", crate::yaml::to_string(&report)?),
             Output::Table => print_remote_status(&report),
         }
         return Ok(ExitCode::SUCCESS);
@@ -334,7 +334,7 @@ async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let report = datastore::local_status(&db)?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&report)?),
         Output::Table => {
             println!("backend:            {}", report.backend);
             println!("database:           {}", report.db.display());

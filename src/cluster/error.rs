@@ -75,6 +75,8 @@ pub enum ClusterError {
     AlreadyJoined { path: PathBuf },
     #[error("etcd refused `{command}`: {message}; check `kdist status` and `kdist logs etcd`")]
     Etcd { command: String, message: String },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }

@@ -249,17 +249,8 @@ fn write_control_plane(
     )?;
     config.role = Role::ControlPlane;
     config.datastore = crate::config::DatastoreKind::Etcd;
-    write_config(data, &config)?;
+    config.save(data)?;
     nodes::write_joined(data, joined)
-}
-
-fn write_config(data: &DataDir, config: &NodeConfig) -> Result<(), ClusterError> {
-    let yaml = serde_yaml::to_string(config).map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
-    })?;
-    let path = data.config_file();
-    fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
-        .map_err(|source| ClusterError::Io { path, source })
 }
 
 fn write_worker(
@@ -328,6 +319,6 @@ fn write_worker(
     }
     config.network.cluster_domain = answer.cluster_domain.clone();
     config.network.service_cidr = answer.service_cidr.clone();
-    write_config(data, &config)?;
+    config.save(data)?;
     nodes::write_joined(data, joined)
 }

@@ -186,15 +186,7 @@ pub fn reset_to_single(data: &DataDir) -> Result<(), ClusterError> {
     remove(data.cluster_dir().join("tokens.json"))?;
     remove(data.cluster_dir().join("before-join"))?;
     remove_initial_cluster(data);
-    let path = data.config_file();
-    let mut config = NodeConfig::load(data).map_err(|e| ClusterError::Invalid {
-        what: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let mut config = NodeConfig::load(data)?;
     config.role = Role::ControlPlane;
-    let yaml = serde_yaml::to_string(&config).map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
-    })?;
-    crate::fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
-        .map_err(|source| ClusterError::Io { path, source })
+    Ok(config.save(data)?)
 }

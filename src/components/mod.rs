@@ -51,9 +51,9 @@ pub async fn write_bundle(
     let owned = id.clone();
     let size = tokio::task::spawn_blocking(move || bundle::create(&store, &owned, &out))
         .await
-        .map_err(|e| ComponentsError::Io {
+        .map_err(|source| ComponentsError::Task {
             path: data.components_dir(),
-            source: std::io::Error::other(e),
+            source,
         })??;
     Ok((id, size))
 }

@@ -245,7 +245,7 @@ fn path(p: &Path) -> Value {
 
 fn yaml(header: &str, value: &Value) -> String {
     // a json! value always serializes
-    let body = serde_yaml::to_string(value).unwrap_or_default();
+    let body = crate::yaml::to_string(value).unwrap_or_default();
     format!("{header}{body}")
 }
 
@@ -411,7 +411,7 @@ mod tests {
         let facts = HostFacts::probe(&config);
         let parse = |config: &NodeConfig| -> Value {
             let inputs = NodeInputs::new(&data, config, &facts);
-            serde_yaml::from_str(&kubelet_config(&inputs, 28)).unwrap()
+            serde_saphyr::from_str(&kubelet_config(&inputs, 28)).unwrap()
         };
         assert!(parse(&config).get("cgroupRoot").is_none());
         config.runtime.cgroup_root = Some("/kdist-w1".into());

@@ -136,9 +136,7 @@ mod tests {
 
     #[test]
     fn manifest_has_the_bindings() {
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(MANIFEST)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(MANIFEST).unwrap();
         assert_eq!(docs.len(), 4);
         assert_eq!(docs[0]["roleRef"]["name"], "system:kubelet-api-admin");
         assert_eq!(

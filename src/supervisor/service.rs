@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::error::SupervisorError;
+use super::error::{ArgsError, SupervisorError};
 use crate::components::Origin;
 use crate::config::{DataDir, DatastoreKind, NodeConfig, Service};
 use crate::fsutil;
@@ -342,10 +342,10 @@ pub fn parse_args(
                         reason: "unclosed `[` condition".into(),
                     })?;
             let holds =
-                condition_holds(condition, vars).map_err(|reason| SupervisorError::ArgsLine {
+                condition_holds(condition, vars).map_err(|error| SupervisorError::ArgsExpand {
                     path: origin.to_path_buf(),
                     line: line_no,
-                    reason,
+                    error,
                 })?;
             if !holds {
                 continue;
@@ -359,10 +359,10 @@ pub fn parse_args(
                 reason: format!("`{line}` is not a flag; each line must be one `--flag=value`"),
             });
         }
-        let expanded = expand(line, vars).map_err(|reason| SupervisorError::ArgsLine {
+        let expanded = expand(line, vars).map_err(|error| SupervisorError::ArgsExpand {
             path: origin.to_path_buf(),
             line: line_no,
-            reason,
+            error,
         })?;
         argv.push(expanded);
     }
@@ -370,21 +370,21 @@ pub fn parse_args(
 }
 
 /// Evaluates an args-line condition: `1.A-1.B`, `1.A+`, `-1.B` or `NAME=value`.
-fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<bool, String> {
+fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<bool, ArgsError> {
     let condition = condition.trim();
     if let Some((name, value)) = condition.split_once('=') {
         let name = name.trim().to_ascii_uppercase();
-        let actual = vars
-            .get(&name)
-            .ok_or_else(|| format!("condition `[{condition}]` names an unknown setting"))?;
+        let actual = vars.get(&name).ok_or_else(|| ArgsError::UnknownSetting {
+            condition: condition.to_string(),
+        })?;
         return Ok(actual == value.trim());
     }
-    let minor = |text: &str| -> Result<u32, String> {
+    let minor = |text: &str| -> Result<u32, ArgsError> {
         text.trim()
             .strip_prefix("1.")
             .and_then(|m| m.parse().ok())
-            .ok_or_else(|| {
-                format!("`[{condition}]` is not a version range like [1.28-1.34] or [1.31+]")
+            .ok_or_else(|| ArgsError::BadRange {
+                condition: condition.to_string(),
             })
     };
     let (low, high) = if let Some(low) = condition.strip_suffix('+') {
@@ -400,8 +400,8 @@ fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<b
     let actual: u32 = vars
         .get("KUBE_MINOR")
         .and_then(|m| m.parse().ok())
-        .ok_or_else(|| {
-            format!("`[{condition}]` needs the Kubernetes version of the binary, which is unknown")
+        .ok_or_else(|| ArgsError::UnknownVersion {
+            condition: condition.to_string(),
         })?;
     Ok(low.is_none_or(|l| actual >= l) && high.is_none_or(|h| actual <= h))
 }
@@ -415,9 +415,9 @@ pub fn read_args(spec: &ServiceSpec) -> Result<Vec<String>, SupervisorError> {
     })?;
     let mut argv = parse_args(&text, &spec.vars, &spec.args_file)?;
     for (i, arg) in spec.extra_args.iter().enumerate() {
-        let expanded = expand(arg, &spec.vars).map_err(|reason| SupervisorError::Setting {
+        let expanded = expand(arg, &spec.vars).map_err(|error| SupervisorError::SettingExpand {
             field: format!("services.{}.args[{i}]", spec.name),
-            reason,
+            error,
         })?;
         argv.push(expanded);
     }
@@ -425,19 +425,22 @@ pub fn read_args(spec: &ServiceSpec) -> Result<Vec<String>, SupervisorError> {
 }
 
 /// Expands `${NAME}` references; an unknown name is an error naming it.
-pub fn expand(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+fn expand(text: &str, vars: &BTreeMap<String, String>) -> Result<String, ArgsError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+        let end = after.find('}').ok_or_else(|| ArgsError::Unclosed {
+            text: text.to_string(),
+        })?;
         let name = &after[..end];
         let value = vars.get(name).ok_or_else(|| {
             let known: Vec<_> = vars.keys().map(String::as_str).collect();
-            format!("unknown variable ${{{name}}} (known: {})", known.join(", "))
+            ArgsError::UnknownVariable {
+                name: name.to_string(),
+                known: known.join(", "),
+            }
         })?;
         out.push_str(value);
         rest = &after[end + 1..];
@@ -452,10 +455,10 @@ fn expand_probe(
     origin: &Path,
 ) -> Result<Probe, SupervisorError> {
     let x = |s: &str| {
-        expand(s, vars).map_err(|reason| SupervisorError::ArgsLine {
+        expand(s, vars).map_err(|error| SupervisorError::ArgsExpand {
             path: origin.to_path_buf(),
             line: 0,
-            reason,
+            error,
         })
     };
     let xo = |s: &Option<String>| s.as_deref().map(x).transpose();
