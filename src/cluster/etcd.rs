@@ -20,6 +20,9 @@ use crate::fsutil;
 
 /// How long a membership change is retried while etcd says it is not ready for one.
 const ADD_RETRY: Duration = Duration::from_secs(45);
+/// What etcd says when it refuses a membership change for now: a cluster that just
+/// changed must have been healthy for a few seconds, and it takes one learner at a time.
+const NOT_NOW: &[&str] = &["unhealthy cluster", "too many learner"];
 /// How long connecting to one endpoint may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one call may take.
@@ -183,7 +186,7 @@ impl EtcdClient {
 
     /// Removes member `id`, retried while etcd refuses for now.
     pub async fn remove(&self, id: u64) -> Result<(), ClusterError> {
-        self.retrying(|| async move {
+        self.retrying(NOT_NOW, || async move {
             self.call("member remove", |mut c| async move {
                 c.member_remove(MemberRemoveRequest { id }).await
             })
@@ -193,10 +196,9 @@ impl EtcdClient {
         .await
     }
 
-    /// A membership change, retried while etcd refuses it for now: a cluster that just
-    /// changed must have been healthy for a few seconds, and it takes one learner at a
-    /// time.
-    async fn retrying<F, Fut>(&self, change: F) -> Result<(), ClusterError>
+    /// A membership change, retried for up to [`ADD_RETRY`] while etcd's refusal names
+    /// one of `retryable` (see [`NOT_NOW`]).
+    async fn retrying<F, Fut>(&self, retryable: &[&str], change: F) -> Result<(), ClusterError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), ClusterError>>,
@@ -205,8 +207,7 @@ impl EtcdClient {
         loop {
             match change().await {
                 Err(ClusterError::Etcd { message, .. })
-                    if (message.contains("unhealthy cluster")
-                        || message.contains("too many learner"))
+                    if retryable.iter().any(|r| message.contains(r))
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -227,7 +228,18 @@ impl EtcdClient {
             // a node that left uncleanly (or was reset) joins again under its name
             self.remove(stale.id).await?;
         }
-        self.retrying(|| async move {
+        // etcd answers "member not found" to an add right after a removal, and adds
+        // nothing: tried again, unless the member is there after all
+        let retryable = [NOT_NOW, &["member not found"]].concat();
+        self.retrying(&retryable, || async move {
+            let present = self
+                .members()
+                .await?
+                .iter()
+                .any(|m| m.is_learner && m.peer_urls.iter().any(|u| u == peer_url));
+            if present {
+                return Ok(());
+            }
             self.call("member add", |mut c| async move {
                 c.member_add(MemberAddRequest {
                     peer_ur_ls: vec![peer_url.to_string()],

@@ -5,7 +5,8 @@
 //! It owns `<data>/containerd`, `<data>/cni`, `<data>/node`, `<data>/kubelet`,
 //! `<data>/images` and the host changes recorded in `<data>/node/host-state.json`. It
 //! reads certificates and kubeconfigs by their kubeadm names but never creates them, and
-//! it never spawns long-running processes: the supervisor runs the services.
+//! it never spawns long-running processes: the supervisor runs the services. It reads
+//! `/proc` only through [`proc`] (procfs) and changes links only through [`netlink`].
 
 pub mod cgroups;
 mod cmd;
