@@ -81,6 +81,12 @@ pub struct Context {
 /// error (or an early return) makes the host run it again after a backoff.
 pub trait Controller: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Whether it starts only once the apiserver has been ready (most do); one that does
+    /// not (the cluster agent: joins need the datastore and the CAs, not the API) starts
+    /// with the daemon, also on a node that runs no Kubernetes components yet.
+    fn needs_apiserver(&self) -> bool {
+        true
+    }
     fn run(
         self: Arc<Self>,
         ctx: Context,

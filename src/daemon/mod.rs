@@ -74,17 +74,19 @@ pub async fn run(
     let daemon = Daemon::prepare(data.clone(), &config)
         .await?
         .with_builtins(builtins);
-    // controllers talk to Kubernetes: a node without its components runs none
+    // most controllers talk to Kubernetes: a node without its components runs only
+    // those that do not
     let runs_kubernetes = daemon
         .board()
         .snapshot()
         .iter()
         .any(|s| s.name == "kube-apiserver" || s.name == "kubelet");
-    let controllers = Controllers::new(if runs_kubernetes {
+    let controllers = Controllers::new(
         controllers_for(&config)
-    } else {
-        Vec::new()
-    });
+            .into_iter()
+            .filter(|c| runs_kubernetes || !c.needs_apiserver())
+            .collect(),
+    );
     let daemon = daemon.with_sections(Arc::new(ControllerSection(controllers.board())));
 
     let (apiserver_tx, apiserver_rx) = watch::channel(Apiserver::default());
