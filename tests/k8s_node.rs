@@ -259,12 +259,20 @@ fn suite(datastore: &str) {
         );
         let want = format!("configmap/{name}");
         let until = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            let hit = line.trim() == want;
-            seen.push(line);
-            if hit {
-                delivered = Some(n);
-                break;
+        loop {
+            match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    let hit = line.trim() == want;
+                    seen.push(line);
+                    if hit {
+                        delivered = Some(n);
+                        break;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("`kubectl get --watch-only` ended; it printed {seen:?}")
+                }
             }
         }
         if delivered.is_some() {

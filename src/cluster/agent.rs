@@ -291,8 +291,9 @@ impl Agent {
         let agent = self.clone();
         tokio::task::spawn_blocking(move || agent.join_blocking(request, peer.ip()))
             .await
-            .map_err(|e| ClusterError::Internal {
-                reason: e.to_string(),
+            .map_err(|source| ClusterError::Task {
+                what: "the join",
+                source,
             })?
     }
 

@@ -77,6 +77,12 @@ pub enum ClusterError {
     Etcd { command: String, message: String },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("{what} did not finish (its task panicked or was cancelled)")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }

@@ -133,8 +133,9 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
         ))
     })
     .await
-    .map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
+    .map_err(|source| ClusterError::Task {
+        what: "generating the join keys",
+        source,
     })??;
     let body = JoinRequest {
         token: conn.token.clone(),
@@ -183,8 +184,9 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
         (Role::Worker, _) => write_worker(&data, config, &answer, &keys, &record),
     })
     .await
-    .map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
+    .map_err(|source| ClusterError::Task {
+        what: "writing the joined node's files",
+        source,
     })??;
     info!(agent = %joined.agent, role = %role, "joined the cluster");
     Ok(joined)
