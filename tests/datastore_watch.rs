@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use kdist::datastore::client;
 use kdist::datastore::proto::etcdserverpb::{
-    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RequestOp, StatusRequest,
-    TxnRequest, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
-    WatchResponse, compare, kv_client::KvClient, maintenance_client::MaintenanceClient, request_op,
-    response_op, watch_client::WatchClient, watch_create_request, watch_request,
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    StatusRequest, TxnRequest, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest, WatchResponse, compare, kv_client::KvClient,
+    maintenance_client::MaintenanceClient, request_op, response_op, watch_client::WatchClient,
+    watch_create_request, watch_request,
 };
 use kdist::datastore::proto::mvccpb::{Event, KeyValue, event::EventType};
 use rand::{RngExt, SeedableRng};
@@ -1282,5 +1283,418 @@ async fn watchers_under_load_get_every_event_once_in_order() {
     std::fs::create_dir_all(&etcd_dir).expect("dir");
     for server in [Server::kdist(&kdist_dir), Server::etcd(&etcd_dir)] {
         stress(&server, &size).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A watch resumed after the server was killed
+
+/// What the resuming watcher saw, in order, across its reconnects.
+#[derive(Debug)]
+enum Seen {
+    Event(Event),
+    Progress(i64),
+    /// A new watch from this revision, after the stream broke.
+    Resumed(i64),
+}
+
+#[derive(Default)]
+struct Resuming {
+    seen: Vec<Seen>,
+    /// The newest revision seen, in an event or a progress notification.
+    last: i64,
+    progress: usize,
+    resumed: usize,
+}
+
+const RESUME_PREFIX: (&[u8], &[u8]) = (b"/r/", b"/r0");
+
+/// A watcher as kube-apiserver's watch cache runs one: prev_kv and progress
+/// notifications; when the stream breaks it watches again from the newest revision it
+/// saw, in an event or a progress notification, plus one.
+async fn resuming_watcher(
+    endpoint: Arc<Mutex<String>>,
+    start: i64,
+    state: Arc<Mutex<Resuming>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut first = true;
+    while !*stop.borrow() {
+        if !first {
+            // reconnect backoff while the server restarts
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        first = false;
+        let target = endpoint.lock().expect("endpoint").clone();
+        let Ok(channel) = client::connect(&target).await else {
+            continue;
+        };
+        let from = {
+            let s = state.lock().expect("state");
+            if s.last == 0 { start } else { s.last + 1 }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(create(WatchCreateRequest {
+            key: RESUME_PREFIX.0.to_vec(),
+            range_end: RESUME_PREFIX.1.to_vec(),
+            start_revision: from,
+            prev_kv: true,
+            progress_notify: true,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|_| "watch request channel closed".to_string())?;
+        let Ok(responses) = WatchClient::new(channel)
+            .watch(ReceiverStream::new(rx))
+            .await
+        else {
+            continue;
+        };
+        let mut responses = responses.into_inner();
+        {
+            let mut s = state.lock().expect("state");
+            s.seen.push(Seen::Resumed(from));
+            s.resumed += 1;
+        }
+        loop {
+            let resp = tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                resp = responses.message() => match resp {
+                    Ok(Some(resp)) => resp,
+                    // the server went away: watch again
+                    _ => break,
+                },
+            };
+            if resp.canceled {
+                return Err(format!(
+                    "watch from {from} canceled: compact revision {}, {}",
+                    resp.compact_revision, resp.cancel_reason
+                ));
+            }
+            if resp.created {
+                continue;
+            }
+            let mut s = state.lock().expect("state");
+            if resp.events.is_empty() {
+                let rev = header_rev(resp.header.as_ref());
+                s.last = s.last.max(rev);
+                s.progress += 1;
+                s.seen.push(Seen::Progress(rev));
+            }
+            for event in resp.events {
+                let rev = event.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                s.last = s.last.max(rev);
+                s.seen.push(Seen::Event(event));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts and deletes under the watched prefix and puts outside it (only those while
+/// `outside_only` is set), reconnecting after the server died; every acknowledged
+/// revision under the prefix with its key and whether it was a put.
+async fn steady_writer(
+    endpoint: Arc<Mutex<String>>,
+    acked: Arc<Mutex<Vec<(i64, Vec<u8>, bool)>>>,
+    outside_only: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let target = endpoint.lock().expect("endpoint").clone();
+        let Ok(channel) = client::connect(&target).await else {
+            // reconnect backoff while the server restarts
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut kv = KvClient::new(channel);
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            if outside_only.load(Ordering::SeqCst) || n % 3 == 0 {
+                let put = kv
+                    .put(PutRequest {
+                        key: format!("/q/{}", n % 5).into_bytes(),
+                        value: format!("v{n}").into_bytes(),
+                        ..Default::default()
+                    })
+                    .await;
+                if put.is_err() {
+                    break;
+                }
+                continue;
+            }
+            let key = format!("/r/{}", n % 5).into_bytes();
+            let written = if n % 5 == 0 {
+                kv.delete_range(DeleteRangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    (r.deleted > 0).then(|| header_rev(r.header.as_ref()))
+                })
+            } else {
+                kv.put(PutRequest {
+                    key: key.clone(),
+                    value: format!("v{n}").into_bytes(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| Some(header_rev(r.into_inner().header.as_ref())))
+            };
+            match written {
+                Ok(Some(rev)) => acked.lock().expect("acked").push((rev, key, n % 5 != 0)),
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+async fn current_rev(endpoint: &str) -> i64 {
+    let resp = KvClient::new(connect(endpoint).await)
+        .range(RangeRequest {
+            key: b"/r/".to_vec(),
+            range_end: b"/r0".to_vec(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    header_rev(resp.header.as_ref())
+}
+
+/// Every event under the prefix from `from` up to `to`, read back by a watch from `from`
+/// until a progress notification at `to` or later (nothing is written any more).
+async fn history_between(endpoint: &str, from: i64, to: i64) -> Vec<Event> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(create(WatchCreateRequest {
+        key: RESUME_PREFIX.0.to_vec(),
+        range_end: RESUME_PREFIX.1.to_vec(),
+        start_revision: from,
+        prev_kv: true,
+        progress_notify: true,
+        ..Default::default()
+    }))
+    .await
+    .expect("send create");
+    let mut responses = WatchClient::new(connect(endpoint).await)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    loop {
+        let resp = next_response(&mut responses, "history").await;
+        assert!(!resp.canceled, "history watch canceled: {resp:?}");
+        if !resp.created && resp.events.is_empty() && header_rev(resp.header.as_ref()) >= to {
+            return events;
+        }
+        events.extend(resp.events);
+    }
+}
+
+/// (revision, key, put, value, previous revision) of an event.
+fn event_id(e: &Event) -> (i64, Vec<u8>, bool, Vec<u8>, i64) {
+    let kv = e.kv.clone().unwrap_or_default();
+    (
+        kv.mod_revision,
+        kv.key,
+        e.r#type == EventType::Put as i32,
+        kv.value,
+        e.prev_kv.as_ref().map_or(0, |p| p.mod_revision),
+    )
+}
+
+const KILLS: usize = 3;
+
+async fn resumed_watch_after_kill9(server: &mut Server) {
+    let name = server.name();
+    let endpoint = Arc::new(Mutex::new(server.endpoint()));
+    let base = current_rev(&server.endpoint()).await;
+    let state = Arc::new(Mutex::new(Resuming::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(resuming_watcher(
+        endpoint.clone(),
+        base + 1,
+        state.clone(),
+        stop_rx,
+    ));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop_writing = Arc::new(AtomicBool::new(false));
+    let outside_only = Arc::new(AtomicBool::new(false));
+    let writing = tokio::spawn(steady_writer(
+        endpoint.clone(),
+        acked.clone(),
+        outside_only.clone(),
+        stop_writing.clone(),
+    ));
+    let acked_len =
+        |acked: &Arc<Mutex<Vec<(i64, Vec<u8>, bool)>>>| acked.lock().expect("acked").len();
+    for kill in 0..KILLS {
+        let before = acked_len(&acked);
+        let resumed = state.lock().expect("state").resumed;
+        if kill % 2 == 0 {
+            // kill -9 while writes under the prefix flow and the watcher receives them
+            let flowing = wait_until_async(RESPONSE_TIMEOUT, Duration::from_millis(10), || {
+                acked_len(&acked) >= before + 30 + kill * 17
+            })
+            .await;
+            assert!(flowing, "{name}: writes stalled before kill {kill}");
+        } else {
+            // kill -9 while only writes outside the prefix flow, once a progress
+            // notification moved the watcher past its newest event: it resumes from there
+            outside_only.store(true, Ordering::SeqCst);
+            let progressed = wait_until_async(RESPONSE_TIMEOUT, Duration::from_millis(20), || {
+                let s = state.lock().expect("state");
+                let newest_event = s
+                    .seen
+                    .iter()
+                    .rev()
+                    .find_map(|seen| match seen {
+                        Seen::Event(e) => Some(event_id(e).0),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                matches!(s.seen.last(), Some(Seen::Progress(rev)) if *rev > newest_event)
+            })
+            .await;
+            assert!(
+                progressed,
+                "{name}: no progress past the newest event before kill {kill}"
+            );
+        }
+        server.kill9_and_restart();
+        *endpoint.lock().expect("endpoint") = server.endpoint();
+        let back = wait_until_async(RESPONSE_TIMEOUT, Duration::from_millis(20), || {
+            state.lock().expect("state").resumed > resumed
+        })
+        .await;
+        assert!(
+            back,
+            "{name}: the watcher did not watch again after kill {kill}"
+        );
+        outside_only.store(false, Ordering::SeqCst);
+    }
+    // A quiet spell at the end: the watcher must reach the last revision and get a
+    // progress notification at or above it.
+    stop_writing.store(true, Ordering::SeqCst);
+    writing.await.expect("writer task");
+    let last = current_rev(&server.endpoint()).await;
+    let progressed = wait_until_async(RESPONSE_TIMEOUT, Duration::from_millis(20), || {
+        let s = state.lock().expect("state");
+        s.seen
+            .iter()
+            .any(|seen| matches!(seen, Seen::Progress(rev) if *rev >= last))
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    if let Err(e) = watcher.await.expect("watcher task") {
+        panic!("{name}: {e}");
+    }
+    assert!(
+        progressed,
+        "{name}: no progress notification at {last} after the last write"
+    );
+
+    let history = history_between(&server.endpoint(), base + 1, last).await;
+    let history_ids: Vec<_> = history.iter().map(event_id).collect();
+    // every revision once, and every acknowledged write in it
+    let revs: Vec<i64> = history_ids.iter().map(|h| h.0).collect();
+    assert!(
+        revs.windows(2).all(|w| w[0] < w[1]) && revs.first().is_some_and(|&r| r > base),
+        "{name}: history revisions {revs:?}"
+    );
+    for (rev, key, put) in acked.lock().expect("acked").iter() {
+        let found = history_ids
+            .iter()
+            .any(|h| h.0 == *rev && h.1 == *key && h.2 == *put);
+        assert!(
+            found,
+            "{name}: acknowledged write at {rev} missing from history"
+        );
+    }
+    let state = state.lock().expect("state");
+    let got: Vec<_> = state
+        .seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Event(e) => Some(event_id(e)),
+            _ => None,
+        })
+        .collect();
+    if got != history_ids {
+        let first = got
+            .iter()
+            .zip(&history_ids)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(history_ids.len()));
+        panic!(
+            "{name}: the resumed watcher got {} events, history has {}; first difference at \
+             #{first}: got {:?}, history {:?}\nseen: {:?}",
+            got.len(),
+            history_ids.len(),
+            got.get(first),
+            history_ids.get(first),
+            state
+                .seen
+                .iter()
+                .filter(|s| !matches!(s, Seen::Event(_)))
+                .collect::<Vec<_>>(),
+        );
+    }
+    // a progress notification at R: every event up to R came before it, none after
+    let (mut sent, mut newest, mut from_progress) = (0, 0, 0);
+    for seen in &state.seen {
+        match seen {
+            Seen::Event(e) => {
+                sent += 1;
+                newest = event_id(e).0;
+            }
+            Seen::Progress(rev) => {
+                let due = history_ids.iter().filter(|h| h.0 <= *rev).count();
+                assert_eq!(
+                    sent, due,
+                    "{name}: progress at {rev} after {sent} of {due} events"
+                );
+            }
+            Seen::Resumed(from) => {
+                if *from > newest + 1 && newest > 0 {
+                    from_progress += 1;
+                }
+                assert!(
+                    *from > newest,
+                    "{name}: watched again from {from} after an event at {newest}"
+                );
+            }
+        }
+    }
+    assert!(state.resumed > KILLS, "{name}: {} watches", state.resumed);
+    assert!(
+        from_progress > 0,
+        "{name}: no watch resumed from a progress revision"
+    );
+    eprintln!(
+        "{name}: {KILLS} kill -9, {} acknowledged writes, {} events across {} watches, \
+         {} progress notifications ({from_progress} resumed from one), none missed or repeated",
+        acked_len(&acked),
+        got.len(),
+        state.resumed,
+        state.progress
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_after_kill_9_misses_and_repeats_nothing() {
+    let dir = temp_dir("kdist-watch-resume");
+    let kdist_dir = dir.path().join("kdist");
+    let etcd_dir = dir.path().join("etcd");
+    std::fs::create_dir_all(&kdist_dir).expect("dir");
+    std::fs::create_dir_all(&etcd_dir).expect("dir");
+    for mut server in [Server::kdist(&kdist_dir), Server::etcd(&etcd_dir)] {
+        resumed_watch_after_kill9(&mut server).await;
     }
 }

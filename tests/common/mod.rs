@@ -47,6 +47,25 @@ pub fn wait_until(timeout: Duration, every: Duration, mut check: impl FnMut() ->
     }
 }
 
+/// `wait_until` for async tests: polls `check` every `every` without blocking a runtime
+/// worker.
+pub async fn wait_until_async(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Polls `f` until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
