@@ -477,8 +477,8 @@ async fn compactor(
 /// What a watcher asked for.
 #[derive(Debug, Clone)]
 struct Spec {
-    key: Vec<u8>,
-    end: Vec<u8>,
+    key: String,
+    end: String,
     /// 0: from now on.
     start: i64,
     prev_kv: bool,
@@ -490,14 +490,11 @@ struct Spec {
 impl Spec {
     fn random(rng: &mut rand::rngs::StdRng, latest: i64) -> Spec {
         let (key, end) = match rng.random_range(0..5) {
-            0 => (
-                KEYS[rng.random_range(0..KEYS.len())].as_bytes().to_vec(),
-                Vec::new(),
-            ),
-            1 => (b"/s/".to_vec(), b"/s0".to_vec()),
-            2 => (b"/s/e/".to_vec(), b"/s/e0".to_vec()),
-            3 => (b"/s/b".to_vec(), b"/s/e/2".to_vec()),
-            _ => (vec![0], vec![0]),
+            0 => (KEYS[rng.random_range(0..KEYS.len())].into(), String::new()),
+            1 => ("/s/".into(), "/s0".into()),
+            2 => ("/s/e/".into(), "/s/e0".into()),
+            3 => ("/s/b".into(), "/s/e/2".into()),
+            _ => ("\0".into(), "\0".into()),
         };
         let start = match rng.random_range(0..5) {
             0..=2 => 0,
@@ -525,8 +522,8 @@ impl Spec {
             filters.push(watch_create_request::FilterType::Nodelete as i32);
         }
         WatchCreateRequest {
-            key: self.key.clone(),
-            range_end: self.end.clone(),
+            key: self.key.clone().into_bytes(),
+            range_end: self.end.clone().into_bytes(),
             start_revision: self.start,
             progress_notify: self.progress_notify,
             filters,
@@ -536,12 +533,13 @@ impl Spec {
     }
 
     fn contains(&self, key: &[u8]) -> bool {
-        if self.end.is_empty() {
-            key == self.key
-        } else if self.end == [0] {
-            key >= self.key.as_slice()
+        let (start, end) = (self.key.as_bytes(), self.end.as_bytes());
+        if end.is_empty() {
+            key == start
+        } else if end == [0] {
+            key >= start
         } else {
-            key >= self.key.as_slice() && key < self.end.as_slice()
+            key >= start && key < end
         }
     }
 
@@ -720,24 +718,49 @@ impl WatchLog {
         Ok(Got::Other)
     }
 
-    async fn wait_for(&mut self, want: impl Fn(&Got) -> bool, what: &str) -> Result<(), String> {
+    async fn wait_for(&mut self, want: impl Fn(&Got) -> bool, what: &str) -> Result<Got, String> {
         loop {
             let resp = self
                 .recv(RESPONSE_TIMEOUT)
                 .await?
                 .ok_or_else(|| format!("no {what} response within {RESPONSE_TIMEOUT:?}"))?;
-            if want(&self.note(resp)?) {
-                return Ok(());
+            let got = self.note(resp)?;
+            if want(&got) {
+                return Ok(got);
             }
         }
     }
 
-    async fn create(&mut self, spec: Spec, compactions: &Compactions) -> Result<(), String> {
+    /// Creates a watcher; its id.
+    async fn create(&mut self, spec: Spec, compactions: &Compactions) -> Result<i64, String> {
         self.pending_create = Some((spec.clone(), compactions.done.load(Ordering::SeqCst)));
         self.send(watch_request::RequestUnion::CreateRequest(spec.request()))
             .await?;
-        self.wait_for(|got| matches!(got, Got::Created(_)), "created")
-            .await
+        match self
+            .wait_for(|got| matches!(got, Got::Created(_)), "created")
+            .await?
+        {
+            Got::Created(id) => Ok(id),
+            _ => Err("created response expected".into()),
+        }
+    }
+
+    /// Logs what arrives until `enough` holds or `wait` passes.
+    async fn pump_until(
+        &mut self,
+        enough: impl Fn(&WatchLog) -> bool,
+        wait: Duration,
+    ) -> Result<(), String> {
+        let until = Instant::now() + wait;
+        while !enough(self) {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            if let Some(resp) = self.recv(left).await? {
+                self.note(resp)?;
+            }
+        }
+        Ok(())
     }
 
     async fn cancel(&mut self, id: i64) -> Result<(), String> {
@@ -751,6 +774,7 @@ impl WatchLog {
         // a compacted response may come first and end the watcher as well
         self.wait_for(|got| *got == Got::Canceled(id), "canceled")
             .await
+            .map(drop)
     }
 
     async fn request_progress(&mut self) -> Result<(), String> {
@@ -760,6 +784,7 @@ impl WatchLog {
         .await?;
         self.wait_for(|got| *got == Got::StreamProgress, "progress")
             .await
+            .map(drop)
     }
 
     /// Logs what arrives for `wait`.
@@ -796,14 +821,10 @@ impl WatchLog {
             if short.is_empty() {
                 break;
             }
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .ok_or_else(|| {
-                    format!(
-                        "events not delivered within {RESPONSE_TIMEOUT:?}: {}",
-                        short.join("; ")
-                    )
-                })?;
+            // what is missing is told by the checks, from the log
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
             if let Some(resp) = self.recv(left).await? {
                 self.note(resp)?;
             }
@@ -861,6 +882,57 @@ async fn watch_client(
     }
     stream.finish(&history).await?;
     Ok(stream.log)
+}
+
+/// Watch streams opened one after the other, as fast as they can while the writers run,
+/// each with one watcher from now on (what etcd-client's `watch()` does), each cancelled
+/// once it got two events: a write committed while a stream and its watcher are set up
+/// must reach the watcher exactly when it is after its created revision.
+async fn churn_client(
+    endpoint: String,
+    seed: u64,
+    history: Arc<History>,
+    compactions: Arc<Compactions>,
+    writers_done: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Vec<Entry>>, String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut now = move || {
+        let (key, end) = if rng.random_range(0..2) == 0 {
+            ("/s/", "/s0")
+        } else {
+            ("\0", "\0")
+        };
+        Spec {
+            key: key.into(),
+            end: end.into(),
+            start: 0,
+            prev_kv: rng.random_range(0..2) == 0,
+            progress_notify: false,
+            no_put: false,
+            no_delete: false,
+        }
+    };
+    let channel = client::connect(&endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut logs = Vec::new();
+    loop {
+        let mut stream = WatchLog::open(channel.clone(), now(), &compactions).await?;
+        if *writers_done.borrow() {
+            stream.finish(&history).await?;
+            logs.push(stream.log);
+            return Ok(logs);
+        }
+        let id = *stream.live.keys().next().ok_or("no watcher")?;
+        stream
+            .pump_until(
+                |s| s.live.get(&id).is_none_or(|w| w.2 >= 2) || *writers_done.borrow(),
+                Duration::from_secs(1),
+            )
+            .await?;
+        stream.cancel(id).await?;
+        logs.push(stream.log);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1172,6 +1244,13 @@ async fn stress(server: &Server, size: &Arc<Size>) {
             done_rx.clone(),
         )));
     }
+    let churn = tokio::spawn(churn_client(
+        endpoint.clone(),
+        99,
+        history.clone(),
+        compactions.clone(),
+        done_rx.clone(),
+    ));
     let mut writers = Vec::new();
     let quiet = Arc::new(tokio::sync::Barrier::new(size.writers));
     for w in 0..size.writers {
@@ -1209,6 +1288,10 @@ async fn stress(server: &Server, size: &Arc<Size>) {
             Ok(log) => logs.push(log),
             Err(e) => panic!("{}: watch stream {s}: {e}", server.name()),
         }
+    }
+    match churn.await.expect("churn task") {
+        Ok(churned) => logs.extend(churned),
+        Err(e) => panic!("{}: churned watch streams: {e}", server.name()),
     }
     let elapsed = started.elapsed();
     let revs = history.revs.lock().expect("history");
