@@ -188,9 +188,46 @@ async fn watch_call_returns_once_the_watch_exists(server: &Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_call_returns_once_the_watch_exists() {
-    let dir = temp_dir("kdist-watch-call");
-    for server in [Server::kdist(dir.path()), Server::etcd(dir.path())] {
-        watch_call_returns_once_the_watch_exists(&server).await;
+    on_both("kdist-watch-call", |server| async move {
+        watch_call_returns_once_the_watch_exists(&server).await
+    })
+    .await;
+}
+
+/// Runs `check` against kdist, then against etcd, each on its own data dir, and says how
+/// each did before failing if either did.
+async fn on_both<T, Fut>(tag: &str, check: impl Fn(Server) -> Fut) -> (T, T)
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let dir = temp_dir(tag);
+    let mut outcomes = Vec::new();
+    for name in ["kdist", "etcd"] {
+        let data = dir.path().join(name);
+        std::fs::create_dir_all(&data).expect("data dir");
+        let server = if name == "kdist" {
+            Server::kdist(&data)
+        } else {
+            Server::etcd(&data)
+        };
+        // its own task, so that a failure on one still lets the other run
+        let outcome = tokio::spawn(check(server)).await;
+        eprintln!(
+            "{tag}: {name} {}",
+            if outcome.is_ok() { "PASS" } else { "FAIL" }
+        );
+        outcomes.push(outcome);
+    }
+    let etcd = outcomes.pop().expect("etcd outcome");
+    let kdist = outcomes.pop().expect("kdist outcome");
+    match (kdist, etcd) {
+        (Ok(kdist), Ok(etcd)) => (kdist, etcd),
+        (kdist, etcd) => panic!(
+            "{tag}: kdist {}, etcd {} (the failure is printed above)",
+            if kdist.is_ok() { "passed" } else { "failed" },
+            if etcd.is_ok() { "passed" } else { "failed" },
+        ),
     }
 }
 
@@ -1358,14 +1395,12 @@ async fn stress(server: &Server, size: &Arc<Size>) -> f64 {
 
 /// Runs the stress on kdist, then on etcd, each on its own data.
 async fn stress_both(default_scale: usize) {
-    let dir = temp_dir("kdist-watch-stress");
     let size = Arc::new(size(default_scale));
-    let kdist_dir = dir.path().join("kdist");
-    let etcd_dir = dir.path().join("etcd");
-    std::fs::create_dir_all(&kdist_dir).expect("dir");
-    std::fs::create_dir_all(&etcd_dir).expect("dir");
-    let kdist = stress(&Server::kdist(&kdist_dir), &size).await;
-    let etcd = stress(&Server::etcd(&etcd_dir), &size).await;
+    let (kdist, etcd) = on_both("kdist-watch-stress", move |server| {
+        let size = size.clone();
+        async move { stress(&server, &size).await }
+    })
+    .await;
     eprintln!(
         "events delivered per second, kdist/etcd: {:.2}",
         kdist / etcd
@@ -1794,12 +1829,8 @@ async fn resumed_watch_after_kill9(server: &mut Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_resumed_after_kill_9_misses_and_repeats_nothing() {
-    let dir = temp_dir("kdist-watch-resume");
-    let kdist_dir = dir.path().join("kdist");
-    let etcd_dir = dir.path().join("etcd");
-    std::fs::create_dir_all(&kdist_dir).expect("dir");
-    std::fs::create_dir_all(&etcd_dir).expect("dir");
-    for mut server in [Server::kdist(&kdist_dir), Server::etcd(&etcd_dir)] {
-        resumed_watch_after_kill9(&mut server).await;
-    }
+    on_both("kdist-watch-resume", |mut server| async move {
+        resumed_watch_after_kill9(&mut server).await
+    })
+    .await;
 }
