@@ -1193,6 +1193,8 @@ impl Writer {
         )
     }
 
+    /// Applies one operation to the open transaction and the writer's state: its answer,
+    /// with the events it made and the lease it granted or revoked.
     fn apply(
         &mut self,
         op: WriteOp,
@@ -1212,98 +1214,127 @@ impl Writer {
                 *events = a.events;
                 Ok(WriteResult::Delete(resp))
             }
-            WriteOp::Txn(req) => {
-                let mut path = Vec::new();
-                mvcc::txn_path(&self.index, &req, &mut path);
-                let write = !mvcc::txn_is_read_only(&req);
-                mvcc::check_txn(
-                    &self.index,
-                    &req,
-                    &path,
-                    (self.rev, self.compact_rev),
-                    write,
-                    &|id| self.leases.contains_key(&id),
-                )?;
-                let mut a = self.applier();
-                let mut resp = a.txn(&req, &path, &mut 0)?;
-                resp.header = mvcc::rev_header(a.cur_rev());
-                *events = a.events;
-                Ok(WriteResult::Txn(resp))
-            }
-            WriteOp::Compact { revision, physical } => {
-                if revision <= self.compact_rev {
-                    return Err(ApiError::Compacted);
-                }
-                if revision > self.rev {
-                    return Err(ApiError::FutureRev);
-                }
-                self.compact_rev = revision;
-                let waiters = self
-                    .compaction
-                    .take()
-                    .map(|c| c.waiters)
-                    .unwrap_or_default();
-                self.compaction = Some(Compaction {
-                    rev: revision,
-                    cursor: (self.compact_done, i64::MAX),
-                    waiters,
-                });
-                if physical {
-                    // Answered when the last compaction step commits.
-                    return Ok(WriteResult::Rev(-1));
-                }
-                Ok(WriteResult::Rev(self.rev))
-            }
-            WriteOp::LeaseGrant { id, ttl } => {
-                if ttl > MAX_LEASE_TTL {
-                    return Err(ApiError::LeaseTtlTooLarge);
-                }
-                let id = if id == 0 { self.new_lease_id() } else { id };
-                if self.leases.contains_key(&id) {
-                    return Err(ApiError::LeaseExist);
-                }
-                let ttl = ttl.max(MIN_LEASE_TTL);
-                self.conn
-                    .prepare_cached("INSERT INTO lease (id, ttl) VALUES (?1, ?2)")?
-                    .execute(params![id, ttl])?;
-                *lease_change = Some(LeaseChange::Granted(id, ttl));
-                Ok(WriteResult::Grant {
-                    id,
-                    ttl,
-                    rev: self.rev,
-                })
-            }
+            WriteOp::Txn(req) => self.apply_txn(&req, events),
+            WriteOp::Compact { revision, physical } => self.start_compaction(revision, physical),
+            WriteOp::LeaseGrant { id, ttl } => self.grant_lease(id, ttl, lease_change),
             WriteOp::LeaseRevoke {
                 id,
                 only_if_expired,
-            } => {
-                if !self.leases.contains_key(&id) {
-                    return Err(ApiError::LeaseNotFound);
-                }
-                if only_if_expired {
-                    let renewed = self
-                        .shared
-                        .leases
-                        .lock()
-                        .ok()
-                        .and_then(|l| l.get(&id).map(|e| e.expiry > Instant::now()))
-                        .unwrap_or(false);
-                    if renewed {
-                        return Ok(WriteResult::Rev(self.rev));
-                    }
-                }
-                let mut a = self.applier();
-                a.delete_lease_keys(id)?;
-                let changed = a.changed();
-                *events = a.events;
-                self.conn
-                    .prepare_cached("DELETE FROM lease WHERE id = ?1")?
-                    .execute(params![id])?;
-                *lease_change = Some(LeaseChange::Revoked(id));
-                Ok(WriteResult::Rev(self.rev + i64::from(changed)))
-            }
+            } => self.revoke_lease(id, only_if_expired, events, lease_change),
             WriteOp::Defrag | WriteOp::Shutdown | WriteOp::Wake => Ok(WriteResult::Rev(self.rev)),
         }
+    }
+
+    /// A transaction: its compares and every branch checked against the current state
+    /// first (etcd refuses a whole transaction up front), then the branch taken applied.
+    fn apply_txn(
+        &mut self,
+        req: &TxnRequest,
+        events: &mut Vec<Event>,
+    ) -> Result<WriteResult, ApiError> {
+        let mut path = Vec::new();
+        mvcc::txn_path(&self.index, req, &mut path);
+        let write = !mvcc::txn_is_read_only(req);
+        mvcc::check_txn(
+            &self.index,
+            req,
+            &path,
+            (self.rev, self.compact_rev),
+            write,
+            &|id| self.leases.contains_key(&id),
+        )?;
+        let mut a = self.applier();
+        let mut resp = a.txn(req, &path, &mut 0)?;
+        resp.header = mvcc::rev_header(a.cur_rev());
+        *events = a.events;
+        Ok(WriteResult::Txn(resp))
+    }
+
+    /// Moves the compacted revision now; the rows go in later steps (`compact_step`).
+    /// A physical compaction is answered once its last step committed.
+    fn start_compaction(&mut self, revision: i64, physical: bool) -> Result<WriteResult, ApiError> {
+        if revision <= self.compact_rev {
+            return Err(ApiError::Compacted);
+        }
+        if revision > self.rev {
+            return Err(ApiError::FutureRev);
+        }
+        self.compact_rev = revision;
+        let waiters = self
+            .compaction
+            .take()
+            .map(|c| c.waiters)
+            .unwrap_or_default();
+        self.compaction = Some(Compaction {
+            rev: revision,
+            cursor: (self.compact_done, i64::MAX),
+            waiters,
+        });
+        if physical {
+            // Answered when the last compaction step commits.
+            return Ok(WriteResult::Rev(-1));
+        }
+        Ok(WriteResult::Rev(self.rev))
+    }
+
+    fn grant_lease(
+        &mut self,
+        id: i64,
+        ttl: i64,
+        lease_change: &mut Option<LeaseChange>,
+    ) -> Result<WriteResult, ApiError> {
+        if ttl > MAX_LEASE_TTL {
+            return Err(ApiError::LeaseTtlTooLarge);
+        }
+        let id = if id == 0 { self.new_lease_id() } else { id };
+        if self.leases.contains_key(&id) {
+            return Err(ApiError::LeaseExist);
+        }
+        let ttl = ttl.max(MIN_LEASE_TTL);
+        self.conn
+            .prepare_cached("INSERT INTO lease (id, ttl) VALUES (?1, ?2)")?
+            .execute(params![id, ttl])?;
+        *lease_change = Some(LeaseChange::Granted(id, ttl));
+        Ok(WriteResult::Grant {
+            id,
+            ttl,
+            rev: self.rev,
+        })
+    }
+
+    /// Revokes a lease and deletes its keys; with `only_if_expired` (the expiry check),
+    /// a lease renewed since it was found expired is kept.
+    fn revoke_lease(
+        &mut self,
+        id: i64,
+        only_if_expired: bool,
+        events: &mut Vec<Event>,
+        lease_change: &mut Option<LeaseChange>,
+    ) -> Result<WriteResult, ApiError> {
+        if !self.leases.contains_key(&id) {
+            return Err(ApiError::LeaseNotFound);
+        }
+        if only_if_expired {
+            let renewed = self
+                .shared
+                .leases
+                .lock()
+                .ok()
+                .and_then(|l| l.get(&id).map(|e| e.expiry > Instant::now()))
+                .unwrap_or(false);
+            if renewed {
+                return Ok(WriteResult::Rev(self.rev));
+            }
+        }
+        let mut a = self.applier();
+        a.delete_lease_keys(id)?;
+        let changed = a.changed();
+        *events = a.events;
+        self.conn
+            .prepare_cached("DELETE FROM lease WHERE id = ?1")?
+            .execute(params![id])?;
+        *lease_change = Some(LeaseChange::Revoked(id));
+        Ok(WriteResult::Rev(self.rev + i64::from(changed)))
     }
 
     fn new_lease_id(&mut self) -> i64 {
