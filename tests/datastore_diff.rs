@@ -242,6 +242,9 @@ struct Side {
     history: Vec<Event>,
     /// The newest revision compacted.
     compacted: i64,
+    /// Whether a watch from the past catches up in the background (etcd: a loop every
+    /// 100 ms) rather than before its created response (kdist).
+    background_sync: bool,
 }
 
 /// How long a watch response that is due may take.
@@ -309,6 +312,21 @@ impl WatchStream {
             && (put || mod_rev(e) > self.no_tombstones_upto)
     }
 
+    /// Reads until the server sends it a progress notification, which etcd sends only to
+    /// a watcher that caught up, or ends it.
+    async fn synced(&mut self) -> Result<(), String> {
+        let is_progress = |r: &WatchResponse| !r.created && !r.canceled && r.events.is_empty();
+        while !self.ended && !self.read.iter().any(is_progress) {
+            if !self.read_one().await {
+                return Err(format!(
+                    "watch {:?}: no progress notification within {WATCH_TIMEOUT:?}",
+                    self.create
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads until it has every event of `history` due to it, or the server ended it.
     async fn catch_up(&mut self, history: &[Event]) -> Result<(), String> {
         loop {
@@ -346,7 +364,7 @@ fn status_text(s: tonic::Status) -> String {
 }
 
 impl Side {
-    async fn connect(endpoint: &str) -> Side {
+    async fn connect(endpoint: &str, background_sync: bool) -> Side {
         let channel = client::connect(endpoint).await.expect("connect");
         let mut watch = WatchClient::new(channel.clone());
         let all = Self::open_watch_on(
@@ -366,6 +384,7 @@ impl Side {
             all,
             history: Vec::new(),
             compacted: 0,
+            background_sync,
         }
     }
 
@@ -574,14 +593,21 @@ impl Side {
                     start_revision,
                     prev_kv: *prev_kv,
                     filters: filters.clone(),
+                    // progress notifications are not compared (see `drain_watches`)
+                    progress_notify: start_revision > 0,
                     ..Default::default()
                 })
                 .await;
                 if start_revision > 0 {
-                    // etcd replays history to a new watcher from a background loop
-                    // (every 100 ms); it must be done before later ops race with it.
+                    // etcd replays history to a new watcher from a background loop; it
+                    // must be done before later ops (a compaction) race with it.
                     let n = self.watches.len() - 1;
                     if let Err(e) = self.catch_up(n).await {
+                        return e;
+                    }
+                    if self.background_sync
+                        && let Err(e) = self.watches[n].synced().await
+                    {
                         return e;
                     }
                 }
@@ -812,10 +838,14 @@ async fn same_answers_as_etcd() {
         panic!("this test needs /usr/bin/etcd (Debian package etcd-server)");
     }
     let dir = temp_dir("kdist-diff");
-    let etcd_proc = Etcd::start(dir.path());
+    // progress notifications tell when etcd caught a watch up (see `WatchStream::synced`)
+    let etcd_proc = Etcd::start_with(
+        dir.path(),
+        &["--experimental-watch-progress-notify-interval=100ms"],
+    );
     let ds = Datastore::start(dir.path());
-    let mut etcd = Side::connect(&etcd_proc.endpoint()).await;
-    let mut kdist = Side::connect(&ds.endpoint()).await;
+    let mut etcd = Side::connect(&etcd_proc.endpoint(), true).await;
+    let mut kdist = Side::connect(&ds.endpoint(), false).await;
 
     let mut entries: Vec<_> = std::fs::read_dir(corpus_dir())
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
