@@ -186,9 +186,13 @@ impl kv_server::Kv for Api {
 
 type StreamOf<T> = ReceiverStream<Result<T, Status>>;
 
+/// A watch stream's responses: the first one, already taken, then the rest.
+type WatchResponses =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl watch_server::Watch for Api {
-    type WatchStream = StreamOf<WatchResponse>;
+    type WatchStream = WatchResponses;
 
     async fn watch(
         &self,
@@ -205,7 +209,13 @@ impl watch_server::Watch for Api {
                 _ = shutdown.cancelled() => {}
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // As etcd (grpc-go sends a stream's headers with its first message), the response
+        // starts with the first message, normally the created response: clients whose
+        // watch call waits for the headers (tonic, the etcd-client crate) then return only
+        // once the watch exists, and a write they make next is delivered to it.
+        let mut rx = ReceiverStream::new(rx);
+        let first = rx.next().await;
+        Ok(Response::new(Box::pin(tokio_stream::iter(first).chain(rx))))
     }
 }
 
