@@ -8,6 +8,7 @@ mod cluster;
 mod components;
 mod embedded;
 mod error;
+mod registries;
 mod services;
 mod storage;
 
@@ -18,6 +19,10 @@ pub use components::{
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
+pub use registries::{
+    EKS_REGISTRY, Endpoint, HostConfig, Mirror, RegistriesConfig, RegistryAuth, RegistryTls, Scheme,
+    is_host,
+};
 pub use services::{MemoryConfig, ServiceSettings};
 pub use storage::StorageConfig;
 
@@ -311,6 +316,8 @@ pub struct NodeConfig {
     pub memory: MemoryConfig,
     /// Node-local volumes (the `kdist-local` StorageClasses).
     pub storage: StorageConfig,
+    /// Registry mirrors, credentials and TLS for containerd (k3s' `registries.yaml`).
+    pub registries: RegistriesConfig,
 }
 
 impl NodeConfig {
@@ -446,6 +453,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
+        self.registries.validate(origin)?;
         services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
         Ok(())
     }
