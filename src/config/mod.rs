@@ -20,8 +20,8 @@ pub use components::{
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::ConfigError;
 pub use registries::{
-    EKS_REGISTRY, Endpoint, HostConfig, Mirror, RegistriesConfig, RegistryAuth, RegistryTls, Scheme,
-    is_host,
+    EKS_REGISTRY, Endpoint, HostConfig, Mirror, RegistriesConfig, RegistryAuth, RegistryTls,
+    Scheme, is_host,
 };
 pub use services::{MemoryConfig, ServiceSettings};
 pub use storage::StorageConfig;

@@ -176,7 +176,9 @@ impl Endpoint {
             ));
         }
         if path.contains(['?', '#', ' ']) || path.contains("//") {
-            return Err(format!("`{text}`: the path `{path}` has no place in a registry URL"));
+            return Err(format!(
+                "`{text}`: the path `{path}` has no place in a registry URL"
+            ));
         }
         Ok(Self {
             scheme,
@@ -307,8 +309,7 @@ impl RegistriesConfig {
                     0 => {
                         return Err(invalid(
                             key("auth"),
-                            "is empty: give username and password, auth, or identity_token"
-                                .into(),
+                            "is empty: give username and password, auth, or identity_token".into(),
                         ));
                     }
                     1 => {}
@@ -401,7 +402,10 @@ mod tests {
             ..Default::default()
         };
         let text = format!("{auth:?}");
-        assert!(!text.contains("hunter2") && text.contains("hidden"), "{text}");
+        assert!(
+            !text.contains("hunter2") && text.contains("hidden"),
+            "{text}"
+        );
         let auth = RegistryAuth {
             auth: Some("dTpodW50ZXIy".into()),
             ..Default::default()
@@ -461,7 +465,10 @@ mod tests {
                 "registries:\n  configs:\n    \"m:0\": {}\n",
                 "registries.configs.\"m:0\"",
             ),
-            ("registries:\n  eks_mirror: \"reg istry/eks\"\n", "registries.eks_mirror"),
+            (
+                "registries:\n  eks_mirror: \"reg istry/eks\"\n",
+                "registries.eks_mirror",
+            ),
         ] {
             let err = parse(yaml).unwrap_err();
             assert!(
@@ -470,8 +477,8 @@ mod tests {
             );
         }
         // a mistyped key is named too
-        let err = parse("registries:\n  mirrors:\n    docker.io:\n      endpoints: []\n")
-            .unwrap_err();
+        let err =
+            parse("registries:\n  mirrors:\n    docker.io:\n      endpoints: []\n").unwrap_err();
         assert!(err.contains("endpoints"), "{err}");
     }
 
@@ -487,10 +494,18 @@ mod tests {
                 .to_string(),
             "https://reg:5000"
         );
-        for ok in ["docker.io", "reg.example:5000", "[::1]:5000", "127.0.0.1", "Quay.IO"] {
+        for ok in [
+            "docker.io",
+            "reg.example:5000",
+            "[::1]:5000",
+            "127.0.0.1",
+            "Quay.IO",
+        ] {
             assert!(is_host(ok), "{ok}");
         }
-        for bad in ["", "a b", "u@h", "h:", "h:99999", "-a.b", "a..b", "[zz]:1", "h/p"] {
+        for bad in [
+            "", "a b", "u@h", "h:", "h:99999", "-a.b", "a..b", "[zz]:1", "h/p",
+        ] {
             assert!(!is_host(bad), "{bad}");
         }
     }

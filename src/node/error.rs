@@ -60,6 +60,11 @@ pub enum NodeError {
          runtime.cgroup_root unset on this host"
     )]
     CgroupRootWithSystemd { root: String },
+    #[error(
+        "{key} names {path}, which is not a file; fix the path in config.yaml or copy the \
+         file there, then start again"
+    )]
+    RegistryFile { key: String, path: PathBuf },
 }
 
 impl NodeError {
