@@ -65,6 +65,13 @@ pub enum NodeError {
          file there, then start again"
     )]
     RegistryFile { key: String, path: PathBuf },
+    #[error("{path} is not a release manifest kdist can read images from: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error(
+        "pushing to {host} needs a username and password (or `auth`) in \
+         registries.configs.\"{host}\".auth; an identity_token only serves pulls"
+    )]
+    PushAuth { host: String },
 }
 
 impl NodeError {

@@ -284,9 +284,213 @@ pub fn mirror_summary(config: &RegistriesConfig) -> Vec<String> {
         .collect()
 }
 
+/// The images of a release manifest (`type: Image` assets' `image.uri`), in order.
+pub fn release_images(manifest: &str, origin: &Path) -> Result<Vec<String>, NodeError> {
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(manifest).map_err(|e| NodeError::BadManifest {
+            path: origin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let mut images = Vec::new();
+    let components = doc["status"]["components"].as_sequence().cloned();
+    for component in components.unwrap_or_default() {
+        for asset in component["assets"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if asset["type"].as_str() == Some("Image")
+                && let Some(uri) = asset["image"]["uri"].as_str()
+                && !images.iter().any(|i| i == uri)
+            {
+                images.push(uri.to_string());
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(NodeError::BadManifest {
+            path: origin.to_path_buf(),
+            reason: "it lists no image (no `type: Image` asset with image.uri)".into(),
+        });
+    }
+    Ok(images)
+}
+
+/// Where `image` goes in `to`: its repository path (and tag or digest) kept below
+/// `to`'s host and prefix, as `eks_mirror` looks it up: `public.ecr.aws/eks-distro/x:t`
+/// to `reg:5000/eks` is `reg:5000/eks/eks-distro/x:t`.
+pub fn target_name(image: &str, to: &Endpoint) -> String {
+    let rest = match image.split_once('/') {
+        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => rest,
+        _ => image,
+    };
+    format!("{}{}/{}", to.host, to.path, rest)
+}
+
+/// What `push_release` did with one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    /// Pushed as this name.
+    To(String),
+    /// Not in this node's containerd: pull or import it first.
+    Missing,
+}
+
+/// The hosts.toml that `ctr images push` gets for `to`: its TLS settings and, for basic
+/// authentication, an Authorization header; kept in a private temporary directory
+/// (never on a command line, where `ps` would show it).
+fn push_hosts(to: &Endpoint, host: &HostConfig) -> Result<String, NodeError> {
+    let root = format!("{}://{}", to.scheme.as_str(), to.host);
+    let mut out = format!("server = {}\n\n[host.{}]\n", q(&root), q(&root));
+    out.push_str("  capabilities = [\"pull\", \"resolve\", \"push\"]\n");
+    if to.scheme == Scheme::Https {
+        tls_lines(&mut out, "  ", host.tls.as_ref());
+    }
+    if let Some(auth) = &host.auth {
+        let Some((user, password)) = auth.basic() else {
+            return Err(NodeError::PushAuth {
+                host: to.host.clone(),
+            });
+        };
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let _ = writeln!(out, "  [host.{}.header]", q(&root));
+        let _ = writeln!(out, "    Authorization = {}", q(format!("Basic {token}")));
+    }
+    Ok(out)
+}
+
+/// Copies `images` from this node's containerd (namespace k8s.io) to the registry `to`
+/// (`[http://]host[:port][/prefix]`) with `ctr`, using `registries.configs.<host>` for
+/// credentials and TLS. Each image is tagged with its target name for the push and the
+/// tag removed after.
+pub fn push_release(
+    data: &DataDir,
+    images: &[String],
+    to: &Endpoint,
+    host: &HostConfig,
+) -> Result<Vec<(String, Pushed)>, NodeError> {
+    let ctr = super::images::ctr(data)?;
+    let address = data.containerd_socket().display().to_string();
+    let base = [
+        "--address",
+        address.as_str(),
+        "--namespace",
+        super::images::NAMESPACE,
+    ];
+    let run = |args: &[&str]| {
+        let all: Vec<&str> = base.iter().chain(args).copied().collect();
+        super::cmd::run(&ctr, &all)
+    };
+    let present: Vec<String> = run(&["images", "ls", "-q"])?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let dir = tempfile::Builder::new()
+        .prefix("kdist-push-")
+        .tempdir()
+        .map_err(NodeError::io(std::env::temp_dir()))?;
+    let host_dir = dir.path().join(&to.host);
+    fsutil::ensure_dir(&host_dir, 0o700).map_err(NodeError::io(&host_dir))?;
+    let hosts_file = host_dir.join("hosts.toml");
+    fsutil::atomic_write(&hosts_file, push_hosts(to, host)?.as_bytes(), 0o600)
+        .map_err(NodeError::io(&hosts_file))?;
+    let hosts_dir = dir.path().display().to_string();
+    let platform = format!("linux/{}", crate::components::host_arch());
+    let mut out = Vec::new();
+    for image in images {
+        if !present.iter().any(|p| p == image) {
+            out.push((image.clone(), Pushed::Missing));
+            continue;
+        }
+        let target = target_name(image, to);
+        run(&["images", "tag", "--force", image, &target])?;
+        let pushed = run(&[
+            "images",
+            "push",
+            "--hosts-dir",
+            &hosts_dir,
+            "--platform",
+            &platform,
+            &target,
+        ]);
+        if target != *image {
+            let _ = run(&["images", "rm", &target]);
+        }
+        pushed?;
+        tracing::info!(%image, %target, "pushed");
+        out.push((image.clone(), Pushed::To(target)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_images_and_their_targets() {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/kubernetes-1-31-eks-12.yaml"),
+        )
+        .unwrap();
+        let images = release_images(&manifest, Path::new("m.yaml")).unwrap();
+        assert!(
+            images.contains(
+                &"public.ecr.aws/eks-distro/coredns/coredns:v1.11.3-eks-1-31-12".to_string()
+            ),
+            "{images:?}"
+        );
+        let to = Endpoint::parse("reg.example:5000/eks", Some(Scheme::Https)).unwrap();
+        assert_eq!(
+            target_name("public.ecr.aws/eks-distro/kubernetes/pause:3.9", &to),
+            "reg.example:5000/eks/eks-distro/kubernetes/pause:3.9"
+        );
+        let to = Endpoint::parse("http://127.0.0.1:5000", None).unwrap();
+        assert_eq!(target_name("busybox:1", &to), "127.0.0.1:5000/busybox:1");
+        assert_eq!(
+            target_name("localhost/a/b@sha256:00", &to),
+            "127.0.0.1:5000/a/b@sha256:00"
+        );
+        let err = release_images("kind: Release\n", Path::new("/m.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/m.yaml") && err.contains("no image"), "{err}");
+    }
+
+    #[test]
+    fn the_push_hosts_file_carries_basic_auth_and_tls() {
+        let to = Endpoint::parse("https://reg:5000/eks", None).unwrap();
+        let host = HostConfig {
+            auth: Some(crate::config::RegistryAuth {
+                username: Some("alice".into()),
+                password: Some("pw".into()),
+                ..Default::default()
+            }),
+            tls: Some(RegistryTls {
+                ca_file: Some("/ca.pem".into()),
+                ..Default::default()
+            }),
+        };
+        let doc: toml::Table = toml::from_str(&push_hosts(&to, &host).unwrap()).unwrap();
+        let entry = &doc["host"]["https://reg:5000"];
+        assert_eq!(entry["ca"].as_str(), Some("/ca.pem"));
+        // base64("alice:pw")
+        assert_eq!(
+            entry["header"]["Authorization"].as_str(),
+            Some("Basic YWxpY2U6cHc=")
+        );
+        let token = HostConfig {
+            auth: Some(crate::config::RegistryAuth {
+                identity_token: Some("t".into()),
+                ..Default::default()
+            }),
+            tls: None,
+        };
+        let err = push_hosts(&to, &token).unwrap_err().to_string();
+        assert!(err.contains("reg:5000"), "{err}");
+    }
 
     fn registries(yaml: &str) -> RegistriesConfig {
         crate::config::NodeConfig::parse(yaml, Path::new("c.yaml"))
