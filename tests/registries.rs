@@ -96,9 +96,21 @@ impl Registry {
         tls: Option<(&Path, &Path)>,
         htpasswd: Option<&Path>,
     ) -> Self {
+        Self::start_with_store(dir, name, name, port, tls, htpasswd)
+    }
+
+    /// Like `start`, serving the storage of registry `store`.
+    fn start_with_store(
+        dir: &Path,
+        name: &str,
+        store: &str,
+        port: u16,
+        tls: Option<(&Path, &Path)>,
+        htpasswd: Option<&Path>,
+    ) -> Self {
         let mut config = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join(format!("{name}-store")).display()
+            dir.join(format!("{store}-store")).display()
         );
         if let Some((cert, key)) = tls {
             config.push_str(&format!(
@@ -136,6 +148,11 @@ impl Registry {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log written since `log().len()` was `mark`: the requests of one step.
+    fn log_since(&self, mark: usize) -> String {
+        self.log().get(mark..).unwrap_or_default().to_string()
     }
 }
 
@@ -427,25 +444,27 @@ registries:
         "{listed}"
     );
 
+    // what the registries are asked from here on is the pulls' doing, not the pushes'
+    let (secure_mark, plain_mark) = (secure.log().len(), plain.log().len());
     let socket = data.path("run/containerd.sock");
     // a public name that exists only in the private mirror
     cri::pull(&socket, APP).unwrap_or_else(|e| panic!("pull {APP}: {e}"));
     assert!(ctr(&data, &["images", "ls", "-q"]).contains(APP));
     assert!(
         secure
-            .log()
+            .log_since(secure_mark)
             .contains("/v2/mirrored/library/kdist-regtest/manifests/1"),
         "{}",
-        secure.log()
+        secure.log_since(secure_mark)
     );
     // eks_mirror: the release's pause image comes from the plain-HTTP local registry
     cri::pull(&socket, PAUSE).unwrap_or_else(|e| panic!("pull {PAUSE}: {e}"));
     assert!(
         plain
-            .log()
+            .log_since(plain_mark)
             .contains("/v2/eks/eks-distro/kubernetes/pause/manifests/3.9"),
         "{}",
-        plain.log()
+        plain.log_since(plain_mark)
     );
     // the only mirror is down: without fallback the pull fails naming it, although the
     // registry itself has the image; with fallback (localhost:) it comes from there
@@ -506,6 +525,216 @@ registries:
         found.is_empty(),
         "password in the inspect bundle: {found:?}"
     );
+    let out = data.kdist(&["stop", "--timeout", "60"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: NAME}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: IMAGE
+    imagePullPolicy: Always
+    command: ["/bin/sh", "-c", "echo hello-via-mirror; exec sleep 3600"]
+"#;
+
+/// Pods on a whole node: the sandbox (pause) image comes through `eks_mirror`, the app
+/// through a TLS mirror with credentials, and a mirror with wrong credentials gives an
+/// image pull error event naming the host, with no password in any log.
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn pods_start_through_the_mirrors_and_bad_credentials_are_an_event() {
+    let bin = PathBuf::from(std::env::var("KDIST_TEST_K8S_BIN").unwrap());
+    let data = TempData::new("regpod");
+    let dir = data.path("registries");
+    std::fs::create_dir_all(&dir).unwrap();
+    let password = format!("s3cret-PW-{}", std::process::id());
+    let wrong = format!("wrong-PW-{}", std::process::id());
+    let (ca, cert, key) = test_ca(&dir);
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, run("htpasswd", &["-Bbn", "alice", &password])).unwrap();
+    let ports = free_ports(3);
+    let (tls_port, other_port, plain_port) = (ports[0], ports[1], ports[2]);
+    let secure = Registry::start(
+        &dir,
+        "secure",
+        tls_port,
+        Some((&cert, &key)),
+        Some(&htpasswd),
+    );
+    // a second server over the same storage, reached with wrong credentials
+    let other = Registry::start_with_store(
+        &dir,
+        "other",
+        "secure",
+        other_port,
+        Some((&cert, &key)),
+        Some(&htpasswd),
+    );
+    let plain = Registry::start(&dir, "plain", plain_port, None, None);
+    let config = data.config(&format!(
+        "datastore: embedded
+network:
+  egress: none
+registries:
+  eks_mirror: http://127.0.0.1:{plain_port}/eks
+  mirrors:
+    public.ecr.aws:
+      fallback: false
+    docker.io:
+      endpoint: [\"https://127.0.0.1:{tls_port}/v2/mirrored\"]
+      fallback: false
+    quay.io:
+      endpoint: [\"https://127.0.0.1:{other_port}/v2/mirrored\"]
+      fallback: false
+  configs:
+    \"127.0.0.1:{tls_port}\":
+      auth: {{username: alice, password: {password}}}
+      tls: {{ca_file: {ca}}}
+    \"127.0.0.1:{other_port}\":
+      auth: {{username: alice, password: {wrong}}}
+      tls: {{ca_file: {ca}}}
+",
+        ca = ca.display()
+    ));
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = data.kdist_env(
+        &[
+            "start",
+            "--config",
+            config.to_str().unwrap(),
+            "--timeout",
+            "180",
+        ],
+        &[("PATH", &path)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    let app_tar = dir.join("app.tar");
+    let pause_tar = dir.join("pause.tar");
+    oci::build(&app_tar, APP, &["/bin/sh"]);
+    oci::build(&pause_tar, PAUSE, &["/bin/sleep", "infinity"]);
+    for archive in [&app_tar, &pause_tar] {
+        let out = data.kdist(&["images", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let manifest = dir.join("release.yaml");
+    release_manifest(&manifest, &[PAUSE]);
+    for to in [
+        format!("http://127.0.0.1:{plain_port}/eks"),
+        format!("127.0.0.1:{tls_port}/eks"),
+    ] {
+        let out = data.kdist(&[
+            "images",
+            "push-release",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--to",
+            &to,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let apps = dir.join("apps.yaml");
+    release_manifest(&apps, &[APP]);
+    let out = data.kdist(&[
+        "images",
+        "push-release",
+        "--manifest",
+        apps.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{tls_port}/mirrored"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    ctr(&data, &["images", "rm", APP, PAUSE]);
+
+    let kubectl = |args: &[&str]| {
+        let out = data.kdist_env(&[&["kubectl"], args].concat(), &[]);
+        assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let apply = |name: &str, image: &str| {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, POD.replace("NAME", name).replace("IMAGE", image)).unwrap();
+        kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    };
+    // pods need the default ServiceAccount, which the controller-manager creates
+    assert!(
+        wait_until(Duration::from_secs(120), Duration::from_secs(1), || {
+            data.kdist(&["kubectl", "get", "serviceaccount", "default"])
+                .status
+                .success()
+        }),
+        "no default ServiceAccount"
+    );
+    let (secure_mark, plain_mark) = (secure.log().len(), plain.log().len());
+    apply("good", APP);
+    let out = data.kdist(&[
+        "kubectl",
+        "wait",
+        "--for=condition=Ready",
+        "pod/good",
+        "--timeout=180s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        text(&data.kdist(&["kubectl", "describe", "pod", "good"]))
+    );
+    assert!(kubectl(&["logs", "good"]).contains("hello-via-mirror"));
+    assert!(
+        secure
+            .log_since(secure_mark)
+            .contains("/v2/mirrored/library/kdist-regtest/manifests/1")
+    );
+    // the sandbox image was removed too: kubelet had it pulled through eks_mirror
+    assert!(
+        plain
+            .log_since(plain_mark)
+            .contains("/v2/eks/eks-distro/kubernetes/pause/manifests/3.9"),
+        "{}",
+        plain.log_since(plain_mark)
+    );
+
+    apply("bad", "quay.io/library/kdist-regtest:1");
+    let events = || {
+        kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=bad",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+        ])
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), Duration::from_secs(1), || events(
+        )
+        .contains("401 Unauthorized")),
+        "no pull error event: {}",
+        events()
+    );
+    let said = events();
+    eprintln!("events of the pod with wrong credentials:\n{said}");
+    assert!(said.contains(&format!("127.0.0.1:{other_port}")), "{said}");
+    assert!(
+        other
+            .log()
+            .contains("/v2/mirrored/library/kdist-regtest/manifests/1")
+    );
+    for secret in [&password, &wrong] {
+        let found = files_containing(&data.path("logs"), secret);
+        assert!(found.is_empty(), "password in {found:?}");
+        assert!(!said.contains(secret.as_str()));
+    }
     let out = data.kdist(&["stop", "--timeout", "60"]);
     assert!(out.status.success(), "{}", text(&out));
 }
