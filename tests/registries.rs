@@ -349,6 +349,12 @@ registries:
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "config.toml holds credentials");
+    let mode_of = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode_of(&data.path("config.yaml")),
+        0o600,
+        "config.yaml holds credentials"
+    );
     let hosts = data.path("containerd/certs.d");
     for registry in [
         "docker.io",
@@ -485,8 +491,17 @@ registries:
         config_for(&wrong) + common::OFFLINE,
     )
     .unwrap();
+    // edited by hand into a world-readable file: the start makes it private, and says so
+    std::fs::set_permissions(
+        data.path("config.yaml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let out = data.kdist(&["start", "--timeout", "60"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mode_of(&data.path("config.yaml")), 0o600);
+    let notes = data.status()["notes"].to_string();
+    assert!(notes.contains("holds registry credentials"), "{notes}");
     ctr(&data, &["images", "rm", APP]);
     let err = cri::pull(&socket, APP).unwrap_err();
     assert!(

@@ -352,7 +352,7 @@ impl NodeConfig {
         })?;
         let config = Self::parse(&text, from)?;
         let path = data.config_file();
-        fsutil::atomic_write(&path, text.as_bytes(), 0o644)
+        fsutil::atomic_write(&path, text.as_bytes(), config.registries.file_mode())
             .map_err(|source| ConfigError::Write { path, source })?;
         Ok(config)
     }
@@ -391,7 +391,7 @@ impl NodeConfig {
                 reason: "could not be switched: edit the file by hand".into(),
             });
         }
-        fsutil::atomic_write(&path, new.as_bytes(), 0o644)
+        fsutil::atomic_write(&path, new.as_bytes(), config.registries.file_mode())
             .map_err(|source| ConfigError::Write { path, source })?;
         Ok(config)
     }

@@ -225,6 +225,16 @@ pub fn is_host(text: &str) -> bool {
 }
 
 impl RegistriesConfig {
+    /// Whether any host has credentials (then config.yaml is kept 0600).
+    pub fn has_credentials(&self) -> bool {
+        self.configs.values().any(|c| c.auth.is_some())
+    }
+
+    /// The mode of a config.yaml holding this section: 0600 with credentials.
+    pub fn file_mode(&self) -> u32 {
+        if self.has_credentials() { 0o600 } else { 0o644 }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.mirrors.is_empty() && self.configs.is_empty() && self.eks_mirror.is_none()
     }

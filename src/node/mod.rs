@@ -48,6 +48,7 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     registries::write(data, &config.registries)?;
     containerd::write(data, &settings)?;
     let mut notes = Vec::new();
+    notes.extend(registries::protect_config(data, &config.registries)?);
     let missing = cni::write(data, config, &settings.cni_bin_dir)?;
     if !missing.is_empty() {
         notes.push(format!(

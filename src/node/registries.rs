@@ -213,6 +213,34 @@ fn check_files(config: &RegistriesConfig) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Makes config.yaml readable by its owner only when it holds registry credentials (a
+/// hand-written file may have come with 0644); says so when it changed the mode.
+pub fn protect_config(
+    data: &DataDir,
+    config: &RegistriesConfig,
+) -> Result<Option<String>, NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data.config_file();
+    if !config.has_credentials() {
+        return Ok(None);
+    }
+    let mode = match std::fs::metadata(&path) {
+        Ok(meta) => meta.permissions().mode() & 0o777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(NodeError::io(&path)(e)),
+    };
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+        .map_err(NodeError::io(&path))?;
+    Ok(Some(format!(
+        "{} holds registry credentials: its mode was {mode:o}, now {:o}",
+        path.display(),
+        mode & 0o700
+    )))
+}
+
 /// Writes `certs.d/` afresh: what an earlier config rendered and this one does not is
 /// removed with it.
 pub fn write(data: &DataDir, config: &RegistriesConfig) -> Result<(), NodeError> {
@@ -666,6 +694,34 @@ mod tests {
         // a host with TLS settings only is listed once, by what it has
         assert!(!all.contains("registry.corp: then"), "{all}");
         assert!(mirror_summary(&RegistriesConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn a_config_with_credentials_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let mode = || {
+            std::fs::metadata(data.config_file())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        let plain = registries(
+            "registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"https://m\"]\n",
+        );
+        let secret =
+            registries("registries:\n  configs:\n    m:\n      auth: {username: u, password: p}\n");
+        std::fs::write(data.config_file(), "x").unwrap();
+        std::fs::set_permissions(data.config_file(), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        assert_eq!(protect_config(&data, &plain).unwrap(), None);
+        assert_eq!(mode(), 0o644);
+        let note = protect_config(&data, &secret).unwrap().unwrap();
+        assert!(note.contains("644") && note.contains("600"), "{note}");
+        assert_eq!(mode(), 0o600);
+        assert_eq!(protect_config(&data, &secret).unwrap(), None);
     }
 
     #[test]
