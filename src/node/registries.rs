@@ -312,27 +312,52 @@ pub fn mirror_summary(config: &RegistriesConfig) -> Vec<String> {
         .collect()
 }
 
+/// The parts of a Release manifest that name images; the rest is ignored.
+#[derive(serde::Deserialize)]
+struct ManifestImages {
+    #[serde(default)]
+    status: ManifestStatus,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ManifestStatus {
+    #[serde(default)]
+    components: Vec<ManifestComponent>,
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestComponent {
+    #[serde(default)]
+    assets: Vec<ManifestAsset>,
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestAsset {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    image: Option<ImageUri>,
+}
+
+#[derive(serde::Deserialize)]
+struct ImageUri {
+    uri: String,
+}
+
 /// The images of a release manifest (`type: Image` assets' `image.uri`), in order.
 pub fn release_images(manifest: &str, origin: &Path) -> Result<Vec<String>, NodeError> {
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(manifest).map_err(|e| NodeError::BadManifest {
+    let doc: ManifestImages =
+        serde_saphyr::from_str(manifest).map_err(|e| NodeError::BadManifest {
             path: origin.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let mut images = Vec::new();
-    let components = doc["status"]["components"].as_sequence().cloned();
-    for component in components.unwrap_or_default() {
-        for asset in component["assets"]
-            .as_sequence()
-            .cloned()
-            .unwrap_or_default()
+    let mut images: Vec<String> = Vec::new();
+    let assets = doc.status.components.into_iter().flat_map(|c| c.assets);
+    for asset in assets.filter(|a| a.kind == "Image") {
+        if let Some(image) = asset.image
+            && !images.contains(&image.uri)
         {
-            if asset["type"].as_str() == Some("Image")
-                && let Some(uri) = asset["image"]["uri"].as_str()
-                && !images.iter().any(|i| i == uri)
-            {
-                images.push(uri.to_string());
-            }
+            images.push(image.uri);
         }
     }
     if images.is_empty() {
