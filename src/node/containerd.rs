@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::NodeError;
 use super::host::HostFacts;
-use crate::config::{DataDir, NodeConfig, RegistryAuth};
+use crate::config::{DataDir, NodeConfig, RegistriesConfig, RegistryAuth};
 use crate::fsutil;
 
 /// The inputs of the generated file, separate from probing so that it is a pure function.
@@ -43,14 +43,29 @@ impl ContainerdSettings {
             systemd_cgroup: facts.systemd,
             restrict_oom_score_adj: facts.restrict_oom_score_adj(),
             registry_hosts: super::registries::hosts_dir(data),
-            registry_auths: config
-                .registries
-                .configs
-                .iter()
-                .filter_map(|(host, c)| c.auth.clone().map(|a| (host.clone(), a)))
-                .collect(),
+            registry_auths: registry_auths(&config.registries),
         }
     }
+}
+
+/// Credentials by the host containerd contacts. Docker Hub's images are named
+/// `docker.io/...` but served by `registry-1.docker.io`, so an entry for either serves
+/// both (unless both are given).
+fn registry_auths(registries: &RegistriesConfig) -> BTreeMap<String, RegistryAuth> {
+    let mut auths: BTreeMap<String, RegistryAuth> = registries
+        .configs
+        .iter()
+        .filter_map(|(host, c)| c.auth.clone().map(|a| (host.clone(), a)))
+        .collect();
+    for (name, alias) in [
+        ("docker.io", "registry-1.docker.io"),
+        ("registry-1.docker.io", "docker.io"),
+    ] {
+        if let Some(auth) = auths.get(name).cloned() {
+            auths.entry(alias.to_string()).or_insert(auth);
+        }
+    }
+    auths
 }
 
 /// Where the CNI plugins are: the active components' `cni/` (EKS-D's plugins), else the
@@ -258,6 +273,21 @@ mod tests {
                 .get("configs")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn docker_hub_credentials_serve_its_api_host() {
+        let config = crate::config::NodeConfig::parse(
+            "registries:\n  configs:\n    docker.io:\n      auth: {username: u, password: p}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let auths = registry_auths(&config.registries);
+        assert_eq!(
+            auths.keys().collect::<Vec<_>>(),
+            ["docker.io", "registry-1.docker.io"]
+        );
+        assert_eq!(auths["registry-1.docker.io"].username.as_deref(), Some("u"));
     }
 
     #[test]
