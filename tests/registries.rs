@@ -323,6 +323,8 @@ registries:
       fallback: false
     \"localhost:{plain_port}\":
       endpoint: [\"http://127.0.0.1:{down_port}\"]
+    \"*\":
+      endpoint: [\"http://127.0.0.1:{plain_port}/v2/eks\"]
   configs:
     \"127.0.0.1:{tls_port}\":
       auth: {{username: alice, password: {password}}}
@@ -482,6 +484,10 @@ registries:
     );
     let via_fallback = format!("localhost:{plain_port}/eks/eks-distro/kubernetes/pause:3.9");
     cri::pull(&socket, &via_fallback).unwrap_or_else(|e| panic!("pull {via_fallback}: {e}"));
+    // `*`: a registry without its own entry (nothing listens on 127.0.0.2:1) is served
+    // by the catch-all mirror
+    let anywhere = "127.0.0.2:1/eks-distro/kubernetes/pause:3.9";
+    cri::pull(&socket, anywhere).unwrap_or_else(|e| panic!("pull {anywhere}: {e}"));
 
     // a changed section takes effect at the next start: wrong credentials now
     let out = data.kdist(&["stop", "--timeout", "60"]);
