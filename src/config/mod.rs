@@ -8,6 +8,7 @@ mod cluster;
 mod components;
 mod embedded;
 mod error;
+mod registries;
 mod services;
 mod storage;
 
@@ -18,6 +19,10 @@ pub use components::{
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
 pub use error::{ConfigError, ValueError};
+pub use registries::{
+    EKS_REGISTRY, Endpoint, HostConfig, Mirror, RegistriesConfig, RegistryAuth, RegistryTls,
+    Scheme, is_host,
+};
 pub use services::{MemoryConfig, Service, ServiceSettings, known_services};
 pub use storage::StorageConfig;
 
@@ -316,6 +321,8 @@ pub struct NodeConfig {
     pub memory: MemoryConfig,
     /// Node-local volumes (the `kdist-local` StorageClasses).
     pub storage: StorageConfig,
+    /// Registry mirrors, credentials and TLS for containerd (k3s' `registries.yaml`).
+    pub registries: RegistriesConfig,
 }
 
 impl NodeConfig {
@@ -361,7 +368,7 @@ impl NodeConfig {
         })?;
         let config = Self::parse(&text, from)?;
         let path = data.config_file();
-        fsutil::atomic_write(&path, text.as_bytes(), 0o644)
+        fsutil::atomic_write(&path, text.as_bytes(), config.registries.file_mode())
             .map_err(|source| ConfigError::Write { path, source })?;
         Ok(config)
     }
@@ -400,7 +407,7 @@ impl NodeConfig {
                 reason: "could not be switched: edit the file by hand".into(),
             });
         }
-        fsutil::atomic_write(&path, new.as_bytes(), 0o644)
+        fsutil::atomic_write(&path, new.as_bytes(), config.registries.file_mode())
             .map_err(|source| ConfigError::Write { path, source })?;
         Ok(config)
     }
@@ -462,6 +469,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
+        self.registries.validate(origin)?;
         services::validate(&self.services, &services::known_services(), origin)?;
         Ok(())
     }

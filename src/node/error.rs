@@ -87,6 +87,18 @@ pub enum NodeError {
          runtime.cgroup_root unset on this host"
     )]
     CgroupRootWithSystemd { root: String },
+    #[error(
+        "{key} names {path}, which is not a file; fix the path in config.yaml or copy the \
+         file there, then start again"
+    )]
+    RegistryFile { key: String, path: PathBuf },
+    #[error("{path} is not a release manifest kdist can read images from: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error(
+        "pushing to {host} needs a username and password (or `auth`) in \
+         registries.configs.\"{host}\".auth; an identity_token only serves pulls"
+    )]
+    PushAuth { host: String },
 }
 
 impl NodeError {

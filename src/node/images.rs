@@ -17,7 +17,7 @@ pub const NAMESPACE: &str = "k8s.io";
 /// Which dropped archives were imported already: file name -> "size:mtime".
 const RECORD: &str = ".imported.json";
 
-fn ctr(data: &DataDir) -> Result<PathBuf, NodeError> {
+pub(super) fn ctr(data: &DataDir) -> Result<PathBuf, NodeError> {
     resolve_binary(data, "ctr")
         .map(|(path, _)| path)
         .map_err(|_| NodeError::NotFound {

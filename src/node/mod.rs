@@ -24,6 +24,7 @@ pub mod netlink;
 pub mod proc;
 mod procs;
 pub mod rbac;
+pub mod registries;
 pub mod reset;
 
 pub use error::NodeError;
@@ -46,8 +47,10 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     let remounted = cgroups::ensure_mounted()?;
     let facts = HostFacts::probe(config);
     let settings = containerd::ContainerdSettings::new(data, config, &facts);
+    registries::write(data, &config.registries)?;
     containerd::write(data, &settings)?;
     let mut notes = Vec::new();
+    notes.extend(registries::protect_config(data, &config.registries)?);
     let missing = cni::write(data, config, &settings.cni_bin_dir)?;
     if !missing.is_empty() {
         notes.push(format!(
@@ -58,6 +61,15 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         ));
     }
     let mut report = facts.report();
+    report.extend(
+        registries::summary(&config.registries)
+            .into_iter()
+            .map(|(name, how)| HostFact {
+                name: format!("registry {name}"),
+                value: how,
+                note: None,
+            }),
+    );
     if let Some(note) = remounted {
         report.push(HostFact {
             name: "cgroup mounts".into(),
