@@ -70,7 +70,12 @@ fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
     wrong[10] = if wrong[10] == b'0' { b'1' } else { b'0' };
     let wrong = String::from_utf8(wrong).unwrap();
     let worker = joiner("pinw", "w-pin");
-    let out = worker.kdist(&["join", &conn(port, &token, &wrong), "--worker"]);
+    let out = worker.kdist(&[
+        "join",
+        &conn(port, &token, &wrong),
+        "--worker",
+        "--no-start",
+    ]);
     assert!(!out.status.success(), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -91,7 +96,7 @@ fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
     // the token was never spent: the right pin joins with it (read from stdin, so the
     // token stays out of the process list)
     let mut child = worker
-        .command(&["join", "-", "--worker"])
+        .command(&["join", "-", "--worker", "--no-start"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -112,8 +117,12 @@ fn worker_join_exchanges_certificates_and_never_a_ca_key() {
     let (cp, port) = agent_node("wj");
     let (token, fp, _) = add_node(&cp, &["--worker", "--ttl", "1h"]);
     let worker = joiner("wjw", "w-one");
-    let out = worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    let out = worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
     assert!(out.contains("worker") && out.contains("w-one"), "{out}");
+    // --no-start writes the configuration only
+    assert!(out.contains("Run `kdist start`"), "{out}");
+    assert!(!worker.path("run/kdist.sock").exists());
+    assert!(!worker.path("run/kdist.pid").exists());
     // the CA certificate is the control plane's, byte for byte its first certificate
     let ca = std::fs::read(cp.certs("ca.crt")).unwrap();
     let got = std::fs::read(worker.certs("ca.crt")).unwrap();
@@ -211,7 +220,7 @@ fn joins_after_a_ca_rotation_pin_the_new_ca() {
     cp.kdist_ok(&["certs", "rotate-ca", "--overlap", "1h"]);
     let (token, fp, _) = add_node(&cp, &["--worker"]);
     let worker = joiner("rotw", "w-rot");
-    let out = worker.kdist(&["join", &conn(port, &token, &fp), "--worker"]);
+    let out = worker.kdist(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -281,14 +290,24 @@ fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
         conn(port, &token, &fp),
         "is the name of the control plane",
     );
-    joiner("own-ok", "not-the-cp").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    joiner("own-ok", "not-the-cp").kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--no-start",
+    ]);
     // expired
     let (token, _, _) = add_node(&cp, &["--worker", "--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(2100));
     refused("expired", conn(port, &token, &fp), "has expired");
     // reused
     let (token, _, _) = add_node(&cp, &["--worker"]);
-    joiner("reuse1", "first").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    joiner("reuse1", "first").kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--no-start",
+    ]);
     refused("reused", conn(port, &token, &fp), "already been used");
     // revoked
     let (token, _, id) = add_node(&cp, &["--worker", "--uses", "3", "--ttl", "1h"]);
@@ -330,7 +349,12 @@ fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
         "allows only worker joins",
         &[],
     );
-    joiner("cpw2", "w-after").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    joiner("cpw2", "w-after").kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--no-start",
+    ]);
     // the token files hold no token
     let stored = std::fs::read_to_string(cp.path("cluster/tokens.json")).unwrap();
     assert!(!stored.contains(&token));
@@ -353,7 +377,7 @@ fn one_single_use_token_raced_by_100_joiners_admits_exactly_one() {
     let children: Vec<_> = joiners
         .iter()
         .map(|j| {
-            j.command(&["join", &connection, "--worker"])
+            j.command(&["join", &connection, "--worker", "--no-start"])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -761,8 +785,9 @@ fn join_control_plane(lab: &Lab, first: &Node, i: usize, node: &Node) {
         v["token"].as_str().unwrap(),
         v["ca_sha256"].as_str().unwrap()
     );
-    in_ns_ok(lab.ns(i), node, &["join", &connection]);
-    in_ns_ok(lab.ns(i), node, &["start", "--timeout", "120"]);
+    // join starts the node and waits for it, as `kdist start` does
+    let out = in_ns_ok(lab.ns(i), node, &["join", &connection, "--timeout", "120"]);
+    assert!(out.contains("kdist is ready"), "{out}");
     let name = format!("n{i}");
     let promoted = common::wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
         voting(first, 1).contains(&name)
@@ -922,15 +947,25 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
 fn a_joined_worker_runs_only_node_services_and_issues_no_certificates() {
     let (cp, port) = agent_node("wr");
     let (token, fp, _) = add_node(&cp, &["--worker"]);
-    let worker = joiner("wrw", "w-run");
-    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
-    let before = std::fs::read(worker.certs("ca.crt")).unwrap();
-    // keep the host untouched: no containerd in this test
+    let worker = Node::new("wrw");
+    // keep the host untouched: no containerd in this test (the join keeps the setting)
+    worker.write_config("node_name: w-run\ndisable: [containerd]\n");
+    // the join starts the node and ends with its status, as `kdist start` does
+    let out = worker.kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--timeout",
+        "90",
+    ]);
+    assert!(
+        out.contains("Starting this node") && out.contains("kdist is ready"),
+        "{out}"
+    );
+    assert!(worker.path("run/kdist.sock").exists(), "{out}");
     let config = std::fs::read_to_string(worker.path("config.yaml")).unwrap();
-    let config = config.replace("disable: []", "disable: [containerd]");
-    assert!(config.contains("disable: [containerd]"), "{config}");
-    std::fs::write(worker.path("config.yaml"), config).unwrap();
-    worker.start();
+    assert!(config.contains("containerd"), "{config}");
+    let before = std::fs::read(worker.certs("ca.crt")).unwrap();
     let status = worker.status();
     let services: Vec<&str> = status["services"]
         .as_array()
@@ -965,7 +1000,7 @@ fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
     node.start();
     let (token, fp, _) = add_node(&node, &[]);
     let cp = joiner("embj", "cp-two");
-    let out = cp.kdist(&["join", &conn(port, &token, &fp)]);
+    let out = cp.kdist(&["join", &conn(port, &token, &fp), "--no-start"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -973,7 +1008,7 @@ fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
         "{stderr}"
     );
     // the refusal did not spend the token: a worker can still use it
-    cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
 }
 
 /// A node whose every `kdist` command runs inside network namespace `ns`, with the
@@ -1110,11 +1145,11 @@ fn worker_registers_and_becomes_ready() {
         v["token"].as_str().unwrap(),
         v["ca_sha256"].as_str().unwrap()
     );
-    worker.ok(&["join", &connection, "--worker"]);
     let joined = Instant::now();
-    worker.ok(&["start", "--timeout", "300"]);
+    let out = worker.ok(&["join", &connection, "--worker", "--timeout", "300"]);
+    assert!(out.contains("node w1 is Ready"), "{out}");
     eprintln!(
-        "control plane start -> node Ready: {cp_ready:?}; worker join + start -> node Ready: {:?}",
+        "control plane start -> node Ready: {cp_ready:?}; worker join -> node Ready: {:?}",
         joined.elapsed()
     );
 
