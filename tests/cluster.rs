@@ -92,7 +92,11 @@ fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
         cp.log("kdist")
     );
     assert!(!worker.path("cluster/joined.json").exists());
-    assert!(!worker.path("certs/kubelet-client.crt").exists());
+    assert!(
+        !worker
+            .path("kubelet/pki/kubelet-client-current.pem")
+            .exists()
+    );
     // the token was never spent: the right pin joins with it (read from stdin, so the
     // token stays out of the process list)
     let mut child = worker
@@ -140,7 +144,6 @@ fn worker_join_exchanges_certificates_and_never_a_ca_key() {
     }
     // signed by the control plane's CA, with the node identity, for the worker's own keys
     for (cert, subject) in [
-        ("kubelet-client.crt", "system:node:w-one"),
         ("kube-proxy.crt", "system:kube-proxy"),
         ("kubelet.crt", "w-one"),
     ] {
@@ -404,6 +407,230 @@ fn one_single_use_token_raced_by_100_joiners_admits_exactly_one() {
     }
     let nodes = std::fs::read_to_string(cp.path("cluster/nodes.json")).unwrap();
     assert_eq!(nodes.matches("racer-").count(), 1, "{nodes}");
+}
+
+/// A TLS client trusting `node`'s CA that presents the certificate and key of `pem`
+/// (one file holding both, or `key` apart).
+fn client_config_with_cert(node: &Node, pem: &[u8], key: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&std::fs::read(node.certs("ca.crt")).unwrap()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap(),
+    )
+}
+
+/// `POST path` over TLS with `config`; an error when the connection fails (a client
+/// certificate the agent refuses fails the handshake, or the first read in TLS 1.3).
+async fn try_post(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+    body: String,
+) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into()),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = hyper::Request::post(path)
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn openssl_out(args: &[&str], file: &std::path::Path) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A joined worker renews its kube-proxy and kubelet serving certificates through the
+/// agent it joined, proving who it is with the kubelet's current client certificate;
+/// the agent refuses connections without one, with another identity, for another node,
+/// or under another CA.
+#[test]
+fn a_worker_renews_its_certificates_through_the_agent_with_its_node_identity_only() {
+    let (cp, port) = agent_node("ren");
+    let (token, fp, _) = add_node(&cp, &["--worker"]);
+    let worker = joiner("renw", "w-ren");
+    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
+    // the kubelet keeps its client pair in its certificate directory (it renews it
+    // there through the CSR API) and its kubeconfig points at the current one
+    let current = worker.path("kubelet/pki/kubelet-client-current.pem");
+    assert!(std::fs::symlink_metadata(&current).unwrap().is_symlink());
+    let kubelet_conf = std::fs::read_to_string(worker.path("kubeconfig/kubelet.conf")).unwrap();
+    assert!(
+        kubelet_conf.contains(&format!("client-certificate: {}", current.display()))
+            && kubelet_conf.contains(&format!("client-key: {}", current.display())),
+        "{kubelet_conf}"
+    );
+    assert!(!worker.certs("kubelet-client.crt").exists());
+    let ca = cp.certs("ca.crt");
+    let ca_arg = ca.to_str().unwrap();
+    let verified = openssl_out(&["verify", "-CAfile", ca_arg], &current);
+    assert!(verified.contains(": OK"), "{verified}");
+    let subject = openssl_out(&["x509", "-noout", "-subject", "-in"], &current);
+    assert!(
+        subject.contains("system:node:w-ren") && subject.contains("system:nodes"),
+        "{subject}"
+    );
+
+    let data = kdist::config::DataDir::new(&worker.root);
+    let config = kdist::config::NodeConfig::load(&data).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let renew = || rt.block_on(kdist::cluster::renew_worker(&data, &config));
+    // fresh certificates are not due
+    assert!(renew().unwrap().is_empty());
+    assert!(!cp.log("kdist").contains("node certificates renewed"));
+    // unreadable ones are renewed, both, for new keys
+    let old_proxy_key = std::fs::read(worker.certs("kube-proxy.key")).unwrap();
+    let old_serving_key = std::fs::read(worker.certs("kubelet.key")).unwrap();
+    std::fs::write(worker.certs("kube-proxy.crt"), "garbage").unwrap();
+    std::fs::write(worker.certs("kubelet.crt"), "garbage").unwrap();
+    let services = renew().unwrap_or_else(|e| panic!("{e}\n{}", cp.log("kdist")));
+    assert_eq!(services, ["kubelet", "kube-proxy"]);
+    assert_ne!(
+        std::fs::read(worker.certs("kube-proxy.key")).unwrap(),
+        old_proxy_key
+    );
+    assert_ne!(
+        std::fs::read(worker.certs("kubelet.key")).unwrap(),
+        old_serving_key
+    );
+    for (cert, subject) in [
+        ("kube-proxy.crt", "CN = system:kube-proxy"),
+        ("kubelet.crt", "CN = w-ren"),
+    ] {
+        let path = worker.certs(cert);
+        let verified = openssl_out(&["verify", "-CAfile", ca_arg], &path);
+        assert!(verified.contains(": OK"), "{verified}");
+        let text = openssl_out(&["x509", "-noout", "-subject", "-in"], &path);
+        assert!(text.contains(subject), "{cert}: {text}");
+        assert_eq!(
+            openssl_out(&["x509", "-noout", "-pubkey", "-in"], &path),
+            openssl_out(&["pkey", "-pubout", "-in"], &path.with_extension("key")),
+            "{cert} is not for the worker's new key"
+        );
+    }
+    // the serving certificate names the node and the address it came from
+    let sans = openssl_out(
+        &["x509", "-noout", "-ext", "subjectAltName", "-in"],
+        &worker.certs("kubelet.crt"),
+    );
+    assert!(
+        sans.contains("DNS:w-ren") && sans.contains("IP Address:127.0.0.1"),
+        "{sans}"
+    );
+    // kube-proxy's kubeconfig carries the new certificate
+    {
+        use base64::Engine;
+        let conf = std::fs::read_to_string(worker.path("kubeconfig/kube-proxy.conf")).unwrap();
+        let new = std::fs::read(worker.certs("kube-proxy.crt")).unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(new);
+        assert!(conf.contains(&encoded), "{conf}");
+    }
+    assert!(cp.log("kdist").contains("node certificates renewed"));
+    assert!(renew().unwrap().is_empty(), "renewed twice");
+
+    let body = |name: &str| {
+        serde_json::json!({"node_name": name, "kube_proxy_csr": null, "kubelet_serving_csr": null})
+            .to_string()
+    };
+    // no client certificate
+    let (status, text) = rt
+        .block_on(try_post(
+            port,
+            client_config(&cp),
+            "/v1/renew",
+            body("w-ren"),
+        ))
+        .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("no client certificate"), "{text}");
+    // a valid certificate of the cluster CA that is not a node's (kube-proxy's)
+    let proxy = client_config_with_cert(
+        &cp,
+        &std::fs::read(worker.certs("kube-proxy.crt")).unwrap(),
+        &std::fs::read(worker.certs("kube-proxy.key")).unwrap(),
+    );
+    let (status, text) = rt
+        .block_on(try_post(port, proxy, "/v1/renew", body("w-ren")))
+        .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("is not system:node:<name>"), "{text}");
+    // the node's certificate, for another node
+    let pair = std::fs::read(&current).unwrap();
+    let node = client_config_with_cert(&cp, &pair, &pair);
+    let (status, text) = rt
+        .block_on(try_post(port, node.clone(), "/v1/renew", body("w-other")))
+        .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("node `w-ren`'s"), "{text}");
+    // and for itself: an empty request is answered with nothing to sign
+    let (status, text) = rt
+        .block_on(try_post(port, node, "/v1/renew", body("w-ren")))
+        .unwrap();
+    assert_eq!(status, 200, "{text}");
+    // a node certificate of another CA does not get through the handshake
+    let foreign_ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let foreign_ca = ca_params.self_signed(&foreign_ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, foreign_ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "system:node:w-ren");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let forged = params.signed_by(&key, &issuer).unwrap();
+    let _ = foreign_ca;
+    let config =
+        client_config_with_cert(&cp, forged.pem().as_bytes(), key.serialize_pem().as_bytes());
+    let refused = rt.block_on(try_post(port, config, "/v1/renew", body("w-ren")));
+    assert!(refused.is_err(), "{refused:?}");
 }
 
 /// A TLS client trusting `node`'s CA, optionally from `local` (a loopback address).
