@@ -1580,3 +1580,249 @@ fn worker_registers_and_becomes_ready() {
     );
     assert!(cgroup_dir("/kdist-test-cp1/kubepods").is_dir());
 }
+
+/// The SHA-256 of the first certificate of a PEM file (empty when unreadable).
+fn cert_fingerprint(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).next())
+        .and_then(Result::ok)
+        .map(|der| hex::encode(sha2::Sha256::digest(&der)))
+        .unwrap_or_default()
+}
+
+/// A worker whose certificates live a few minutes (the control plane signs for
+/// `certs.leaf_validity: 4m`, its controller-manager too) renews each of them several
+/// times: the kubelet's client certificate through CSRs the controller-manager approves
+/// and signs, kube-proxy's and the kubelet's serving certificate through the cluster
+/// agent. The node stays Ready throughout and its pod keeps running in the same
+/// container, never restarted; the kubelet serves its newest certificate.
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
+    let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
+    let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    let lab = Lab::new(2);
+    let node_config = |name: &str, i: usize| {
+        format!(
+            "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.203.0.{i}\n  \
+             pod_cidr: 10.{i}.0.0/16\nruntime:\n  sandbox_image: kdist.local/test/pause:1\n  \
+             cgroup_root: /kdist-test-{name}\ncerts:\n  leaf_validity: 4m\n  \
+             renewal_window: 90s\n  check_interval: 10s\n"
+        )
+    };
+    let worker_bin = common::temp_dir("kdist-worker-bin");
+    for name in ["kubelet", "kube-proxy", "kubectl"] {
+        std::os::unix::fs::symlink(
+            std::path::Path::new(&bin).join(name),
+            worker_bin.path().join(name),
+        )
+        .unwrap();
+    }
+    let worker_path = format!(
+        "{}:{}",
+        worker_bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cp = NsNode::new(&lab, 1, "k8rcp", &path, &node_config("cp1", 1));
+    let worker = NsNode::new(&lab, 2, "k8rw", &worker_path, &node_config("w1", 2));
+    cp.ok(&["start", "--timeout", "300"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&cp.ok(&["add-node", "--worker", "-o", "json"])).unwrap();
+    let connection = format!(
+        "10.203.0.1:25000/{}/{}",
+        v["token"].as_str().unwrap(),
+        v["ca_sha256"].as_str().unwrap()
+    );
+    let out = worker.ok(&["join", &connection, "--worker", "--timeout", "300"]);
+    assert!(out.contains("node w1 is Ready"), "{out}");
+
+    for (file, name, cmd) in [
+        (
+            "pause.tar",
+            "kdist.local/test/pause:1",
+            &["/bin/sleep", "infinity"][..],
+        ),
+        (
+            "busybox.tar",
+            "kdist.local/test/busybox:1",
+            &["/bin/sh"][..],
+        ),
+    ] {
+        let archive = worker.node.path(file);
+        common::oci::build(&archive, name, cmd);
+        worker.ok(&["images", "import", archive.to_str().unwrap()]);
+    }
+    let manifest = cp.node.path("on-w1.yaml");
+    std::fs::write(&manifest, ON_WORKER).unwrap();
+    cp.ok(&["kubectl", "apply", "-f", manifest.to_str().unwrap()]);
+    let running = cp.kdist(&[
+        "kubectl",
+        "wait",
+        "--for=jsonpath={.status.phase}=Running",
+        "pod/on-w1",
+        "--timeout=180s",
+    ]);
+    assert!(
+        running.status.success(),
+        "{}\n--- w1 kubelet.log\n{}",
+        describe(&running),
+        worker.node.log("kubelet")
+    );
+    // read through the control plane, retried over its own certificate restarts
+    let get = |args: &[&str]| -> String {
+        common::wait_for(Duration::from_secs(60), || {
+            let out = cp.kdist(args);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("kdist {args:?} kept failing"))
+    };
+    let pod_state = || {
+        get(&[
+            "kubectl",
+            "get",
+            "pod",
+            "on-w1",
+            "-o",
+            "jsonpath={.metadata.uid} {.status.containerStatuses[0].containerID} \
+             {.status.containerStatuses[0].restartCount} {.status.phase}",
+        ])
+    };
+    let ready_since = || {
+        get(&[
+            "kubectl",
+            "get",
+            "node",
+            "w1",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} \
+             {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+        ])
+    };
+    let pod_before = pod_state();
+    assert!(pod_before.ends_with(" 0 Running"), "{pod_before}");
+    let ready_before = ready_since();
+    assert!(ready_before.starts_with("True "), "{ready_before}");
+
+    // watch the worker's three certificates change, several times each
+    let files = [
+        (
+            "kubelet client",
+            worker.node.path("kubelet/pki/kubelet-client-current.pem"),
+        ),
+        ("kube-proxy", worker.node.certs("kube-proxy.crt")),
+        ("kubelet serving", worker.node.certs("kubelet.crt")),
+    ];
+    let mut seen: Vec<std::collections::BTreeSet<String>> = files
+        .iter()
+        .map(|(_, path)| std::iter::once(cert_fingerprint(path)).collect())
+        .collect();
+    let started = Instant::now();
+    let enough = common::wait_until(Duration::from_secs(900), Duration::from_secs(5), || {
+        for (i, (_, path)) in files.iter().enumerate() {
+            let fp = cert_fingerprint(path);
+            if !fp.is_empty() {
+                seen[i].insert(fp);
+            }
+        }
+        // three certificates each: two renewals
+        seen.iter().all(|s| s.len() >= 3)
+    });
+    let counts: Vec<(&str, usize)> = files
+        .iter()
+        .zip(&seen)
+        .map(|((what, _), s)| (*what, s.len()))
+        .collect();
+    assert!(
+        enough,
+        "certificates seen in {:?}: {counts:?}\n--- w1 kdist.log\n{}\n--- w1 kubelet.log (tail)\n{}",
+        started.elapsed(),
+        worker.node.log("kdist"),
+        worker
+            .node
+            .log("kubelet")
+            .lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!(
+        "worker certificates seen in {:?}: {counts:?}",
+        started.elapsed()
+    );
+
+    // every certificate on the worker is the cluster CA's and still valid
+    let ca = cp.node.certs("ca.crt");
+    for (what, path) in &files {
+        let out = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&ca)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {}", describe(&out));
+    }
+    // the kubelet client certificates came from approved CSRs of the node itself
+    let csrs = get(&[
+        "kubectl",
+        "get",
+        "csr",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.username} {.spec.signerName} \
+         {.status.conditions[0].type}{\"\\n\"}{end}",
+    ]);
+    let approved = csrs
+        .lines()
+        .filter(|l| *l == "system:node:w1 kubernetes.io/kube-apiserver-client-kubelet Approved")
+        .count();
+    assert!(approved >= 2, "{csrs}");
+    assert!(!csrs.contains("Denied"), "{csrs}");
+    // the node never left Ready, the pod is the same container, never restarted
+    let ready_after = ready_since();
+    assert_eq!(ready_after, ready_before);
+    let pod_after = pod_state();
+    assert_eq!(pod_after, pod_before);
+    // the kubelet serves its newest certificate (it was restarted to load it) and the
+    // apiserver still reaches it
+    let served = common::wait_for(Duration::from_secs(60), || {
+        let out = cp.inside(
+            "openssl",
+            &["s_client", "-connect", "10.203.0.2:10250", "-showcerts"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let pem: String = text
+            .split_inclusive('\n')
+            .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+            .scan(false, |done, l| {
+                if *done {
+                    return None;
+                }
+                *done = l.starts_with("-----END CERTIFICATE-----");
+                Some(l.to_string())
+            })
+            .collect();
+        let served = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .map(|der| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&der))
+            })?;
+        (served == cert_fingerprint(&worker.node.certs("kubelet.crt"))).then_some(served)
+    });
+    assert!(served.is_some(), "the kubelet serves an old certificate");
+    let logs = get(&["kubectl", "logs", "on-w1"]);
+    assert!(logs.contains("hello-from-w1"), "{logs}");
+    let log = worker.node.log("kdist");
+    assert!(
+        log.contains("kube-proxy certificate renewed")
+            && log.contains("kubelet serving certificate renewed")
+            && !log.contains("worker certificate renewal failed"),
+        "{log}"
+    );
+    worker.ok(&["stop", "--timeout", "60"]);
+}

@@ -322,6 +322,7 @@ fn write_worker(
     let path = kubeconfigs.join("kubelet.conf");
     fsutil::atomic_write(&path, kubelet_conf.as_bytes(), 0o600).map_err(io(&path))?;
     renew::write_kube_proxy(data, &server, &answer.kube_proxy_crt, proxy_key)?;
+    renew::ensure_kubelet_cert_dir_flag(data)?;
     config.role = Role::Worker;
     // pods must find the cluster's DNS and services where the control plane put them
     if let Ok(dns) = answer.cluster_dns.parse() {

@@ -70,6 +70,35 @@ pub(super) fn write_kubelet_client(
     Ok(current)
 }
 
+/// The kubelet's `--cert-dir` line of the default args file.
+const CERT_DIR_FLAG: &str = "--cert-dir=${KUBELET_DIR}/pki";
+
+/// Adds [`CERT_DIR_FLAG`] to `args/kubelet` when the node wrote that file (at its first
+/// start, before it joined) without one: the kubelet would keep the certificates it
+/// renews in /var/lib/kubelet/pki, outside the data dir and apart from its kubeconfig.
+pub(super) fn ensure_kubelet_cert_dir_flag(data: &DataDir) -> Result<(), ClusterError> {
+    let path = data.args_file("kubelet");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(ClusterError::Io { path, source }),
+    };
+    if text
+        .lines()
+        .any(|l| l.trim_start().starts_with("--cert-dir"))
+    {
+        return Ok(());
+    }
+    let mut text = text;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# added by `kdist join`: the client certificates the kubelet renews\n");
+    text.push_str(CERT_DIR_FLAG);
+    text.push('\n');
+    fsutil::atomic_write(&path, text.as_bytes(), 0o644).map_err(io_err(&path))
+}
+
 /// A kubeconfig whose client certificate and key are read from `pair` (one PEM file
 /// holding both), so that it follows the kubelet's renewals.
 pub(super) fn render_kubeconfig_with_files(
@@ -321,6 +350,23 @@ mod tests {
         // ten minutes signed by a control plane, a 30-day window here: due after five
         assert!(!due(0, 600, 200, window));
         assert!(due(0, 600, 300, window));
+    }
+
+    #[test]
+    fn a_kubelet_args_file_written_before_the_join_gets_the_cert_dir_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        ensure_kubelet_cert_dir_flag(&data).unwrap();
+        assert!(!data.args_file("kubelet").exists());
+        std::fs::create_dir_all(data.args_dir()).unwrap();
+        std::fs::write(data.args_file("kubelet"), "--root-dir=${KUBELET_DIR}").unwrap();
+        ensure_kubelet_cert_dir_flag(&data).unwrap();
+        ensure_kubelet_cert_dir_flag(&data).unwrap();
+        let text = std::fs::read_to_string(data.args_file("kubelet")).unwrap();
+        assert_eq!(text.matches("--cert-dir").count(), 1, "{text}");
+        assert!(text.starts_with("--root-dir=${KUBELET_DIR}\n"), "{text}");
+        // the shipped default has it already
+        assert!(include_str!("../../services/kubelet.args").contains(CERT_DIR_FLAG));
     }
 
     #[test]
