@@ -1785,7 +1785,22 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
     let ready_after = ready_since();
     assert_eq!(ready_after, ready_before);
     let pod_after = pod_state();
-    assert_eq!(pod_after, pod_before);
+    if pod_after != pod_before {
+        let kubelet_log = worker.node.log("kubelet");
+        let lines: Vec<&str> = kubelet_log
+            .lines()
+            .filter(|l| l.contains("on-w1") || l.contains("Killing") || l.contains("sandbox"))
+            .collect();
+        panic!(
+            "the pod changed: {pod_before} -> {pod_after}\n{}\n--- w1 kubelet.log (pod lines)\n{}\n--- w1 kdist.log\n{}",
+            String::from_utf8_lossy(
+                &cp.kdist(&["kubectl", "get", "pod", "on-w1", "-o", "yaml"])
+                    .stdout
+            ),
+            lines.join("\n"),
+            worker.node.log("kdist")
+        );
+    }
     // the kubelet serves its newest certificate (it was restarted to load it) and the
     // apiserver still reaches it
     let served = common::wait_for(Duration::from_secs(60), || {
