@@ -1608,7 +1608,7 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
         format!(
             "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.203.0.{i}\n  \
              pod_cidr: 10.{i}.0.0/16\nruntime:\n  sandbox_image: kdist.local/test/pause:1\n  \
-             cgroup_root: /kdist-test-{name}\ncerts:\n  leaf_validity: 4m\n  \
+             cgroup_root: /kdist-renew-{name}\ncerts:\n  leaf_validity: 4m\n  \
              renewal_window: 90s\n  check_interval: 10s\n"
         )
     };
@@ -1637,6 +1637,12 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
     );
     let out = worker.ok(&["join", &connection, "--worker", "--timeout", "300"]);
     assert!(out.contains("node w1 is Ready"), "{out}");
+    // the kubelet says why it would touch a pod (sandbox decisions are at level 2)
+    let args = worker.node.path("args/kubelet");
+    let mut text = std::fs::read_to_string(&args).unwrap();
+    text.push_str("--v=2\n");
+    std::fs::write(&args, text).unwrap();
+    worker.ok(&["restart", "kubelet"]);
 
     for (file, name, cmd) in [
         (
@@ -1783,21 +1789,50 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
     assert!(!csrs.contains("Denied"), "{csrs}");
     // the node never left Ready, the pod is the same container, never restarted
     let ready_after = ready_since();
-    assert_eq!(ready_after, ready_before);
+    if ready_after != ready_before {
+        let kubelet_log = worker.node.log("kubelet");
+        let lines: Vec<&str> = kubelet_log
+            .lines()
+            .filter(|l| {
+                l.contains("NotReady") || l.contains("not ready") || l.contains("Node became")
+            })
+            .collect();
+        panic!(
+            "w1's Ready condition changed: {ready_before} -> {ready_after}\n{}\n--- w1 kubelet.log (readiness lines)\n{}",
+            get(&[
+                "kubectl",
+                "get",
+                "node",
+                "w1",
+                "-o",
+                "jsonpath={.status.conditions}"
+            ]),
+            lines.join("\n")
+        );
+    }
     let pod_after = pod_state();
     if pod_after != pod_before {
         let kubelet_log = worker.node.log("kubelet");
         let lines: Vec<&str> = kubelet_log
             .lines()
-            .filter(|l| l.contains("on-w1") || l.contains("Killing") || l.contains("sandbox"))
+            .filter(|l| {
+                (l.contains("on-w1") || l.contains("Killing") || l.contains("andbox"))
+                    && !l.contains("volume")
+            })
+            .collect();
+        let containerd_log = worker.node.log("containerd");
+        let runtime: Vec<&str> = containerd_log
+            .lines()
+            .filter(|l| l.contains("PodSandbox") || l.contains("StopContainer"))
             .collect();
         panic!(
-            "the pod changed: {pod_before} -> {pod_after}\n{}\n--- w1 kubelet.log (pod lines)\n{}\n--- w1 kdist.log\n{}",
+            "the pod changed: {pod_before} -> {pod_after}\n{}\n--- w1 kubelet.log (pod lines)\n{}\n--- w1 containerd.log (sandboxes)\n{}\n--- w1 kdist.log\n{}",
             String::from_utf8_lossy(
                 &cp.kdist(&["kubectl", "get", "pod", "on-w1", "-o", "yaml"])
                     .stdout
             ),
             lines.join("\n"),
+            runtime.join("\n"),
             worker.node.log("kdist")
         );
     }
@@ -1830,8 +1865,16 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
         (served == cert_fingerprint(&worker.node.certs("kubelet.crt"))).then_some(served)
     });
     assert!(served.is_some(), "the kubelet serves an old certificate");
-    let logs = get(&["kubectl", "logs", "on-w1"]);
-    assert!(logs.contains("hello-from-w1"), "{logs}");
+    let logs = common::wait_for(Duration::from_secs(60), || {
+        let out = cp.kdist(&["kubectl", "logs", "on-w1"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello-from-w1").then_some(text)
+    });
+    assert!(
+        logs.is_some(),
+        "{}",
+        describe(&cp.kdist(&["kubectl", "logs", "on-w1"]))
+    );
     let log = worker.node.log("kdist");
     assert!(
         log.contains("kube-proxy certificate renewed")
