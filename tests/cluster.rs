@@ -72,7 +72,12 @@ fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
     wrong[10] = if wrong[10] == b'0' { b'1' } else { b'0' };
     let wrong = String::from_utf8(wrong).unwrap();
     let worker = joiner("pinw", "w-pin");
-    let out = worker.kdist(&["join", &conn(port, &token, &wrong), "--worker"]);
+    let out = worker.kdist(&[
+        "join",
+        &conn(port, &token, &wrong),
+        "--worker",
+        "--no-start",
+    ]);
     assert!(!out.status.success(), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -82,11 +87,15 @@ fn wrong_ca_pin_is_refused_before_the_token_is_sent() {
         "{stderr}"
     );
     assert!(!worker.path("cluster/joined.json").exists());
-    assert!(!worker.path("certs/kubelet-client.crt").exists());
+    assert!(
+        !worker
+            .path("kubelet/pki/kubelet-client-current.pem")
+            .exists()
+    );
     // the token was never spent: the right pin joins with it (read from stdin, so the
     // token stays out of the process list)
     let mut child = worker
-        .command(&["join", "-", "--worker"])
+        .command(&["join", "-", "--worker", "--no-start"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -114,8 +123,12 @@ fn worker_join_exchanges_certificates_and_never_a_ca_key() {
     let (cp, port) = agent_node("wj");
     let (token, fp, _) = add_node(&cp, &["--worker", "--ttl", "1h"]);
     let worker = joiner("wjw", "w-one");
-    let out = worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    let out = worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
     assert!(out.contains("worker") && out.contains("w-one"), "{out}");
+    // --no-start writes the configuration only
+    assert!(out.contains("Run `kdist start`"), "{out}");
+    assert!(!worker.path("run/kdist.sock").exists());
+    assert!(!worker.path("run/kdist.pid").exists());
     // the CA certificate is the control plane's, byte for byte its first certificate
     let ca = std::fs::read(cp.certs("ca.crt")).unwrap();
     let got = std::fs::read(worker.certs("ca.crt")).unwrap();
@@ -133,7 +146,6 @@ fn worker_join_exchanges_certificates_and_never_a_ca_key() {
     }
     // signed by the control plane's CA, with the node identity, for the worker's own keys
     for (cert, subject) in [
-        ("kubelet-client.crt", "system:node:w-one"),
         ("kube-proxy.crt", "system:kube-proxy"),
         ("kubelet.crt", "w-one"),
     ] {
@@ -213,7 +225,7 @@ fn joins_after_a_ca_rotation_pin_the_new_ca() {
     cp.kdist_ok(&["certs", "rotate-ca", "--overlap", "1h"]);
     let (token, fp, _) = add_node(&cp, &["--worker"]);
     let worker = joiner("rotw", "w-rot");
-    let out = worker.kdist(&["join", &conn(port, &token, &fp), "--worker"]);
+    let out = worker.kdist(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -283,14 +295,24 @@ fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
         conn(port, &token, &fp),
         "is the name of the control plane",
     );
-    joiner("own-ok", "not-the-cp").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    joiner("own-ok", "not-the-cp").kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--no-start",
+    ]);
     // expired
     let (token, _, _) = add_node(&cp, &["--worker", "--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(2100));
     refused("expired", conn(port, &token, &fp), "has expired");
     // reused
     let (token, _, _) = add_node(&cp, &["--worker"]);
-    joiner("reuse1", "first").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    joiner("reuse1", "first").kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--no-start",
+    ]);
     refused("reused", conn(port, &token, &fp), "already been used");
     // revoked
     let (token, _, id) = add_node(&cp, &["--worker", "--uses", "3", "--ttl", "1h"]);
@@ -332,7 +354,12 @@ fn expired_reused_revoked_malformed_and_random_tokens_are_rejected() {
         "allows only worker joins",
         &[],
     );
-    joiner("cpw2", "w-after").kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    joiner("cpw2", "w-after").kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--no-start",
+    ]);
     // the token files hold no token
     let stored = std::fs::read_to_string(cp.path("cluster/tokens.json")).unwrap();
     assert!(!stored.contains(&token));
@@ -355,7 +382,7 @@ fn one_single_use_token_raced_by_100_joiners_admits_exactly_one() {
     let children: Vec<_> = joiners
         .iter()
         .map(|j| {
-            j.command(&["join", &connection, "--worker"])
+            j.command(&["join", &connection, "--worker", "--no-start"])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -382,6 +409,230 @@ fn one_single_use_token_raced_by_100_joiners_admits_exactly_one() {
     }
     let nodes = std::fs::read_to_string(cp.path("cluster/nodes.json")).unwrap();
     assert_eq!(nodes.matches("racer-").count(), 1, "{nodes}");
+}
+
+/// A TLS client trusting `node`'s CA that presents the certificate and key of `pem`
+/// (one file holding both, or `key` apart).
+fn client_config_with_cert(node: &Node, pem: &[u8], key: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&std::fs::read(node.certs("ca.crt")).unwrap()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap(),
+    )
+}
+
+/// `POST path` over TLS with `config`; an error when the connection fails (a client
+/// certificate the agent refuses fails the handshake, or the first read in TLS 1.3).
+async fn try_post(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+    body: String,
+) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into()),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = hyper::Request::post(path)
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn openssl_out(args: &[&str], file: &std::path::Path) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A joined worker renews its kube-proxy and kubelet serving certificates through the
+/// agent it joined, proving who it is with the kubelet's current client certificate;
+/// the agent refuses connections without one, with another identity, for another node,
+/// or under another CA.
+#[test]
+fn a_worker_renews_its_certificates_through_the_agent_with_its_node_identity_only() {
+    let (cp, port) = agent_node("ren");
+    let (token, fp, _) = add_node(&cp, &["--worker"]);
+    let worker = joiner("renw", "w-ren");
+    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
+    // the kubelet keeps its client pair in its certificate directory (it renews it
+    // there through the CSR API) and its kubeconfig points at the current one
+    let current = worker.path("kubelet/pki/kubelet-client-current.pem");
+    assert!(std::fs::symlink_metadata(&current).unwrap().is_symlink());
+    let kubelet_conf = std::fs::read_to_string(worker.path("kubeconfig/kubelet.conf")).unwrap();
+    assert!(
+        kubelet_conf.contains(&format!("client-certificate: {}", current.display()))
+            && kubelet_conf.contains(&format!("client-key: {}", current.display())),
+        "{kubelet_conf}"
+    );
+    assert!(!worker.certs("kubelet-client.crt").exists());
+    let ca = cp.certs("ca.crt");
+    let ca_arg = ca.to_str().unwrap();
+    let verified = openssl_out(&["verify", "-CAfile", ca_arg], &current);
+    assert!(verified.contains(": OK"), "{verified}");
+    let subject = openssl_out(&["x509", "-noout", "-subject", "-in"], &current);
+    assert!(
+        subject.contains("system:node:w-ren") && subject.contains("system:nodes"),
+        "{subject}"
+    );
+
+    let data = kdist::config::DataDir::new(&worker.root);
+    let config = kdist::config::NodeConfig::load(&data).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let renew = || rt.block_on(kdist::cluster::renew_worker(&data, &config));
+    // fresh certificates are not due
+    assert!(renew().unwrap().is_empty());
+    assert!(!cp.log("kdist").contains("node certificates renewed"));
+    // unreadable ones are renewed, both, for new keys
+    let old_proxy_key = std::fs::read(worker.certs("kube-proxy.key")).unwrap();
+    let old_serving_key = std::fs::read(worker.certs("kubelet.key")).unwrap();
+    std::fs::write(worker.certs("kube-proxy.crt"), "garbage").unwrap();
+    std::fs::write(worker.certs("kubelet.crt"), "garbage").unwrap();
+    let services = renew().unwrap_or_else(|e| panic!("{e}\n{}", cp.log("kdist")));
+    assert_eq!(services, ["kubelet", "kube-proxy"]);
+    assert_ne!(
+        std::fs::read(worker.certs("kube-proxy.key")).unwrap(),
+        old_proxy_key
+    );
+    assert_ne!(
+        std::fs::read(worker.certs("kubelet.key")).unwrap(),
+        old_serving_key
+    );
+    for (cert, subject) in [
+        ("kube-proxy.crt", "CN = system:kube-proxy"),
+        ("kubelet.crt", "CN = w-ren"),
+    ] {
+        let path = worker.certs(cert);
+        let verified = openssl_out(&["verify", "-CAfile", ca_arg], &path);
+        assert!(verified.contains(": OK"), "{verified}");
+        let text = openssl_out(&["x509", "-noout", "-subject", "-in"], &path);
+        assert!(text.contains(subject), "{cert}: {text}");
+        assert_eq!(
+            openssl_out(&["x509", "-noout", "-pubkey", "-in"], &path),
+            openssl_out(&["pkey", "-pubout", "-in"], &path.with_extension("key")),
+            "{cert} is not for the worker's new key"
+        );
+    }
+    // the serving certificate names the node and the address it came from
+    let sans = openssl_out(
+        &["x509", "-noout", "-ext", "subjectAltName", "-in"],
+        &worker.certs("kubelet.crt"),
+    );
+    assert!(
+        sans.contains("DNS:w-ren") && sans.contains("IP Address:127.0.0.1"),
+        "{sans}"
+    );
+    // kube-proxy's kubeconfig carries the new certificate
+    {
+        use base64::Engine;
+        let conf = std::fs::read_to_string(worker.path("kubeconfig/kube-proxy.conf")).unwrap();
+        let new = std::fs::read(worker.certs("kube-proxy.crt")).unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(new);
+        assert!(conf.contains(&encoded), "{conf}");
+    }
+    assert!(cp.log("kdist").contains("node certificates renewed"));
+    assert!(renew().unwrap().is_empty(), "renewed twice");
+
+    let body = |name: &str| {
+        serde_json::json!({"node_name": name, "kube_proxy_csr": null, "kubelet_serving_csr": null})
+            .to_string()
+    };
+    // no client certificate
+    let (status, text) = rt
+        .block_on(try_post(
+            port,
+            client_config(&cp),
+            "/v1/renew",
+            body("w-ren"),
+        ))
+        .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("no client certificate"), "{text}");
+    // a valid certificate of the cluster CA that is not a node's (kube-proxy's)
+    let proxy = client_config_with_cert(
+        &cp,
+        &std::fs::read(worker.certs("kube-proxy.crt")).unwrap(),
+        &std::fs::read(worker.certs("kube-proxy.key")).unwrap(),
+    );
+    let (status, text) = rt
+        .block_on(try_post(port, proxy, "/v1/renew", body("w-ren")))
+        .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("is not system:node:<name>"), "{text}");
+    // the node's certificate, for another node
+    let pair = std::fs::read(&current).unwrap();
+    let node = client_config_with_cert(&cp, &pair, &pair);
+    let (status, text) = rt
+        .block_on(try_post(port, node.clone(), "/v1/renew", body("w-other")))
+        .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("node `w-ren`'s"), "{text}");
+    // and for itself: an empty request is answered with nothing to sign
+    let (status, text) = rt
+        .block_on(try_post(port, node, "/v1/renew", body("w-ren")))
+        .unwrap();
+    assert_eq!(status, 200, "{text}");
+    // a node certificate of another CA does not get through the handshake
+    let foreign_ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let foreign_ca = ca_params.self_signed(&foreign_ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, foreign_ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "system:node:w-ren");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let forged = params.signed_by(&key, &issuer).unwrap();
+    let _ = foreign_ca;
+    let config =
+        client_config_with_cert(&cp, forged.pem().as_bytes(), key.serialize_pem().as_bytes());
+    let refused = rt.block_on(try_post(port, config, "/v1/renew", body("w-ren")));
+    assert!(refused.is_err(), "{refused:?}");
 }
 
 /// A TLS client trusting `node`'s CA, optionally from `local` (a loopback address).
@@ -763,8 +1014,9 @@ fn join_control_plane(lab: &Lab, first: &Node, i: usize, node: &Node) {
         v["token"].as_str().unwrap(),
         v["ca_sha256"].as_str().unwrap()
     );
-    in_ns_ok(lab.ns(i), node, &["join", &connection]);
-    in_ns_ok(lab.ns(i), node, &["start", "--timeout", "120"]);
+    // join starts the node and waits for it, as `kdist start` does
+    let out = in_ns_ok(lab.ns(i), node, &["join", &connection, "--timeout", "120"]);
+    assert!(out.contains("kdist is ready"), "{out}");
     let name = format!("n{i}");
     let promoted = common::wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
         voting(first, 1).contains(&name)
@@ -924,15 +1176,25 @@ fn three_control_planes_form_an_etcd_cluster_that_survives_a_member_and_reforms(
 fn a_joined_worker_runs_only_node_services_and_issues_no_certificates() {
     let (cp, port) = agent_node("wr");
     let (token, fp, _) = add_node(&cp, &["--worker"]);
-    let worker = joiner("wrw", "w-run");
-    worker.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
-    let before = std::fs::read(worker.certs("ca.crt")).unwrap();
-    // keep the host untouched: no containerd in this test
+    let worker = Node::new("wrw");
+    // keep the host untouched: no containerd in this test (the join keeps the setting)
+    worker.write_config("node_name: w-run\ndisable: [containerd]\n");
+    // the join starts the node and ends with its status, as `kdist start` does
+    let out = worker.kdist_ok(&[
+        "join",
+        &conn(port, &token, &fp),
+        "--worker",
+        "--timeout",
+        "90",
+    ]);
+    assert!(
+        out.contains("Starting this node") && out.contains("kdist is ready"),
+        "{out}"
+    );
+    assert!(worker.path("run/kdist.sock").exists(), "{out}");
     let config = std::fs::read_to_string(worker.path("config.yaml")).unwrap();
-    let config = config.replace("disable: []", "disable: [containerd]");
-    assert!(config.contains("disable: [containerd]"), "{config}");
-    std::fs::write(worker.path("config.yaml"), config).unwrap();
-    worker.start();
+    assert!(config.contains("containerd"), "{config}");
+    let before = std::fs::read(worker.certs("ca.crt")).unwrap();
     let status = worker.status();
     let services: Vec<&str> = status["services"]
         .as_array()
@@ -967,7 +1229,7 @@ fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
     node.start();
     let (token, fp, _) = add_node(&node, &[]);
     let cp = joiner("embj", "cp-two");
-    let out = cp.kdist(&["join", &conn(port, &token, &fp)]);
+    let out = cp.kdist(&["join", &conn(port, &token, &fp), "--no-start"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -975,7 +1237,7 @@ fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
         "{stderr}"
     );
     // the refusal did not spend the token: a worker can still use it
-    cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker"]);
+    cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
 }
 
 /// A node whose every `kdist` command runs inside network namespace `ns`, with the
@@ -1112,11 +1374,11 @@ fn worker_registers_and_becomes_ready() {
         v["token"].as_str().unwrap(),
         v["ca_sha256"].as_str().unwrap()
     );
-    worker.ok(&["join", &connection, "--worker"]);
     let joined = Instant::now();
-    worker.ok(&["start", "--timeout", "300"]);
+    let out = worker.ok(&["join", &connection, "--worker", "--timeout", "300"]);
+    assert!(out.contains("node w1 is Ready"), "{out}");
     eprintln!(
-        "control plane start -> node Ready: {cp_ready:?}; worker join + start -> node Ready: {:?}",
+        "control plane start -> node Ready: {cp_ready:?}; worker join -> node Ready: {:?}",
         joined.elapsed()
     );
 
@@ -1396,4 +1658,308 @@ fn etcd_membership_goes_through_the_grpc_client_over_mtls() {
     std::fs::remove_file(data.certs_dir().join("apiserver-etcd-client.key")).unwrap();
     let err = block_on(etcd.members()).unwrap_err().to_string();
     assert!(err.contains("member list"), "{err}");
+}
+
+/// The SHA-256 of the first certificate of a PEM file (empty when unreadable).
+fn cert_fingerprint(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).next())
+        .and_then(Result::ok)
+        .map(|der| hex::encode(sha2::Sha256::digest(&der)))
+        .unwrap_or_default()
+}
+
+/// A worker whose certificates live a few minutes (the control plane signs for
+/// `certs.leaf_validity: 4m`, its controller-manager too) renews each of them several
+/// times: the kubelet's client certificate through CSRs the controller-manager approves
+/// and signs, kube-proxy's and the kubelet's serving certificate through the cluster
+/// agent. The node stays Ready throughout and its pod keeps running in the same
+/// container, never restarted; the kubelet serves its newest certificate.
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
+    let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
+    let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    let lab = Lab::new(2);
+    let node_config = |name: &str, i: usize| {
+        format!(
+            "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.203.0.{i}\n  \
+             pod_cidr: 10.{i}.0.0/16\nruntime:\n  sandbox_image: kdist.local/test/pause:1\n  \
+             cgroup_root: /kdist-renew-{name}\ncerts:\n  leaf_validity: 4m\n  \
+             renewal_window: 90s\n  check_interval: 10s\n"
+        )
+    };
+    let worker_bin = common::temp_dir("kdist-worker-bin");
+    for name in ["kubelet", "kube-proxy", "kubectl"] {
+        std::os::unix::fs::symlink(
+            std::path::Path::new(&bin).join(name),
+            worker_bin.path().join(name),
+        )
+        .unwrap();
+    }
+    let worker_path = format!(
+        "{}:{}",
+        worker_bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cp = NsNode::new(&lab, 1, "k8rcp", &path, &node_config("cp1", 1));
+    let worker = NsNode::new(&lab, 2, "k8rw", &worker_path, &node_config("w1", 2));
+    cp.ok(&["start", "--timeout", "300"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&cp.ok(&["add-node", "--worker", "-o", "json"])).unwrap();
+    let connection = format!(
+        "10.203.0.1:25000/{}/{}",
+        v["token"].as_str().unwrap(),
+        v["ca_sha256"].as_str().unwrap()
+    );
+    let out = worker.ok(&["join", &connection, "--worker", "--timeout", "300"]);
+    assert!(out.contains("node w1 is Ready"), "{out}");
+    // the kubelet says why it would touch a pod (sandbox decisions are at level 2)
+    let args = worker.node.path("args/kubelet");
+    let mut text = std::fs::read_to_string(&args).unwrap();
+    text.push_str("--v=2\n");
+    std::fs::write(&args, text).unwrap();
+    worker.ok(&["restart", "kubelet"]);
+
+    for (file, name, cmd) in [
+        (
+            "pause.tar",
+            "kdist.local/test/pause:1",
+            &["/bin/sleep", "infinity"][..],
+        ),
+        (
+            "busybox.tar",
+            "kdist.local/test/busybox:1",
+            &["/bin/sh"][..],
+        ),
+    ] {
+        let archive = worker.node.path(file);
+        common::oci::build(&archive, name, cmd);
+        worker.ok(&["images", "import", archive.to_str().unwrap()]);
+    }
+    let manifest = cp.node.path("on-w1.yaml");
+    std::fs::write(&manifest, ON_WORKER).unwrap();
+    cp.ok(&["kubectl", "apply", "-f", manifest.to_str().unwrap()]);
+    let running = cp.kdist(&[
+        "kubectl",
+        "wait",
+        "--for=jsonpath={.status.phase}=Running",
+        "pod/on-w1",
+        "--timeout=180s",
+    ]);
+    assert!(
+        running.status.success(),
+        "{}\n--- w1 kubelet.log\n{}",
+        describe(&running),
+        worker.node.log("kubelet")
+    );
+    // read through the control plane, retried over its own certificate restarts
+    let get = |args: &[&str]| -> String {
+        common::wait_for(Duration::from_secs(60), || {
+            let out = cp.kdist(args);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("kdist {args:?} kept failing"))
+    };
+    let pod_state = || {
+        get(&[
+            "kubectl",
+            "get",
+            "pod",
+            "on-w1",
+            "-o",
+            "jsonpath={.metadata.uid} {.status.containerStatuses[0].containerID} \
+             {.status.containerStatuses[0].restartCount} {.status.phase}",
+        ])
+    };
+    let ready_since = || {
+        get(&[
+            "kubectl",
+            "get",
+            "node",
+            "w1",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} \
+             {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+        ])
+    };
+    let pod_before = pod_state();
+    assert!(pod_before.ends_with(" 0 Running"), "{pod_before}");
+    let ready_before = ready_since();
+    assert!(ready_before.starts_with("True "), "{ready_before}");
+
+    // watch the worker's three certificates change, several times each
+    let files = [
+        (
+            "kubelet client",
+            worker.node.path("kubelet/pki/kubelet-client-current.pem"),
+        ),
+        ("kube-proxy", worker.node.certs("kube-proxy.crt")),
+        ("kubelet serving", worker.node.certs("kubelet.crt")),
+    ];
+    let mut seen: Vec<std::collections::BTreeSet<String>> = files
+        .iter()
+        .map(|(_, path)| std::iter::once(cert_fingerprint(path)).collect())
+        .collect();
+    let started = Instant::now();
+    let enough = common::wait_until(Duration::from_secs(900), Duration::from_secs(5), || {
+        for (i, (_, path)) in files.iter().enumerate() {
+            let fp = cert_fingerprint(path);
+            if !fp.is_empty() {
+                seen[i].insert(fp);
+            }
+        }
+        // three certificates each: two renewals
+        seen.iter().all(|s| s.len() >= 3)
+    });
+    let counts: Vec<(&str, usize)> = files
+        .iter()
+        .zip(&seen)
+        .map(|((what, _), s)| (*what, s.len()))
+        .collect();
+    assert!(
+        enough,
+        "certificates seen in {:?}: {counts:?}\n--- w1 kdist.log\n{}\n--- w1 kubelet.log (tail)\n{}",
+        started.elapsed(),
+        worker.node.log("kdist"),
+        worker
+            .node
+            .log("kubelet")
+            .lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!(
+        "worker certificates seen in {:?}: {counts:?}",
+        started.elapsed()
+    );
+
+    // every certificate on the worker is the cluster CA's and still valid
+    let ca = cp.node.certs("ca.crt");
+    for (what, path) in &files {
+        let out = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&ca)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {}", describe(&out));
+    }
+    // the kubelet client certificates came from approved CSRs of the node itself
+    let csrs = get(&[
+        "kubectl",
+        "get",
+        "csr",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.username} {.spec.signerName} \
+         {.status.conditions[0].type}{\"\\n\"}{end}",
+    ]);
+    let approved = csrs
+        .lines()
+        .filter(|l| *l == "system:node:w1 kubernetes.io/kube-apiserver-client-kubelet Approved")
+        .count();
+    assert!(approved >= 2, "{csrs}");
+    assert!(!csrs.contains("Denied"), "{csrs}");
+    // the node never left Ready, the pod is the same container, never restarted
+    let ready_after = ready_since();
+    if ready_after != ready_before {
+        let kubelet_log = worker.node.log("kubelet");
+        let lines: Vec<&str> = kubelet_log
+            .lines()
+            .filter(|l| {
+                l.contains("NotReady") || l.contains("not ready") || l.contains("Node became")
+            })
+            .collect();
+        panic!(
+            "w1's Ready condition changed: {ready_before} -> {ready_after}\n{}\n--- w1 kubelet.log (readiness lines)\n{}",
+            get(&[
+                "kubectl",
+                "get",
+                "node",
+                "w1",
+                "-o",
+                "jsonpath={.status.conditions}"
+            ]),
+            lines.join("\n")
+        );
+    }
+    let pod_after = pod_state();
+    if pod_after != pod_before {
+        let kubelet_log = worker.node.log("kubelet");
+        let lines: Vec<&str> = kubelet_log
+            .lines()
+            .filter(|l| {
+                (l.contains("on-w1") || l.contains("Killing") || l.contains("andbox"))
+                    && !l.contains("volume")
+            })
+            .collect();
+        let containerd_log = worker.node.log("containerd");
+        let runtime: Vec<&str> = containerd_log
+            .lines()
+            .filter(|l| l.contains("PodSandbox") || l.contains("StopContainer"))
+            .collect();
+        panic!(
+            "the pod changed: {pod_before} -> {pod_after}\n{}\n--- w1 kubelet.log (pod lines)\n{}\n--- w1 containerd.log (sandboxes)\n{}\n--- w1 kdist.log\n{}",
+            String::from_utf8_lossy(
+                &cp.kdist(&["kubectl", "get", "pod", "on-w1", "-o", "yaml"])
+                    .stdout
+            ),
+            lines.join("\n"),
+            runtime.join("\n"),
+            worker.node.log("kdist")
+        );
+    }
+    // the kubelet serves its newest certificate (it was restarted to load it) and the
+    // apiserver still reaches it
+    let served = common::wait_for(Duration::from_secs(60), || {
+        let out = cp.inside(
+            "openssl",
+            &["s_client", "-connect", "10.203.0.2:10250", "-showcerts"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let pem: String = text
+            .split_inclusive('\n')
+            .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+            .scan(false, |done, l| {
+                if *done {
+                    return None;
+                }
+                *done = l.starts_with("-----END CERTIFICATE-----");
+                Some(l.to_string())
+            })
+            .collect();
+        let served = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .map(|der| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&der))
+            })?;
+        (served == cert_fingerprint(&worker.node.certs("kubelet.crt"))).then_some(served)
+    });
+    assert!(served.is_some(), "the kubelet serves an old certificate");
+    let logs = common::wait_for(Duration::from_secs(60), || {
+        let out = cp.kdist(&["kubectl", "logs", "on-w1"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello-from-w1").then_some(text)
+    });
+    assert!(
+        logs.is_some(),
+        "{}",
+        describe(&cp.kdist(&["kubectl", "logs", "on-w1"]))
+    );
+    let log = worker.node.log("kdist");
+    assert!(
+        log.contains("kube-proxy certificate renewed")
+            && log.contains("kubelet serving certificate renewed")
+            && !log.contains("worker certificate renewal failed"),
+        "{log}"
+    );
+    worker.ok(&["stop", "--timeout", "60"]);
 }

@@ -193,10 +193,17 @@ fn reset_keeps_pod_namespaces_that_another_runtime_still_uses() {
         std::fs::read_link(format!("/proc/{}/ns/net", pod.id())).is_ok_and(|ns| ns != ours)
     });
 
+    // a pod namespace mounted in another mount namespace (a node under `ip netns
+    // exec`) is a plain file in this one
+    let elsewhere = std::path::Path::new("/run/netns").join(format!("cni-kdt-elsewhere-{id}"));
+    std::fs::write(&elsewhere, "").unwrap();
+
     let data = TempData::new("netns");
     let out = data.kdist(&["reset"]);
     let kept = std::path::Path::new("/run/netns").join(&used).exists();
     let removed = !std::path::Path::new("/run/netns").join(&free).exists();
+    let kept_elsewhere = elsewhere.exists();
+    let _ = std::fs::remove_file(&elsewhere);
     // clean up before asserting: by pid and by name, never by pattern
     let _ = pod.kill();
     let _ = pod.wait();
@@ -206,6 +213,10 @@ fn reset_keeps_pod_namespaces_that_another_runtime_still_uses() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(kept, "reset removed a namespace a process is in");
     assert!(removed, "reset left an unused CNI namespace");
+    assert!(
+        kept_elsewhere,
+        "reset removed a namespace file that is not mounted in its mount namespace"
+    );
 }
 
 /// A network namespace made for one test, deleted on drop (with the links in it).

@@ -12,6 +12,13 @@ pub struct Args {
     /// Join as a worker (containerd, kubelet, kube-proxy only).
     #[arg(long)]
     pub worker: bool,
+    /// Only write this node's certificates and configuration; start it later with
+    /// `kdist start`.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Seconds to wait for every service and the Node to become ready after joining.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
 }
 
 pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
@@ -36,12 +43,24 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Role::ControlPlane
     };
     let joined = crate::cluster::join(&data, &conn, role).await?;
-    println!(
-        "Joined the cluster of {} as {} `{}`; apiserver {}. Run `kdist start` to start this node.",
+    let summary = format!(
+        "Joined the cluster of {} as {} `{}`; apiserver {}.",
         joined.agent,
         joined.role,
         joined.node_name,
         joined.apiserver_endpoints.join(", ")
     );
-    Ok(ExitCode::SUCCESS)
+    if args.no_start {
+        println!("{summary} Run `kdist start` to start this node.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{summary} Starting this node.");
+    super::start::run(
+        super::start::Args {
+            config: None,
+            timeout: args.timeout,
+        },
+        data,
+    )
+    .await
 }

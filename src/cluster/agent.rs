@@ -1,7 +1,9 @@
 //! The cluster agent: HTTPS on `cluster.agent_port` inside the daemon. It answers
-//! `GET /v1/health` and `POST /v1/join`; a join spends a token and returns what the
-//! joiner needs. Failed attempts are counted per source address: past
-//! [`MAX_FAILURES`] in [`WINDOW`] that address is refused without looking at its token.
+//! `GET /v1/health`, `POST /v1/join` (a join spends a token and returns what the
+//! joiner needs) and `POST /v1/renew` (a node that presents its kubelet client
+//! certificate gets new kube-proxy and kubelet serving certificates). Failed attempts
+//! are counted per source address: past [`MAX_FAILURES`] in [`WINDOW`] that address is
+//! refused without looking at its token.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,7 +25,8 @@ use tracing::{debug, info, warn};
 use super::error::ClusterError;
 use super::etcd::{EtcdClient, block_on};
 use super::protocol::{
-    CONTROL_PLANE_FILES, ControlPlaneMaterial, ErrorBody, JoinRequest, JoinResponse,
+    CONTROL_PLANE_FILES, ControlPlaneMaterial, ErrorBody, JoinRequest, JoinResponse, RenewRequest,
+    RenewResponse, check_node_name,
 };
 use super::token::TokenStore;
 use super::{nodes, sign};
@@ -156,9 +159,17 @@ impl Agent {
                         }
                         Err(_) => return,
                     };
+                // the chain was verified against the cluster CA in the handshake
+                let client_cert: Option<Arc<[u8]>> = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| Arc::from(leaf.as_ref()));
                 let service = hyper::service::service_fn(move |req| {
                     let agent = agent.clone();
-                    async move { Ok::<_, Infallible>(agent.handle(req, peer).await) }
+                    let client_cert = client_cert.clone();
+                    async move { Ok::<_, Infallible>(agent.handle(req, peer, client_cert).await) }
                 });
                 // a client that stalls in its headers (or sends none) is cut off, so
                 // idle connections cannot hold every slot
@@ -217,28 +228,18 @@ impl Agent {
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        client_cert: Option<Arc<[u8]>>,
     ) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/health") => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             (&Method::POST, "/v1/join") => {
                 info!(%peer, "join request");
-                match self.clone().join(req, peer).await {
-                    Ok(answer) => json(StatusCode::OK, &answer),
-                    Err(err) => {
-                        if err.is_bad_attempt()
-                            && let Ok(mut limiter) = self.limiter.lock()
-                        {
-                            limiter.fail(peer.ip());
-                        }
-                        if matches!(err, ClusterError::RateLimited { .. }) {
-                            // a flood would fill the log: the first refusals said it all
-                            debug!(%peer, "join refused: rate limited");
-                        } else {
-                            warn!(%peer, error = %err, "join refused");
-                        }
-                        error_response(&err)
-                    }
-                }
+                let answer = self.clone().join(req, peer).await;
+                self.answer(answer, peer, "join")
+            }
+            (&Method::POST, "/v1/renew") => {
+                let answer = self.clone().renew(req, peer, client_cert).await;
+                self.answer(answer, peer, "renewal")
             }
             _ => error_response(&ClusterError::BadRequest {
                 reason: format!("no such endpoint {} {}", req.method(), req.uri().path()),
@@ -246,11 +247,34 @@ impl Agent {
         }
     }
 
-    async fn join(
-        self: Arc<Self>,
-        req: Request<Incoming>,
+    /// The response to a join or renewal; refusals count against the peer's address.
+    fn answer(
+        &self,
+        answer: Result<impl serde::Serialize, ClusterError>,
         peer: SocketAddr,
-    ) -> Result<JoinResponse, ClusterError> {
+        what: &str,
+    ) -> Response<Full<Bytes>> {
+        match answer {
+            Ok(answer) => json(StatusCode::OK, &answer),
+            Err(err) => {
+                if err.is_bad_attempt()
+                    && let Ok(mut limiter) = self.limiter.lock()
+                {
+                    limiter.fail(peer.ip());
+                }
+                if matches!(err, ClusterError::RateLimited { .. }) {
+                    // a flood would fill the log: the first refusals said it all
+                    debug!(%peer, "{what} refused: rate limited");
+                } else {
+                    warn!(%peer, error = %err, "{what} refused");
+                }
+                error_response(&err)
+            }
+        }
+    }
+
+    /// The body of a request, once the peer is not rate limited.
+    async fn body(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Bytes, ClusterError> {
         if self
             .limiter
             .lock()
@@ -261,7 +285,7 @@ impl Agent {
                 peer: peer.ip().to_string(),
             });
         }
-        let body = tokio::time::timeout(
+        Ok(tokio::time::timeout(
             REQUEST_TIMEOUT,
             Limited::new(req.into_body(), MAX_BODY).collect(),
         )
@@ -272,7 +296,66 @@ impl Agent {
         .map_err(|e| ClusterError::BadRequest {
             reason: format!("cannot read the body: {e}"),
         })?
-        .to_bytes();
+        .to_bytes())
+    }
+
+    /// Signs new kube-proxy and kubelet serving certificates for a node that proves who it
+    /// is with its kubelet client certificate.
+    async fn renew(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client_cert: Option<Arc<[u8]>>,
+    ) -> Result<RenewResponse, ClusterError> {
+        let body = self.body(req, peer).await?;
+        let Some(client_cert) = client_cert else {
+            return Err(ClusterError::NotANode {
+                reason: "the connection presented no client certificate".into(),
+            });
+        };
+        let node = super::tls::node_of_client_cert(&client_cert)
+            .map_err(|reason| ClusterError::NotANode { reason })?;
+        let request: RenewRequest =
+            serde_json::from_slice(&body).map_err(|e| ClusterError::BadRequest {
+                reason: format!("body is not a renewal request: {e}"),
+            })?;
+        check_node_name(&request.node_name)?;
+        if request.node_name != node {
+            return Err(ClusterError::NotANode {
+                reason: format!(
+                    "the request is for node `{}` but the certificate is node `{node}`'s",
+                    request.node_name
+                ),
+            });
+        }
+        if self.config.role == Role::Worker {
+            return Err(ClusterError::NotControlPlane);
+        }
+        let agent = self.clone();
+        let name = node.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            sign::renewal(&agent.data, &agent.config, &name, &request, peer.ip())
+        })
+        .await
+        .map_err(|e| ClusterError::Internal {
+            reason: e.to_string(),
+        })??;
+        info!(
+            node = %node,
+            %peer,
+            kube_proxy = answer.kube_proxy_crt.is_some(),
+            kubelet_serving = answer.kubelet_serving_crt.is_some(),
+            "node certificates renewed"
+        );
+        Ok(answer)
+    }
+
+    async fn join(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<JoinResponse, ClusterError> {
+        let body = self.body(req, peer).await?;
         let request: JoinRequest =
             serde_json::from_slice(&body).map_err(|e| ClusterError::BadRequest {
                 reason: format!("body is not a join request: {e}"),

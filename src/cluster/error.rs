@@ -71,6 +71,16 @@ pub enum ClusterError {
     },
     #[error("the cluster agent at {address} refused the join: {message}")]
     Refused { address: String, message: String },
+    #[error(
+        "certificate renewal needs the node's kubelet client certificate (CN system:node:<name>, O system:nodes, signed by the cluster CA): {reason}; if it has expired, re-join the node (`kdist leave` on it, then `kdist join` with a new token)"
+    )]
+    NotANode { reason: String },
+    #[error(
+        "cannot use the kubelet client certificate {path} ({reason}); the kubelet writes and renews it: see `kdist logs kubelet`"
+    )]
+    KubeletClient { path: PathBuf, reason: String },
+    #[error("the cluster agent at {address} refused to renew this node's certificates: {message}")]
+    RenewRefused { address: String, message: String },
     #[error("this node already belongs to a cluster ({path} exists); run `kdist leave` first")]
     AlreadyJoined { path: PathBuf },
     #[error("etcd refused `{command}`: {message}; check `kdist status` and `kdist logs etcd`")]
@@ -96,7 +106,8 @@ impl ClusterError {
             | ClusterError::Invalid { .. } => 400,
             ClusterError::UnknownToken
             | ClusterError::ExpiredToken { .. }
-            | ClusterError::UsedToken { .. } => 401,
+            | ClusterError::UsedToken { .. }
+            | ClusterError::NotANode { .. } => 401,
             ClusterError::WrongRole { .. } | ClusterError::NotControlPlane => 403,
             ClusterError::NoSuchTokenId { .. } => 404,
             ClusterError::EmbeddedDatastore | ClusterError::NameTaken { .. } => 409,

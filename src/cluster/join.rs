@@ -18,6 +18,7 @@ use super::nodes::{self, Joined};
 use super::protocol::{
     CONTROL_PLANE_FILES, Connection, ControlPlaneMaterial, ErrorBody, JoinRequest, JoinResponse,
 };
+use super::renew;
 use super::tls::{PinnedCaVerifier, pinned_client_config};
 use crate::config::{DataDir, NodeConfig, Role};
 use crate::fsutil;
@@ -25,7 +26,7 @@ use crate::fsutil;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn key_and_csr(what: &str) -> Result<(KeyPair, String), ClusterError> {
+pub(super) fn key_and_csr(what: &str) -> Result<(KeyPair, String), ClusterError> {
     let cert_err = |source| ClusterError::Certificate {
         what: what.to_string(),
         source,
@@ -45,19 +46,32 @@ pub async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), ClusterError> {
-    let address = conn.address.to_string();
-    let connect_err = |reason: String| ClusterError::Connect {
-        address: address.clone(),
-        port: conn.address.port(),
-        reason,
-    };
     let verifier = Arc::new(PinnedCaVerifier::new(&conn.ca_sha256));
     let config = pinned_client_config(verifier.clone())?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(conn.address))
+    exchange(conn.address, &conn.ca_sha256, verifier, config, path, body).await
+}
+
+/// `POST path` with `body` to the agent at `target` over TLS with `config`, whose
+/// server verifier is `verifier` (it pins `pinned`).
+pub(super) async fn exchange(
+    target: std::net::SocketAddr,
+    pinned: &str,
+    verifier: Arc<PinnedCaVerifier>,
+    config: rustls::ClientConfig,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), ClusterError> {
+    let address = target.to_string();
+    let connect_err = |reason: String| ClusterError::Connect {
+        address: address.clone(),
+        port: target.port(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
         .await
         .map_err(|_| connect_err("timed out".into()))?
         .map_err(|e| connect_err(e.to_string()))?;
-    let server_name = ServerName::IpAddress(conn.address.ip().into());
+    let server_name = ServerName::IpAddress(target.ip().into());
     let tls = match TlsConnector::from(Arc::new(config))
         .connect(server_name, tcp)
         .await
@@ -68,7 +82,7 @@ pub async fn post(
             return Err(match seen {
                 Some(seen) => ClusterError::CaMismatch {
                     address,
-                    pinned: conn.ca_sha256.clone(),
+                    pinned: pinned.to_string(),
                     seen: if seen.is_empty() {
                         "no CA".into()
                     } else {
@@ -276,10 +290,6 @@ fn write_worker(
     };
     write("ca.crt", &answer.ca_crt, 0o644)?;
     let [kubelet_key, proxy_key, serving_key] = keys;
-    write("kubelet-client.crt", &answer.kubelet_client_crt, 0o644)?;
-    write("kubelet-client.key", &kubelet_key.serialize_pem(), 0o600)?;
-    write("kube-proxy.crt", &answer.kube_proxy_crt, 0o644)?;
-    write("kube-proxy.key", &proxy_key.serialize_pem(), 0o600)?;
     write("kubelet.crt", &answer.kubelet_serving_crt, 0o644)?;
     write("kubelet.key", &serving_key.serialize_pem(), 0o600)?;
     let server = answer
@@ -289,31 +299,23 @@ fn write_worker(
         .unwrap_or_else(|| crate::pki::DEFAULT_SERVER.to_string());
     let kubeconfigs = data.kubeconfig_dir();
     fsutil::ensure_dir(&kubeconfigs, 0o700).map_err(io(&kubeconfigs))?;
-    let kubelet_user = format!("system:node:{}", joined.node_name);
-    for (file, user, cert, key) in [
-        (
-            "kubelet.conf",
-            kubelet_user.as_str(),
-            &answer.kubelet_client_crt,
-            kubelet_key,
-        ),
-        (
-            "kube-proxy.conf",
-            "system:kube-proxy",
-            &answer.kube_proxy_crt,
-            proxy_key,
-        ),
-    ] {
-        let text = crate::pki::render_kubeconfig(
-            &server,
-            &answer.ca_crt,
-            user,
-            cert,
-            &key.serialize_pem(),
-        );
-        let path = kubeconfigs.join(file);
-        fsutil::atomic_write(&path, text.as_bytes(), 0o600).map_err(io(&path))?;
-    }
+    // the kubelet renews its client certificate itself (CSR API) in its certificate
+    // directory; its kubeconfig points at the file it keeps current there
+    let current = renew::write_kubelet_client(
+        data,
+        &answer.kubelet_client_crt,
+        &kubelet_key.serialize_pem(),
+    )?;
+    let kubelet_conf = renew::render_kubeconfig_with_files(
+        &server,
+        &answer.ca_crt,
+        &format!("system:node:{}", joined.node_name),
+        &current,
+    );
+    let path = kubeconfigs.join("kubelet.conf");
+    fsutil::atomic_write(&path, kubelet_conf.as_bytes(), 0o600).map_err(io(&path))?;
+    renew::write_kube_proxy(data, &server, &answer.kube_proxy_crt, proxy_key)?;
+    renew::ensure_kubelet_cert_dir_flag(data)?;
     config.role = Role::Worker;
     // pods must find the cluster's DNS and services where the control plane put them
     if let Ok(dns) = answer.cluster_dns.parse() {

@@ -1,5 +1,6 @@
-//! Clustering: join tokens (`kdist add-node`), the cluster agent that serves joins over
-//! HTTPS inside the daemon, and the joiner (`kdist join`).
+//! Clustering: join tokens (`kdist add-node`), the cluster agent that serves joins and
+//! workers' certificate renewals over HTTPS inside the daemon, the joiner (`kdist
+//! join`) and a worker's renewal of its kube-proxy and kubelet serving certificates.
 //!
 //! It owns `<data>/cluster/` (hashed tokens, node records, the agent's certificate).
 //! It signs joiners' CSRs with the cluster CA but never writes this node's own
@@ -12,6 +13,7 @@ mod join;
 mod membership;
 mod nodes;
 mod protocol;
+mod renew;
 mod sign;
 mod status;
 mod tls;
@@ -32,7 +34,8 @@ pub use etcd::{EtcdClient, Member, block_on, etcd_initial_cluster};
 pub use join::{join, post};
 pub use membership::{Removed, leave_etcd, remove_node, reset_to_single};
 pub use nodes::{Joined, NodeRecord, forget, joined, list as list_nodes};
-pub use protocol::{Connection, JoinRequest, JoinResponse};
+pub use protocol::{Connection, JoinRequest, JoinResponse, RenewRequest, RenewResponse};
+pub use renew::{kubelet_client_current, renew_worker};
 pub use status::{ClusterStatus, MemberStatus, cluster_status};
 pub use tls::{cluster_ca, host_addresses};
 pub use token::{TokenRecord, TokenStore, parse_ttl};

@@ -27,22 +27,26 @@ pub struct JoinRequest {
 impl JoinRequest {
     pub fn validate(&self) -> Result<(), ClusterError> {
         token::check_format(&self.token)?;
-        let name = &self.node_name;
-        let ok = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if !ok {
-            return Err(ClusterError::BadRequest {
-                reason: format!(
-                    "node name `{}` is not a lowercase DNS name (a-z, 0-9, '-', '.')",
-                    name.chars().take(80).collect::<String>()
-                ),
-            });
-        }
-        Ok(())
+        check_node_name(&self.node_name)
     }
+}
+
+/// A node name must be a lowercase DNS name: it becomes `system:node:<name>` and a SAN.
+pub fn check_node_name(name: &str) -> Result<(), ClusterError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !ok {
+        return Err(ClusterError::BadRequest {
+            reason: format!(
+                "node name `{}` is not a lowercase DNS name (a-z, 0-9, '-', '.')",
+                name.chars().take(80).collect::<String>()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// What a worker receives: certificates signed for its keys, never a CA key.
@@ -62,6 +66,28 @@ pub struct JoinResponse {
     /// What a control plane needs beyond a worker; absent for workers.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneMaterial>,
+}
+
+/// `POST /v1/renew`, sent over mutual TLS with the node's current kubelet client
+/// certificate (`system:node:<name>`, signed by the cluster CA): new certificates for
+/// the node's kube-proxy and kubelet serving keys, for the CSRs it sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub node_name: String,
+    #[serde(default)]
+    pub kube_proxy_csr: Option<String>,
+    #[serde(default)]
+    pub kubelet_serving_csr: Option<String>,
+}
+
+/// The certificates signed for a [`RenewRequest`], for the CSRs it held.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewResponse {
+    #[serde(default)]
+    pub kube_proxy_crt: Option<String>,
+    #[serde(default)]
+    pub kubelet_serving_crt: Option<String>,
 }
 
 /// The cluster's CAs (certificate and key), the service-account key pair and how to

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use rcgen::{CertificateSigningRequestParams, SanType};
 
 use super::error::ClusterError;
-use super::protocol::{JoinRequest, JoinResponse};
+use super::protocol::{JoinRequest, JoinResponse, RenewRequest, RenewResponse};
 use super::tls;
 use crate::config::{DataDir, NodeConfig};
 
@@ -34,6 +34,64 @@ fn sign_csr(
         })
 }
 
+fn kube_proxy(
+    csr: &str,
+    validity: std::time::Duration,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+) -> Result<String, ClusterError> {
+    sign_csr(
+        csr,
+        "kube-proxy",
+        tls::leaf_params("system:kube-proxy", None, false, true, &[], validity),
+        issuer,
+    )
+}
+
+/// The kubelet's serving certificate names the node and the address it comes from.
+fn kubelet_serving(
+    csr: &str,
+    name: &str,
+    peer: IpAddr,
+    validity: std::time::Duration,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+) -> Result<String, ClusterError> {
+    let mut sans = vec![SanType::IpAddress(peer)];
+    if let Ok(dns) = name.to_string().try_into() {
+        sans.push(SanType::DnsName(dns));
+    }
+    sign_csr(
+        csr,
+        "kubelet serving",
+        tls::leaf_params(name, None, true, false, &sans, validity),
+        issuer,
+    )
+}
+
+/// Signs the CSRs of a node's renewal: `name` is the node its client certificate
+/// proved, `peer` the address it connects from.
+pub fn renewal(
+    data: &DataDir,
+    config: &NodeConfig,
+    name: &str,
+    request: &RenewRequest,
+    peer: IpAddr,
+) -> Result<RenewResponse, ClusterError> {
+    let issuer = tls::ca_issuer(data)?;
+    let validity = config.certs.leaf_validity.duration();
+    Ok(RenewResponse {
+        kube_proxy_crt: request
+            .kube_proxy_csr
+            .as_deref()
+            .map(|csr| kube_proxy(csr, validity, &issuer))
+            .transpose()?,
+        kubelet_serving_crt: request
+            .kubelet_serving_csr
+            .as_deref()
+            .map(|csr| kubelet_serving(csr, name, peer, validity, &issuer))
+            .transpose()?,
+    })
+}
+
 /// Signs a worker's kubelet client, kubelet serving and kube-proxy certificates.
 pub fn worker(
     data: &DataDir,
@@ -58,22 +116,9 @@ pub fn worker(
         ),
         &issuer,
     )?;
-    let kube_proxy = sign_csr(
-        &request.kube_proxy_csr,
-        "kube-proxy",
-        tls::leaf_params("system:kube-proxy", None, false, true, &[], validity),
-        &issuer,
-    )?;
-    let mut sans = vec![SanType::IpAddress(peer)];
-    if let Ok(dns) = name.clone().try_into() {
-        sans.push(SanType::DnsName(dns));
-    }
-    let kubelet_serving = sign_csr(
-        &request.kubelet_serving_csr,
-        "kubelet serving",
-        tls::leaf_params(name, None, true, false, &sans, validity),
-        &issuer,
-    )?;
+    let kube_proxy = kube_proxy(&request.kube_proxy_csr, validity, &issuer)?;
+    let kubelet_serving =
+        kubelet_serving(&request.kubelet_serving_csr, name, peer, validity, &issuer)?;
     let node_ip = config
         .network
         .node_ip

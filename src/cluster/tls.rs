@@ -162,12 +162,69 @@ pub fn agent_server_config(
     fsutil::atomic_write(&crt_path, cert.pem().as_bytes(), 0o644).map_err(io(&crt_path))?;
     let chain = vec![cert.der().clone(), first_cert(&ca_pem, "cluster CA")?];
     let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(tls_err)?;
+    // joiners come without a certificate; a node renewing its certificates presents its
+    // kubelet client certificate, checked against every CA of ca.crt (two while the CA
+    // rotates)
+    let ca_path = data.certs_dir().join("ca.crt");
+    let roots = roots(&read(&ca_path)?, &ca_path.display().to_string())?;
+    let clients =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(tls_err)?;
     rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(chain, key_der)
         .map_err(tls_err)
+}
+
+/// Every certificate of a PEM file as trust anchors.
+fn roots(pem: &str, what: &str) -> Result<RootCertStore, ClusterError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| tls_err(format!("{what}: {e}")))?)
+            .map_err(|e| tls_err(format!("{what}: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(tls_err(format!("{what} holds no certificate")));
+    }
+    Ok(roots)
+}
+
+/// The SHA-256 fingerprints of every certificate of a PEM file.
+pub fn fingerprints(pem: &str) -> Vec<String> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .flatten()
+        .map(|c| fingerprint(&c))
+        .collect()
+}
+
+/// The node a client certificate names: `<name>` of CN `system:node:<name>` with O
+/// `system:nodes`, the identity the apiserver gives a kubelet. The chain has been
+/// verified against the cluster CA by then.
+pub fn node_of_client_cert(der: &[u8]) -> Result<String, String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let subject = cert.subject();
+    let cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or("its subject has no common name")?;
+    let name = cn
+        .strip_prefix("system:node:")
+        .ok_or_else(|| format!("its common name `{cn}` is not system:node:<name>"))?;
+    let in_nodes = subject
+        .iter_organization()
+        .any(|o| o.as_str().ok() == Some("system:nodes"));
+    if !in_nodes {
+        return Err(format!("`{cn}` is not in organization system:nodes"));
+    }
+    Ok(name.to_string())
 }
 
 /// Verifies the agent's chain against a CA pinned by fingerprint. The CA is taken from
@@ -175,7 +232,7 @@ pub fn agent_server_config(
 /// refused, so a wrong pin fails the handshake before the request is written.
 #[derive(Debug)]
 pub struct PinnedCaVerifier {
-    pin: String,
+    pins: Vec<String>,
     provider: Arc<CryptoProvider>,
     /// Set when the handshake failed because no presented CA matched the pin.
     pub mismatch: Arc<Mutex<Option<String>>>,
@@ -183,8 +240,13 @@ pub struct PinnedCaVerifier {
 
 impl PinnedCaVerifier {
     pub fn new(pin: &str) -> Self {
+        Self::any_of(&[pin.to_string()])
+    }
+
+    /// Trusts a CA with any of these fingerprints.
+    pub fn any_of(pins: &[String]) -> Self {
         Self {
-            pin: pin.to_ascii_lowercase(),
+            pins: pins.iter().map(|p| p.to_ascii_lowercase()).collect(),
             provider: provider(),
             mismatch: Arc::new(Mutex::new(None)),
         }
@@ -208,7 +270,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(ca) = intermediates
             .iter()
-            .find(|c| fingerprint(c).as_bytes() == self.pin.as_bytes())
+            .find(|c| self.pins.contains(&fingerprint(c)))
         else {
             let seen: Vec<String> = intermediates.iter().map(|c| fingerprint(c)).collect();
             self.note_mismatch(seen.join(", "));
@@ -281,6 +343,21 @@ pub fn pinned_client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth())
+}
+
+/// A client configuration that trusts only the CAs of `verifier` and presents `chain`.
+pub fn pinned_client_config_with_cert(
+    verifier: Arc<PinnedCaVerifier>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ClientConfig, ClusterError> {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(tls_err)
 }
 
 /// This host's IPv4 addresses other nodes may reach: not loopback, not link-local, not

@@ -213,6 +213,9 @@ pub struct NodeInputs {
     pub resolv_conf: PathBuf,
     /// kubelet's cgroupRoot; `None` keeps kubelet's default.
     pub cgroup_root: Option<String>,
+    /// A worker's kubelet renews its client certificate through the CSR API (a control
+    /// plane's is renewed by kdist's PKI with the rest of its certificates).
+    pub rotate_client_certificate: bool,
     pub facts: HostFacts,
 }
 
@@ -234,6 +237,7 @@ impl NodeInputs {
                 PathBuf::from("/etc/resolv.conf")
             },
             cgroup_root: config.runtime.cgroup_root.clone(),
+            rotate_client_certificate: config.role == Role::Worker,
             facts: facts.clone(),
         }
     }
@@ -269,7 +273,7 @@ pub fn kubelet_config(inputs: &NodeInputs, minor: u32) -> String {
         },
         "tlsCertFile": path(&inputs.certs.join("kubelet.crt")),
         "tlsPrivateKeyFile": path(&inputs.certs.join("kubelet.key")),
-        "rotateCertificates": false,
+        "rotateCertificates": inputs.rotate_client_certificate,
         "serverTLSBootstrap": false,
         "cgroupDriver": facts.cgroup_driver(),
         "containerRuntimeEndpoint": format!("unix://{}", inputs.containerd_socket.display()),
@@ -416,6 +420,22 @@ mod tests {
         assert!(parse(&config).get("cgroupRoot").is_none());
         config.runtime.cgroup_root = Some("/kdist-w1".into());
         assert_eq!(parse(&config)["cgroupRoot"], "/kdist-w1");
+    }
+
+    #[test]
+    fn only_a_workers_kubelet_rotates_its_client_certificate() {
+        let data = DataDir::new("/tmp/kdist-kube-rotate");
+        let mut config = NodeConfig::default();
+        config.network.node_ip = Some("192.0.2.10".parse().unwrap());
+        let facts = HostFacts::probe(&config);
+        let rotates = |config: &NodeConfig| -> Value {
+            let inputs = NodeInputs::new(&data, config, &facts);
+            let parsed: Value = serde_saphyr::from_str(&kubelet_config(&inputs, 28)).unwrap();
+            parsed["rotateCertificates"].clone()
+        };
+        assert_eq!(rotates(&config), Value::Bool(false));
+        config.role = Role::Worker;
+        assert_eq!(rotates(&config), Value::Bool(true));
     }
 
     #[test]

@@ -11,8 +11,10 @@ use crate::config::{DataDir, NodeConfig, Role};
 
 /// apiserver -> kubelet API (logs, exec, port-forward, metrics) for the identity of
 /// `apiserver-kubelet-client.crt` (CN kube-apiserver-kubelet-client, kubeadm's name),
-/// and cluster-admin for kubeadm's admin group, should the admin cert use it rather
-/// than system:masters.
+/// cluster-admin for kubeadm's admin group, should the admin cert use it rather
+/// than system:masters, and kubeadm's `node-autoapprove-certificate-rotation`: the
+/// controller-manager approves a node's CSR for its own client certificate (how a
+/// worker's kubelet renews it).
 pub const MANIFEST: &str = "\
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
@@ -81,6 +83,21 @@ subjects:
 - apiGroup: rbac.authorization.k8s.io
   kind: Group
   name: system:nodes
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: kdist:node-autoapprove-certificate-rotation
+  labels:
+    app.kubernetes.io/managed-by: kdist
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: system:certificates.k8s.io:certificatesigningrequests:selfnodeclient
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: Group
+  name: system:nodes
 ";
 
 /// kubectl: the components' first, then PATH.
@@ -137,11 +154,20 @@ mod tests {
     #[test]
     fn manifest_has_the_bindings() {
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(MANIFEST).unwrap();
-        assert_eq!(docs.len(), 4);
+        assert_eq!(docs.len(), 5);
+        assert_eq!(
+            docs[4]["roleRef"]["name"],
+            "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"
+        );
         assert_eq!(docs[0]["roleRef"]["name"], "system:kubelet-api-admin");
         assert_eq!(
             docs[0]["subjects"][0]["name"],
             "kube-apiserver-kubelet-client"
         );
+        assert_eq!(
+            docs[2]["roleRef"]["name"],
+            "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"
+        );
+        assert_eq!(docs[2]["subjects"][0]["name"], "system:nodes");
     }
 }

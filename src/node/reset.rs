@@ -145,12 +145,17 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
     // kubelet's or runtime's, and stay
     let mut roots = vec![data.kubelet_dir(), data.containerd_dir()];
     // CNI's pod namespaces: this node's pods are dead now, so one still entered by a
-    // process belongs to a pod of another node or runtime on this host and stays
+    // process belongs to a pod of another node or runtime on this host and stays. Only
+    // those mounted in this mount namespace are looked at: an entry that is a plain file
+    // here may be a live pod's namespace mounted in another one (a node started under
+    // `ip netns exec`), and removing it would take the pod's network from its runtime
     let in_use = super::proc::netns_in_use();
+    let mounted_here = mounts_below(&[PathBuf::from("/run/netns")]);
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         roots.extend(entries.flatten().map(|e| e.path()).filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
+                && mounted_here.contains(p)
                 && !std::fs::metadata(p).is_ok_and(|m| in_use.contains(&(m.dev(), m.ino())))
         }));
     }

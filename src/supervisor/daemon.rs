@@ -263,10 +263,7 @@ impl Daemon {
 /// Every `certs.check_interval`: renews what is due (or lacks a new host address) and
 /// restarts the services that read it, one at a time, each back to ready before the next.
 async fn renew_periodically(data: DataDir, config: NodeConfig, fleet: SharedFleet, board: Board) {
-    // a worker cannot renew without the CA key; it re-joins for new certificates
-    if config.role == crate::config::Role::Worker {
-        return;
-    }
+    let worker = config.role == crate::config::Role::Worker;
     let interval = config.certs.check_interval.duration();
     // services that still have to load renewed certificates: a restart that could not be
     // ordered (its runner stopped, as during a datastore migration) is tried again at the
@@ -275,10 +272,18 @@ async fn renew_periodically(data: DataDir, config: NodeConfig, fleet: SharedFlee
     loop {
         tokio::time::sleep(interval).await;
         let (d, c) = (data.clone(), config.clone());
-        match tokio::task::spawn_blocking(move || pki::ensure(&d, &c)).await {
-            Ok(Ok(issued)) => pending.extend(pki::affected_services(&issued)),
-            Ok(Err(e)) => warn!("certificate check failed: {e}"),
-            Err(e) => warn!("certificate check panicked: {e}"),
+        if worker {
+            // a worker holds no CA key: the cluster agent it joined signs its renewals
+            match crate::cluster::renew_worker(&data, &config).await {
+                Ok(services) => pending.extend(services),
+                Err(e) => warn!("worker certificate renewal failed: {e}"),
+            }
+        } else {
+            match tokio::task::spawn_blocking(move || pki::ensure(&d, &c)).await {
+                Ok(Ok(issued)) => pending.extend(pki::affected_services(&issued)),
+                Ok(Err(e)) => warn!("certificate check failed: {e}"),
+                Err(e) => warn!("certificate check panicked: {e}"),
+            }
         }
         if pending.is_empty() {
             tracing::debug!("certificates checked: nothing due");

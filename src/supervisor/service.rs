@@ -307,6 +307,11 @@ fn variables(data: &DataDir, config: &NodeConfig, host: &HostInputs) -> BTreeMap
         config.network.cluster_domain.clone(),
     );
     vars.insert("SANDBOX_IMAGE".into(), config.runtime.sandbox_image.clone());
+    // a Go duration: what kube-controller-manager signs lives as long as kdist's leaves
+    vars.insert(
+        "LEAF_VALIDITY".into(),
+        format!("{}s", config.certs.leaf_validity.duration().as_secs()),
+    );
     let servers = match config.datastore {
         DatastoreKind::Etcd => format!("https://127.0.0.1:{}", config.etcd.client_port),
         DatastoreKind::Embedded => format!("unix://{}", data.datastore_socket().display()),
