@@ -164,10 +164,7 @@ mod tests {
             docs[0]["subjects"][0]["name"],
             "kube-apiserver-kubelet-client"
         );
-        assert_eq!(
-            docs[2]["roleRef"]["name"],
-            "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"
-        );
-        assert_eq!(docs[2]["subjects"][0]["name"], "system:nodes");
+        assert_eq!(docs[4]["subjects"][0]["name"], "system:nodes");
+        assert_eq!(docs[3]["roleRef"]["name"], "kdist:local-volumes");
     }
 }
