@@ -150,11 +150,18 @@ impl Controllers {
         let (now, later): (Vec<_>, Vec<_>) =
             self.list.into_iter().partition(|c| !c.needs_apiserver());
         let mut running = Vec::new();
+        let (credentials_tx, credentials) = watch::channel(0u64);
+        let poller = tokio::spawn(watch_credentials(
+            ctx.kubeconfig.clone(),
+            credentials_tx,
+            shutdown.clone(),
+        ));
         let spawn = |controller: Arc<dyn Controller>, running: &mut Vec<_>| {
             let stop = CancellationToken::new();
             let task = tokio::spawn(supervise(
                 controller.clone(),
                 ctx.clone(),
+                credentials.clone(),
                 self.board.clone(),
                 self.policy,
                 stop.clone(),
@@ -181,6 +188,53 @@ impl Controllers {
                 warn!(controller = name, "controller task failed: {e}");
             }
         }
+        let _ = poller.await;
+    }
+}
+
+/// How often the kubeconfig and the certificate files it names are checked for change.
+const CREDENTIALS_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A digest of the kubeconfig at `path` and of the files it names for its client
+/// certificate and key (a worker's kubelet rotates them in place).
+fn credentials_stamp(path: &std::path::Path) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut digest = sha2::Sha256::new();
+    digest.update(text.as_bytes());
+    for line in text.lines() {
+        let line = line.trim();
+        for key in ["client-certificate:", "client-key:"] {
+            if let Some(file) = line.strip_prefix(key) {
+                let file = file.trim().trim_matches('"');
+                digest.update(std::fs::read(file).unwrap_or_default());
+            }
+        }
+    }
+    Some(digest.finalize().to_vec())
+}
+
+/// Bumps `tx` whenever the credentials of the kubeconfig at `path` change, so the
+/// controllers start again with a client that presents the new certificate.
+async fn watch_credentials(
+    path: std::path::PathBuf,
+    tx: watch::Sender<u64>,
+    shutdown: CancellationToken,
+) {
+    let stamp = |path: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || credentials_stamp(&path))
+            .await
+            .ok()
+            .flatten()
+    };
+    let mut last = stamp(path.clone()).await;
+    while super::pause(CREDENTIALS_CHECK, &shutdown).await {
+        let now = stamp(path.clone()).await;
+        if now.is_some() && now != last {
+            info!(kubeconfig = %path.display(), "controller credentials changed");
+            last = now;
+            tx.send_modify(|generation| *generation += 1);
+        }
     }
 }
 
@@ -188,6 +242,7 @@ impl Controllers {
 async fn supervise(
     controller: Arc<dyn Controller>,
     ctx: Context,
+    mut credentials: watch::Receiver<u64>,
     board: Board,
     policy: RestartPolicy,
     stop: CancellationToken,
@@ -202,11 +257,36 @@ async fn supervise(
         board.update(name, |s| s.state = ControllerState::Running);
         info!(controller = name, "controller started");
         let started = Instant::now();
+        let mut run_ctx = ctx.clone();
+        match super::client_from_kubeconfig(&ctx.kubeconfig).await {
+            Ok(client) => run_ctx.client = client,
+            Err(e) => warn!(
+                controller = name,
+                "keeping the previous client: {}",
+                error_chain(&e)
+            ),
+        }
+        credentials.mark_unchanged();
+        let run_stop = stop.child_token();
         let run = controller
             .clone()
-            .run(ctx.clone(), reporter.clone(), stop.clone())
+            .run(run_ctx, reporter.clone(), run_stop.clone())
             .instrument(info_span!("controller", name));
-        let result = run.await;
+        tokio::pin!(run);
+        let renewed = async {
+            if credentials.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            result = &mut run => result,
+            _ = renewed => {
+                info!(controller = name, "restarting with renewed credentials");
+                run_stop.cancel();
+                let _ = run.await;
+                continue;
+            }
+        };
         if stop.is_cancelled() {
             board.update(name, |s| s.state = ControllerState::Stopped);
             info!(controller = name, "controller stopped");
@@ -231,5 +311,32 @@ async fn supervise(
             }
             _ = tokio::time::sleep(decision.delay) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stamp_follows_the_certificate_files_a_kubeconfig_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("kubelet-client-current.pem");
+        std::fs::write(&cert, "one").unwrap();
+        let kubeconfig = dir.path().join("kubelet.conf");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "users:\n- user:\n    client-certificate: {}\n    client-key: {}\n",
+                cert.display(),
+                cert.display()
+            ),
+        )
+        .unwrap();
+        let first = credentials_stamp(&kubeconfig).unwrap();
+        assert_eq!(credentials_stamp(&kubeconfig).unwrap(), first);
+        std::fs::write(&cert, "two").unwrap();
+        assert_ne!(credentials_stamp(&kubeconfig).unwrap(), first);
+        assert!(credentials_stamp(&dir.path().join("missing")).is_none());
     }
 }

@@ -72,6 +72,9 @@ pub async fn next_ready(rx: &mut watch::Receiver<Apiserver>, seen: u64) -> Optio
 #[derive(Clone)]
 pub struct Context {
     pub client: kube::Client,
+    /// Where `client` came from: each (re)start of a controller builds its client anew
+    /// from it, and a change of its credentials restarts the controllers.
+    pub kubeconfig: std::path::PathBuf,
     pub data: DataDir,
     pub config: NodeConfig,
     pub apiserver: watch::Receiver<Apiserver>,

@@ -117,6 +117,7 @@ pub async fn run(
             };
             let ctx = controllers::Context {
                 client,
+                kubeconfig: path,
                 data,
                 config,
                 apiserver: apiserver_rx,
