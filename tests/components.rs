@@ -865,6 +865,26 @@ fn tampered(algorithm: &str) {
     assert!(!staged.exists(), "the rejected file is not kept");
     assert!(!staged.with_extension("part").exists());
     ok(kdist(data.path(), &["components", "verify"]));
+
+    // a refusal leaves nothing that looks like an install to resume
+    assert!(
+        !data.path().join("components/.staging-1-31-2").exists(),
+        "the staging of the refused release is removed"
+    );
+    let list = ok(kdist(data.path(), &["components", "list"]));
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(!listed.contains("interrupted"), "{}", text(&list));
+    assert!(!listed.contains("1-31-2"), "{}", text(&list));
+
+    // the publisher fixes the manifest: the next install starts clean and succeeds
+    let fixed = Fixture::new(2, arch());
+    fixed.serve(&mirror);
+    ok(install(data.path(), &mirror, &["--release", "2"]));
+    assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
+    assert_eq!(
+        std::fs::read(data.path().join("components/current/bin/kube-scheduler")).unwrap(),
+        fixed.kube_bytes("kube-scheduler")
+    );
 }
 
 #[test]

@@ -110,6 +110,16 @@ pub enum ComponentsError {
 }
 
 impl ComponentsError {
+    /// A file the manifest refuses (digest mismatch, missing archive member): trying
+    /// again with the same manifest fails the same way, so nothing is worth resuming.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Digest { .. } | Self::MissingMember { .. } => true,
+            Self::DownloadFailed { source, .. } => source.is_refusal(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + use<> {
         let path = path.to_path_buf();
         move |source| Self::Io { path, source }

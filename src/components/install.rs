@@ -279,6 +279,16 @@ async fn install_locked(
         .buffered(request.parallel.max(1))
         .collect()
         .await;
+    if let Some(refusal) = results
+        .iter()
+        .find_map(|r| r.as_ref().err().filter(|e| e.is_refusal()))
+    {
+        // nothing to resume: the same manifest would refuse the same bytes again, and
+        // `components list` would call the staging an interrupted install
+        let _ = std::fs::remove_dir_all(&staging);
+        sync_dir(store.root())?;
+        tracing::debug!(release = %id, error = %refusal, "install refused; staging removed");
+    }
     for result in results {
         result?;
     }
@@ -307,10 +317,16 @@ async fn install_locked(
     {
         let (tree, downloads, planned) = (tree.clone(), downloads.clone(), planned.clone());
         let text = text.clone();
-        blocking(&staging, move || {
+        let built = blocking(&staging, move || {
             build_tree(&tree, &downloads, &planned, &text, record)
         })
-        .await?;
+        .await;
+        if let Err(e) = &built
+            && e.is_refusal()
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        built?;
     }
 
     // 5. into place, then `current`
