@@ -36,4 +36,5 @@ pub mod fsutil;
 pub mod node;
 pub mod pki;
 pub mod report;
+pub mod service;
 pub mod supervisor;

@@ -24,6 +24,7 @@ mod migrate;
 mod remove_node;
 mod reset;
 mod restart;
+mod service;
 mod start;
 mod status;
 mod stop;
@@ -99,6 +100,8 @@ pub enum Command {
     RemoveNode(remove_node::Args),
     /// Leave the cluster and become a fresh single node.
     Leave(leave::Args),
+    /// Start the node at boot: install, uninstall or show its systemd unit or OpenRC script.
+    Service(service::Args),
     /// Measure kdist against its peers (figures, not pass/fail): `idle`, `datastore`.
     Bench(bench::Args),
 }
@@ -143,5 +146,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RemoveNode(args) => remove_node::run(args, data).await,
         Command::Leave(args) => leave::run(args, data).await,
         Command::Bench(args) => bench::run(args, data).await,
+        Command::Service(args) => service::run(args, data).await,
     }
 }
