@@ -1,5 +1,8 @@
 use std::path::PathBuf;
 
+/// The cause of a failed step of an upgrade, from the daemon's control API.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ComponentsError {
     #[error("{path}")]
@@ -97,6 +100,8 @@ pub enum ComponentsError {
     Locked { path: PathBuf },
     #[error("{path}: {reason}")]
     Source { path: PathBuf, reason: String },
+    #[error(transparent)]
+    UpgradeFailed(Box<UpgradeFailure>),
     #[error(
         "cannot install EKS-D {what}, and these binaries are not on PATH either: {}; install with `kdist components install --from DIR|BUNDLE` (air gap) or put them on PATH",
         missing.join(", ")
@@ -107,6 +112,26 @@ pub enum ComponentsError {
         #[source]
         source: Box<ComponentsError>,
     },
+}
+
+/// An upgrade that did not end on the new release.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "upgrade to release {to} failed at {service}; {}; its log ends with:\n{}",
+    match rollback {
+        None => format!("the node is back on release {from}, healthy"),
+        Some(r) => format!("rolling back to release {from} failed too ({r}): see `kdist status`"),
+    },
+    log.join("\n")
+)]
+pub struct UpgradeFailure {
+    pub service: String,
+    pub to: String,
+    pub from: String,
+    pub log: Vec<String>,
+    pub rollback: Option<String>,
+    #[source]
+    pub source: BoxError,
 }
 
 impl ComponentsError {
