@@ -70,7 +70,11 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let status = client.status().await;
     let running: Vec<String> = match &status {
         Ok(report) => report.services.iter().map(|s| s.name.clone()).collect(),
-        Err(_) => Vec::new(),
+        // not running: what a node running every service would do
+        Err(_) => components::RESTART_ORDER
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     };
     let plan = components::upgrade_plan(&from_release, &to_release, &running);
     if args.dry_run {
@@ -86,15 +90,32 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     }
     check_skew(&data, &config, &to_release).await?;
 
-    let mut request = Request::from_config(&config.components);
-    request.source = Source::Channel {
-        channel: to.channel.clone(),
-        release: ReleasePin::Number(to.number),
-    };
-    request.base_url = base;
-    request.activate = false;
-    request.retry = retry;
-    components::install(&data, &request, &Progress::detect()).await?;
+    if store.record(&to).is_ok() {
+        // installed before (`components install --no-activate`, or from a bundle on an
+        // air-gapped node): its files are checked again rather than fetched
+        let owned = (store.clone(), to.clone());
+        let problems = tokio::task::spawn_blocking(move || owned.0.verify(&owned.1))
+            .await
+            .context("verify task")??;
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "release {to} is installed but damaged ({}); repair it with `kdist components install --channel {} --release {} --force --no-activate`",
+                problems.join("; "),
+                to.channel,
+                to.number
+            );
+        }
+    } else {
+        let mut request = Request::from_config(&config.components);
+        request.source = Source::Channel {
+            channel: to.channel.clone(),
+            release: ReleasePin::Number(to.number),
+        };
+        request.base_url = base;
+        request.activate = false;
+        request.retry = retry;
+        components::install(&data, &request, &Progress::detect()).await?;
+    }
 
     print_plan(&plan, true);
     let _lock = store.lock()?;
