@@ -161,7 +161,10 @@ async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
             if outcome.active { ", active" } else { "" }
         );
         if outcome.active && crate::supervisor::Client::new(&data).status().await.is_ok() {
-            println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+            println!(
+                "kdist is running the release it started with: `kdist upgrade --channel {} --release {}` moves it service by service (or `kdist stop && kdist start`)",
+                outcome.id.channel, outcome.id.number
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -278,7 +281,10 @@ async fn use_release(args: UseArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     store.activate(&id)?;
     println!("EKS-D {} is now active", id.eks_name());
     if crate::supervisor::Client::new(&data).status().await.is_ok() {
-        println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+        println!(
+            "kdist is running the release it started with: `kdist upgrade --channel {} --release {}` moves it service by service (or `kdist stop && kdist start`)",
+            id.channel, id.number
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -43,9 +43,18 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         None => config.components.base().to_string(),
     };
     let store = Store::new(&data);
-    let from = store.active().ok_or_else(|| ComponentsError::NoActive {
-        path: store.current_link(),
-    })?;
+    let client = Client::new(&data);
+    let status = client.status().await;
+    // a running daemon runs the release it started with (or was switched to), which
+    // `components install` or `use` may have moved `current` away from
+    let from = status
+        .as_ref()
+        .ok()
+        .and_then(|report| daemon_release(&store, report))
+        .or_else(|| store.active())
+        .ok_or_else(|| ComponentsError::NoActive {
+            path: store.current_link(),
+        })?;
     let channel = args.channel.clone().unwrap_or(from.channel.clone());
     check_channel(&channel).map_err(|r| anyhow::anyhow!("--channel: {r}"))?;
     let retry = components::retry_with(args.retries);
@@ -66,8 +75,6 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Ok(installed) => installed,
         Err(_) => components::fetch_release(&base, &to, retry).await?,
     };
-    let client = Client::new(&data);
-    let status = client.status().await;
     let running: Vec<String> = match &status {
         Ok(report) => report.services.iter().map(|s| s.name.clone()).collect(),
         // not running: what a node running every service would do
@@ -138,6 +145,23 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The release the daemon's services run, from their programs' paths
+/// (`<data>/components/<release>/bin/<name>`).
+fn daemon_release(store: &Store, report: &crate::supervisor::StatusReport) -> Option<ReleaseId> {
+    let root = store.root().canonicalize().ok()?;
+    report
+        .services
+        .iter()
+        .filter(|s| components::RESTART_ORDER.contains(&s.name.as_str()))
+        .filter_map(|s| s.program.as_deref())
+        .filter_map(|p| {
+            let rest = std::path::Path::new(p).strip_prefix(&root).ok()?;
+            let first = rest.components().next()?;
+            ReleaseId::parse(first.as_os_str().to_str()?).ok()
+        })
+        .next()
 }
 
 fn print_plan(plan: &UpgradePlan, running: bool) {
