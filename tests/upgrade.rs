@@ -468,9 +468,14 @@ fn upgrade_keeps_pods_and_a_broken_release_rolls_back() {
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("failed at kube-apiserver"), "{err}");
+    let log = data.kdist(&["logs", "kube-apiserver"]);
+    let log = String::from_utf8_lossy(&log.stdout);
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
     assert!(
         err.contains(&format!("back on release {release2}")),
-        "{err}"
+        "{err}\n--- kube-apiserver log, last lines first:\n{}\n--- status: {}",
+        tail.join("\n"),
+        data.status()
     );
     assert!(err.contains("broken on purpose"), "the log lines: {err}");
     assert_eq!(version_release(&data), release2);

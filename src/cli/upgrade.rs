@@ -243,7 +243,7 @@ impl NodeControl for DaemonNode {
         Ok(())
     }
 
-    async fn wait_healthy(&mut self, service: &str) -> Result<(), BoxError> {
+    async fn wait_healthy(&mut self, service: &str, fail_fast: bool) -> Result<(), BoxError> {
         let old_pid = self.before.and_then(|b| b.0);
         let deadline = tokio::time::Instant::now() + self.timeout;
         // ready, in a process other than the one before the restart
@@ -252,7 +252,7 @@ impl NodeControl for DaemonNode {
             if s.ready && s.pid.is_some() && s.pid != old_pid {
                 break s.pid;
             }
-            if s.state == ServiceState::Crashloop {
+            if fail_fast && s.state == ServiceState::Crashloop {
                 return Err(format!("{service} is crash-looping: {}", why(&s)).into());
             }
             if tokio::time::Instant::now() >= deadline {

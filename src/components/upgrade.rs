@@ -85,8 +85,14 @@ pub trait NodeControl {
         service: Option<&str>,
     ) -> impl Future<Output = Result<(), BoxError>>;
     /// Waits until `service` is ready, then until it stayed ready (same process, no
-    /// restart) for the settle period.
-    fn wait_healthy(&mut self, service: &str) -> impl Future<Output = Result<(), BoxError>>;
+    /// restart) for the settle period. `fail_fast`: a crash loop ends the wait at once
+    /// (an upgrade); otherwise the wait lasts its whole timeout, as a rollback must end
+    /// healthy if the service comes back at all.
+    fn wait_healthy(
+        &mut self,
+        service: &str,
+        fail_fast: bool,
+    ) -> impl Future<Output = Result<(), BoxError>>;
     /// The last lines of the service's log.
     fn log_tail(&self, service: &str) -> Vec<String>;
 }
@@ -119,7 +125,7 @@ pub async fn execute<N: NodeControl>(
             tracing::info!(service = %service, release = %to, "restarting with the new release");
             restarted.push(service.clone());
             let step = match node.switch(&to, Some(service)).await {
-                Ok(()) => node.wait_healthy(service).await,
+                Ok(()) => node.wait_healthy(service, true).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = step {
@@ -165,7 +171,7 @@ async fn rollback<N: NodeControl>(
     }
     for service in restarted {
         let step = match node.switch(from, Some(service)).await {
-            Ok(()) => node.wait_healthy(service).await,
+            Ok(()) => node.wait_healthy(service, false).await,
             Err(e) => Err(e),
         };
         if let Err(e) = step {
@@ -256,6 +262,8 @@ mod tests {
         /// (release, service) of every switch, in order.
         calls: Vec<(String, Option<String>)>,
         running: std::collections::BTreeMap<String, String>,
+        /// (service, fail_fast) of every wait.
+        waits: Vec<(String, bool)>,
     }
 
     impl NodeControl for Fake {
@@ -271,7 +279,8 @@ mod tests {
             }
             Ok(())
         }
-        async fn wait_healthy(&mut self, service: &str) -> Result<(), BoxError> {
+        async fn wait_healthy(&mut self, service: &str, fail_fast: bool) -> Result<(), BoxError> {
+            self.waits.push((service.to_string(), fail_fast));
             match self.broken {
                 Some((s, r))
                     if s == service && self.running.get(service).map(String::as_str) == Some(r) =>
@@ -336,6 +345,7 @@ mod tests {
             broken: None,
             calls: Vec::new(),
             running: Default::default(),
+            waits: Vec::new(),
         };
         let done = execute(&store, &the_plan(), &mut node).await.unwrap();
         assert_eq!(done.restarted, vec!["kube-apiserver", "kubelet"]);
@@ -359,6 +369,7 @@ mod tests {
             broken: Some(("kubelet", "1-31-3")),
             calls: Vec::new(),
             running: Default::default(),
+            waits: Vec::new(),
         };
         let err = execute(&store, &the_plan(), &mut node).await.unwrap_err();
         assert_eq!(store.active().unwrap().to_string(), "1-31-2");
@@ -371,6 +382,17 @@ mod tests {
                 ("1-31-2".to_string(), None),
                 ("1-31-2".to_string(), Some("kube-apiserver".to_string())),
                 ("1-31-2".to_string(), Some("kubelet".to_string())),
+            ]
+        );
+        // the upgrade gives up on a crash loop; the rollback waits it out
+        let waits: Vec<(&str, bool)> = node.waits.iter().map(|(s, f)| (s.as_str(), *f)).collect();
+        assert_eq!(
+            waits,
+            [
+                ("kube-apiserver", true),
+                ("kubelet", true),
+                ("kube-apiserver", false),
+                ("kubelet", false)
             ]
         );
         let text = err.to_string();
