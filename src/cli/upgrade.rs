@@ -177,7 +177,7 @@ fn print_plan(plan: &UpgradePlan, running: bool) {
         println!("kdist is not running here: the plan shows what a running node would do");
     }
     println!(
-        "  1. install and verify release {} (not active yet)",
+        "  1. install release {} verified (or verify it again when installed), not active yet",
         plan.to
     );
     println!(
