@@ -377,7 +377,7 @@ async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow
         .with_context(|| format!("listing the cluster's nodes: {hint}"))?;
     // a worker may not read Endpoints: every node with the control-plane apiserver's
     // version counts then, which the kubelet version of control planes stands for
-    let endpoints: kube::Api<Endpoints> = kube::Api::namespaced(client, "default");
+    let endpoints: kube::Api<Endpoints> = kube::Api::namespaced(client.clone(), "default");
     let apiservers: Vec<String> = endpoints
         .get_opt("kubernetes")
         .await
@@ -388,7 +388,7 @@ async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow
         .flat_map(|s| s.addresses.unwrap_or_default())
         .map(|a| a.ip)
         .collect();
-    let cluster: Vec<ClusterNode> = list
+    let mut cluster: Vec<ClusterNode> = list
         .items
         .iter()
         .filter_map(|n| {
@@ -406,6 +406,17 @@ async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow
             })
         })
         .collect();
+    // the apiserver this node talks to counts as a control plane too, so a worker that
+    // may not read Endpoints still never gets a kubelet newer than it
+    if let Ok(info) = client.apiserver_version().await
+        && let Some(version) = parse_version(&info.git_version)
+    {
+        cluster.push(ClusterNode {
+            name: "the apiserver this node talks to".into(),
+            kubelet: version,
+            control_plane: config.role == Role::Worker,
+        });
+    }
     match skew_refusal(&config.node_name(), config.role, target, &cluster) {
         Some(refusal) => anyhow::bail!("{refusal}"),
         None => Ok(()),
