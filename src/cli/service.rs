@@ -117,7 +117,10 @@ async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     };
     let children_grace = NodeConfig::load(&data)
         .ok()
-        .and_then(|c| crate::supervisor::plan(&data, &c).ok())
+        .and_then(|c| {
+            let host = crate::supervisor::HostInputs::probe(&data, &c).ok()?;
+            crate::supervisor::plan(&data, &c, &host).ok()
+        })
         .map(|plan| plan.iter().map(|s| s.stop_grace).sum())
         // the plan lacks the Kubernetes services until their binaries are installed
         .map_or(DEFAULT_CHILDREN_GRACE, |sum: Duration| {

@@ -25,7 +25,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Ok(report) => {
             println!("kdist is already running (pid {})", report.daemon.pid);
             print_table(&report);
-            return Ok(if report.all_ready() {
+            return Ok(if super::status::not_ready(&report).is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -42,7 +42,8 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         NodeConfig::load(&data)?
     };
     // EKS-D binaries first (installed with progress when none are), PATH as fallback
-    let needed: Vec<String> = crate::supervisor::plan(&data, &config)?
+    let host = crate::supervisor::HostInputs::probe(&data, &config)?;
+    let needed: Vec<String> = crate::supervisor::plan(&data, &config, &host)?
         .into_iter()
         .filter_map(|spec| spec.binary)
         .filter(|binary| !binary.contains('/'))
@@ -130,11 +131,10 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         println!("kdist is ready.");
         Ok(ExitCode::SUCCESS)
     } else {
-        let names: Vec<_> = report.not_ready().iter().map(|s| s.name.clone()).collect();
         eprintln!(
             "not ready after {} s: {}; see `kdist status` and `kdist logs <service>`",
             args.timeout,
-            names.join(", ")
+            super::status::not_ready(&report).join(", ")
         );
         Ok(ExitCode::from(1))
     }

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::DataDir;
+use crate::controllers::ControllerStatus;
 use crate::supervisor::{Client, StatusReport, SupervisorError};
 
 use super::Output;
@@ -10,7 +11,8 @@ use super::Output;
 pub struct Args {
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// Block until every service is ready (exit 0) or the timeout passes (exit 1).
+    /// Block until every service and controller is ready (exit 0) or the timeout passes
+    /// (exit 1).
     #[arg(long)]
     pub wait_ready: bool,
     /// Seconds to wait with --wait-ready.
@@ -31,7 +33,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let (report, ready) = if args.wait_ready {
         wait_ready(&client, Duration::from_secs(args.timeout)).await?
     } else {
-        let ready = report.all_ready();
+        let ready = not_ready(&report).is_empty();
         (report, ready)
     };
     let cluster = {
@@ -59,19 +61,43 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             if args.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                print!("{}", serde_yaml::to_string(&value)?);
+                print!("{}", crate::yaml::to_string(&value)?);
             }
         }
     }
     if args.wait_ready && !ready {
-        let names: Vec<_> = report.not_ready().iter().map(|s| s.name.clone()).collect();
-        eprintln!("not ready after {} s: {}", args.timeout, names.join(", "));
+        eprintln!(
+            "not ready after {} s: {}",
+            args.timeout,
+            not_ready(&report).join(", ")
+        );
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Polls the daemon until every service is ready or `timeout` passes.
+/// The controllers' states in `report` (none when the node runs no Kubernetes
+/// components).
+pub fn controllers(report: &StatusReport) -> Vec<ControllerStatus> {
+    report
+        .sections
+        .get("controllers")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// What keeps the node from being ready: services by name, controllers as
+/// `controller NAME`.
+pub fn not_ready(report: &StatusReport) -> Vec<String> {
+    let services = report.not_ready().into_iter().map(|s| s.name.clone());
+    let controllers = controllers(report)
+        .into_iter()
+        .filter(|c| !c.ready)
+        .map(|c| format!("controller {}", c.name));
+    services.chain(controllers).collect()
+}
+
+/// Polls the daemon until every service and controller is ready or `timeout` passes.
 pub async fn wait_ready(
     client: &Client,
     timeout: Duration,
@@ -79,7 +105,7 @@ pub async fn wait_ready(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let report = client.status().await?;
-        if report.all_ready() {
+        if not_ready(&report).is_empty() {
             return Ok((report, true));
         }
         if tokio::time::Instant::now() >= deadline {
@@ -142,6 +168,24 @@ pub fn print_table(report: &StatusReport) {
         }
         for line in &s.log_tail {
             println!("    | {line}");
+        }
+    }
+    let controllers = controllers(report);
+    if !controllers.is_empty() {
+        println!();
+        println!(
+            "{:<24} {:<10} {:>6} {:>8}  MESSAGE",
+            "CONTROLLER", "STATE", "READY", "RESTARTS"
+        );
+        for c in &controllers {
+            println!(
+                "{:<24} {:<10} {:>6} {:>8}  {}",
+                c.name,
+                c.state.to_string(),
+                if c.ready { "yes" } else { "no" },
+                c.restarts,
+                c.message.as_deref().unwrap_or("-"),
+            );
         }
     }
     if !report.host.is_empty() {

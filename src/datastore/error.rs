@@ -64,6 +64,16 @@ pub enum DatastoreError {
     Verify { reason: String },
     #[error("TLS material {path}: {reason}")]
     Tls { path: PathBuf, reason: String },
+    #[error("embedded.listen {address}: cannot bind; change embedded.listen in config.yaml")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the node's configuration")]
+    Config(#[source] Box<crate::config::ConfigError>),
+    #[error("a datastore task failed")]
+    Task(#[source] tokio::task::JoinError),
     #[error("cannot connect to {endpoint}: is the datastore running?")]
     Connect {
         endpoint: String,

@@ -17,6 +17,19 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "netlink request on link {link} failed; run `kdist inspect` and check the link with `ip link`"
+    )]
+    Netlink {
+        link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot open a netlink socket (kdist needs CAP_NET_ADMIN to change links)")]
+    NetlinkSocket {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {program}")]
     Spawn {
         program: PathBuf,
@@ -52,6 +65,20 @@ pub enum NodeError {
     },
     #[error("{path} is not an image archive: {reason}")]
     BadArchive { path: PathBuf, reason: String },
+    #[error("{path} is not a kubeconfig: {reason}; run `kdist certs init` to write it again")]
+    BadKubeconfig { path: PathBuf, reason: &'static str },
+    #[error("{path} is not a kubeconfig; run `kdist certs init` to write it again")]
+    KubeconfigParse {
+        path: PathBuf,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("cannot write the kubeconfig read from {path} back as YAML")]
+    KubeconfigWrite {
+        path: PathBuf,
+        #[source]
+        source: serde_saphyr::SerializeError,
+    },
     #[error("the Kubernetes API did not answer: {0}")]
     Api(String),
     #[error(

@@ -10,8 +10,8 @@ use flate2::write::GzEncoder;
 
 use super::cmd;
 use super::error::NodeError;
+use crate::components::resolve_binary;
 use crate::config::DataDir;
-use crate::supervisor::resolve_binary;
 
 /// At most this much of each log goes in.
 const LOG_BYTES: u64 = 512 * 1024;

@@ -5,7 +5,8 @@
 //! It owns `<data>/containerd`, `<data>/cni`, `<data>/node`, `<data>/kubelet`,
 //! `<data>/images` and the host changes recorded in `<data>/node/host-state.json`. It
 //! reads certificates and kubeconfigs by their kubeadm names but never creates them, and
-//! it never spawns long-running processes: the supervisor runs the services.
+//! it never spawns long-running processes: the supervisor runs the services. It reads
+//! `/proc` only through [`proc`] (procfs) and changes links only through [`netlink`].
 
 pub mod cgroups;
 mod cmd;
@@ -19,16 +20,17 @@ pub mod images;
 pub mod inspect;
 pub mod kube;
 pub mod kubeconfig;
+pub mod netlink;
+pub mod proc;
 mod procs;
 pub mod rbac;
 pub mod reset;
 
 pub use error::NodeError;
-pub use host::HostFacts;
-pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, tree_usage};
+pub use host::{HostFact, HostFacts};
+pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, SERVICE_ENV, find_marked, tree_usage};
 
 use crate::config::{DataDir, Egress, NodeConfig};
-use crate::supervisor::HostFact;
 
 /// What preparing the node found and did, for `kdist status`.
 #[derive(Debug, Clone)]

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::SupervisorError;
 use super::fleet::SharedFleet;
 use super::runner::Order;
-use super::status::{Board, DaemonStatus, HostFact, StatusReport};
+use super::status::{Board, DaemonStatus, HostFact, ReportSections, StatusReport};
 use crate::config::DataDir;
 
 /// What request handlers reach: the board, the runners' order channels, shutdown.
@@ -35,6 +35,7 @@ pub struct ApiState {
     pub data: DataDir,
     pub host: Vec<HostFact>,
     pub notes: Vec<String>,
+    pub sections: Option<Arc<dyn ReportSections>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -174,30 +175,37 @@ async fn switch_release(state: &ApiState, query: &str) -> Response<Full<Bytes>> 
     }
     let dir = store.release_dir(&id);
     let dir = dir.canonicalize().unwrap_or(dir);
-    let mut fleet = state.fleet.lock().await;
-    let spec = match restart {
-        None => None,
-        Some(name) => match fleet.specs.iter().find(|s| s.name == name) {
-            Some(spec) if fleet.sender(name).is_some() => Some(spec.clone()),
-            _ => {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "`{name}` does not run here; this node runs: {}",
-                        fleet.names().join(", ")
-                    ),
-                );
-            }
-        },
+    let (spec, taken) = {
+        let mut fleet = state.fleet.lock().await;
+        let spec = match restart {
+            None => None,
+            Some(name) => match fleet.specs.iter().find(|s| s.name == name) {
+                Some(spec) if fleet.sender(name).is_some() => Some(spec.clone()),
+                _ => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "`{name}` does not run here; this node runs: {}",
+                            fleet.names().join(", ")
+                        ),
+                    );
+                }
+            },
+        };
+        for planned in &mut fleet.specs {
+            planned.release = Some(dir.clone());
+        }
+        let taken = spec.as_ref().and_then(|s| fleet.take(&s.name));
+        (spec, taken)
     };
-    for planned in &mut fleet.specs {
-        planned.release = Some(dir.clone());
-    }
     if let Some(mut spec) = spec {
-        // a runner keeps the spec it was started with: a new one runs the new release
+        // a runner keeps the spec it was started with: a new one runs the new release;
+        // the old one stops without the fleet's lock held (it waits up to its grace)
+        if let Some(runner) = taken {
+            runner.stop().await;
+        }
         spec.release = Some(dir);
-        fleet.stop(&spec.name).await;
-        fleet.spawn(spec);
+        state.fleet.lock().await.spawn(spec);
     }
     tracing::info!(release = %id, restarted = ?restart, "components release switched");
     json(
@@ -239,6 +247,11 @@ async fn report(state: &ApiState) -> StatusReport {
         services,
         host: state.host.clone(),
         notes: state.notes.clone(),
+        sections: state
+            .sections
+            .as_ref()
+            .map(|s| s.sections())
+            .unwrap_or_default(),
     }
 }
 

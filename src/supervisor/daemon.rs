@@ -21,7 +21,7 @@ use super::fleet::{Fleet, SharedFleet};
 use super::logs;
 use super::runner::Order;
 use super::service::{self, ServiceSpec};
-use super::status::Board;
+use super::status::{Board, ReportSections};
 use crate::config::{DataDir, NodeConfig};
 use crate::fsutil;
 use crate::pki;
@@ -43,6 +43,8 @@ pub struct Daemon {
     specs: Vec<ServiceSpec>,
     policy: RestartPolicy,
     builtins: Builtins,
+    board: Board,
+    sections: Option<Arc<dyn ReportSections>>,
     setup: crate::node::NodeSetup,
     // held for the daemon's lifetime: one daemon per data dir
     _lock: Flock<File>,
@@ -130,20 +132,26 @@ impl Daemon {
         };
         let specs = {
             let (plan_data, config) = (data.clone(), config.clone());
-            tokio::task::spawn_blocking(move || service::plan(&plan_data, &config))
-                .await
-                .map_err(|e| SupervisorError::Io {
-                    path: data.root().to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
-                })??
+            tokio::task::spawn_blocking(move || {
+                let host = service::HostInputs::probe(&plan_data, &config)?;
+                service::plan(&plan_data, &config, &host)
+            })
+            .await
+            .map_err(|e| SupervisorError::Io {
+                path: data.root().to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })??
         };
         service::write_default_args(&specs)?;
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         Ok(Self {
             data,
             config: config.clone(),
+            board: Board::new(&names),
             specs,
             policy: RestartPolicy::default(),
             builtins: Builtins::new(),
+            sections: None,
             setup,
             _lock: lock,
         })
@@ -153,6 +161,18 @@ impl Daemon {
     pub fn with_builtins(mut self, builtins: Builtins) -> Self {
         self.builtins = builtins;
         self
+    }
+
+    /// Adds sections to the status report (the controllers' states).
+    pub fn with_sections(mut self, sections: Arc<dyn ReportSections>) -> Self {
+        self.sections = Some(sections);
+        self
+    }
+
+    /// The services' states, as `kdist status` shows them: the composition root
+    /// watches it (the apiserver's readiness gates the controllers).
+    pub fn board(&self) -> Board {
+        self.board.clone()
     }
 
     /// Overrides the restart policy (tests use short delays).
@@ -169,8 +189,19 @@ impl Daemon {
         listener: UnixListener,
         shutdown: CancellationToken,
     ) -> Result<(), SupervisorError> {
-        let names: Vec<String> = self.specs.iter().map(|s| s.name.clone()).collect();
-        let board = Board::new(&names);
+        self.run_until(listener, shutdown.clone(), shutdown).await
+    }
+
+    /// As [`Daemon::run`], but the services' stop sequence waits for `stop_services`
+    /// once `shutdown` asked for a stop: the composition root stops what talks to the
+    /// services (the controllers) first.
+    pub async fn run_until(
+        self,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+        stop_services: CancellationToken,
+    ) -> Result<(), SupervisorError> {
+        let board = self.board.clone();
         let fleet: SharedFleet = Arc::new(tokio::sync::Mutex::new(Fleet::start(
             self.specs.clone(),
             board.clone(),
@@ -189,6 +220,7 @@ impl Daemon {
             data: self.data.clone(),
             host: self.setup.report.clone(),
             notes: self.setup.notes.clone(),
+            sections: self.sections.clone(),
         });
         let api_task = tokio::spawn(api::serve(listener, state, api_stop.clone()));
         let notify_task = tokio::spawn(notify_when_ready(board.clone()));
@@ -208,12 +240,12 @@ impl Daemon {
             board.clone(),
         ));
 
-        shutdown.cancelled().await;
+        stop_services.cancelled().await;
         // a renewal must not restart a service the stop sequence is stopping
         renew_task.abort();
         let _ = renew_task.await;
         info!("stopping services");
-        fleet.lock().await.stop_all().await;
+        super::fleet::stop_all(&fleet).await;
         let (data, config) = (self.data.clone(), self.config.clone());
         let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data, &config)).await;
         notify_task.abort();
@@ -292,8 +324,7 @@ async fn renew_periodically(data: DataDir, config: NodeConfig, fleet: SharedFlee
     }
 }
 
-/// Work that waits for a service to be ready: image archives dropped in `<data>/images/`
-/// go into containerd; the RBAC the components need goes into the apiserver.
+/// Image archives dropped in `<data>/images/` go into containerd once it is ready.
 async fn after_ready_hooks(board: Board, data: DataDir) {
     let mut rx = board.subscribe();
     let ready = |map: &BTreeMap<String, super::status::ServiceStatus>, name: &str| {
@@ -302,10 +333,8 @@ async fn after_ready_hooks(board: Board, data: DataDir) {
     if rx.wait_for(|map| ready(map, "containerd")).await.is_err() {
         return;
     }
-    let images_data = data.clone();
-    let apiserver = board.snapshot().iter().any(|s| s.name == "kube-apiserver");
     if let Ok(results) =
-        tokio::task::spawn_blocking(move || crate::node::images::import_dropped(&images_data)).await
+        tokio::task::spawn_blocking(move || crate::node::images::import_dropped(&data)).await
     {
         for (file, result) in results {
             match result {
@@ -313,19 +342,6 @@ async fn after_ready_hooks(board: Board, data: DataDir) {
                 Err(e) => tracing::warn!(file = %file.display(), "image import failed: {e}"),
             }
         }
-    }
-    if !apiserver
-        || rx
-            .wait_for(|map| ready(map, "kube-apiserver"))
-            .await
-            .is_err()
-    {
-        return;
-    }
-    match tokio::task::spawn_blocking(move || crate::node::rbac::apply(&data)).await {
-        Ok(Ok(())) => info!("RBAC for the components applied"),
-        Ok(Err(e)) => tracing::warn!("applying RBAC for the components: {e}"),
-        Err(e) => tracing::warn!("applying RBAC for the components: {e}"),
     }
 }
 

@@ -1,0 +1,65 @@
+use std::path::PathBuf;
+
+/// Errors of the in-process controllers and of the client they share.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(
+        "cannot read the kubeconfig {path}: run `kdist certs check` on a control plane, \
+         or join the node again on a worker"
+    )]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot build a Kubernetes client from {path}")]
+    Client {
+        path: PathBuf,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{action} failed")]
+    Api {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what} in {origin} is not a Kubernetes object: {reason}")]
+    Manifest {
+        origin: String,
+        what: String,
+        reason: String,
+    },
+    #[error(
+        "cannot listen on {address}: another process uses the port; set \
+         cluster.agent_port in config.yaml"
+    )]
+    Listen {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: i/o error")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a blocking task of the {controller} controller failed")]
+    Task {
+        controller: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ControllerError {
+    pub(crate) fn api(action: impl Into<String>, source: kube::Error) -> Self {
+        Self::Api {
+            action: action.into(),
+            source,
+        }
+    }
+}
