@@ -42,5 +42,6 @@ pub mod fsutil;
 pub mod node;
 pub mod pki;
 pub mod report;
+pub mod service;
 pub mod supervisor;
 pub mod yaml;

@@ -865,6 +865,26 @@ fn tampered(algorithm: &str) {
     assert!(!staged.exists(), "the rejected file is not kept");
     assert!(!staged.with_extension("part").exists());
     ok(kdist(data.path(), &["components", "verify"]));
+
+    // a refusal leaves nothing that looks like an install to resume
+    assert!(
+        !data.path().join("components/.staging-1-31-2").exists(),
+        "the staging of the refused release is removed"
+    );
+    let list = ok(kdist(data.path(), &["components", "list"]));
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(!listed.contains("interrupted"), "{}", text(&list));
+    assert!(!listed.contains("1-31-2"), "{}", text(&list));
+
+    // the publisher fixes the manifest: the next install starts clean and succeeds
+    let fixed = Fixture::new(2, arch());
+    fixed.serve(&mirror);
+    ok(install(data.path(), &mirror, &["--release", "2"]));
+    assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
+    assert_eq!(
+        std::fs::read(data.path().join("components/current/bin/kube-scheduler")).unwrap(),
+        fixed.kube_bytes("kube-scheduler")
+    );
 }
 
 #[test]
@@ -1447,4 +1467,64 @@ fn manifest_file_installs_and_bad_manifests_are_named() {
         "{err}"
     );
     assert_eq!(active(data.path()).as_deref(), Some("1-31-4"));
+}
+
+#[test]
+fn outdated_compares_the_active_release_with_the_channel() {
+    let mirror = Mirror::start();
+    let one = Fixture::new(1, arch());
+    let two = Fixture::new(2, arch());
+    one.serve(&mirror);
+    two.serve(&mirror);
+    serve_channel(&mirror, 1);
+    let data = TempDir::new("outdated");
+    let base = mirror.base();
+    let outdated = |output: &str| {
+        kdist(
+            data.path(),
+            &["components", "outdated", "--base-url", &base, "-o", output],
+        )
+    };
+    // nothing active: says what to do
+    let err = failed(outdated("table"));
+    assert!(err.contains("kdist components install"), "{err}");
+
+    ok(install(data.path(), &mirror, &["--release", "1"]));
+    let out = ok(outdated("table"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("active 1-31-1, latest 1-31-1: up to date"),
+        "{table}"
+    );
+    assert!(!table.contains("changed"), "{table}");
+    assert!(!table.contains("kdist upgrade"), "{table}");
+
+    // the channel moves on: one behind, with the Kubernetes version change
+    serve_channel(&mirror, 2);
+    let out = ok(outdated("json"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["active"], "1-31-1", "{report}");
+    assert_eq!(report["latest"], "1-31-2", "{report}");
+    assert_eq!(report["behind"], 1, "{report}");
+    assert_eq!(report["up_to_date"], false, "{report}");
+    let component = |name: &str| {
+        report["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["component"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {report}"))
+            .clone()
+    };
+    let kube = component("kubernetes");
+    assert_eq!(kube["active"], one.kube_version.as_str());
+    assert_eq!(kube["latest"], two.kube_version.as_str());
+    assert_eq!(kube["changed"], true);
+    assert_eq!(component("etcd")["changed"], false);
+    let out = ok(outdated("table"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("1 release behind"), "{table}");
+    assert!(table.contains("kdist upgrade --release latest"), "{table}");
+    // nothing was installed by looking
+    assert_eq!(release_dirs(data.path()), vec!["1-31-1"]);
 }

@@ -31,6 +31,20 @@ pub enum Command {
     Remove(RemoveArgs),
     /// Write a release (default: the active one) as one file for `install --from`.
     Bundle(BundleArgs),
+    /// Compare the active release with the newest of its channel, component by component.
+    Outdated(OutdatedArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct OutdatedArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Base URL of EKS-D or a mirror; default from config.yaml.
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// Attempts per request before giving up.
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,6 +120,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify(a, data).await,
         Command::Remove(a) => remove(a, data),
         Command::Bundle(a) => bundle(a, data).await,
+        Command::Outdated(a) => outdated(a, data).await,
     }
 }
 
@@ -125,10 +140,7 @@ async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         },
     };
     if let Some(base) = &args.base_url {
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            anyhow::bail!("--base-url: `{base}` must be an http:// or https:// URL");
-        }
-        request.base_url = base.trim_end_matches('/').to_string();
+        request.base_url = base_url_arg(base)?;
     }
     request.activate = !args.no_activate;
     request.force = args.force;
@@ -149,7 +161,10 @@ async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
             if outcome.active { ", active" } else { "" }
         );
         if outcome.active && crate::supervisor::Client::new(&data).status().await.is_ok() {
-            println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+            println!(
+                "kdist is running the release it started with: `kdist upgrade --channel {} --release {}` moves it service by service (or `kdist stop && kdist start`)",
+                outcome.id.channel, outcome.id.number
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -266,7 +281,10 @@ async fn use_release(args: UseArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     store.activate(&id)?;
     println!("EKS-D {} is now active", id.eks_name());
     if crate::supervisor::Client::new(&data).status().await.is_ok() {
-        println!("kdist is running: `kdist stop && kdist start` runs the new binaries");
+        println!(
+            "kdist is running the release it started with: `kdist upgrade --channel {} --release {}` moves it service by service (or `kdist stop && kdist start`)",
+            id.channel, id.number
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -326,4 +344,59 @@ async fn bundle(args: BundleArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--base-url` as given, checked, without a trailing slash.
+pub(super) fn base_url_arg(base: &str) -> anyhow::Result<String> {
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        anyhow::bail!("--base-url: `{base}` must be an http:// or https:// URL");
+    }
+    Ok(base.trim_end_matches('/').to_string())
+}
+
+async fn outdated(args: OutdatedArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let config = NodeConfig::load(&data)?.components;
+    let base = match &args.base_url {
+        Some(base) => base_url_arg(base)?,
+        None => config.base().to_string(),
+    };
+    let report = components::outdated(&data, &base, components::retry_with(args.retries)).await?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(&report)?),
+        Output::Table => print_outdated(&report),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_outdated(report: &components::Outdated) {
+    let state = if report.up_to_date {
+        "up to date".to_string()
+    } else {
+        format!(
+            "{} release{} behind",
+            report.behind,
+            if report.behind == 1 { "" } else { "s" }
+        )
+    };
+    println!(
+        "channel {}: active {}, latest {}: {state}",
+        report.channel, report.active, report.latest
+    );
+    println!("{:<16} {:<16} {:<16}", "COMPONENT", "ACTIVE", "LATEST");
+    for c in &report.components {
+        println!(
+            "{:<16} {:<16} {:<16}{}",
+            c.component,
+            c.active.as_deref().unwrap_or("-"),
+            c.latest.as_deref().unwrap_or("-"),
+            if c.changed { " changed" } else { "" }
+        );
+    }
+    if !report.up_to_date {
+        println!(
+            "run `kdist upgrade --release latest` to move this node to {} (`--dry-run` shows the plan)",
+            report.latest
+        );
+    }
 }

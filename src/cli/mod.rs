@@ -24,9 +24,11 @@ mod migrate;
 mod remove_node;
 mod reset;
 mod restart;
+mod service;
 mod start;
 mod status;
 mod stop;
+mod upgrade;
 mod version;
 
 use std::path::PathBuf;
@@ -99,6 +101,11 @@ pub enum Command {
     RemoveNode(remove_node::Args),
     /// Leave the cluster and become a fresh single node.
     Leave(leave::Args),
+    /// Move this running node to another EKS-D release, one service at a time, with
+    /// rollback when a service does not come back healthy.
+    Upgrade(upgrade::Args),
+    /// Start the node at boot: install, uninstall or show its systemd unit or OpenRC script.
+    Service(service::Args),
     /// Measure kdist against its peers (figures, not pass/fail): `idle`, `datastore`.
     Bench(bench::Args),
 }
@@ -143,5 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RemoveNode(args) => remove_node::run(args, data).await,
         Command::Leave(args) => leave::run(args, data).await,
         Command::Bench(args) => bench::run(args, data).await,
+        Command::Service(args) => service::run(args, data).await,
+        Command::Upgrade(args) => upgrade::run(args, data).await,
     }
 }

@@ -1,5 +1,8 @@
 use std::path::PathBuf;
 
+/// The cause of a failed step of an upgrade, from the daemon's control API.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ComponentsError {
     #[error("{path}")]
@@ -103,6 +106,8 @@ pub enum ComponentsError {
     Locked { path: PathBuf },
     #[error("{path}: {reason}")]
     Source { path: PathBuf, reason: String },
+    #[error(transparent)]
+    UpgradeFailed(Box<UpgradeFailure>),
     #[error(
         "cannot install EKS-D {what}, and these binaries are not on PATH either: {}; install with `kdist components install --from DIR|BUNDLE` (air gap) or put them on PATH",
         missing.join(", ")
@@ -115,7 +120,37 @@ pub enum ComponentsError {
     },
 }
 
+/// An upgrade that did not end on the new release.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "upgrade to release {to} failed at {service}; {}; its log ends with:\n{}",
+    match rollback {
+        None => format!("the node is back on release {from}, healthy"),
+        Some(r) => format!("rolling back to release {from} failed too ({r}): see `kdist status`"),
+    },
+    log.join("\n")
+)]
+pub struct UpgradeFailure {
+    pub service: String,
+    pub to: String,
+    pub from: String,
+    pub log: Vec<String>,
+    pub rollback: Option<String>,
+    #[source]
+    pub source: BoxError,
+}
+
 impl ComponentsError {
+    /// A file the manifest refuses (digest mismatch, missing archive member): trying
+    /// again with the same manifest fails the same way, so nothing is worth resuming.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Digest { .. } | Self::MissingMember { .. } => true,
+            Self::DownloadFailed { source, .. } => source.is_refusal(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + use<> {
         let path = path.to_path_buf();
         move |source| Self::Io { path, source }

@@ -157,7 +157,15 @@ async fn install_locked(
         progress,
         local: local.as_ref(),
     };
-    fetcher.fetch_all(&planned, &downloads).await?;
+    if let Err(e) = fetcher.fetch_all(&planned, &downloads).await {
+        if e.is_refusal() {
+            // nothing to resume: the same manifest would refuse the same bytes again, and
+            // `components list` would call the staging an interrupted install
+            let _ = std::fs::remove_dir_all(&staging);
+            sync_dir(store.root())?;
+        }
+        return Err(e);
+    }
 
     let tree = staging.join("tree");
     let record = Record {
@@ -177,10 +185,16 @@ async fn install_locked(
     };
     {
         let (tree, downloads, planned) = (tree.clone(), downloads.clone(), planned.clone());
-        blocking(&staging, move || {
+        let built = blocking(&staging, move || {
             build_tree(&tree, &downloads, &planned, &text, record)
         })
-        .await?;
+        .await;
+        if let Err(e) = &built
+            && e.is_refusal()
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        built?;
     }
 
     let target = store.release_dir(&id);
@@ -357,10 +371,17 @@ impl Fetcher<'_> {
             .buffered(self.request.parallel.max(1))
             .collect()
             .await;
+        // a refusal first: it decides what happens to the staging
+        let mut first = None;
         for result in results {
-            result?;
+            if let Err(e) = result {
+                if e.is_refusal() {
+                    return Err(e);
+                }
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     async fn fetch(&self, p: &Planned, dest: PathBuf) -> Result<Digests, ComponentsError> {

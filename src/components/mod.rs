@@ -15,18 +15,25 @@ mod error;
 mod fetch;
 mod install;
 mod manifest;
+mod outdated;
 mod progress;
 mod resolve;
 mod store;
+mod upgrade;
 mod versions;
 
-pub use error::ComponentsError;
+pub use error::{BoxError, ComponentsError};
 pub use fetch::RetryPolicy;
 pub use install::{Outcome, Request, Source, install, retry_with};
 pub use manifest::{Release, ReleaseId, binaries, host_arch, host_os};
+pub use outdated::{Outdated, VersionChange, compare, fetch_release, latest_number, outdated};
 pub use progress::Progress;
 pub use resolve::{BinaryNotFound, Origin, active_release, resolve_binary, resolve_binary_in};
 pub use store::{Record, Store};
+pub use upgrade::{
+    NodeControl, Plan as UpgradePlan, RESTART_ORDER, Upgraded, execute as execute_upgrade,
+    plan as upgrade_plan,
+};
 pub use versions::{ComponentVersion, ORIGIN_PATH, component_versions, find_on_path};
 
 use std::path::Path;

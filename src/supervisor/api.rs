@@ -132,6 +132,9 @@ async fn handle(
                 }
             }
         }
+        (&Method::POST, ["v1", "release"]) => {
+            switch_release(&state, req.uri().query().unwrap_or_default()).await
+        }
         (&Method::POST, ["v1", "shutdown"]) => {
             state.shutdown.cancel();
             json(
@@ -142,6 +145,73 @@ async fn handle(
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {path}")),
     };
     Ok(response)
+}
+
+/// `POST /v1/release?to=<release>[&restart=<service>]`: the services run the installed
+/// components release `to` from their next start on, and `restart` starts again now
+/// with it (`kdist upgrade` moves a running node this way, one service at a time).
+async fn switch_release(state: &ApiState, query: &str) -> Response<Full<Bytes>> {
+    let (mut to, mut restart) = (None, None);
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("to", v)) => to = Some(v),
+            Some(("restart", v)) => restart = Some(v),
+            _ => {}
+        }
+    }
+    let Some(to) = to else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "say which release: ?to=<channel>-<number>[&restart=<service>]",
+        );
+    };
+    let store = crate::components::Store::new(&state.data);
+    let id = match crate::components::ReleaseId::parse(to) {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Err(e) = store.record(&id) {
+        return error(StatusCode::NOT_FOUND, e.to_string());
+    }
+    let dir = store.release_dir(&id);
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let (spec, taken) = {
+        let mut fleet = state.fleet.lock().await;
+        let spec = match restart {
+            None => None,
+            Some(name) => match fleet.specs.iter().find(|s| s.name == name) {
+                Some(spec) if fleet.sender(name).is_some() => Some(spec.clone()),
+                _ => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "`{name}` does not run here; this node runs: {}",
+                            fleet.names().join(", ")
+                        ),
+                    );
+                }
+            },
+        };
+        for planned in &mut fleet.specs {
+            planned.release = Some(dir.clone());
+        }
+        let taken = spec.as_ref().and_then(|s| fleet.take(&s.name));
+        (spec, taken)
+    };
+    if let Some(mut spec) = spec {
+        // a runner keeps the spec it was started with: a new one runs the new release;
+        // the old one stops without the fleet's lock held (it waits up to its grace)
+        if let Some(runner) = taken {
+            runner.stop().await;
+        }
+        spec.release = Some(dir);
+        state.fleet.lock().await.spawn(spec);
+    }
+    tracing::info!(release = %id, restarted = ?restart, "components release switched");
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "release": id.to_string(), "restarted": restart }),
+    )
 }
 
 /// Builds the status report, sampling CPU and memory of the daemon and its children.
@@ -299,6 +369,19 @@ impl Client {
             what: format!("POST {path}"),
             source: Box::new(e),
         })
+    }
+
+    /// Makes the daemon run components release `release` and restarts `service` with it.
+    pub async fn switch_release(
+        &self,
+        release: &str,
+        service: Option<&str>,
+    ) -> Result<(), SupervisorError> {
+        let mut path = format!("/v1/release?to={release}");
+        if let Some(service) = service {
+            path.push_str(&format!("&restart={service}"));
+        }
+        self.request(Method::POST, &path).await.map(drop)
     }
 
     pub async fn shutdown(&self) -> Result<(), SupervisorError> {
