@@ -52,6 +52,12 @@ pub enum NodeError {
     },
     #[error("{path} is not an image archive: {reason}")]
     BadArchive { path: PathBuf, reason: String },
+    #[error("netlink: {action} failed; kdist needs CAP_NET_ADMIN in the node's network namespace")]
+    Netlink {
+        action: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("the Kubernetes API did not answer: {0}")]
     Api(String),
     #[error(

@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod kube;
 pub mod kubeconfig;
 pub mod masquerade;
+pub mod netlink;
 mod procs;
 pub mod rbac;
 pub mod reset;
