@@ -19,7 +19,7 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
@@ -314,7 +314,7 @@ impl Netlink {
         let mut kept: Vec<&Route> = Vec::new();
         for (route, message) in &have {
             let wanted = want.iter().any(|w| w.matches(route));
-            if wanted && !kept.iter().any(|k| *k == route) {
+            if wanted && !kept.contains(&route) {
                 kept.push(route);
                 continue;
             }
@@ -349,6 +349,60 @@ impl Netlink {
                     "adding route {} via {} (another route to it may exist: see `ip route`)",
                     route.dst, route.via
                 )))?;
+            changes.added += 1;
+        }
+        Ok(changes)
+    }
+
+    /// Makes kdist's blackhole routes exactly `cidr`: the cluster's pod CIDR, so that a
+    /// pod address no node has (yet) is dropped here instead of following the default
+    /// route off the machine; the bridge's and the peers' longer routes win over it.
+    pub async fn sync_blackhole(&self, cidr: Option<Ipv4Net>) -> Result<Changes, NodeError> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let messages: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(err("listing routes"))?;
+        let mut changes = Changes::default();
+        let mut present = false;
+        for m in messages.into_iter().filter(|m| {
+            m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                && m.header.kind == RouteType::BlackHole
+        }) {
+            let dst = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                    Ipv4Net::new(*ip, m.header.destination_prefix_length).ok()
+                }
+                _ => None,
+            });
+            if dst.is_some() && dst == cidr && !present {
+                present = true;
+                continue;
+            }
+            self.handle
+                .route()
+                .del(m)
+                .execute()
+                .await
+                .map_err(err("deleting kdist's blackhole route"))?;
+            changes.removed += 1;
+        }
+        if let (Some(cidr), false) = (cidr, present) {
+            let message = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(cidr.network(), cidr.prefix_len())
+                .kind(RouteType::BlackHole)
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                .build();
+            self.handle
+                .route()
+                .add(message)
+                .execute()
+                .await
+                .map_err(err(format!("adding blackhole route {cidr}")))?;
             changes.added += 1;
         }
         Ok(changes)
@@ -497,7 +551,7 @@ fn link_of(m: &LinkMessage) -> Link {
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::Address(mac) => link.mac = <[u8; 6]>::try_from(mac.as_slice()).ok(),
             LinkAttribute::LinkInfo(infos) => {
-                let is_vxlan = infos.iter().any(|i| *i == LinkInfo::Kind(InfoKind::Vxlan));
+                let is_vxlan = infos.contains(&LinkInfo::Kind(InfoKind::Vxlan));
                 for info in infos {
                     if let (true, LinkInfo::Data(InfoData::Vxlan(data))) = (is_vxlan, info) {
                         link.vxlan = data.clone();
@@ -727,8 +781,17 @@ mod netns_tests {
             assert_eq!(ours.len(), 1);
             assert_eq!(ours[0].via, Ipv4Addr::new(10, 99, 0, 4));
             assert!(ours[0].dev.is_some(), "the kernel names the device");
+            // the blackhole for the cluster range is one route, not a gateway route
+            let cluster: Ipv4Net = "10.1.0.0/16".parse().unwrap();
+            assert_eq!(nl.sync_blackhole(Some(cluster)).await.unwrap().added, 1);
+            assert_eq!(
+                nl.sync_blackhole(Some(cluster)).await.unwrap(),
+                Changes::default()
+            );
+            assert_eq!(nl.routes().await.unwrap().len(), 1);
             nl.sync_routes(&[]).await.unwrap();
             assert!(nl.routes().await.unwrap().is_empty());
+            assert_eq!(nl.sync_blackhole(None).await.unwrap().removed, 1);
             let all: Vec<RouteMessage> = nl
                 .handle
                 .route()
