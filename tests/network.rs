@@ -36,36 +36,35 @@ impl Lab {
         ns
     }
 
-    /// A veth from namespace `ns` (address `addr`) to the host end `host`.
-    fn veth(&mut self, ns: &str, host: &str, addr: &str) -> String {
-        let inner = format!("{host}i");
-        ip(&["link", "add", host, "type", "veth", "peer", "name", &inner]);
-        self.links.push(host.to_string());
-        ip(&["link", "set", &inner, "netns", ns]);
-        ip(&["-n", ns, "addr", "add", addr, "dev", &inner]);
-        ip(&["-n", ns, "link", "set", &inner, "up"]);
-        ip(&["link", "set", host, "up"]);
-        inner
-    }
-
-    /// Two node namespaces on one bridge: 10.205.0.1 and 10.205.0.2 (/24).
+    /// Two node namespaces on one L2 segment, a veth between them: 10.205.0.1 and
+    /// 10.205.0.2 (/24). No bridge of the host's: the host's iptables (br_netfilter, other
+    /// nodes' egress guards) never see the traffic.
     fn one_segment() -> (Lab, Vec<String>, Vec<String>) {
         let mut lab = Lab {
             namespaces: Vec::new(),
             links: Vec::new(),
         };
         let tag = Self::tag();
-        let bridge = format!("kdb{tag}");
-        ip(&["link", "add", &bridge, "type", "bridge"]);
-        lab.links.push(bridge.clone());
-        ip(&["link", "set", &bridge, "up"]);
-        let mut namespaces = Vec::new();
-        for i in 1..=2 {
-            let ns = lab.ns(&i.to_string());
-            let host = format!("kdh{tag}{i}");
-            lab.veth(&ns, &host, &format!("10.205.0.{i}/24"));
-            ip(&["link", "set", &host, "master", &bridge]);
-            namespaces.push(ns);
+        let namespaces = vec![lab.ns("1"), lab.ns("2")];
+        let ends = [format!("kds{tag}1"), format!("kds{tag}2")];
+        ip(&[
+            "link",
+            "add",
+            &ends[0],
+            "netns",
+            &namespaces[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ends[1],
+            "netns",
+            &namespaces[1],
+        ]);
+        for i in 0..2 {
+            let addr = format!("10.205.0.{}/24", i + 1);
+            ip(&["-n", &namespaces[i], "addr", "add", &addr, "dev", &ends[i]]);
+            ip(&["-n", &namespaces[i], "link", "set", &ends[i], "up"]);
         }
         let ips = vec!["10.205.0.1".into(), "10.205.0.2".into()];
         (lab, namespaces, ips)
@@ -355,19 +354,26 @@ impl Cluster {
         ])
     }
 
-    /// `wget` from inside pod `from` to `url`: the body, or None.
-    fn fetch(&self, from: &str, url: &str) -> Option<String> {
+    /// An HTTP GET of `path` at `ip`:8080 from inside pod `from` (busybox `nc`: the
+    /// static busybox's wget crashes): the body, or None.
+    fn fetch(&self, from: &str, ip: &str, path: &str) -> Option<String> {
         let out = self.cp.kdist(&[
-            "kubectl", "exec", from, "--", "wget", "-q", "-T", "5", "-O", "-", url,
+            "kubectl",
+            "exec",
+            from,
+            "--",
+            "sh",
+            "-c",
+            &http_get(ip, path, "-"),
         ]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let body = text.split_once("\r\n\r\n")?.1.trim().to_string();
+        (out.status.success() && text.lines().next()?.contains(" 200 ")).then_some(body)
     }
 
-    fn reaches(&self, from: &str, url: &str, want: &str) -> bool {
+    fn reaches(&self, from: &str, ip: &str, want: &str) -> bool {
         common::wait_until(Duration::from_secs(60), Duration::from_secs(2), || {
-            self.fetch(from, url).as_deref() == Some(want)
+            self.fetch(from, ip, "").as_deref() == Some(want)
         })
     }
 
@@ -387,33 +393,56 @@ impl Cluster {
         assert!(inside(&ip_cp, &cidr_cp), "{ip_cp} not in {cidr_cp}");
         assert!(inside(&ip_w, &cidr_w), "{ip_w} not in {cidr_w}");
         let diag = || {
+            let dump = |n: &NsNode| {
+                format!(
+                    "{}\n{}\n{}\n{}",
+                    n.inside("ip", &["-4", "addr"]),
+                    n.inside("ip", &["route"]),
+                    n.inside("iptables-save", &["-c"]),
+                    n.inside(
+                        "sysctl",
+                        &["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter"]
+                    )
+                )
+            };
+            let out = self.cp.kdist(&[
+                "kubectl",
+                "exec",
+                "web-cp1",
+                "--",
+                "sh",
+                "-c",
+                &http_get(&ip_w, "", "-"),
+            ]);
             format!(
-                "cp1 routes {:?}, w1 routes {:?}\ncp1 network {}\nw1 network {}",
-                self.cp.routes(),
-                self.worker.routes(),
+                "last fetch: {}\npods: {}\ncp1 network {}\nw1 network {}\n--- cp1\n{}\n--- w1\n{}",
+                describe(&out),
+                self.cp.ok(&["kubectl", "get", "pods", "-o", "wide"]),
                 self.cp.network(),
-                self.worker.network()
+                self.worker.network(),
+                dump(&self.cp),
+                dump(&self.worker)
             )
         };
         assert!(
-            self.reaches("web-cp1", &format!("http://{ip_w}:8080/"), "w1"),
+            self.reaches("web-cp1", &ip_w, "w1"),
             "cp1 pod -> w1 pod: {}",
             diag()
         );
         assert!(
-            self.reaches("web-w1", &format!("http://{ip_cp}:8080/"), "cp1"),
+            self.reaches("web-w1", &ip_cp, "cp1"),
             "w1 pod -> cp1 pod: {}",
             diag()
         );
         let svc = self.field("service", "web-w1", "{.spec.clusterIP}");
         assert!(
-            self.reaches("web-cp1", &format!("http://{svc}:8080/"), "w1"),
+            self.reaches("web-cp1", &svc, "w1"),
             "cp1 pod -> Service with its backend on w1: {}",
             diag()
         );
         let svc = self.field("service", "web-cp1", "{.spec.clusterIP}");
         assert!(
-            self.reaches("web-w1", &format!("http://{svc}:8080/"), "cp1"),
+            self.reaches("web-w1", &svc, "cp1"),
             "w1 pod -> Service with its backend on cp1: {}",
             diag()
         );
@@ -425,47 +454,63 @@ impl Cluster {
         let mut best = f64::MAX;
         for _ in 0..3 {
             let started = Instant::now();
-            let out = self.cp.kdist(&[
-                "kubectl",
-                "exec",
-                "web-cp1",
-                "--",
-                "wget",
-                "-q",
-                "-O",
-                "/dev/null",
-                &format!("http://{ip_w}:8080/big"),
-            ]);
+            let get = http_get(&ip_w, "big", "/dev/null");
+            let out = self
+                .cp
+                .kdist(&["kubectl", "exec", "web-cp1", "--", "sh", "-c", &get]);
             assert!(out.status.success(), "{}", describe(&out));
             // kubectl exec's own cost is measured the same way with an empty fetch
             let elapsed = started.elapsed().as_secs_f64();
             best = best.min(elapsed);
         }
         let started = Instant::now();
-        self.fetch("web-cp1", &format!("http://{ip_w}:8080/"))
-            .unwrap();
+        self.fetch("web-cp1", &ip_w, "").unwrap();
         (best - started.elapsed().as_secs_f64()).max(0.001)
     }
 }
 
-/// The same 20 MB fetch between two plain namespaces on one bridge (busybox httpd and
-/// wget on the host's busybox), for the ratio.
+/// A shell command that GETs `path` from `ip`:8080 with busybox `nc` into `out`.
+fn http_get(ip: &str, path: &str, out: &str) -> String {
+    let out = if out == "-" {
+        String::new()
+    } else {
+        format!(" > {out}")
+    };
+    format!("printf 'GET /{path} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080{out}")
+}
+
+/// The same 20 MB fetch between two plain namespaces on one bridge (the host's busybox
+/// httpd and nc), for the ratio.
 fn plain_transfer_secs() -> f64 {
     let tag = Lab::tag();
     let mut lab = Lab {
         namespaces: Vec::new(),
         links: Vec::new(),
     };
-    let bridge = format!("kdp{tag}");
-    ip(&["link", "add", &bridge, "type", "bridge"]);
-    lab.links.push(bridge.clone());
-    ip(&["link", "set", &bridge, "up"]);
+    // the bridge in a namespace of its own, away from the host's iptables
+    let switch = lab.ns("p0");
+    ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &switch, "link", "set", "br0", "up"]);
     let mut namespaces = Vec::new();
     for i in 1..=2 {
         let ns = lab.ns(&format!("p{i}"));
-        let host = format!("kdq{tag}{i}");
-        lab.veth(&ns, &host, &format!("10.207.0.{i}/24"));
-        ip(&["link", "set", &host, "master", &bridge]);
+        let (inner, port) = (format!("kdq{tag}{i}"), format!("kdp{tag}{i}"));
+        ip(&[
+            "link", "add", &inner, "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+            &switch,
+        ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.207.0.{i}/24"),
+            "dev",
+            &inner,
+        ]);
+        ip(&["-n", &ns, "link", "set", &inner, "up"]);
+        ip(&["-n", &switch, "link", "set", &port, "master", "br0"]);
+        ip(&["-n", &switch, "link", "set", &port, "up"]);
         namespaces.push(ns);
     }
     let www = common::temp_dir("kdist-www");
@@ -488,17 +533,8 @@ fn plain_transfer_secs() -> f64 {
     );
     let get = |path: &str| {
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &namespaces[0],
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "/dev/null",
-            ])
-            .arg(format!("http://10.207.0.2:8080/{path}"))
+            .args(["netns", "exec", &namespaces[0], "busybox", "sh", "-c"])
+            .arg(http_get("10.207.0.2", path, "/dev/null").replace("| nc", "| busybox nc"))
             .output()
             .unwrap()
     };
@@ -649,7 +685,7 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     let ip_cp = c.field("pod", "web-cp1", "{.status.podIP}");
     let ip_w = c.field("pod", "web-w1", "{.status.podIP}");
     assert!(
-        c.reaches("web-cp1", &format!("http://{ip_w}:8080/"), "w1"),
+        c.reaches("web-cp1", &ip_w, "w1"),
         "traffic stopped with the worker's daemon killed"
     );
     // the next daemon adopts the routes: the same ones, none twice
@@ -664,8 +700,8 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     assert_eq!(c.worker.routes(), before);
     c.wait_running("web-w1");
     let ip_w = c.field("pod", "web-w1", "{.status.podIP}");
-    assert!(c.reaches("web-cp1", &format!("http://{ip_w}:8080/"), "w1"));
-    assert!(c.reaches("web-w1", &format!("http://{ip_cp}:8080/"), "cp1"));
+    assert!(c.reaches("web-cp1", &ip_w, "w1"));
+    assert!(c.reaches("web-w1", &ip_cp, "cp1"));
 
     // remove-node: the worker's route, neighbour and FDB entry go on the control plane
     c.cp.ok(&["remove-node", "w1"]);
