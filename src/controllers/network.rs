@@ -32,8 +32,7 @@ use super::{Context, Controller, ControllerError, Reporter, next_ready};
 use crate::config::{Backend, Cni, Egress, NodeConfig};
 use crate::node::netlink::{self, Netlink, Route, VxlanSpec};
 
-/// kdist's VXLAN device.
-pub const VXLAN_DEVICE: &str = "kdist.vxlan";
+use crate::node::netlink::VXLAN_DEVICE;
 /// This node's VXLAN MAC, on its Node.
 pub const MAC_ANNOTATION: &str = "network.kdist.io/vxlan-mac";
 /// The address peers send this node's VXLAN packets to.

@@ -25,6 +25,9 @@ use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use super::error::NodeError;
 
+/// kdist's VXLAN device.
+pub const VXLAN_DEVICE: &str = "kdist.vxlan";
+
 /// The `rtm_protocol` of kdist's routes.
 pub const ROUTE_PROTOCOL: u8 = 75;
 
@@ -533,6 +536,27 @@ impl Netlink {
             changes.added += 1;
         }
         Ok(changes)
+    }
+}
+
+/// Removes every route kdist made and its VXLAN device (with its neighbour and FDB
+/// entries), in this process's network namespace: `kdist reset`. Blocking; true when
+/// there was something to remove.
+pub fn remove_all_blocking() -> Result<bool, NodeError> {
+    let work = async {
+        let nl = Netlink::connect()?;
+        let routes = nl.sync_routes(&[]).await?;
+        let blackhole = nl.sync_blackhole(None).await?;
+        let device = nl.delete_link(VXLAN_DEVICE).await?;
+        Ok(routes.removed + blackhole.removed > 0 || device)
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(work),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NodeError::io("netlink runtime"))?
+            .block_on(work),
     }
 }
 

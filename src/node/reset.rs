@@ -194,6 +194,12 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
             }
         }
     }
+    super::masquerade::remove(data)?;
+    match super::netlink::remove_all_blocking() {
+        Ok(true) => done.push("removed kdist's pod routes and VXLAN device".into()),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("pod routes left: {e}"),
+    }
     if let Some(ip) = cmd::which("ip")
         && cmd::run(&ip, &["link", "delete", &config.network.bridge]).is_ok()
     {
