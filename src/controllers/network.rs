@@ -191,9 +191,9 @@ impl Controller for Network {
     }
 }
 
-/// What one pass remembers for the next: whether the conflist was written by this run
-/// (pods with an address of an earlier range are replaced once), the peers last put
-/// into the egress guard.
+/// What one pass remembers for the next: the range and MTU this run wrote the conflist
+/// for (pods with an address of an earlier range are replaced once per change), the
+/// peers last put into the egress guard.
 #[derive(Default)]
 struct Pass {
     conflist: Option<(String, u32)>,
@@ -347,26 +347,26 @@ async fn reconcile(
 
     // before any pod has an address: the rest of the pod CIDR stays on this node
     nl.sync_blackhole(Some(cluster)).await.map_err(node_error)?;
-    // the CNI config: pods on this node get addresses from its own range
+    // the CNI config: pods on this node get addresses from its own range (written
+    // again when it differs: a file removed by hand comes back)
+    let (data, bridge, subnet) = (
+        ctx.data.clone(),
+        config.network.bridge.clone(),
+        cidr.to_string(),
+    );
+    let changed =
+        tokio::task::spawn_blocking(move || crate::node::cni::write(&data, &bridge, &subnet, mtu))
+            .await
+            .map_err(|source| ControllerError::Task {
+                controller: "network",
+                source,
+            })?
+            .map_err(node_error)?;
+    if changed {
+        info!(pod_cidr = %cidr, mtu, "CNI config written for this node's pod CIDR");
+    }
     let conflist = (cidr.to_string(), mtu);
     if pass.conflist.as_ref() != Some(&conflist) {
-        let (data, bridge, subnet) = (
-            ctx.data.clone(),
-            config.network.bridge.clone(),
-            cidr.to_string(),
-        );
-        let changed = tokio::task::spawn_blocking(move || {
-            crate::node::cni::write(&data, &bridge, &subnet, mtu)
-        })
-        .await
-        .map_err(|source| ControllerError::Task {
-            controller: "network",
-            source,
-        })?
-        .map_err(node_error)?;
-        if changed {
-            info!(pod_cidr = %cidr, mtu, "CNI config written for this node's pod CIDR");
-        }
         replace_pods_of_an_old_range(ctx, &me, cidr).await;
         pass.conflist = Some(conflist);
     }
