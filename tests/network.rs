@@ -218,7 +218,7 @@ impl Drop for NsNode {
     }
 }
 
-/// A busybox httpd pod pinned to `node`, answering its node's name, with `big` (100 MB)
+/// A busybox httpd pod pinned to `node`, answering its node's name, with `big` (50 MB, in memory: the host's disk stays out of it)
 /// for the throughput figure.
 fn server_pod(name: &str, node: &str) -> String {
     format!(
@@ -233,7 +233,9 @@ spec:
   - name: web
     image: kdist.local/test/busybox:1
     imagePullPolicy: Never
-    command: ["/bin/sh", "-c", "mkdir -p /www && echo {node} > /www/index.html && dd if=/dev/zero of=/www/big bs=1048576 count=100 2>/dev/null && exec httpd -f -p 8080 -h /www"]
+    volumeMounts: [{{name: www, mountPath: /www}}]
+    command: ["/bin/sh", "-c", "mkdir -p /www && echo {node} > /www/index.html && dd if=/dev/zero of=/www/big bs=1048576 count=50 2>/dev/null && exec httpd -f -p 8080 -h /www"]
+  volumes: [{{name: www, emptyDir: {{medium: Memory}}}}]
 ---
 apiVersion: v1
 kind: Service
@@ -448,7 +450,7 @@ impl Cluster {
         );
     }
 
-    /// Seconds to fetch the 100 MB file from the other node's pod, timed inside the
+    /// Seconds to fetch the 50 MB file from the other node's pod, timed inside the
     /// pod (/proc/uptime: kubectl exec's own cost stays out), best of three.
     fn transfer_secs(&self) -> f64 {
         let ip_w = self.field("pod", "web-w1", "{.status.podIP}");
@@ -482,7 +484,7 @@ fn http_get(ip: &str, path: &str, out: &str) -> String {
     format!("printf 'GET /{path} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080{out}")
 }
 
-/// The same 100 MB fetch between two plain namespaces on one bridge (the host's busybox
+/// The same 50 MB fetch between two plain namespaces on one bridge (the host's busybox
 /// httpd and nc), for the ratio.
 fn plain_transfer_secs() -> f64 {
     let tag = Lab::tag();
@@ -516,8 +518,8 @@ fn plain_transfer_secs() -> f64 {
         ip(&["-n", &switch, "link", "set", &port, "up"]);
         namespaces.push(ns);
     }
-    let www = common::temp_dir("kdist-www");
-    std::fs::write(www.path().join("big"), vec![0u8; 100 << 20]).unwrap();
+    let www = tempfile::tempdir_in("/dev/shm").unwrap();
+    std::fs::write(www.path().join("big"), vec![0u8; 50 << 20]).unwrap();
     std::fs::write(www.path().join("index.html"), "ok\n").unwrap();
     let mut server = common::Proc::spawn(
         Command::new("ip")
@@ -595,7 +597,7 @@ fn host_gw_pods_reach_pods_and_services_across_nodes() {
     let plain = plain_transfer_secs();
     let pods = c.transfer_secs();
     eprintln!(
-        "BENCH host-gw: 100 MB pod->pod across nodes {pods:.3}s, plain namespaces {plain:.3}s, \
+        "BENCH host-gw: 50 MB pod->pod across nodes {pods:.3}s, plain namespaces {plain:.3}s, \
          throughput ratio {:.2}",
         plain / pods
     );
@@ -665,7 +667,7 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     let plain = plain_transfer_secs();
     let pods = c.transfer_secs();
     eprintln!(
-        "BENCH vxlan: 100 MB pod->pod across nodes {pods:.3}s, plain namespaces {plain:.3}s, \
+        "BENCH vxlan: 50 MB pod->pod across nodes {pods:.3}s, plain namespaces {plain:.3}s, \
          throughput ratio {:.2}",
         plain / pods
     );
