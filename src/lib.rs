@@ -18,8 +18,12 @@
 //! readers one at a time; etcd runs with client and peer mTLS; joiners pin the cluster
 //! CA by its SHA-256 fingerprint.
 //!
-//! The CLI (`cli`) talks to the daemon over the control socket; the daemon (`supervisor`)
-//! is the only owner of child processes. `node` generates what the node's services read
+//! The CLI (`cli`) talks to the daemon over the control socket. `daemon` is the
+//! composition root: it builds the supervisor (the only owner of child processes, with
+//! the embedded datastore as an in-process builtin) and the controllers layer
+//! (`controllers`: in-process kube-rs controllers on one client, run once kube-apiserver
+//! is ready, restarted with backoff, shown in `kdist status`: RBAC, the cluster agent, the
+//! node-local volume provisioner). `node` generates what the node's services read
 //! (containerd, CNI, kubelet and kube-proxy configs) and prepares the host (sysctls, mount
 //! propagation, egress guard), recording every change so `kdist reset` can undo it.
 //! `cluster` hands out hashed join tokens (`kdist add-node`), runs the cluster agent in
@@ -39,3 +43,4 @@ pub mod node;
 pub mod pki;
 pub mod report;
 pub mod supervisor;
+pub mod yaml;

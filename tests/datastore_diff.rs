@@ -15,6 +15,7 @@ use kdist::datastore::proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, compare, kv_client::KvClient,
     lease_client::LeaseClient, request_op, watch_client::WatchClient, watch_request,
 };
+use kdist::datastore::proto::mvccpb::{Event, event};
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -236,11 +237,118 @@ struct Side {
     lease: LeaseClient<Channel>,
     watch: WatchClient<Channel>,
     watches: Vec<WatchStream>,
+    /// A watch over every key since the side connected: every event the server made.
+    all: WatchStream,
+    history: Vec<Event>,
+    /// The newest revision compacted.
+    compacted: i64,
+    /// Whether a watch from the past catches up in the background (etcd: a loop every
+    /// 100 ms) rather than before its created response (kdist).
+    background_sync: bool,
 }
+
+/// How long a watch response that is due may take.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(20);
 
 struct WatchStream {
     _requests: tokio::sync::mpsc::Sender<WatchRequest>,
     responses: tonic::Streaming<WatchResponse>,
+    create: WatchCreateRequest,
+    /// Responses read so far, in order.
+    read: Vec<WatchResponse>,
+    /// The first revision it gets events of (known once created).
+    from: i64,
+    /// Deletes at or below this revision were compacted before the watch caught up
+    /// (etcd drops a tombstone at the compacted revision itself).
+    no_tombstones_upto: i64,
+    events: usize,
+    /// Canceled by the server (refused or compacted).
+    ended: bool,
+}
+
+fn mod_rev(e: &Event) -> i64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
+
+impl WatchStream {
+    /// Reads one response; false when none came in time.
+    async fn read_one(&mut self) -> bool {
+        let Ok(Ok(Some(resp))) =
+            tokio::time::timeout(WATCH_TIMEOUT, self.responses.message()).await
+        else {
+            return false;
+        };
+        if resp.created {
+            let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+            self.from = if self.create.start_revision > 0 {
+                self.create.start_revision
+            } else {
+                rev + 1
+            };
+        }
+        self.ended |= resp.canceled;
+        self.events += resp.events.len();
+        self.read.push(resp);
+        true
+    }
+
+    fn wants(&self, e: &Event) -> bool {
+        let Some(kv) = e.kv.as_ref() else {
+            return false;
+        };
+        let (key, end) = (self.create.key.as_slice(), self.create.range_end.as_slice());
+        let in_range = if end.is_empty() {
+            kv.key == key
+        } else if end == [0] {
+            kv.key.as_slice() >= key
+        } else {
+            kv.key.as_slice() >= key && kv.key.as_slice() < end
+        };
+        let put = e.r#type == event::EventType::Put as i32;
+        let filter = if put { 0 } else { 1 };
+        in_range
+            && !self.create.filters.contains(&filter)
+            && mod_rev(e) >= self.from
+            && (put || mod_rev(e) > self.no_tombstones_upto)
+    }
+
+    /// Reads until the server sends it a progress notification, which etcd sends only to
+    /// a watcher that caught up, or ends it.
+    async fn synced(&mut self) -> Result<(), String> {
+        let is_progress = |r: &WatchResponse| !r.created && !r.canceled && r.events.is_empty();
+        while !self.ended && !self.read.iter().any(is_progress) {
+            if !self.read_one().await {
+                return Err(format!(
+                    "watch {:?}: no progress notification within {WATCH_TIMEOUT:?}",
+                    self.create
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads until it has every event of `history` due to it, or the server ended it.
+    async fn catch_up(&mut self, history: &[Event]) -> Result<(), String> {
+        loop {
+            if self.ended {
+                return Ok(());
+            }
+            // a watch from below the compacted revision ends with a compacted response
+            let compacted = self.from > 0 && self.from < self.no_tombstones_upto;
+            if self.from > 0
+                && !compacted
+                && self.events >= history.iter().filter(|e| self.wants(e)).count()
+            {
+                return Ok(());
+            }
+            if !self.read_one().await {
+                return Err(format!(
+                    "watch {:?} from {}: {} events after {WATCH_TIMEOUT:?}, history has more",
+                    self.create, self.from, self.events
+                ));
+            }
+        }
+    }
 }
 
 fn zero_ids(h: &mut Option<ResponseHeader>) {
@@ -256,14 +364,48 @@ fn status_text(s: tonic::Status) -> String {
 }
 
 impl Side {
-    async fn connect(endpoint: &str) -> Side {
+    async fn connect(endpoint: &str, background_sync: bool) -> Side {
         let channel = client::connect(endpoint).await.expect("connect");
+        let mut watch = WatchClient::new(channel.clone());
+        let all = Self::open_watch_on(
+            &mut watch,
+            WatchCreateRequest {
+                key: vec![0],
+                range_end: vec![0],
+                ..Default::default()
+            },
+        )
+        .await;
         Side {
             kv: KvClient::new(channel.clone()),
-            lease: LeaseClient::new(channel.clone()),
-            watch: WatchClient::new(channel),
+            lease: LeaseClient::new(channel),
+            watch,
             watches: Vec::new(),
+            all,
+            history: Vec::new(),
+            compacted: 0,
+            background_sync,
         }
+    }
+
+    /// Reads the watch over every key until `history` holds every event up to `rev`.
+    async fn history_upto(&mut self, rev: i64) -> Result<(), String> {
+        while rev >= self.all.from && self.history.last().is_none_or(|e| mod_rev(e) < rev) {
+            if !self.all.read_one().await {
+                return Err(format!("no event up to {rev} within {WATCH_TIMEOUT:?}"));
+            }
+            for resp in self.all.read.drain(..) {
+                self.history.extend(resp.events);
+            }
+        }
+        Ok(())
+    }
+
+    /// Has watch `n` read every event due to it up to now.
+    async fn catch_up(&mut self, n: usize) -> Result<(), String> {
+        let rev = self.current_rev().await;
+        self.history_upto(rev).await?;
+        self.watches[n].catch_up(&self.history).await
     }
 
     async fn current_rev(&mut self) -> i64 {
@@ -280,22 +422,39 @@ impl Side {
     }
 
     async fn open_watch(&mut self, create: WatchCreateRequest) {
+        let mut stream = Self::open_watch_on(&mut self.watch, create).await;
+        stream.no_tombstones_upto = self.compacted;
+        self.watches.push(stream);
+    }
+
+    /// A watch stream with `create`, its created response read.
+    async fn open_watch_on(
+        watch: &mut WatchClient<Channel>,
+        create: WatchCreateRequest,
+    ) -> WatchStream {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(WatchRequest {
-            request_union: Some(watch_request::RequestUnion::CreateRequest(create)),
+            request_union: Some(watch_request::RequestUnion::CreateRequest(create.clone())),
         })
         .await
         .expect("send create");
-        let responses = self
-            .watch
+        let responses = watch
             .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .expect("watch")
             .into_inner();
-        self.watches.push(WatchStream {
+        let mut stream = WatchStream {
             _requests: tx,
             responses,
-        });
+            create,
+            read: Vec::new(),
+            from: 0,
+            no_tombstones_upto: 0,
+            events: 0,
+            ended: false,
+        };
+        assert!(stream.read_one().await, "no created response in time");
+        stream
     }
 
     /// Runs one op; the normalized response or error as text.
@@ -364,6 +523,7 @@ impl Side {
                     .await
                 {
                     Ok(r) => {
+                        self.compacted = self.compacted.max(revision);
                         let mut r = r.into_inner();
                         zero_ids(&mut r.header);
                         format!("{r:?}")
@@ -433,28 +593,37 @@ impl Side {
                     start_revision,
                     prev_kv: *prev_kv,
                     filters: filters.clone(),
+                    // progress notifications are not compared (see `drain_watches`)
+                    progress_notify: start_revision > 0,
                     ..Default::default()
                 })
                 .await;
                 if start_revision > 0 {
-                    // etcd replays history to a new watcher from a background loop
-                    // (every 100 ms); let it finish before later ops race with it.
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    // etcd replays history to a new watcher from a background loop; it
+                    // must be done before later ops (a compaction) race with it.
+                    let n = self.watches.len() - 1;
+                    if let Err(e) = self.catch_up(n).await {
+                        return e;
+                    }
+                    if self.background_sync
+                        && let Err(e) = self.watches[n].synced().await
+                    {
+                        return e;
+                    }
                 }
                 "watch".into()
             }
         }
     }
 
-    /// Everything the watches delivered, flattened to one line per event or notice.
-    async fn drain_watches(&mut self) -> Vec<Vec<String>> {
+    /// Everything the watches delivered, flattened to one line per event or notice, once
+    /// each has every event due to it.
+    async fn drain_watches(&mut self) -> Result<Vec<Vec<String>>, String> {
         let mut all = Vec::new();
-        for w in &mut self.watches {
+        for n in 0..self.watches.len() {
+            self.catch_up(n).await?;
             let mut lines = Vec::new();
-            loop {
-                let next =
-                    tokio::time::timeout(Duration::from_millis(400), w.responses.message()).await;
-                let Ok(Ok(Some(resp))) = next else { break };
+            for resp in std::mem::take(&mut self.watches[n].read) {
                 if resp.created {
                     lines.push(format!("created canceled={}", resp.canceled));
                 }
@@ -470,7 +639,7 @@ impl Side {
             }
             all.push(lines);
         }
-        all
+        Ok(all)
     }
 }
 
@@ -495,8 +664,14 @@ async fn compare_sequence(etcd: &mut Side, kdist: &mut Side, ops: &[Op]) -> Resu
             return Err(format!("op #{i} {op:?}\n  etcd:  {a}\n  kdist: {k}"));
         }
     }
-    let a = etcd.drain_watches().await;
-    let k = kdist.drain_watches().await;
+    let a = etcd
+        .drain_watches()
+        .await
+        .map_err(|e| format!("etcd: {e}"))?;
+    let k = kdist
+        .drain_watches()
+        .await
+        .map_err(|e| format!("kdist: {e}"))?;
     for (n, (wa, wk)) in a.iter().zip(k.iter()).enumerate() {
         if wa != wk {
             return Err(format!(
@@ -663,10 +838,14 @@ async fn same_answers_as_etcd() {
         panic!("this test needs /usr/bin/etcd (Debian package etcd-server)");
     }
     let dir = temp_dir("kdist-diff");
-    let etcd_proc = Etcd::start(dir.path());
+    // progress notifications tell when etcd caught a watch up (see `WatchStream::synced`)
+    let etcd_proc = Etcd::start_with(
+        dir.path(),
+        &["--experimental-watch-progress-notify-interval=100ms"],
+    );
     let ds = Datastore::start(dir.path());
-    let mut etcd = Side::connect(&etcd_proc.endpoint()).await;
-    let mut kdist = Side::connect(&ds.endpoint()).await;
+    let mut etcd = Side::connect(&etcd_proc.endpoint(), true).await;
+    let mut kdist = Side::connect(&ds.endpoint(), false).await;
 
     let mut entries: Vec<_> = std::fs::read_dir(corpus_dir())
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())

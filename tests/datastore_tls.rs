@@ -299,6 +299,14 @@ fn etcd_client_crate_over_tls() {
             .watch("/crate/", Some(WatchOptions::new().with_prefix()))
             .await
             .expect("watch");
+        // The watch exists on the server once its created response is here: a put before
+        // that may land before the watch and rightly never be delivered to it.
+        let created = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("created response in time")
+            .expect("watch stream")
+            .expect("created response");
+        assert!(created.created());
         client.put("/crate/a", "1", None).await.expect("put");
         let got = client.get("/crate/a", None).await.expect("get");
         assert_eq!(got.kvs()[0].value(), b"1");

@@ -4,23 +4,18 @@
 //! Ready, a pod from an image imported offline with readable logs, a ClusterIP answering
 //! from the host through kube-proxy, recovery from kill -9 of every component, and a
 //! clean stop. Every run has `egress: none`: no pod or service traffic leaves the host.
-//!
-//! Stand-ins until the other subsystems are merged: when this kdist has no `certs` verb,
-//! the test makes kubeadm-named certificates with openssl (tests/common/pki.sh); with
-//! KDIST_TEST_DATASTORE_STANDIN=1 it serves `<data>/run/datastore.sock` itself with a
-//! Debian etcd behind a unix-socket proxy.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::outside::Outside;
-use common::{TempData, oci, poll_until, text};
+use common::{TempData, free_port, oci, poll_until, text};
 
 const BUSYBOX: &str = "kdist.local/test/busybox:1";
 const PAUSE: &str = "kdist.local/test/pause:1";
@@ -32,55 +27,6 @@ fn k8s_bin() -> PathBuf {
     ))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Processes the test itself started (stand-ins), killed on drop.
-struct Standins {
-    children: Vec<Child>,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for Standins {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// A unix socket at `socket` forwarding every connection to 127.0.0.1:`port`.
-fn unix_proxy(socket: &Path, port: u16) {
-    let _ = std::fs::remove_file(socket);
-    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
-                continue;
-            };
-            let (mut a, mut b) = (conn.try_clone().unwrap(), tcp.try_clone().unwrap());
-            let (mut c, mut d) = (conn, tcp);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut a, &mut b);
-                let _ = b.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut d, &mut c);
-                let _ = c.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-}
-
 fn node_name() -> String {
     nix::unistd::gethostname()
         .unwrap()
@@ -89,50 +35,8 @@ fn node_name() -> String {
         .to_lowercase()
 }
 
-fn node_ip() -> String {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.connect("192.0.2.1:9").unwrap();
-    s.local_addr().unwrap().ip().to_string()
-}
-
-fn prepare(data: &TempData, embedded: bool) -> Standins {
-    let mut standins = Standins {
-        children: Vec::new(),
-        dir: None,
-    };
-    let has_pki = data.kdist(&["certs", "--help"]).status.success();
-    if !has_pki {
-        let out = Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/pki.sh"))
-            .arg(&data.root)
-            .arg(node_name())
-            .arg(node_ip())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pki stand-in: {}", text(&out));
-    }
-    if embedded && std::env::var_os("KDIST_TEST_DATASTORE_STANDIN").is_some() {
-        let (client, peer) = (free_port(), free_port());
-        let dir = PathBuf::from(format!("/tmp/kdt-etcd-{}", std::process::id()));
-        let url = |p: u16| format!("http://127.0.0.1:{p}");
-        let etcd = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(["--listen-client-urls", &url(client)])
-            .args(["--advertise-client-urls", &url(client)])
-            .args(["--listen-peer-urls", &url(peer)])
-            .args(["--initial-advertise-peer-urls", &url(peer)])
-            .args(["--initial-cluster", &format!("default={}", url(peer))])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        standins.children.push(etcd);
-        standins.dir = Some(dir);
-        let run = data.path("run");
-        std::fs::create_dir_all(&run).unwrap();
-        unix_proxy(&run.join("datastore.sock"), client);
-    }
+/// The offline images the node's pods run.
+fn prepare(data: &TempData) {
     std::fs::create_dir_all(data.path("images")).unwrap();
     oci::build(&data.path("images/busybox.tar"), BUSYBOX, &["/bin/sh"]);
     oci::build(
@@ -140,7 +44,6 @@ fn prepare(data: &TempData, embedded: bool) -> Standins {
         PAUSE,
         &["/bin/sleep", "infinity"],
     );
-    standins
 }
 
 fn kubectl(data: &TempData, args: &[&str]) -> String {
@@ -247,7 +150,7 @@ spec:
 fn suite(datastore: &str) {
     let bin = k8s_bin();
     let data = TempData::new(&format!("k8s-{datastore}"));
-    let _standins = prepare(&data, datastore == "embedded");
+    prepare(&data);
     let mut config = format!(
         "datastore: {datastore}\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n"
     );
@@ -305,7 +208,10 @@ fn suite(datastore: &str) {
         started.elapsed()
     );
 
-    // 2: API objects, with a watch that sees a change
+    // 2: API objects, and a watch that delivers an object created after it started.
+    // `--watch-only` prints no initial listing, so whatever it prints came as a watch
+    // event. Until the watch is established a creation may precede it and go unseen,
+    // so configmaps are created one after another until one arrives through it.
     kubectl(&data, &["create", "namespace", "kdt"]);
     let mut watch = Command::new(common::KDIST)
         .arg("--data-dir")
@@ -316,25 +222,69 @@ fn suite(datastore: &str) {
             "kdt",
             "get",
             "configmaps",
-            "--watch",
+            "--watch-only",
             "-o",
             "name",
         ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    kubectl(
-        &data,
-        &[
-            "-n",
-            "kdt",
-            "create",
-            "configmap",
-            "cm1",
-            "--from-literal=a=b",
-        ],
-    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let watch_out = std::io::BufReader::new(watch.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(watch_out).map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut delivered = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for n in 1.. {
+        if Instant::now() > deadline {
+            break;
+        }
+        let name = format!("cm{n}");
+        kubectl(
+            &data,
+            &[
+                "-n",
+                "kdt",
+                "create",
+                "configmap",
+                &name,
+                "--from-literal=a=b",
+            ],
+        );
+        let want = format!("configmap/{name}");
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    let hit = line.trim() == want;
+                    seen.push(line);
+                    if hit {
+                        delivered = Some(n);
+                        break;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("`kubectl get --watch-only` ended; it printed {seen:?}")
+                }
+            }
+        }
+        if delivered.is_some() {
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let delivered = delivered.unwrap_or_else(|| {
+        panic!("the watch delivered none of the new configmaps; it printed {seen:?}")
+    });
+    eprintln!("watch delivered configmap/cm{delivered} (created after the watch started)");
     kubectl(
         &data,
         &[
@@ -347,7 +297,7 @@ fn suite(datastore: &str) {
             "--from-literal=k=v",
         ],
     );
-    assert!(
+    assert_eq!(
         kubectl(
             &data,
             &[
@@ -359,20 +309,10 @@ fn suite(datastore: &str) {
                 "-o",
                 "jsonpath={.data.a}"
             ]
-        ) == "b"
+        ),
+        "b"
     );
     assert!(kubectl(&data, &["-n", "kdt", "get", "secret", "s1", "-o", "name"]).contains("s1"));
-    std::thread::sleep(Duration::from_secs(2));
-    let _ = watch.kill();
-    let mut seen = String::new();
-    watch
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut seen)
-        .unwrap();
-    let _ = watch.wait();
-    assert!(seen.contains("configmap/cm1"), "watch saw: {seen}");
     kubectl(&data, &["delete", "namespace", "kdt", "--wait=false"]);
 
     // 3 + 5 + 6: workload from the imported image, logs, ClusterIP from the host
@@ -545,7 +485,7 @@ fn mig_pods(data: &TempData) -> Vec<(String, String, String, String)> {
 fn node_migrates_from_embedded_to_etcd() {
     let bin = k8s_bin();
     let data = TempData::new("k8s-mig");
-    let _standins = prepare(&data, false);
+    prepare(&data);
     let config = data.config(&format!(
         "datastore: embedded\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
          etcd:\n  client_port: {}\n  peer_port: {}\n",
@@ -679,7 +619,7 @@ fn node_migrates_from_embedded_to_etcd() {
 fn bench_node_with_real_binaries() {
     let bin = k8s_bin();
     let data = TempData::new("k8s-bench");
-    let _standins = prepare(&data, true);
+    prepare(&data);
     let config = data.config(&format!(
         "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\nmemory:\n  page_out_after: 5s\n"
     ));

@@ -223,7 +223,7 @@ async fn node(args: NodeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&runs)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&runs)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&runs)?),
         Output::Table => {
             if let Some((base, rest)) = runs.split_first() {
                 for r in rest {
@@ -251,16 +251,7 @@ async fn node_run(
     stop_after: bool,
 ) -> anyhow::Result<NodeRun> {
     let client = Client::new(data);
-    match client.status().await {
-        Err(SupervisorError::NotRunning { .. }) => {}
-        Ok(report) => anyhow::bail!(
-            "a kdist daemon (pid {}) runs on {}: `kdist bench node` measures from start; \
-             run `kdist stop` first, or measure the running node with `kdist bench idle`",
-            report.daemon.pid,
-            data.root().display()
-        ),
-        Err(e) => return Err(e.into()),
-    }
+    refuse_running_daemon(&client, data).await?;
     let label = config.map_or_else(
         || data.config_file().display().to_string(),
         |c| c.display().to_string(),
@@ -269,13 +260,6 @@ async fn node_run(
         "starting kdist on {} with {label} ...",
         data.root().display()
     );
-    let timeout = args.timeout.to_string();
-    let mut start_args = vec!["start", "--timeout", &timeout];
-    let config_text;
-    if let Some(c) = config {
-        config_text = c.display().to_string();
-        start_args.extend(["--config", &config_text]);
-    }
     // the node's name and role come from the config this run installs, when it has one
     let node_config = match config {
         Some(file) => {
@@ -285,11 +269,100 @@ async fn node_run(
         }
         None => NodeConfig::load(data)?,
     };
-    let node_name = node_config.node_name();
     // A worker has no apiserver of its own: its kubelet's credentials read its Node from
     // the control plane's.
     let worker = node_config.role == Role::Worker;
-    let kubeconfig = crate::node::rbac::node_kubeconfig(data, &node_config);
+    let startup = start_and_time(args, data, config, &client, &node_config).await?;
+    eprintln!("idle for {} s ...", args.seconds);
+    let pid = i32::try_from(startup.daemon_pid).context("daemon pid out of range")?;
+    let idle = sample_idle(data, pid, args.seconds).await?;
+    let tree = &idle.tree;
+    let order: Vec<String> = client
+        .status()
+        .await
+        .map(|r| r.services.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default();
+    let total_rss: u64 = tree.iter().map(|p| p.rss_bytes).sum();
+    let total_anon: u64 = tree
+        .iter()
+        .map(|p| p.anon_bytes.unwrap_or(p.rss_bytes))
+        .sum();
+    let total_pss: u64 = tree
+        .iter()
+        .map(|p| p.pss_bytes.unwrap_or(p.rss_bytes))
+        .sum();
+    let total_cpu: u64 = tree.iter().map(|p| cpu_since(p, &idle.before)).sum();
+    if stop_after {
+        stop_node(data).await?;
+    }
+    let Startup {
+        apiserver,
+        node_ready,
+        all_ready,
+        ..
+    } = startup;
+    // a worker runs no apiserver, so only its node and memory targets apply
+    let targets_met = (worker || apiserver.is_some_and(|s| s <= TARGET_APISERVER_SECS))
+        && node_ready.is_some_and(|s| s <= TARGET_NODE_SECS)
+        && total_rss <= TARGET_RSS_BYTES;
+    Ok(NodeRun {
+        config: label,
+        apiserver_ready_secs: apiserver.map(round1),
+        node_ready_secs: node_ready.map(round1),
+        all_ready_secs: all_ready.map(round1),
+        idle_secs: args.seconds,
+        groups: group_memory(tree, &idle.before, idle.window_ms, &order),
+        processes: tree.len(),
+        total_rss_mib: mib(total_rss),
+        total_pss_mib: mib(total_pss),
+        total_anon_mib: mib(total_anon),
+        total_cpu_percent: percent(total_cpu, idle.window_ms),
+        peak_rss_mib: mib(idle.peak),
+        targets_met,
+    })
+}
+
+/// `kdist bench node` measures from start: a daemon already running is an error.
+async fn refuse_running_daemon(client: &Client, data: &DataDir) -> anyhow::Result<()> {
+    match client.status().await {
+        Err(SupervisorError::NotRunning { .. }) => Ok(()),
+        Ok(report) => anyhow::bail!(
+            "a kdist daemon (pid {}) runs on {}: `kdist bench node` measures from start; \
+             run `kdist stop` first, or measure the running node with `kdist bench idle`",
+            report.daemon.pid,
+            data.root().display()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// When the start's milestones were reached, in seconds since `kdist start` ran.
+struct Startup {
+    daemon_pid: u32,
+    apiserver: Option<f64>,
+    all_ready: Option<f64>,
+    node_ready: Option<f64>,
+}
+
+/// Runs `kdist start` and watches the daemon's status until every service and the
+/// Node are ready (or `args.timeout` passes), noting when each milestone came.
+async fn start_and_time(
+    args: &NodeArgs,
+    data: &DataDir,
+    config: Option<&PathBuf>,
+    client: &Client,
+    node_config: &NodeConfig,
+) -> anyhow::Result<Startup> {
+    let timeout = args.timeout.to_string();
+    let mut start_args = vec!["start", "--timeout", &timeout];
+    let config_text;
+    if let Some(c) = config {
+        config_text = c.display().to_string();
+        start_args.extend(["--config", &config_text]);
+    }
+    let node_name = node_config.node_name();
+    let worker = node_config.role == Role::Worker;
+    let kubeconfig = crate::node::rbac::node_kubeconfig(data, node_config);
     let started = Instant::now();
     let start = kdist_command(data, &start_args)?
         .stdin(Stdio::null())
@@ -333,7 +406,7 @@ async fn node_run(
     }
     let start = output.await?.context("cannot wait for `kdist start`")?;
     let (status, out, err) = (start.status, start.stdout, start.stderr);
-    let Some(daemon) = daemon_pid else {
+    let Some(daemon_pid) = daemon_pid else {
         anyhow::bail!(
             "`kdist start` ({status}) brought no daemon up:\n{}{}",
             String::from_utf8_lossy(&out),
@@ -348,70 +421,61 @@ async fn node_run(
             String::from_utf8_lossy(&err)
         );
     }
-    eprintln!("idle for {} s ...", args.seconds);
+    Ok(Startup {
+        daemon_pid,
+        apiserver,
+        all_ready,
+        node_ready,
+    })
+}
+
+/// The daemon's process tree sampled over an idle window.
+struct Idle {
+    /// The last sample.
+    tree: Vec<crate::node::ProcessUsage>,
+    /// CPU time per pid at the first sample.
+    before: BTreeMap<i32, u64>,
+    /// The highest total RSS seen.
+    peak: u64,
+    window_ms: u64,
+}
+
+/// Samples the tree under `pid` every 5 s for `seconds`.
+async fn sample_idle(data: &DataDir, pid: i32, seconds: u64) -> anyhow::Result<Idle> {
     let idle_from = Instant::now();
     let mut peak = 0u64;
-    let pid = i32::try_from(daemon).context("daemon pid out of range")?;
     let mut before: Option<BTreeMap<i32, u64>> = None;
     let tree = loop {
         let (d, p) = (data.clone(), pid);
         let tree = tokio::task::spawn_blocking(move || crate::node::tree_usage(&d, p)).await?;
         peak = peak.max(tree.iter().map(|p| p.rss_bytes).sum());
         before.get_or_insert_with(|| tree.iter().map(|p| (p.pid, p.cpu_ms)).collect());
-        let left = Duration::from_secs(args.seconds).saturating_sub(idle_from.elapsed());
+        let left = Duration::from_secs(seconds).saturating_sub(idle_from.elapsed());
         if left.is_zero() {
             break tree;
         }
         tokio::time::sleep(left.min(Duration::from_secs(5))).await;
     };
-    let order: Vec<String> = client
-        .status()
-        .await
-        .map(|r| r.services.into_iter().map(|s| s.name).collect())
-        .unwrap_or_default();
-    let total_rss: u64 = tree.iter().map(|p| p.rss_bytes).sum();
-    let total_anon: u64 = tree
-        .iter()
-        .map(|p| p.anon_bytes.unwrap_or(p.rss_bytes))
-        .sum();
-    let total_pss: u64 = tree
-        .iter()
-        .map(|p| p.pss_bytes.unwrap_or(p.rss_bytes))
-        .sum();
-    let before = before.unwrap_or_default();
-    let window_ms = u64::try_from(idle_from.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let total_cpu: u64 = tree.iter().map(|p| cpu_since(p, &before)).sum();
-    if stop_after {
-        let out = kdist_command(data, &["stop"])?
-            .output()
-            .await
-            .context("cannot run `kdist stop`")?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "`kdist stop` failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    // a worker runs no apiserver, so only its node and memory targets apply
-    let targets_met = (worker || apiserver.is_some_and(|s| s <= TARGET_APISERVER_SECS))
-        && node_ready.is_some_and(|s| s <= TARGET_NODE_SECS)
-        && total_rss <= TARGET_RSS_BYTES;
-    Ok(NodeRun {
-        config: label,
-        apiserver_ready_secs: apiserver.map(round1),
-        node_ready_secs: node_ready.map(round1),
-        all_ready_secs: all_ready.map(round1),
-        idle_secs: args.seconds,
-        groups: group_memory(&tree, &before, window_ms, &order),
-        processes: tree.len(),
-        total_rss_mib: mib(total_rss),
-        total_pss_mib: mib(total_pss),
-        total_anon_mib: mib(total_anon),
-        total_cpu_percent: percent(total_cpu, window_ms),
-        peak_rss_mib: mib(peak),
-        targets_met,
+    Ok(Idle {
+        tree,
+        before: before.unwrap_or_default(),
+        peak,
+        window_ms: u64::try_from(idle_from.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+async fn stop_node(data: &DataDir) -> anyhow::Result<()> {
+    let out = kdist_command(data, &["stop"])?
+        .output()
+        .await
+        .context("cannot run `kdist stop`")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`kdist stop` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 fn percent(cpu_ms: u64, window_ms: u64) -> f64 {
@@ -578,7 +642,7 @@ async fn datastore(args: DatastoreArgs) -> anyhow::Result<ExitCode> {
         .collect();
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&results)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&results)?),
         Output::Table => {
             println!(
                 "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",

@@ -166,7 +166,7 @@ async fn check(data: &DataDir, config: &NodeConfig, output: Output) -> anyhow::R
         .context("certificate check panicked")?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&reports)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&reports)?),
         Output::Table => print_table(&reports),
     }
     Ok(if pki::has_problems(&reports) {

@@ -205,7 +205,7 @@ fn list(args: ListArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&listing)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&listing)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&listing)?),
         Output::Table => {
             if listing.releases.is_empty() {
                 println!(

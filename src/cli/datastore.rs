@@ -325,7 +325,7 @@ async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         let report = remote::status(channel, &remote.endpoint, remote.backend).await?;
         match args.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+            Output::Yaml => print!("{}", crate::yaml::to_string(&report)?),
             Output::Table => print_remote_status(&report),
         }
         return Ok(ExitCode::SUCCESS);
@@ -334,7 +334,7 @@ async fn status(args: StatusArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let report = datastore::local_status(&db)?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&report)?),
         Output::Table => {
             println!("backend:            {}", report.backend);
             println!("database:           {}", report.db.display());
@@ -499,7 +499,8 @@ async fn restore_etcd(
              running?): stop it before a restore"
         );
     }
-    let specs = crate::supervisor::plan(&data, &config)?;
+    let host = crate::supervisor::HostInputs::probe(&data, &config)?;
+    let specs = crate::supervisor::plan(&data, &config, &host)?;
     let spec = specs
         .iter()
         .find(|s| s.name == "etcd")
@@ -518,8 +519,8 @@ async fn restore_etcd(
     let data_dir = flag_value(&argv, "--data-dir")
         .map(PathBuf::from)
         .unwrap_or_else(|| data.datastore_dir().join("etcd"));
-    let (tool, _) = crate::supervisor::resolve_binary(&data, "etcdutl")
-        .or_else(|_| crate::supervisor::resolve_binary(&data, "etcdctl"))
+    let (tool, _) = crate::components::resolve_binary(&data, "etcdutl")
+        .or_else(|_| crate::components::resolve_binary(&data, "etcdctl"))
         .map_err(|_| {
             anyhow::anyhow!(
                 "neither etcdutl nor etcdctl is installed (looked in {} and PATH): \

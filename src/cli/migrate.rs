@@ -20,7 +20,7 @@ pub async fn run(args: MigrateArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let report = Client::new(&data).migrate(args.to).await?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&report)?),
         Output::Table => {
             println!(
                 "datastore migrated from {} to {} in {:.1} s",

@@ -42,7 +42,8 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
         NodeConfig::load(&data)?
     };
     // EKS-D binaries first (installed with progress when none are), PATH as fallback
-    let needed: Vec<String> = crate::supervisor::plan(&data, &config)?
+    let host = crate::supervisor::HostInputs::probe(&data, &config)?;
+    let needed: Vec<String> = crate::supervisor::plan(&data, &config, &host)?
         .into_iter()
         .filter_map(|spec| spec.binary)
         .filter(|binary| !binary.contains('/'))

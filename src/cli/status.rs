@@ -61,7 +61,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             if args.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                print!("{}", serde_yaml::to_string(&value)?);
+                print!("{}", crate::yaml::to_string(&value)?);
             }
         }
     }

@@ -30,7 +30,7 @@ pub fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             super::components::print_versions(&versions.components);
         }
         Output::Json => println!("{}", serde_json::to_string_pretty(&versions)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&versions)?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(&versions)?),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::error::ClusterError;
-use super::etcd::Etcdctl;
+use super::etcd::{EtcdClient, block_on};
 use super::protocol::{
     CONTROL_PLANE_FILES, ControlPlaneMaterial, ErrorBody, JoinRequest, JoinResponse,
 };
@@ -106,7 +106,12 @@ impl Agent {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         // promotes only while the node runs etcd: `kdist datastore migrate` may move it there
-        if !self.config.disable.iter().any(|d| d == "etcd") {
+        if !self
+            .config
+            .disable
+            .iter()
+            .any(|d| crate::config::Service::Etcd == *d)
+        {
             tokio::spawn(promote_learners(
                 self.data.clone(),
                 self.config.clone(),
@@ -286,8 +291,9 @@ impl Agent {
         let agent = self.clone();
         tokio::task::spawn_blocking(move || agent.join_blocking(request, peer.ip()))
             .await
-            .map_err(|e| ClusterError::Internal {
-                reason: e.to_string(),
+            .map_err(|source| ClusterError::Task {
+                what: "the join",
+                source,
             })?
     }
 
@@ -343,20 +349,20 @@ impl Agent {
                 .map_err(|source| ClusterError::Io { path, source })?;
             files.insert(name.to_string(), text);
         }
-        let etcd = Etcdctl::new(&self.data, &self.config);
+        let etcd = EtcdClient::new(&self.data, &self.config);
         let node_ip = self
             .config
             .network
             .node_ip
             .unwrap_or_else(crate::node::host::detect_node_ip);
-        etcd.advertise_node_ip(
+        block_on(etcd.advertise_node_ip(
             &self.config.node_name(),
             node_ip,
             self.config.etcd.peer_port,
-        )?;
+        ))?;
         let port = request.etcd_peer_port.unwrap_or(self.config.etcd.peer_port);
         let peer_url = format!("https://{}", SocketAddr::new(peer, port));
-        let initial = etcd.add_learner(&request.node_name, &peer_url)?;
+        let initial = block_on(etcd.add_learner(&request.node_name, &peer_url))?;
         info!(node = %request.node_name, %peer_url, "added to etcd as a learner");
         answer.control_plane = Some(ControlPlaneMaterial {
             files,
@@ -379,10 +385,7 @@ async fn promote_learners(data: DataDir, config: NodeConfig, shutdown: Cancellat
         if !on_etcd {
             continue;
         }
-        let (d, c) = (data.clone(), config.clone());
-        let result =
-            tokio::task::spawn_blocking(move || Etcdctl::new(&d, &c).promote_learners()).await;
-        if let Ok(Ok(promoted)) = result {
+        if let Ok(promoted) = EtcdClient::new(&data, &config).promote_learners().await {
             for name in promoted {
                 info!(node = %name, "etcd learner promoted to voting member");
             }

@@ -75,6 +75,14 @@ pub enum ClusterError {
     AlreadyJoined { path: PathBuf },
     #[error("etcd refused `{command}`: {message}; check `kdist status` and `kdist logs etcd`")]
     Etcd { command: String, message: String },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{what} did not finish (its task panicked or was cancelled)")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("internal error: {reason}")]
     Internal { reason: String },
 }

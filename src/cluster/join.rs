@@ -133,8 +133,9 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
         ))
     })
     .await
-    .map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
+    .map_err(|source| ClusterError::Task {
+        what: "generating the join keys",
+        source,
     })??;
     let body = JoinRequest {
         token: conn.token.clone(),
@@ -183,8 +184,9 @@ pub async fn join(data: &DataDir, conn: &Connection, role: Role) -> Result<Joine
         (Role::Worker, _) => write_worker(&data, config, &answer, &keys, &record),
     })
     .await
-    .map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
+    .map_err(|source| ClusterError::Task {
+        what: "writing the joined node's files",
+        source,
     })??;
     info!(agent = %joined.agent, role = %role, "joined the cluster");
     Ok(joined)
@@ -249,17 +251,8 @@ fn write_control_plane(
     )?;
     config.role = Role::ControlPlane;
     config.datastore = crate::config::DatastoreKind::Etcd;
-    write_config(data, &config)?;
+    config.save(data)?;
     nodes::write_joined(data, joined)
-}
-
-fn write_config(data: &DataDir, config: &NodeConfig) -> Result<(), ClusterError> {
-    let yaml = serde_yaml::to_string(config).map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
-    })?;
-    let path = data.config_file();
-    fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
-        .map_err(|source| ClusterError::Io { path, source })
 }
 
 fn write_worker(
@@ -330,6 +323,6 @@ fn write_worker(
     config.network.service_cidr = answer.service_cidr.clone();
     // the egress guard and kube-proxy tell pod traffic by the cluster's pod CIDR
     config.network.pod_cidr = answer.pod_cidr.clone();
-    write_config(data, &config)?;
+    config.save(data)?;
     nodes::write_joined(data, joined)
 }

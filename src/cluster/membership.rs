@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::error::ClusterError;
-use super::etcd::{Etcdctl, remove_initial_cluster};
+use super::etcd::{EtcdClient, block_on, remove_initial_cluster};
 use super::nodes;
 use crate::config::{DataDir, DatastoreKind, NodeConfig, Role};
 
@@ -35,7 +35,7 @@ fn delete_kube_node(data: &DataDir, name: &str, removed: &mut Removed) {
             .push("no apiserver on this node: Kubernetes Node object left alone".into());
         return;
     }
-    let kubectl = crate::supervisor::resolve_binary(data, "kubectl")
+    let kubectl = crate::components::resolve_binary(data, "kubectl")
         .map(|(p, _)| p)
         .unwrap_or_else(|_| "kubectl".into());
     let out = Command::new(kubectl)
@@ -81,11 +81,11 @@ pub fn remove_node(
     }
     let mut removed = Removed::default();
     if config.datastore == DatastoreKind::Etcd {
-        let etcd = Etcdctl::new(data, config);
-        match etcd.members() {
+        let etcd = EtcdClient::new(data, config);
+        match block_on(etcd.members()) {
             Ok(members) => match members.iter().find(|m| m.name == name) {
                 Some(member) => {
-                    etcd.change(&["member", "remove", &member.hex_id()])?;
+                    block_on(etcd.remove(member.id))?;
                     removed.etcd_member = true;
                 }
                 None => removed.notes.push(format!("{name} is not an etcd member")),
@@ -131,8 +131,8 @@ pub fn leave_etcd(
             SocketAddr::new(agent.ip(), config.etcd.client_port)
         ));
     }
-    let local = Etcdctl::new(data, config).with_endpoints(endpoints);
-    let members = match local.members() {
+    let local = EtcdClient::new(data, config).with_endpoints(endpoints);
+    let members = match block_on(local.members()) {
         Ok(m) => m,
         Err(e) if force => {
             notes.push(format!("etcd not reachable, member not removed: {e}"));
@@ -153,11 +153,11 @@ pub fn leave_etcd(
         notes.push("this node is the only etcd member: nothing to leave".into());
         return Ok(notes);
     }
-    Etcdctl::new(data, config).with_endpoints(others).change(&[
-        "member",
-        "remove",
-        &me.hex_id(),
-    ])?;
+    block_on(
+        EtcdClient::new(data, config)
+            .with_endpoints(others)
+            .remove(me.id),
+    )?;
     notes.push(format!("removed etcd member {own}"));
     Ok(notes)
 }
@@ -186,15 +186,7 @@ pub fn reset_to_single(data: &DataDir) -> Result<(), ClusterError> {
     remove(data.cluster_dir().join("tokens.json"))?;
     remove(data.cluster_dir().join("before-join"))?;
     remove_initial_cluster(data);
-    let path = data.config_file();
-    let mut config = NodeConfig::load(data).map_err(|e| ClusterError::Invalid {
-        what: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let mut config = NodeConfig::load(data)?;
     config.role = Role::ControlPlane;
-    let yaml = serde_yaml::to_string(&config).map_err(|e| ClusterError::Internal {
-        reason: e.to_string(),
-    })?;
-    crate::fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
-        .map_err(|source| ClusterError::Io { path, source })
+    Ok(config.save(data)?)
 }

@@ -28,7 +28,7 @@ pub fn agent_wanted(data: &crate::config::DataDir) -> bool {
         .any(|f| dir.join(f).exists())
 }
 pub use error::ClusterError;
-pub use etcd::{Etcdctl, Member, etcd_initial_cluster};
+pub use etcd::{EtcdClient, Member, block_on, etcd_initial_cluster};
 pub use join::{join, post};
 pub use membership::{Removed, leave_etcd, remove_node, reset_to_single};
 pub use nodes::{Joined, NodeRecord, forget, joined, list as list_nodes};

@@ -1,9 +1,9 @@
 //! What `kdist status` shows about the cluster: this node's role, the nodes that joined
-//! through it, and the etcd members with their health. Blocking (runs etcdctl).
+//! through it, and the etcd members with their health. Blocking (asks etcd over gRPC).
 
 use serde::Serialize;
 
-use super::etcd::Etcdctl;
+use super::etcd::{EtcdClient, block_on};
 use super::nodes::{self, Joined, NodeRecord};
 use crate::config::{DataDir, DatastoreKind, NodeConfig, Role};
 
@@ -26,12 +26,6 @@ pub struct ClusterStatus {
     pub members_error: Option<String>,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Health {
-    endpoint: String,
-    health: bool,
-}
-
 /// The cluster view of this node, or `None` for a node that never clustered.
 pub fn cluster_status(data: &DataDir, config: &NodeConfig) -> Option<ClusterStatus> {
     let joined = nodes::joined(data).ok().flatten();
@@ -49,28 +43,26 @@ pub fn cluster_status(data: &DataDir, config: &NodeConfig) -> Option<ClusterStat
     if config.role == Role::Worker || config.datastore != DatastoreKind::Etcd {
         return Some(status);
     }
-    let etcd = Etcdctl::new(data, config);
-    match etcd.members() {
-        Ok(members) => {
-            let health: Vec<Health> = etcd
-                .run(&["endpoint", "health", "--cluster", "-w", "json"])
-                .ok()
-                .and_then(|text| serde_json::from_str(&text).ok())
-                .unwrap_or_default();
-            status.members = members
-                .into_iter()
-                .map(|m| MemberStatus {
-                    healthy: m
-                        .client_urls
-                        .iter()
-                        .any(|u| health.iter().any(|h| &h.endpoint == u && h.health)),
-                    id: m.hex_id(),
-                    peer_url: m.peer_urls.first().cloned().unwrap_or_default(),
-                    learner: m.is_learner,
-                    name: m.name,
-                })
-                .collect();
+    let etcd = EtcdClient::new(data, config);
+    let members = block_on(async {
+        let mut members = Vec::new();
+        for m in etcd.members().await? {
+            let mut healthy = false;
+            for url in &m.client_urls {
+                healthy = healthy || etcd.healthy(url).await;
+            }
+            members.push(MemberStatus {
+                healthy,
+                id: m.hex_id(),
+                peer_url: m.peer_urls.first().cloned().unwrap_or_default(),
+                learner: m.is_learner,
+                name: m.name,
+            });
         }
+        Ok(members)
+    });
+    match members {
+        Ok(members) => status.members = members,
         Err(e) => status.members_error = Some(e.to_string()),
     }
     Some(status)

@@ -8,6 +8,12 @@ pub enum ComponentsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the work on {path} did not finish (its task panicked or was cancelled)")]
+    Task {
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error(
         "cannot reach {url}; check the network or use `--from DIR|BUNDLE` on a machine without one"
     )]
@@ -56,7 +62,7 @@ pub enum ComponentsError {
     ManifestParse {
         origin: String,
         #[source]
-        source: serde_yaml::Error,
+        source: Box<serde_saphyr::Error>,
     },
     #[error("{origin}: {reason}")]
     ManifestInvalid { origin: String, reason: String },

@@ -49,9 +49,9 @@ pub async fn digest_file_async(path: &Path) -> Result<Digests, ComponentsError> 
     let owned = path.to_path_buf();
     tokio::task::spawn_blocking(move || digest_file(&owned))
         .await
-        .map_err(|e| ComponentsError::Io {
+        .map_err(|source| ComponentsError::Task {
             path: path.to_path_buf(),
-            source: std::io::Error::other(e),
+            source,
         })?
 }
 

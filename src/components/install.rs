@@ -120,17 +120,115 @@ async fn install_locked(
 ) -> Result<Outcome, ComponentsError> {
     let base = request.base_url.trim_end_matches('/').to_string();
     let client = fetch::client()?;
-    // 1. the manifest
+    let ManifestSource {
+        text,
+        origin,
+        local,
+    } = read_manifest(request, &client, &base, progress, unpack).await?;
+    let release = Release::parse(&text, &origin)?;
+    let id = release.id();
+    let (os, arch) = (manifest::host_os(), manifest::host_arch());
+    let planned = release.plan(os, arch)?;
+    let manifest_sha256 = super::store::sha256_hex(text.as_bytes());
+
+    if let Some(outcome) = already_installed(store, request, &id, &manifest_sha256)? {
+        return Ok(outcome);
+    }
+    // the active release would change under the node: not what --no-activate asks
+    if !request.activate && store.active().as_ref() == Some(&id) {
+        return Err(ComponentsError::ActiveNoActivate {
+            release: id.to_string(),
+        });
+    }
+
+    let staging = store.staging_dir(&id);
+    let downloads = staging.join("downloads");
+    fsutil::ensure_dir(&downloads, 0o755).map_err(ComponentsError::io(&downloads))?;
+    progress.line(&format!(
+        "installing EKS-D {} ({} assets for {os}/{arch}) from {}",
+        id.eks_name(),
+        planned.len(),
+        local.as_ref().map(|l| l.label.as_str()).unwrap_or(&origin)
+    ));
+    let fetcher = Fetcher {
+        request,
+        client: &client,
+        base: &base,
+        progress,
+        local: local.as_ref(),
+    };
+    fetcher.fetch_all(&planned, &downloads).await?;
+
+    let tree = staging.join("tree");
+    let record = Record {
+        release: id.to_string(),
+        channel: id.channel.clone(),
+        number: id.number,
+        os: os.to_string(),
+        arch: arch.to_string(),
+        manifest_sha256,
+        source: local.as_ref().map(|l| l.label.clone()).unwrap_or(origin),
+        installed_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        assets: Vec::new(),
+        files: Vec::new(),
+    };
+    {
+        let (tree, downloads, planned) = (tree.clone(), downloads.clone(), planned.clone());
+        blocking(&staging, move || {
+            build_tree(&tree, &downloads, &planned, &text, record)
+        })
+        .await?;
+    }
+
+    let target = store.release_dir(&id);
+    put_in_place(store, &tree, &target)?;
+    if request.activate {
+        store.activate(&id)?;
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    progress.line(&format!(
+        "installed EKS-D {} into {}{}",
+        id.eks_name(),
+        target.display(),
+        if request.activate { " (active)" } else { "" }
+    ));
+    Ok(Outcome {
+        active: store.active().as_ref() == Some(&id),
+        id,
+        changed: true,
+    })
+}
+
+/// A release manifest's text, where it came from (URL or path, for errors and the
+/// record), and the local files that come with it (a directory, bundle or the binary).
+struct ManifestSource {
+    text: String,
+    origin: String,
+    local: Option<LocalFiles>,
+}
+
+/// Reads the manifest `request` names: from the channel (resolving `latest`), a URL or
+/// file, or a local directory or bundle (unpacked into `unpack`), or the embedded one.
+async fn read_manifest(
+    request: &Request,
+    client: &reqwest::Client,
+    base: &str,
+    progress: &Progress,
+    unpack: &Path,
+) -> Result<ManifestSource, ComponentsError> {
     let (text, origin, local) = match &request.source {
         Source::Channel { channel, release } => {
             let number = match release {
                 ReleasePin::Number(n) => *n,
                 ReleasePin::Latest => {
-                    let url = manifest::channel_url(&base, channel);
+                    let url = manifest::channel_url(base, channel);
                     progress.line(&format!(
                         "resolving the latest release of channel {channel} ({url})"
                     ));
-                    let text = fetch::get_text(&client, &url, request.retry).await?;
+                    let text = fetch::get_text(client, &url, request.retry).await?;
                     manifest::parse_channel(&text, &url)?
                 }
             };
@@ -138,8 +236,8 @@ async fn install_locked(
                 channel: channel.clone(),
                 number,
             };
-            let url = manifest::manifest_url(&base, &id);
-            let text = fetch::get_text(&client, &url, request.retry).await?;
+            let url = manifest::manifest_url(base, &id);
+            let text = fetch::get_text(client, &url, request.retry).await?;
             let release = Release::parse(&text, &url)?;
             if release.id() != id {
                 return Err(ComponentsError::ManifestInvalid {
@@ -151,7 +249,7 @@ async fn install_locked(
         }
         Source::Manifest(given) => {
             if given.starts_with("http://") || given.starts_with("https://") {
-                let text = fetch::get_text(&client, given, request.retry).await?;
+                let text = fetch::get_text(client, given, request.retry).await?;
                 (text, given.clone(), None)
             } else {
                 let path = PathBuf::from(given);
@@ -204,151 +302,118 @@ async fn install_locked(
             (text, "embedded components".to_string(), Some(local))
         }
     };
-    let release = Release::parse(&text, &origin)?;
-    let id = release.id();
-    let (os, arch) = (manifest::host_os(), manifest::host_arch());
-    let planned = release.plan(os, arch)?;
-    let manifest_sha256 = super::store::sha256_hex(text.as_bytes());
+    Ok(ManifestSource {
+        text,
+        origin,
+        local,
+    })
+}
 
-    // 2. the same manifest already installed: nothing to fetch
-    if !request.force
-        && let Ok(record) = store.record(&id)
-        && record.manifest_sha256 == manifest_sha256
-    {
-        if request.activate && store.active().as_ref() != Some(&id) {
-            store.activate(&id)?;
+/// The outcome when the same manifest is installed already (activated if asked): there
+/// is nothing to fetch. None when it must be installed (or `--force` asks to).
+fn already_installed(
+    store: &Store,
+    request: &Request,
+    id: &ReleaseId,
+    manifest_sha256: &str,
+) -> Result<Option<Outcome>, ComponentsError> {
+    if request.force {
+        return Ok(None);
+    }
+    match store.record(id) {
+        Ok(record) if record.manifest_sha256 == manifest_sha256 => {}
+        _ => return Ok(None),
+    }
+    if request.activate && store.active().as_ref() != Some(id) {
+        store.activate(id)?;
+    }
+    Ok(Some(Outcome {
+        active: store.active().as_ref() == Some(id),
+        id: id.clone(),
+        changed: false,
+    }))
+}
+
+/// Brings every planned asset into a downloads directory, verified: copied from the
+/// local files, or downloaded from the (mirrored) URIs, `request.parallel` at a time.
+struct Fetcher<'a> {
+    request: &'a Request,
+    client: &'a reqwest::Client,
+    base: &'a str,
+    progress: &'a Progress,
+    local: Option<&'a LocalFiles>,
+}
+
+impl Fetcher<'_> {
+    async fn fetch_all(
+        &self,
+        planned: &[Planned],
+        downloads: &Path,
+    ) -> Result<(), ComponentsError> {
+        let fetches = planned
+            .iter()
+            .map(|p| self.fetch(p, downloads.join(&p.file)));
+        let results: Vec<Result<Digests, ComponentsError>> = futures::stream::iter(fetches)
+            .buffered(self.request.parallel.max(1))
+            .collect()
+            .await;
+        for result in results {
+            result?;
         }
-        return Ok(Outcome {
-            active: store.active().as_ref() == Some(&id),
-            id,
-            changed: false,
-        });
+        Ok(())
     }
 
-    // the active release would change under the node: not what --no-activate asks
-    if !request.activate && store.active().as_ref() == Some(&id) {
-        return Err(ComponentsError::ActiveNoActivate {
-            release: id.to_string(),
-        });
-    }
-
-    // 3. every asset into staging, verified
-    let staging = store.staging_dir(&id);
-    let downloads = staging.join("downloads");
-    fsutil::ensure_dir(&downloads, 0o755).map_err(ComponentsError::io(&downloads))?;
-    progress.line(&format!(
-        "installing EKS-D {} ({} assets for {os}/{arch}) from {}",
-        id.eks_name(),
-        planned.len(),
-        local.as_ref().map(|l| l.label.as_str()).unwrap_or(&origin)
-    ));
-    let fetches = planned.iter().map(|p| {
-        let dest = downloads.join(&p.file);
-        let client = &client;
-        let local = local.as_ref();
-        let base = &base;
-        async move {
-            let item = progress.item(&p.label());
-            let what = format!("{} ({})", p.file, p.component);
-            match local {
-                Some(local) => {
-                    let from = local.find(&p.file).ok_or_else(|| ComponentsError::Source {
-                        path: local.dir.clone(),
-                        reason: format!(
-                            "lacks {} (asset {} of component {}); put the file there or make a bundle with `kdist components bundle`",
-                            p.file, p.asset, p.component
-                        ),
-                    })?;
-                    fetch::copy_local(&from, &dest, &p.sha256, &p.sha512, &what, &item).await
-                }
-                None => {
-                    let url = manifest::rebase(&p.uri, base);
-                    let job = Download {
-                        url: &url,
-                        dest: &dest,
-                        sha256: &p.sha256,
-                        sha512: &p.sha512,
-                        what: &what,
-                    };
-                    fetch::download(client, job, request.retry, &item).await
-                }
+    async fn fetch(&self, p: &Planned, dest: PathBuf) -> Result<Digests, ComponentsError> {
+        let item = self.progress.item(&p.label());
+        let what = format!("{} ({})", p.file, p.component);
+        match self.local {
+            Some(local) => {
+                let from = local.find(&p.file).ok_or_else(|| ComponentsError::Source {
+                    path: local.dir.clone(),
+                    reason: format!(
+                        "lacks {} (asset {} of component {}); put the file there or make a bundle with `kdist components bundle`",
+                        p.file, p.asset, p.component
+                    ),
+                })?;
+                fetch::copy_local(&from, &dest, &p.sha256, &p.sha512, &what, &item).await
+            }
+            None => {
+                let url = manifest::rebase(&p.uri, self.base);
+                let job = Download {
+                    url: &url,
+                    dest: &dest,
+                    sha256: &p.sha256,
+                    sha512: &p.sha512,
+                    what: &what,
+                };
+                fetch::download(self.client, job, self.request.retry, &item).await
             }
         }
-    });
-    let results: Vec<Result<Digests, ComponentsError>> = futures::stream::iter(fetches)
-        .buffered(request.parallel.max(1))
-        .collect()
-        .await;
-    for result in results {
-        result?;
     }
+}
 
-    // 4. the release tree, built in staging
-    let tree = staging.join("tree");
-    let source = local
-        .as_ref()
-        .map(|l| l.label.clone())
-        .unwrap_or_else(|| origin.clone());
-    let record = Record {
-        release: id.to_string(),
-        channel: id.channel.clone(),
-        number: id.number,
-        os: os.to_string(),
-        arch: arch.to_string(),
-        manifest_sha256,
-        source,
-        installed_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        assets: Vec::new(),
-        files: Vec::new(),
-    };
-    {
-        let (tree, downloads, planned) = (tree.clone(), downloads.clone(), planned.clone());
-        let text = text.clone();
-        blocking(&staging, move || {
-            build_tree(&tree, &downloads, &planned, &text, record)
-        })
-        .await?;
-    }
-
-    // 5. into place, then `current`
-    let target = store.release_dir(&id);
+/// Moves the tree built in staging to `target`, so a reader of the store sees the old
+/// release or the new one, never a half.
+fn put_in_place(store: &Store, tree: &Path, target: &Path) -> Result<(), ComponentsError> {
     if target.exists() {
         // same release again (re-published, the embedded one changed, or a repair): one
         // atomic exchange, so `current` never points at nothing and a failure leaves the
         // installed release as it was; the old tree ends up in staging
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
-            &tree,
+            tree,
             nix::fcntl::AT_FDCWD,
-            &target,
+            target,
             nix::fcntl::RenameFlags::RENAME_EXCHANGE,
         )
         .map_err(|errno| ComponentsError::Io {
-            path: target.clone(),
+            path: target.to_path_buf(),
             source: std::io::Error::from(errno),
         })?;
     } else {
-        std::fs::rename(&tree, &target).map_err(ComponentsError::io(&target))?;
+        std::fs::rename(tree, target).map_err(ComponentsError::io(target))?;
     }
-    sync_dir(store.root())?;
-    if request.activate {
-        store.activate(&id)?;
-    }
-    let _ = std::fs::remove_dir_all(&staging);
-    progress.line(&format!(
-        "installed EKS-D {} into {}{}",
-        id.eks_name(),
-        target.display(),
-        if request.activate { " (active)" } else { "" }
-    ));
-    Ok(Outcome {
-        active: store.active().as_ref() == Some(&id),
-        id,
-        changed: true,
-    })
+    sync_dir(store.root())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -357,9 +422,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ComponentsError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ComponentsError::Io {
+        .map_err(|source| ComponentsError::Task {
             path: path.to_path_buf(),
-            source: std::io::Error::other(e),
+            source,
         })?
 }
 

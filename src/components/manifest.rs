@@ -200,7 +200,7 @@ impl Release {
     /// Parses and checks a manifest; `origin` (URL or path) names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ComponentsError> {
         let release: Self =
-            serde_yaml::from_str(text).map_err(|source| ComponentsError::ManifestParse {
+            crate::yaml::from_str(text).map_err(|source| ComponentsError::ManifestParse {
                 origin: origin.to_string(),
                 source,
             })?;
@@ -215,7 +215,7 @@ impl Release {
             )));
         }
         crate::config::check_channel(&release.spec.channel)
-            .map_err(|r| invalid(format!("spec.channel: {r}")))?;
+            .map_err(|error| invalid(format!("spec.channel: {error}")))?;
         if release.spec.number == 0 {
             return Err(invalid("spec.number must be 1 or more".into()));
         }
@@ -384,7 +384,7 @@ pub fn channel_url(base: &str, channel: &str) -> String {
 /// Parses a `ReleaseChannel` and returns its newest release number.
 pub fn parse_channel(text: &str, origin: &str) -> Result<u32, ComponentsError> {
     let channel: ReleaseChannel =
-        serde_yaml::from_str(text).map_err(|source| ComponentsError::ManifestParse {
+        crate::yaml::from_str(text).map_err(|source| ComponentsError::ManifestParse {
             origin: origin.to_string(),
             source,
         })?;

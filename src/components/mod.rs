@@ -6,7 +6,8 @@
 //! embedded into kdist at build time.
 //!
 //! It owns `<data>/components/` and nothing else: it never starts or stops services.
-//! The supervisor finds binaries at `components/current/bin/<name>`, then on PATH.
+//! [`resolve_binary`] finds a program at `components/current/bin/<name>`, then on PATH,
+//! for the supervisor, the node and the cluster commands.
 
 mod bundle;
 mod embed;
@@ -15,6 +16,7 @@ mod fetch;
 mod install;
 mod manifest;
 mod progress;
+mod resolve;
 mod store;
 mod versions;
 
@@ -23,6 +25,7 @@ pub use fetch::RetryPolicy;
 pub use install::{Outcome, Request, Source, install, retry_with};
 pub use manifest::{Release, ReleaseId, binaries, host_arch, host_os};
 pub use progress::Progress;
+pub use resolve::{BinaryNotFound, Origin, active_release, resolve_binary, resolve_binary_in};
 pub use store::{Record, Store};
 pub use versions::{ComponentVersion, ORIGIN_PATH, component_versions, find_on_path};
 
@@ -48,9 +51,9 @@ pub async fn write_bundle(
     let owned = id.clone();
     let size = tokio::task::spawn_blocking(move || bundle::create(&store, &owned, &out))
         .await
-        .map_err(|e| ComponentsError::Io {
+        .map_err(|source| ComponentsError::Task {
             path: data.components_dir(),
-            source: std::io::Error::other(e),
+            source,
         })??;
     Ok((id, size))
 }

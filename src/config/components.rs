@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::ConfigError;
+use super::{ConfigError, ValueError};
 
 /// EKS-D channel installed when none is configured. 1-35 is the newest minor of the
 /// supported range (1-30 .. 1-36) that has already had a run of patch releases; a
@@ -98,17 +98,18 @@ impl Default for ComponentsConfig {
     }
 }
 
-/// Checks the `1-XX` shape of a channel; the message says what is expected.
-pub fn check_channel(channel: &str) -> Result<(), String> {
+/// Checks the `1-XX` shape of a channel; the error says what is expected.
+pub fn check_channel(channel: &str) -> Result<(), ValueError> {
     let ok = channel.split_once('-').is_some_and(|(major, minor)| {
         major == "1" && !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit())
     });
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{channel}` is not an EKS-D channel: write the Kubernetes minor as `1-XX`, e.g. `{DEFAULT_CHANNEL}`"
-        ))
+        Err(ValueError::Channel {
+            channel: channel.to_string(),
+            example: DEFAULT_CHANNEL,
+        })
     }
 }
 
@@ -119,7 +120,11 @@ impl ComponentsConfig {
             field: field.to_string(),
             reason,
         };
-        check_channel(&self.channel).map_err(|r| invalid("components.channel", r))?;
+        check_channel(&self.channel).map_err(|error| ConfigError::BadValue {
+            path: origin.to_path_buf(),
+            field: "components.channel".into(),
+            error,
+        })?;
         if !(self.base_url.starts_with("https://") || self.base_url.starts_with("http://")) {
             return Err(invalid(
                 "components.base_url",
@@ -144,15 +149,15 @@ mod tests {
 
     #[test]
     fn release_pin_reads_numbers_and_latest() {
-        let c: ComponentsConfig = serde_yaml::from_str("release: 12\n").unwrap();
+        let c: ComponentsConfig = serde_saphyr::from_str("release: 12\n").unwrap();
         assert_eq!(c.release, ReleasePin::Number(12));
-        let c: ComponentsConfig = serde_yaml::from_str("release: latest\n").unwrap();
+        let c: ComponentsConfig = serde_saphyr::from_str("release: latest\n").unwrap();
         assert_eq!(c.release, ReleasePin::Latest);
-        let err = serde_yaml::from_str::<ComponentsConfig>("release: newest\n")
+        let err = serde_saphyr::from_str::<ComponentsConfig>("release: newest\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("newest"), "{err}");
-        assert!(serde_yaml::from_str::<ComponentsConfig>("release: 0\n").is_err());
+        assert!(serde_saphyr::from_str::<ComponentsConfig>("release: 0\n").is_err());
     }
 
     #[test]

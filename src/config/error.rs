@@ -20,17 +20,48 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    // serde_yaml's message names the line and the unknown or mistyped field; it is
+    // serde_saphyr's message names the line and the unknown or mistyped field; it is
     // shown with the file so the user can fix it without reading the cause chain.
     #[error("{path}: {source}; fix the file or remove the entry to use the default")]
     Parse {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("cannot write the settings as YAML for {path}")]
+    Serialize {
+        path: PathBuf,
+        #[source]
+        source: serde_saphyr::SerializeError,
     },
     #[error("{path}: {field} {reason}")]
     Invalid {
         path: PathBuf,
         field: String,
         reason: String,
+    },
+    #[error("{path}: {field} {error}")]
+    BadValue {
+        path: PathBuf,
+        field: String,
+        error: ValueError,
+    },
+}
+
+/// A setting's value that is wrong whatever file or flag it came from; the message
+/// names the value and the form expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("`{text}` is not an IPv4 CIDR like 10.1.0.0/16")]
+    CidrSyntax { text: String },
+    #[error("`{text}` has host bits set; did you mean {network}?")]
+    CidrHostBits { text: String, network: String },
+    #[error("`{text}` is too small; use a /28 or larger")]
+    CidrTooSmall { text: String },
+    #[error(
+        "`{channel}` is not an EKS-D channel: write the Kubernetes minor as `1-XX`, e.g. `{example}`"
+    )]
+    Channel {
+        channel: String,
+        example: &'static str,
     },
 }

@@ -8,7 +8,9 @@ mod cluster;
 mod components;
 mod embedded;
 mod error;
+mod registries;
 mod services;
+mod storage;
 
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use cluster::{ClusterConfig, Role};
@@ -16,8 +18,13 @@ pub use components::{
     ComponentsConfig, DEFAULT_BASE_URL, DEFAULT_CHANNEL, ReleasePin, check_channel,
 };
 pub use embedded::{EmbeddedConfig, ListenAddr};
-pub use error::ConfigError;
-pub use services::{MemoryConfig, ServiceSettings};
+pub use error::{ConfigError, ValueError};
+pub use registries::{
+    EKS_REGISTRY, Endpoint, HostConfig, Mirror, RegistriesConfig, RegistryAuth, RegistryTls,
+    Scheme, is_host,
+};
+pub use services::{MemoryConfig, Service, ServiceSettings, known_services};
+pub use storage::StorageConfig;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -184,11 +191,16 @@ impl DatastoreKind {
 
     /// The service that runs a datastore of this kind (`embedded` is served in-process
     /// by the daemon, as a builtin).
-    pub fn service_name(self) -> &'static str {
+    pub fn service(self) -> Service {
         match self {
-            DatastoreKind::Etcd => "etcd",
-            DatastoreKind::Embedded => "datastore",
+            DatastoreKind::Etcd => Service::Etcd,
+            DatastoreKind::Embedded => Service::Datastore,
         }
+    }
+
+    /// The name of [`DatastoreKind::service`].
+    pub fn service_name(self) -> &'static str {
+        self.service().as_str()
     }
 }
 
@@ -256,7 +268,7 @@ pub struct NetworkConfig {
 impl NetworkConfig {
     /// The first address of `service_cidr`: the `kubernetes` Service's IP, which the
     /// apiserver certificate must name.
-    pub fn kubernetes_service_ip(&self) -> Result<std::net::Ipv4Addr, String> {
+    pub fn kubernetes_service_ip(&self) -> Result<std::net::Ipv4Addr, ValueError> {
         let net = parse_cidr(&self.service_cidr)?;
         Ok((u32::from(net.network()) + 1).into())
     }
@@ -345,6 +357,10 @@ pub struct NodeConfig {
     /// `services: {kube-apiserver: {env: {GOMEMLIMIT: 300MiB}, args: [--v=2]}}`.
     pub services: BTreeMap<String, ServiceSettings>,
     pub memory: MemoryConfig,
+    /// Node-local volumes (the `kdist-local` StorageClasses).
+    pub storage: StorageConfig,
+    /// Registry mirrors, credentials and TLS for containerd (k3s' `registries.yaml`).
+    pub registries: RegistriesConfig,
 }
 
 impl NodeConfig {
@@ -353,7 +369,7 @@ impl NodeConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        let config: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Self = crate::yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.to_path_buf(),
             source,
         })?;
@@ -371,6 +387,17 @@ impl NodeConfig {
         }
     }
 
+    /// Writes these settings as `<data>/config.yaml` (comments in the file are lost).
+    pub fn save(&self, data: &DataDir) -> Result<(), ConfigError> {
+        let path = data.config_file();
+        let yaml = match crate::yaml::to_string(self) {
+            Ok(yaml) => yaml,
+            Err(source) => return Err(ConfigError::Serialize { path, source }),
+        };
+        fsutil::atomic_write(&path, yaml.as_bytes(), 0o644)
+            .map_err(|source| ConfigError::Write { path, source })
+    }
+
     /// Validates a user-supplied file and installs it as `<data>/config.yaml`.
     pub fn seed(data: &DataDir, from: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(from).map_err(|source| ConfigError::Read {
@@ -379,7 +406,7 @@ impl NodeConfig {
         })?;
         let config = Self::parse(&text, from)?;
         let path = data.config_file();
-        fsutil::atomic_write(&path, text.as_bytes(), 0o644)
+        fsutil::atomic_write(&path, text.as_bytes(), config.registries.file_mode())
             .map_err(|source| ConfigError::Write { path, source })?;
         Ok(config)
     }
@@ -418,7 +445,7 @@ impl NodeConfig {
                 reason: "could not be switched: edit the file by hand".into(),
             });
         }
-        fsutil::atomic_write(&path, new.as_bytes(), 0o644)
+        fsutil::atomic_write(&path, new.as_bytes(), config.registries.file_mode())
             .map_err(|source| ConfigError::Write { path, source })?;
         Ok(config)
     }
@@ -429,6 +456,9 @@ impl NodeConfig {
             field: field.to_string(),
             reason: reason.to_string(),
         };
+        if let Some(reason) = self.storage.problem() {
+            return Err(invalid("storage.dir", reason));
+        }
         if self.etcd.client_port == 0 {
             return Err(invalid(
                 "etcd.client_port",
@@ -477,7 +507,8 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
-        services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
+        self.registries.validate(origin)?;
+        services::validate(&self.services, &services::known_services(), origin)?;
         Ok(())
     }
 
@@ -487,10 +518,14 @@ impl NodeConfig {
             field: field.to_string(),
             reason,
         };
+        let bad_value = |field: &str| {
+            let path = origin.to_path_buf();
+            let field = field.to_string();
+            move |error| ConfigError::BadValue { path, field, error }
+        };
         let net = &self.network;
-        let pods = parse_cidr(&net.pod_cidr).map_err(|r| invalid("network.pod_cidr", r))?;
-        let services =
-            parse_cidr(&net.service_cidr).map_err(|r| invalid("network.service_cidr", r))?;
+        let pods = parse_cidr(&net.pod_cidr).map_err(bad_value("network.pod_cidr"))?;
+        let services = parse_cidr(&net.service_cidr).map_err(bad_value("network.service_cidr"))?;
         let mask = net.node_cidr_mask;
         if mask < pods.prefix_len() || mask > 28 || mask - pods.prefix_len() > 16 {
             return Err(invalid(
@@ -639,19 +674,21 @@ fn is_dns_name(name: &str) -> bool {
     })
 }
 
-/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the reason names the expected form.
-pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
-    let net: ipnet::Ipv4Net = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not an IPv4 CIDR like 10.1.0.0/16"))?;
+/// Parses an IPv4 CIDR such as `10.1.0.0/16`; the error names the expected form.
+pub fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, ValueError> {
+    let net: ipnet::Ipv4Net = text.parse().map_err(|_| ValueError::CidrSyntax {
+        text: text.to_string(),
+    })?;
     if net.trunc() != net {
-        return Err(format!(
-            "`{text}` has host bits set; did you mean {}?",
-            net.trunc()
-        ));
+        return Err(ValueError::CidrHostBits {
+            text: text.to_string(),
+            network: net.trunc().to_string(),
+        });
     }
     if net.prefix_len() > 28 {
-        return Err(format!("`{text}` is too small; use a /28 or larger"));
+        return Err(ValueError::CidrTooSmall {
+            text: text.to_string(),
+        });
     }
     Ok(net)
 }
@@ -716,6 +753,28 @@ mod tests {
             .to_string();
         assert!(err.contains("/x/c.yaml"), "{err}");
         assert!(err.contains("client_prot"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn saved_settings_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let mut config = NodeConfig::parse(
+            "node_name: n1\ndatastore: etcd\netcd:\n  client_port: 2399\n\
+             certs:\n  leaf_validity: 10m\n  renewal_window: 5m\nservices:\n  kubelet:\n    args: [--v=2]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        config.role = Role::ControlPlane;
+        config.save(&data).unwrap();
+        let text = std::fs::read_to_string(data.config_file()).unwrap();
+        let back = NodeConfig::load(&data).unwrap();
+        assert_eq!(crate::yaml::to_string(&back).unwrap(), text);
+        assert_eq!(back.etcd.client_port, 2399);
+        assert_eq!(back.certs.leaf_validity, Lifetime::from_secs(600));
+        assert_eq!(back.services["kubelet"].args, ["--v=2"]);
+        assert_eq!(back.node_name(), "n1");
     }
 
     #[test]

@@ -9,6 +9,92 @@ use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, Lifetime};
 
+/// Declares the services kdist knows: one variant, its name, and its files under
+/// `services/` (`<name>.toml`, the definition; `<name>.args`, the default flags),
+/// embedded at build time. Adding a service is one line here plus those two files.
+macro_rules! services {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        /// A service kdist can run, by its identity rather than a string.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Service {
+            $($variant),*
+        }
+
+        impl Service {
+            /// Every service, in start order.
+            pub const ALL: &'static [Service] = &[$(Service::$variant),*];
+
+            /// The name in `services/`, `args/`, `logs/`, `kdist status` and config.yaml.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Service::$variant => $name),*
+                }
+            }
+
+            /// `services/<name>.toml`, as shipped.
+            pub fn definition(self) -> &'static str {
+                match self {
+                    $(Service::$variant => include_str!(concat!("../../services/", $name, ".toml"))),*
+                }
+            }
+
+            /// `services/<name>.args`, as shipped.
+            pub fn default_args(self) -> &'static str {
+                match self {
+                    $(Service::$variant => include_str!(concat!("../../services/", $name, ".args"))),*
+                }
+            }
+        }
+    };
+}
+
+services! {
+    Datastore => "datastore",
+    Etcd => "etcd",
+    Containerd => "containerd",
+    KubeApiserver => "kube-apiserver",
+    KubeControllerManager => "kube-controller-manager",
+    KubeScheduler => "kube-scheduler",
+    Kubelet => "kubelet",
+    KubeProxy => "kube-proxy",
+}
+
+impl Service {
+    /// The service named `name`, if kdist knows it.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for Service {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Service {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Service {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// Names of every service kdist knows, for error messages and completion.
+pub fn known_services() -> Vec<&'static str> {
+    Service::ALL.iter().map(|s| s.as_str()).collect()
+}
+
 /// The `memory:` section: what the supervisor does about its children's memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,7 +141,7 @@ pub fn validate(
         reason,
     };
     for (name, settings) in services {
-        if name == "datastore" {
+        if Service::parse(name) == Some(Service::Datastore) {
             return Err(invalid(
                 format!("services.{name}"),
                 "runs inside the kdist daemon, which takes no per-service env or args; \
@@ -115,6 +201,20 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_service_parses_back_from_its_name_and_has_its_files() {
+        for service in Service::ALL {
+            assert_eq!(Service::parse(service.as_str()), Some(*service));
+            assert!(service.definition().contains("description"), "{service}");
+        }
+        assert_eq!(
+            Service::parse("kube-apiserver"),
+            Some(Service::KubeApiserver)
+        );
+        assert_eq!(Service::parse("kube-api"), None);
+        assert_eq!(known_services().len(), Service::ALL.len());
+    }
     use crate::config::NodeConfig;
 
     fn parse(text: &str) -> Result<NodeConfig, String> {

@@ -18,6 +18,10 @@ impl Controller for ClusterAgent {
         "cluster-agent"
     }
 
+    fn needs_apiserver(&self) -> bool {
+        false
+    }
+
     fn run(
         self: Arc<Self>,
         ctx: Context,

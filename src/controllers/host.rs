@@ -144,16 +144,13 @@ impl Controllers {
         self.board.clone()
     }
 
-    /// Waits until the apiserver has been ready once, then runs every controller until
-    /// `shutdown`; stops them in reverse start order.
+    /// Runs every controller until `shutdown`, those that need the apiserver once it
+    /// has been ready; stops them in reverse start order.
     pub async fn run(self, ctx: Context, shutdown: CancellationToken) {
-        let mut apiserver = ctx.apiserver.clone();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            seen = apiserver.wait_for(|a| a.epoch > 0) => if seen.is_err() { return },
-        }
+        let (now, later): (Vec<_>, Vec<_>) =
+            self.list.into_iter().partition(|c| !c.needs_apiserver());
         let mut running = Vec::new();
-        for controller in self.list {
+        let spawn = |controller: Arc<dyn Controller>, running: &mut Vec<_>| {
             let stop = CancellationToken::new();
             let task = tokio::spawn(supervise(
                 controller.clone(),
@@ -163,6 +160,19 @@ impl Controllers {
                 stop.clone(),
             ));
             running.push((controller.name(), stop, task));
+        };
+        for controller in now {
+            spawn(controller, &mut running);
+        }
+        let mut apiserver = ctx.apiserver.clone();
+        let started = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            seen = apiserver.wait_for(|a| a.epoch > 0), if !later.is_empty() => seen.is_ok(),
+        };
+        if started {
+            for controller in later {
+                spawn(controller, &mut running);
+            }
         }
         shutdown.cancelled().await;
         for (name, stop, task) in running.into_iter().rev() {

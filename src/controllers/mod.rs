@@ -20,6 +20,7 @@ mod error;
 mod host;
 mod network;
 mod rbac;
+pub mod storage;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub use error::ControllerError;
 pub use host::{Board, ControllerState, ControllerStatus, Controllers, Reporter};
 pub use network::{Network, NetworkStatus, PeerStatus};
 pub use rbac::Rbac;
+pub use storage::Storage;
 
 use crate::config::{DataDir, NodeConfig};
 
@@ -81,6 +83,12 @@ pub struct Context {
 /// error (or an early return) makes the host run it again after a backoff.
 pub trait Controller: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Whether it starts only once the apiserver has been ready (most do); one that does
+    /// not (the cluster agent: joins need the datastore and the CAs, not the API) starts
+    /// with the daemon, also on a node that runs no Kubernetes components yet.
+    fn needs_apiserver(&self) -> bool {
+        true
+    }
     fn run(
         self: Arc<Self>,
         ctx: Context,

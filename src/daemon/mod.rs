@@ -62,6 +62,7 @@ pub fn controllers_for(
         list.push(Arc::new(controllers::Rbac));
         list.push(Arc::new(controllers::ClusterAgent));
     }
+    list.push(Arc::new(controllers::Storage));
     list.push(network);
     list
 }
@@ -84,18 +85,20 @@ pub async fn run(
     let daemon = Daemon::prepare(data.clone(), &config)
         .await?
         .with_builtins(builtins);
-    // controllers talk to Kubernetes: a node without its components runs none
+    // most controllers talk to Kubernetes: a node without its components runs only
+    // those that do not
     let runs_kubernetes = daemon
         .board()
         .snapshot()
         .iter()
         .any(|s| s.name == "kube-apiserver" || s.name == "kubelet");
     let network = Arc::new(controllers::Network::default());
-    let controllers = Controllers::new(if runs_kubernetes {
+    let controllers = Controllers::new(
         controllers_for(&config, network.clone())
-    } else {
-        Vec::new()
-    });
+            .into_iter()
+            .filter(|c| runs_kubernetes || !c.needs_apiserver())
+            .collect(),
+    );
     let daemon = daemon.with_sections(Arc::new(ControllerSection(
         controllers.board(),
         runs_kubernetes.then_some(network),

@@ -23,10 +23,12 @@ use super::proto::etcdserverpb::{
     HashRequest, HashResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, Member,
-    MemberListRequest, MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    ResponseHeader, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, TxnRequest,
-    TxnResponse, WatchRequest, WatchResponse, cluster_server, kv_server, lease_server,
-    maintenance_server, watch_server,
+    MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
+    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
+    MemberUpdateRequest, MemberUpdateResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, ResponseHeader, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse, TxnRequest, TxnResponse, WatchRequest, WatchResponse, cluster_server,
+    kv_server, lease_server, maintenance_server, watch_server,
 };
 use super::store::{self, Store, WriteOp, WriteResult};
 use super::watch;
@@ -184,9 +186,13 @@ impl kv_server::Kv for Api {
 
 type StreamOf<T> = ReceiverStream<Result<T, Status>>;
 
+/// A watch stream's responses: the first one, already taken, then the rest.
+type WatchResponses =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl watch_server::Watch for Api {
-    type WatchStream = StreamOf<WatchResponse>;
+    type WatchStream = WatchResponses;
 
     async fn watch(
         &self,
@@ -203,7 +209,13 @@ impl watch_server::Watch for Api {
                 _ = shutdown.cancelled() => {}
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // As etcd (grpc-go sends a stream's headers with its first message), the response
+        // starts with the first message, normally the created response: clients whose
+        // watch call waits for the headers (tonic, the etcd-client crate) then return only
+        // once the watch exists, and a write they make next is delivered to it.
+        let mut rx = ReceiverStream::new(rx);
+        let first = rx.next().await;
+        Ok(Response::new(Box::pin(tokio_stream::iter(first).chain(rx))))
     }
 }
 
@@ -337,6 +349,42 @@ impl cluster_server::Cluster for Api {
             }],
         }))
     }
+
+    // one member that cannot change: what etcd answers for an API it does not serve
+    async fn member_add(
+        &self,
+        _req: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        Err(single_member())
+    }
+
+    async fn member_remove(
+        &self,
+        _req: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(single_member())
+    }
+
+    async fn member_update(
+        &self,
+        _req: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(single_member())
+    }
+
+    async fn member_promote(
+        &self,
+        _req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(single_member())
+    }
+}
+
+fn single_member() -> Status {
+    Status::unimplemented(
+        "kdist's embedded datastore is a single member; move to etcd with \
+         `kdist datastore migrate --to etcd` to cluster",
+    )
 }
 
 static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);

@@ -131,7 +131,8 @@ pub fn server_config(
     let key = certified_key(files, &provider)?;
     if !ip.is_unspecified() {
         let pem = read(&files.cert)?;
-        let named = crate::pki::cert_names_ip(&pem, ip).map_err(|r| tls_err(&files.cert, r))?;
+        let named = crate::pki::cert_names_ip(&pem, ip)
+            .map_err(|e| tls_err(&files.cert, crate::report::error_chain(&e)))?;
         if !named {
             return Err(tls_err(
                 &files.cert,

@@ -11,24 +11,18 @@ use super::error::NodeError;
 
 const CGROUP_FS: &str = "/sys/fs/cgroup";
 
-/// Mount points of the cgroup file systems visible to this process (v1 hierarchies and
-/// the v2 one), from mountinfo text.
-pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dash = fields.iter().position(|f| *f == "-")?;
-            let fstype = *fields.get(dash + 1)?;
-            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(fields[4]))
-        })
+/// Mount points of the cgroup file systems among `mounts` (v1 hierarchies and the v2
+/// one).
+pub fn mount_points(mounts: &[super::proc::Mount]) -> Vec<PathBuf> {
+    mounts
+        .iter()
+        .filter(|m| matches!(m.fs_type.as_str(), "cgroup" | "cgroup2"))
+        .map(|m| m.point.clone())
         .collect()
 }
 
 fn visible_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| mount_points(&text))
-        .unwrap_or_default()
+    mount_points(&super::proc::mounts())
 }
 
 /// One cgroup file system to mount: where, its type and its mount options.
@@ -338,13 +332,18 @@ mod tests {
 
     #[test]
     fn mountinfo_cgroup_entries_are_found() {
-        let info = "\
-31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:5 - cgroup2 cgroup2 rw
-";
+        let mount = |point: &str, fs_type: &str| super::super::proc::Mount {
+            point: point.into(),
+            fs_type: fs_type.into(),
+            propagation: "private",
+        };
+        let mounts = [
+            mount("/sys/fs/cgroup", "tmpfs"),
+            mount("/sys/fs/cgroup/cpu", "cgroup"),
+            mount("/sys/fs/cgroup/unified", "cgroup2"),
+        ];
         assert_eq!(
-            mount_points(info),
+            mount_points(&mounts),
             [
                 PathBuf::from("/sys/fs/cgroup/cpu"),
                 PathBuf::from("/sys/fs/cgroup/unified")

@@ -85,6 +85,36 @@ fn ipt(program: &std::path::Path, args: &[&str]) -> Result<String, NodeError> {
     cmd::run(program, &full)
 }
 
+/// The `iptables-restore --noflush` input that (re)creates `chain` with `rules` and,
+/// when `jump` is set, inserts the jump to it first in the hook: one transaction, so a
+/// refresh never shows an empty or half-filled chain.
+pub fn restore_script(chain: &str, rules: &[Vec<String>], jump: bool) -> String {
+    // with --noflush, declaring a chain that exists flushes it within the transaction
+    let mut script = format!("*{TABLE}\n:{chain} - [0:0]\n");
+    for rule in rules {
+        script.push_str(&format!("-A {chain}"));
+        for arg in rule {
+            script.push(' ');
+            script.push_str(&quote(arg));
+        }
+        script.push('\n');
+    }
+    if jump {
+        script.push_str(&format!("-I {HOOK} 1 -j {chain}\n"));
+    }
+    script.push_str("COMMIT\n");
+    script
+}
+
+/// An argument as iptables-restore reads it: double-quoted when it holds a space.
+fn quote(arg: &str) -> String {
+    if arg.contains(char::is_whitespace) || arg.is_empty() {
+        format!("\"{}\"", arg.replace('"', "\\\""))
+    } else {
+        arg.to_string()
+    }
+}
+
 /// Installs (or refreshes) the guard of the node in `data` for `config`.
 pub fn apply(data: &DataDir, config: &NodeConfig) -> Result<(), NodeError> {
     apply_with_peers(data, config, &[])
@@ -98,11 +128,18 @@ pub fn apply_with_peers(
     peers: &[std::net::Ipv4Addr],
 ) -> Result<(), NodeError> {
     let program = iptables()?;
+    let restore = program.with_file_name("iptables-restore");
+    let restore = if restore.exists() {
+        restore
+    } else {
+        cmd::which("iptables-restore").ok_or_else(|| NodeError::NotFound {
+            program: "iptables-restore".into(),
+            searched: PathBuf::from("PATH"),
+            hint: "install iptables, or set `network.egress: all`".into(),
+        })?
+    };
     let chain = chain(data);
-    if ipt(&program, &["-N", &chain]).is_err() {
-        // it exists already: refresh its rules
-        ipt(&program, &["-F", &chain])?;
-    }
+    let jump = ipt(&program, &["-C", HOOK, "-j", &chain]).is_err();
     let net = &config.network;
     let mut all = rules(&net.pod_cidr, &net.service_cidr, &net.bridge);
     if net.cni == crate::config::Cni::Builtin {
@@ -111,14 +148,8 @@ pub fn apply_with_peers(
         all.extend(peer_rules(&net.pod_cidr, peers));
         all.extend(drops);
     }
-    for rule in all {
-        let mut args = vec!["-A", chain.as_str()];
-        args.extend(rule.iter().map(String::as_str));
-        ipt(&program, &args)?;
-    }
-    if ipt(&program, &["-C", HOOK, "-j", &chain]).is_err() {
-        ipt(&program, &["-I", HOOK, "1", "-j", &chain])?;
-    }
+    let script = restore_script(&chain, &all, jump);
+    cmd::run_with_input(&restore, &["-w", "5", "--noflush"], Some(script.as_bytes()))?;
     tracing::info!(%chain, "egress guard on: pod and service traffic stays on this node");
     Ok(())
 }
@@ -186,5 +217,23 @@ mod tests {
             ["-s", "10.1.0.0/16", "-d", "10.203.0.2/32", "-j", "RETURN"]
         );
         assert_eq!(rules.len(), 2);
+    }
+
+    #[test]
+    fn the_refresh_is_one_transaction_that_redeclares_the_chain() {
+        let rules = rules("10.1.0.0/16", "10.152.183.0/24", "kdist0");
+        let script = restore_script("KDIST-EGRESS-0a1b2c3d", &rules, false);
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines[0], "*mangle");
+        assert_eq!(lines[1], ":KDIST-EGRESS-0a1b2c3d - [0:0]");
+        assert_eq!(lines[2], "-A KDIST-EGRESS-0a1b2c3d -o lo -j RETURN");
+        assert_eq!(
+            lines[4],
+            "-A KDIST-EGRESS-0a1b2c3d -s 10.1.0.0/16 -m comment --comment \"kdist egress: none\" -j DROP"
+        );
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        assert!(!script.contains("-I POSTROUTING"));
+        let first = restore_script("KDIST-EGRESS-0a1b2c3d", &rules, true);
+        assert!(first.contains("\n-I POSTROUTING 1 -j KDIST-EGRESS-0a1b2c3d\nCOMMIT\n"));
     }
 }

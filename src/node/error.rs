@@ -17,6 +17,19 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "netlink request on link {link} failed; run `kdist inspect` and check the link with `ip link`"
+    )]
+    Netlink {
+        link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot open a netlink socket (kdist needs CAP_NET_ADMIN to change links)")]
+    NetlinkSocket {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot run {program}")]
     Spawn {
         program: PathBuf,
@@ -53,10 +66,24 @@ pub enum NodeError {
     #[error("{path} is not an image archive: {reason}")]
     BadArchive { path: PathBuf, reason: String },
     #[error("netlink: {action} failed; kdist needs CAP_NET_ADMIN in the node's network namespace")]
-    Netlink {
+    NetlinkRequest {
         action: String,
         #[source]
         source: rtnetlink::Error,
+    },
+    #[error("{path} is not a kubeconfig: {reason}; run `kdist certs init` to write it again")]
+    BadKubeconfig { path: PathBuf, reason: &'static str },
+    #[error("{path} is not a kubeconfig; run `kdist certs init` to write it again")]
+    KubeconfigParse {
+        path: PathBuf,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("cannot write the kubeconfig read from {path} back as YAML")]
+    KubeconfigWrite {
+        path: PathBuf,
+        #[source]
+        source: serde_saphyr::SerializeError,
     },
     #[error("the Kubernetes API did not answer: {0}")]
     Api(String),
@@ -66,6 +93,18 @@ pub enum NodeError {
          runtime.cgroup_root unset on this host"
     )]
     CgroupRootWithSystemd { root: String },
+    #[error(
+        "{key} names {path}, which is not a file; fix the path in config.yaml or copy the \
+         file there, then start again"
+    )]
+    RegistryFile { key: String, path: PathBuf },
+    #[error("{path} is not a release manifest kdist can read images from: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error(
+        "pushing to {host} needs a username and password (or `auth`) in \
+         registries.configs.\"{host}\".auth; an identity_token only serves pulls"
+    )]
+    PushAuth { host: String },
 }
 
 impl NodeError {

@@ -9,7 +9,17 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
-use crate::supervisor::HostFact;
+
+/// One fact about the host that shaped the node's configuration, or a change kdist made
+/// to it (e.g. `restrict_oom_score_adj = true`, `net.ipv4.ip_forward 0 -> 1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFact {
+    pub name: String,
+    pub value: String,
+    /// Why, when it is not obvious.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
 
 /// CAP_SYS_RESOURCE, the capability needed to lower oom_score_adj.
 const CAP_SYS_RESOURCE: u32 = 24;
@@ -55,9 +65,7 @@ pub struct HostFacts {
 impl HostFacts {
     /// Probes this host. Spawns one short child (the oom_score_adj test).
     pub fn probe(config: &NodeConfig) -> Self {
-        let oom_score_adj = read_trimmed("/proc/self/oom_score_adj")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let oom_score_adj = super::proc::oom_score_adj().map_or(0, i32::from);
         Self {
             cgroup: if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
                 CgroupVersion::V2
@@ -66,7 +74,7 @@ impl HostFacts {
             },
             systemd: Path::new("/run/systemd/system").is_dir(),
             oom_score_adj,
-            can_lower_oom_score_adj: has_capability(CAP_SYS_RESOURCE)
+            can_lower_oom_score_adj: super::proc::has_capability(CAP_SYS_RESOURCE)
                 && child_can_lower_oom(oom_score_adj),
             nofile_hard: nofile_hard(),
             ipvs: Path::new("/proc/net/ip_vs").exists() && super::cmd::which("ipset").is_some(),
@@ -159,17 +167,6 @@ pub fn read_sysctl(key: &str) -> Option<String> {
     read_trimmed(&format!("/proc/sys/{key}"))
 }
 
-fn has_capability(cap: u32) -> bool {
-    let Some(status) = std::fs::read_to_string("/proc/self/status").ok() else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << cap) != 0)
-}
-
 /// Tries it for real in a child: the kernel also refuses a lower value when an earlier
 /// privileged write raised the floor, which the capability set does not show.
 fn child_can_lower_oom(current: i32) -> bool {
@@ -226,7 +223,7 @@ mod tests {
         let facts = HostFacts::probe(&NodeConfig::default());
         assert_eq!(
             facts.can_lower_oom_score_adj,
-            has_capability(CAP_SYS_RESOURCE),
+            super::super::proc::has_capability(CAP_SYS_RESOURCE),
             "on this kind of host the child test and CapEff agree"
         );
         assert!(facts.nofile_hard >= facts.kubelet_max_open_files());

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::NodeError;
+use super::host::HostFact;
 use super::host::{KUBELET_SYSCTLS, read_sysctl};
 use crate::config::DataDir;
 use crate::fsutil;
-use crate::supervisor::HostFact;
 
 /// What kdist changed, and what was there before. Only the first recorded value of a
 /// key counts: it is the host's own.
@@ -94,22 +94,11 @@ fn write_sysctl(key: &str, value: &str) -> Result<(), NodeError> {
 /// Propagation of the mount at `target` in this mount namespace: `shared`, `slave`
 /// or `private` (the last entry for a mount point is the visible one).
 pub fn propagation(target: &str) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        (fields.get(4) == Some(&target)).then(|| {
-            let optional = fields[6..].iter().take_while(|f| **f != "-");
-            let mut kind = "private";
-            for field in optional {
-                if field.starts_with("shared:") {
-                    kind = "shared";
-                } else if field.starts_with("master:") && kind == "private" {
-                    kind = "slave";
-                }
-            }
-            kind.to_string()
-        })
-    })
+    super::proc::mounts()
+        .into_iter()
+        .rev()
+        .find(|m| m.point == Path::new(target))
+        .map(|m| m.propagation.to_string())
 }
 
 fn set_propagation(target: &str, flag: nix::mount::MsFlags) -> Result<(), NodeError> {
@@ -184,34 +173,7 @@ pub fn prepare(data: &DataDir, record_kubelet: bool) -> Result<Vec<HostFact>, No
 /// containerd's or kubelet's API), or a process whose working directory or open file is
 /// there. kdist's own services are stopped before this is asked.
 fn in_use_below(dir: &Path) -> Option<String> {
-    let below = |p: &Path| p.starts_with(dir);
-    if let Ok(table) = std::fs::read_to_string("/proc/net/unix") {
-        // Num RefCount Protocol Flags Type St Inode Path
-        if let Some(socket) = table
-            .lines()
-            .skip(1)
-            .filter_map(|line| line.split_whitespace().nth(7))
-            .find(|p| below(Path::new(p)))
-        {
-            return Some(format!("a process listening on {socket}"));
-        }
-    }
-    let procs = std::fs::read_dir("/proc").ok()?;
-    for entry in procs.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cwd = std::fs::read_link(entry.path().join("cwd"));
-        let fds = std::fs::read_dir(entry.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok());
-        if cwd.into_iter().chain(fds).any(|p| below(&p)) {
-            return Some(format!("process {pid}"));
-        }
-    }
-    None
+    super::proc::user_below(dir)
 }
 
 /// Puts back every recorded setting, removes the host paths the node created, and

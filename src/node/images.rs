@@ -9,15 +9,15 @@ use std::path::{Path, PathBuf};
 
 use super::cmd;
 use super::error::NodeError;
+use crate::components::resolve_binary;
 use crate::config::DataDir;
 use crate::fsutil;
-use crate::supervisor::resolve_binary;
 
 pub const NAMESPACE: &str = "k8s.io";
 /// Which dropped archives were imported already: file name -> "size:mtime".
 const RECORD: &str = ".imported.json";
 
-fn ctr(data: &DataDir) -> Result<PathBuf, NodeError> {
+pub(super) fn ctr(data: &DataDir) -> Result<PathBuf, NodeError> {
     resolve_binary(data, "ctr")
         .map(|(path, _)| path)
         .map_err(|_| NodeError::NotFound {

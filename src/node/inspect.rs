@@ -10,8 +10,8 @@ use flate2::write::GzEncoder;
 
 use super::cmd;
 use super::error::NodeError;
+use crate::components::resolve_binary;
 use crate::config::DataDir;
-use crate::supervisor::resolve_binary;
 
 /// At most this much of each log goes in.
 const LOG_BYTES: u64 = 512 * 1024;
@@ -35,7 +35,8 @@ pub fn redact(text: &str) -> String {
         let lower = line.to_ascii_lowercase();
         let secret = ["token", "password", "secret", "client-key-data"]
             .iter()
-            .any(|w| lower.contains(w));
+            .any(|w| lower.contains(w))
+            || is_auth_key(&lower);
         match (secret, line.find(['=', ':'])) {
             (true, Some(at)) => {
                 out.push_str(&line[..=at]);
@@ -48,6 +49,25 @@ pub fn redact(text: &str) -> String {
         }
     }
     out
+}
+
+/// A registry credential's `auth` key (base64 of user:password) in config.yaml
+/// (`auth: ...`) or containerd's config.toml (`auth = ...`), not `auth:` opening a
+/// section nor words such as `authorization`.
+fn is_auth_key(lower: &str) -> bool {
+    let trimmed = lower.trim_start().trim_start_matches(['-', ' ', '{']);
+    let Some(rest) = trimmed
+        .strip_prefix("auth")
+        .or_else(|| trimmed.strip_prefix("\"auth\""))
+    else {
+        return false;
+    };
+    let rest = rest.trim_start();
+    let value = rest
+        .strip_prefix(':')
+        .or_else(|| rest.strip_prefix('='))
+        .map(str::trim);
+    value.is_some_and(|v| !v.is_empty() && !v.starts_with('#'))
 }
 
 struct Bundle<W: Write> {
@@ -196,6 +216,20 @@ pub fn write(
         &super::containerd::config_path(data),
     )?;
     bundle.add_file("node/cni.conflist", &super::cni::conflist_path(data))?;
+    if let Ok(entries) = std::fs::read_dir(super::registries::hosts_dir(data)) {
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            bundle.add_file(
+                &format!("node/certs.d/{name}/hosts.toml"),
+                &dir.join("hosts.toml"),
+            )?;
+        }
+    }
     bundle.add_file("node/kubelet.yaml", &super::kube::kubelet_config_path(data))?;
     bundle.add_file(
         "node/kube-proxy.yaml",
@@ -254,5 +288,27 @@ mod tests {
         assert!(!out.contains("QUJD"), "{out}");
         assert!(!out.contains("/x"), "{out}");
         assert!(out.starts_with("a\n") && out.ends_with("b\n"));
+    }
+
+    #[test]
+    fn registry_credentials_are_removed_in_every_spelling() {
+        let yaml = "registries:\n  configs:\n    m:\n      auth: {username: u, password: PW1}\n    \
+                    n:\n      auth:\n        username: u\n        password: PW2\n    \
+                    o:\n      auth: {auth: QUJDREVG}\n    p:\n      auth:\n        auth: R0hJSktM\n    \
+                    q:\n      auth: {identity_token: TOK1}\n";
+        let toml = "[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.\"m\".auth]\n  \
+                    username = \"u\"\n  password = \"PW3\"\n  auth = \"TU5PUFFS\"\n  \
+                    identitytoken = \"TOK2\"\n";
+        for text in [yaml, toml] {
+            let out = redact(text);
+            for secret in [
+                "PW1", "PW2", "PW3", "QUJDREVG", "R0hJSktM", "TU5PUFFS", "TOK1", "TOK2",
+            ] {
+                assert!(!out.contains(secret), "{secret} in {out}");
+            }
+        }
+        // what is not a credential stays readable
+        let plain = "auth:\n  authorization-mode: Node\n--authorization-mode=Node,RBAC\n";
+        assert_eq!(redact(plain), plain);
     }
 }

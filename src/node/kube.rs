@@ -11,17 +11,17 @@ use serde_json::{Value, json};
 
 use super::error::NodeError;
 use super::host::{CgroupVersion, HostFacts};
-use crate::config::{DataDir, NodeConfig, Role};
+use crate::components::resolve_binary;
+use crate::config::{DataDir, NodeConfig, Role, Service};
 use crate::fsutil;
-use crate::supervisor::resolve_binary;
 
 /// The Kubernetes services, in start order; each runs the binary of the same name.
-pub const SERVICES: &[&str] = &[
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubelet",
-    "kube-proxy",
+pub const SERVICES: &[Service] = &[
+    Service::KubeApiserver,
+    Service::KubeControllerManager,
+    Service::KubeScheduler,
+    Service::Kubelet,
+    Service::KubeProxy,
 ];
 
 /// The Kubernetes minors kdist knows how to configure.
@@ -175,7 +175,7 @@ pub fn binary_version(program: &Path) -> Result<KubeVersion, NodeError> {
 
 /// The Kubernetes services a node of `role` runs: a worker's control plane is elsewhere,
 /// so it needs only the kubelet and kube-proxy binaries.
-pub fn services_for(role: Role) -> &'static [&'static str] {
+pub fn services_for(role: Role) -> &'static [Service] {
     match role {
         Role::Worker => &SERVICES[3..],
         Role::ControlPlane => SERVICES,
@@ -187,7 +187,7 @@ pub fn services_for(role: Role) -> &'static [&'static str] {
 pub fn detect(data: &DataDir, role: Role) -> Result<Detection, NodeError> {
     let mut detection = Detection::default();
     for service in services_for(role) {
-        match resolve_binary(data, service) {
+        match resolve_binary(data, service.as_str()) {
             Ok((program, _)) => {
                 let version = binary_version(&program)?;
                 detection
@@ -245,7 +245,7 @@ fn path(p: &Path) -> Value {
 
 fn yaml(header: &str, value: &Value) -> String {
     // a json! value always serializes
-    let body = serde_yaml::to_string(value).unwrap_or_default();
+    let body = crate::yaml::to_string(value).unwrap_or_default();
     format!("{header}{body}")
 }
 
@@ -390,13 +390,16 @@ mod tests {
         assert_eq!(cg.condition(), "[1.31+]");
         for r in RULES {
             assert!(r.since >= MIN_MINOR && r.until.is_none_or(|u| u <= MAX_MINOR));
-            assert!(SERVICES.contains(&r.service));
+            assert!(SERVICES.iter().any(|s| *s == r.service));
         }
     }
 
     #[test]
     fn a_worker_needs_only_the_node_binaries() {
-        assert_eq!(services_for(Role::Worker), ["kubelet", "kube-proxy"]);
+        assert_eq!(
+            services_for(Role::Worker),
+            [Service::Kubelet, Service::KubeProxy]
+        );
         assert_eq!(services_for(Role::ControlPlane), SERVICES);
     }
 
@@ -408,7 +411,7 @@ mod tests {
         let facts = HostFacts::probe(&config);
         let parse = |config: &NodeConfig| -> Value {
             let inputs = NodeInputs::new(&data, config, &facts);
-            serde_yaml::from_str(&kubelet_config(&inputs, 28)).unwrap()
+            serde_saphyr::from_str(&kubelet_config(&inputs, 28)).unwrap()
         };
         assert!(parse(&config).get("cgroupRoot").is_none());
         config.runtime.cgroup_root = Some("/kdist-w1".into());

@@ -5,7 +5,8 @@
 //! It owns `<data>/containerd`, `<data>/cni`, `<data>/node`, `<data>/kubelet`,
 //! `<data>/images` and the host changes recorded in `<data>/node/host-state.json`. It
 //! reads certificates and kubeconfigs by their kubeadm names but never creates them, and
-//! it never spawns long-running processes: the supervisor runs the services.
+//! it never spawns long-running processes: the supervisor runs the services. It reads
+//! `/proc` only through [`proc`] (procfs) and changes links only through [`netlink`].
 
 pub mod cgroups;
 mod cmd;
@@ -21,17 +22,18 @@ pub mod kube;
 pub mod kubeconfig;
 pub mod masquerade;
 pub mod netlink;
+pub mod proc;
 mod procs;
 pub mod rbac;
+pub mod registries;
 pub mod reset;
 
 pub use error::NodeError;
-pub use host::HostFacts;
-pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, tree_usage};
+pub use host::{HostFact, HostFacts};
+pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, SERVICE_ENV, find_marked, tree_usage};
 
 use crate::config::{Cni, DataDir, Egress, NodeConfig};
 use crate::fsutil;
-use crate::supervisor::HostFact;
 
 /// What preparing the node found and did, for `kdist status`.
 #[derive(Debug, Clone)]
@@ -47,8 +49,10 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     let remounted = cgroups::ensure_mounted()?;
     let facts = HostFacts::probe(config);
     let settings = containerd::ContainerdSettings::new(data, config, &facts);
+    registries::write(data, &config.registries)?;
     containerd::write(data, &settings)?;
     let mut notes = Vec::new();
+    notes.extend(registries::protect_config(data, &config.registries)?);
     // the network controller writes it again with this node's pod CIDR
     cni::remove(data)?;
     migrate_controller_manager_args(data)?;
@@ -65,6 +69,15 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         ));
     }
     let mut report = facts.report();
+    report.extend(
+        registries::summary(&config.registries)
+            .into_iter()
+            .map(|(name, how)| HostFact {
+                name: format!("registry {name}"),
+                value: how,
+                note: None,
+            }),
+    );
     if let Some(note) = remounted {
         report.push(HostFact {
             name: "cgroup mounts".into(),

@@ -7,22 +7,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::config::DataDir;
-use crate::supervisor::find_marked;
+use super::proc;
+use crate::config::{DataDir, MARKER_ENV};
 
-/// Parent pid of every process.
-fn parents() -> BTreeMap<i32, i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return BTreeMap::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // the command name may hold spaces and parentheses: parse after the last ')'
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let ppid = rest.split(' ').nth(1)?.parse().ok()?;
-            Some((pid, ppid))
+/// Environment variable naming the service a child of the supervisor runs.
+pub const SERVICE_ENV: &str = "KDIST_SERVICE";
+
+/// Every live process (but this one) that carries the marker of `data`.
+pub fn find_marked(data: &DataDir) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    proc::pids()
+        .into_iter()
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            proc::env_of(*pid, MARKER_ENV).is_some_and(|m| std::path::Path::new(&m) == data.root())
         })
         .collect()
 }
@@ -83,47 +81,7 @@ pub fn group_of(pid: i32, daemon: i32, facts: &BTreeMap<i32, ProcessFacts>) -> S
 }
 
 fn service_env(pid: i32) -> Option<String> {
-    crate::supervisor::env_of(pid, crate::supervisor::SERVICE_ENV)
-}
-
-/// User + system CPU time of `pid` in milliseconds, from `/proc/<pid>/stat`.
-fn cpu_ms_of(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ').skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .filter(|hz| *hz > 0)
-        .unwrap_or(100) as u64;
-    Some((utime + stime) * 1000 / hz)
-}
-
-/// A `Name:   123 kB` field of a /proc file, in bytes.
-fn kib_field(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)
-}
-
-/// RSS and PSS in bytes from `/proc/<pid>/smaps_rollup`, RSS from its `status` (already
-/// read by the caller) as fallback.
-fn memory_of(pid: i32, status: &str) -> Option<(u64, Option<u64>)> {
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        && let Some(rss) = kib_field(&text, "Rss:")
-    {
-        return Some((rss, kib_field(&text, "Pss:")));
-    }
-    Some((kib_field(status, "VmRSS:")?, None))
+    proc::env_of(pid, SERVICE_ENV)
 }
 
 /// Every process of the node whose daemon is `daemon`: the daemon, its descendants,
@@ -133,14 +91,12 @@ fn memory_of(pid: i32, status: &str) -> Option<(u64, Option<u64>)> {
 pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
     let mut roots = find_marked(data);
     roots.push(daemon);
-    let parents = parents();
+    let parents = proc::parents();
     let pids = descendants(&parents, &roots);
     let facts: BTreeMap<i32, ProcessFacts> = pids
         .iter()
         .map(|pid| {
-            let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim().to_string())
-                .unwrap_or_default();
+            let command = proc::command(*pid).unwrap_or_default();
             let facts = ProcessFacts {
                 ppid: parents.get(pid).copied().unwrap_or(0),
                 service: service_env(*pid),
@@ -151,9 +107,7 @@ pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
         .collect();
     pids.iter()
         .filter_map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let (rss, pss) = memory_of(*pid, &status)?;
-            let anon = kib_field(&status, "RssAnon:");
+            let memory = proc::memory(*pid)?;
             Some(ProcessUsage {
                 pid: *pid,
                 group: group_of(*pid, daemon, &facts),
@@ -161,10 +115,10 @@ pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
                     .get(pid)
                     .map(|f| f.command.clone())
                     .unwrap_or_default(),
-                rss_bytes: rss,
-                pss_bytes: pss,
-                anon_bytes: anon,
-                cpu_ms: cpu_ms_of(*pid).unwrap_or(0),
+                rss_bytes: memory.rss,
+                pss_bytes: memory.pss,
+                anon_bytes: memory.anon,
+                cpu_ms: proc::cpu_ms(*pid).unwrap_or(0),
             })
         })
         .collect()
@@ -172,7 +126,7 @@ pub fn tree_usage(data: &DataDir, daemon: i32) -> Vec<ProcessUsage> {
 
 /// `roots` and all their descendants.
 pub fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
-    descendants(&parents(), roots)
+    descendants(&proc::parents(), roots)
 }
 
 /// `roots` and all their descendants in `parents` (pid -> parent pid).
@@ -201,10 +155,7 @@ pub fn kill_marked_trees(data: &DataDir) -> usize {
 pub fn kill_leftover_shims(data: &DataDir) -> usize {
     let shims = find_marked(data)
         .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.starts_with("containerd-shim"))
-        })
+        .filter(|pid| proc::command(*pid).is_some_and(|c| c.starts_with("containerd-shim")))
         .collect();
     kill_trees(shims)
 }
@@ -219,22 +170,12 @@ fn kill_trees(roots: Vec<i32>) -> usize {
     }
     // reaped by their parents or init; wait until they are gone
     for _ in 0..50 {
-        if all
-            .iter()
-            .all(|p| kill(Pid::from_raw(*p), None).is_err() || is_zombie(*p))
-        {
+        if all.iter().all(|p| proc::is_gone_or_zombie(*p)) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     all.len()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
-        .unwrap_or(true)
 }
 
 #[cfg(test)]
@@ -278,7 +219,7 @@ mod tests {
         let mut child = std::process::Command::new("/bin/sh")
             .args(["-c", "sleep 30 & wait"])
             .env(crate::config::MARKER_ENV, data.root())
-            .env(crate::supervisor::SERVICE_ENV, "svc")
+            .env(SERVICE_ENV, "svc")
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -1,13 +1,13 @@
-//! The RBAC objects the components need beyond Kubernetes' bootstrap policy, applied
-//! idempotently (`kubectl apply`) once the apiserver is ready.
+//! The RBAC objects the components need beyond Kubernetes' bootstrap policy (and the
+//! node-local volume provisioner on workers, which acts as its node), applied by the
+//! `rbac` controller every time the apiserver becomes ready.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::cmd;
 use super::error::NodeError;
+use crate::components::resolve_binary;
 use crate::config::{DataDir, NodeConfig, Role};
-use crate::supervisor::resolve_binary;
 
 /// apiserver -> kubelet API (logs, exec, port-forward, metrics) for the identity of
 /// `apiserver-kubelet-client.crt` (CN kube-apiserver-kubelet-client, kubeadm's name),
@@ -43,6 +43,44 @@ subjects:
 - apiGroup: rbac.authorization.k8s.io
   kind: Group
   name: kubeadm:cluster-admins
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: kdist:local-volumes
+  labels:
+    app.kubernetes.io/managed-by: kdist
+rules:
+- apiGroups: [\"\"]
+  resources: [persistentvolumes]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [\"\"]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch]
+- apiGroups: [\"\"]
+  resources: [persistentvolumeclaims/status]
+  verbs: [patch, update]
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses]
+  verbs: [get, list, watch]
+- apiGroups: [\"\", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch, update]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: kdist:local-volumes
+  labels:
+    app.kubernetes.io/managed-by: kdist
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: kdist:local-volumes
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: Group
+  name: system:nodes
 ";
 
 /// kubectl: the components' first, then PATH.
@@ -58,23 +96,6 @@ pub fn kubectl(data: &DataDir) -> Result<PathBuf, NodeError> {
 
 pub fn admin_kubeconfig(data: &DataDir) -> PathBuf {
     data.kubeconfig_dir().join("admin.conf")
-}
-
-/// Applies [`MANIFEST`], retrying for a short while (the bootstrap roles may lag the
-/// apiserver's readiness by a moment). Blocking.
-pub fn apply(data: &DataDir) -> Result<(), NodeError> {
-    let kubectl = kubectl(data)?;
-    let kubeconfig = admin_kubeconfig(data).display().to_string();
-    let args = ["--kubeconfig", &kubeconfig, "apply", "-f", "-"];
-    let mut last = None;
-    for _ in 0..10 {
-        match cmd::run_with_input(&kubectl, &args, Some(MANIFEST.as_bytes())) {
-            Ok(_) => return Ok(()),
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    Err(last.unwrap_or_else(|| NodeError::Api("kubectl apply did not run".into())))
 }
 
 /// The kubeconfig that can read this node's own Node object: the admin's on a control
@@ -114,11 +135,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn manifest_is_two_bindings() {
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(MANIFEST)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect();
-        assert_eq!(docs.len(), 2);
+    fn manifest_has_the_bindings() {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(MANIFEST).unwrap();
+        assert_eq!(docs.len(), 4);
         assert_eq!(docs[0]["roleRef"]["name"], "system:kubelet-api-admin");
         assert_eq!(
             docs[0]["subjects"][0]["name"],

@@ -89,13 +89,9 @@ fn flush_chains(family: &str, own: &str) -> Result<usize, NodeError> {
 
 /// Mount points at or below any of `roots`, deepest first.
 fn mounts_below(roots: &[PathBuf]) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+    let mut found: Vec<PathBuf> = super::proc::mounts()
+        .into_iter()
+        .map(|m| m.point)
         .filter(|m| roots.iter().any(|r| m.starts_with(r)))
         .collect();
     found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
@@ -136,19 +132,6 @@ fn remove_kubepods_cgroups() -> usize {
         .sum()
 }
 
-/// The network namespaces some live process is in, as (device, inode) of nsfs.
-fn netns_in_use() -> std::collections::HashSet<(u64, u64)> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Default::default();
-    };
-    procs
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::metadata(e.path().join("ns/net")).ok())
-        .map(|m| (m.dev(), m.ino()))
-        .collect()
-}
-
 /// Resets the node; the daemon must be stopped. Returns a line per thing done.
 pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeError> {
     let mut done = Vec::new();
@@ -163,7 +146,7 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
     let mut roots = vec![data.kubelet_dir(), data.containerd_dir()];
     // CNI's pod namespaces: this node's pods are dead now, so one still entered by a
     // process belongs to a pod of another node or runtime on this host and stays
-    let in_use = netns_in_use();
+    let in_use = super::proc::netns_in_use();
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         roots.extend(entries.flatten().map(|e| e.path()).filter(|p| {
             p.file_name()
@@ -200,9 +183,7 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
         Ok(false) => {}
         Err(e) => tracing::warn!("pod routes left: {e}"),
     }
-    if let Some(ip) = cmd::which("ip")
-        && cmd::run(&ip, &["link", "delete", &config.network.bridge]).is_ok()
-    {
+    if super::netlink::delete_link_blocking(&config.network.bridge)? {
         done.push(format!("removed bridge {}", config.network.bridge));
     }
     // under `ip netns exec` the cgroup file systems are hidden until mounted again
@@ -292,6 +273,41 @@ COMMIT
         assert_eq!(
             removal_script("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", &[]),
             ""
+        );
+    }
+
+    /// Unmounts what it mounted even when an assertion fails first.
+    struct Mounted(PathBuf);
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn a_mount_point_with_a_space_is_found_and_unmounted() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("pod volume");
+        std::fs::create_dir(&target).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        let mounted = Mounted(target.clone());
+        let roots = [root.path().to_path_buf()];
+        assert_eq!(mounts_below(&roots), [target]);
+        assert_eq!(unmount_all(&roots), 1);
+        assert!(mounts_below(&roots).is_empty());
+        assert!(
+            !super::super::proc::mounts()
+                .iter()
+                .any(|m| m.point == mounted.0),
+            "still mounted"
         );
     }
 }

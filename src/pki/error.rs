@@ -41,6 +41,19 @@ pub enum PkiError {
         "`{value}` is neither an IP address nor a DNS name; give e.g. 10.0.0.5 or api.example.com"
     )]
     BadSan { value: String },
+    #[error("config.yaml network.service_cidr: {0}")]
+    ServiceCidr(crate::config::ValueError),
     #[error("config.yaml certs.{field}: {reason}")]
     Config { field: String, reason: String },
+}
+
+/// Why certificate text could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum CertParseError {
+    #[error("not PEM")]
+    Pem(#[source] x509_parser::error::PEMError),
+    #[error("not an X.509 certificate")]
+    Der(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("no PEM certificate in the file")]
+    Empty,
 }

@@ -8,6 +8,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::pem::Pem;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::error::CertParseError;
 use super::spec::San;
 
 /// The facts of one certificate that kdist looks at.
@@ -27,24 +28,23 @@ pub struct CertInfo {
 }
 
 /// Every certificate of a PEM text (a CA file may hold a bundle during a rotation).
-pub fn parse_pem_bundle(pem: &[u8]) -> Result<Vec<CertInfo>, String> {
+pub fn parse_pem_bundle(pem: &[u8]) -> Result<Vec<CertInfo>, CertParseError> {
     let mut certs = Vec::new();
     for block in Pem::iter_from_buffer(pem) {
-        let block = block.map_err(|e| format!("not PEM: {e}"))?;
+        let block = block.map_err(CertParseError::Pem)?;
         if block.label != "CERTIFICATE" {
             continue;
         }
         certs.push(parse_der(&block.contents)?);
     }
     if certs.is_empty() {
-        return Err("no PEM certificate in the file".to_string());
+        return Err(CertParseError::Empty);
     }
     Ok(certs)
 }
 
-pub fn parse_der(der: &[u8]) -> Result<CertInfo, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+pub fn parse_der(der: &[u8]) -> Result<CertInfo, CertParseError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(CertParseError::Der)?;
     let mut sans = BTreeSet::new();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {

@@ -35,7 +35,7 @@ pub fn render(server: &str, ca_pem: &str, user: &str, cert_pem: &str, key_pem: &
         "preferences": {},
     });
     // serializing a json Value to YAML cannot fail: it has string keys only
-    serde_yaml::to_string(&value).unwrap_or_default()
+    crate::yaml::to_string(&value).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -45,7 +45,7 @@ mod tests {
     #[test]
     fn embeds_everything_as_base64() {
         let text = render(DEFAULT_SERVER, "CA", "kubernetes-admin", "CERT", "KEY");
-        let parsed: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let parsed: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
         assert_eq!(parsed["current-context"], "kubernetes-admin@kdist");
         assert_eq!(parsed["clusters"][0]["cluster"]["server"], DEFAULT_SERVER);
         let key = parsed["users"][0]["user"]["client-key-data"]

@@ -6,14 +6,23 @@
 //! process. It reports which services read what it re-issued ([`Issued::services`]);
 //! restarting them is the supervisor's or the CLI's job. Every write is atomic, keys are
 //! 0600 and never logged, and a CA key is never silently replaced.
+//!
+//! This file holds the entry points and the run that brings everything up to date;
+//! `spec` says what exists, `ca` loads, creates and rotates the CAs, `leaves` decides
+//! and issues leaf certificates and the service-account key pair, `issue` signs,
+//! `check` reports, `inspect` reads certificates back, `kubeconfig` renders them.
 
+mod ca;
+mod check;
 mod error;
 mod inspect;
 mod issue;
 mod kubeconfig;
+mod leaves;
 mod spec;
 
-pub use error::PkiError;
+pub use ca::pem_encode;
+pub use error::{CertParseError, PkiError};
 pub use inspect::rfc3339;
 pub use kubeconfig::{DEFAULT_SERVER, render as render_kubeconfig};
 pub use spec::RESTART_ORDER;
@@ -25,14 +34,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
-use rcgen::KeyPair;
 use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::config::{DataDir, NodeConfig, is_valid_san};
 use crate::fsutil;
-use inspect::CertInfo;
-use spec::{CaId, CaSpec, Cn, HostNames, LeafSpec, San};
+use ca::{Ca, keep_matching};
+use leaves::LeafState;
+use spec::{CaId, HostNames, San};
 
 /// Name of the service-account key pair on the command line and in `check`.
 const SA: &str = "sa";
@@ -60,9 +69,9 @@ pub fn affected_services(issued: &[Issued]) -> Vec<String> {
 }
 
 /// Whether the first certificate of `pem` names `ip` among its subject alternative names.
-pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, String> {
+pub fn cert_names_ip(pem: &[u8], ip: std::net::IpAddr) -> Result<bool, CertParseError> {
     let certs = inspect::parse_pem_bundle(pem)?;
-    let first = certs.first().ok_or("holds no certificate")?;
+    let first = certs.first().ok_or(CertParseError::Empty)?;
     Ok(first.sans.contains(&San::Ip(ip)))
 }
 
@@ -249,16 +258,6 @@ pub fn has_problems(reports: &[CertReport]) -> bool {
     reports.iter().any(|r| r.status != CertStatus::Ok)
 }
 
-/// A CA ready to sign: all certificates of its file and its key.
-struct Ca {
-    bundle: Vec<CertInfo>,
-    /// The PEM of the certificate matching the key.
-    signing_pem: String,
-    /// The whole file (several certificates during a rotation).
-    file_pem: String,
-    key: KeyPair,
-}
-
 struct Pki {
     certs: PathBuf,
     kubeconfigs: PathBuf,
@@ -293,50 +292,6 @@ fn read_optional(path: &Path) -> Result<Option<String>, PkiError> {
     }
 }
 
-/// The PEM blocks of `bundle` whose public key is `key`'s (all certificates when
-/// `key` is `None`).
-fn keep_matching(bundle: &str, key: Option<&KeyPair>) -> String {
-    let mut out = String::new();
-    for block in x509_parser::pem::Pem::iter_from_buffer(bundle.as_bytes()).flatten() {
-        if block.label != "CERTIFICATE" {
-            continue;
-        }
-        let keep = match (key, inspect::parse_der(&block.contents)) {
-            (None, Ok(_)) => true,
-            (Some(key), Ok(info)) => inspect::key_matches(&info, key),
-            (_, Err(_)) => false,
-        };
-        if keep {
-            let pem = pem_encode(&block.contents);
-            out.push_str(&pem);
-        }
-    }
-    out
-}
-
-/// One certificate in DER as a PEM block (64-column base64, LF line ends).
-pub fn pem_encode(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-/// How a leaf on disk compares with what it should be.
-enum LeafState {
-    Ok,
-    Missing(String),
-    Invalid(String),
-    Expired,
-    Expiring,
-    LacksNames(Vec<San>),
-}
-
 impl Pki {
     fn open(data: &DataDir, config: &NodeConfig) -> Result<Self, PkiError> {
         let certs = data.certs_dir();
@@ -368,322 +323,6 @@ impl Pki {
     }
     fn key_path(&self, name: &str) -> PathBuf {
         self.certs.join(format!("{name}.key"))
-    }
-
-    fn added_sans(&self) -> Result<Vec<String>, PkiError> {
-        let path = self.certs.join(EXTRA_SANS_FILE);
-        Ok(read_optional(&path)?
-            .unwrap_or_default()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_string)
-            .collect())
-    }
-
-    fn service_ip(&self) -> Result<std::net::IpAddr, PkiError> {
-        self.config
-            .network
-            .kubernetes_service_ip()
-            .map(Into::into)
-            .map_err(|reason| PkiError::Config {
-                field: "network.service_cidr".into(),
-                reason,
-            })
-    }
-
-    fn expected_sans(&self, leaf: &LeafSpec) -> Result<BTreeSet<San>, PkiError> {
-        let mut extra = self.config.certs.extra_sans.clone();
-        extra.extend(self.added_sans()?);
-        let mut sans = spec::sans_for(
-            leaf.sans,
-            &self.host,
-            (self.service_ip()?, &self.config.network.cluster_domain),
-            &extra,
-        );
-        // the embedded datastore serves TLS on its configured addresses with this cert
-        if leaf.name == spec::DATASTORE_SERVING_LEAF {
-            for listen in &self.config.embedded.listen {
-                let ip = listen.addr.ip();
-                if !ip.is_unspecified() {
-                    sans.insert(San::Ip(ip));
-                }
-            }
-        }
-        Ok(sans)
-    }
-
-    fn common_name(&self, leaf: &LeafSpec) -> String {
-        match leaf.cn {
-            Cn::Fixed(name) => name.to_string(),
-            Cn::Node => self.host.node_name.clone(),
-            Cn::NodeUser => format!("system:node:{}", self.host.node_name),
-        }
-    }
-
-    fn window(&self) -> i64 {
-        i64::try_from(self.config.certs.renewal_window.duration().as_secs()).unwrap_or(i64::MAX)
-    }
-
-    /// The leaves (and for the cluster CA, kubeconfigs) on disk that a CA has signed.
-    fn dependents_of(&self, ca: &CaSpec) -> Vec<String> {
-        let mut found: Vec<String> = spec::LEAVES
-            .iter()
-            .filter(|l| l.ca == ca.id && self.cert_path(l.name).exists())
-            .map(|l| format!("{}.crt", l.name))
-            .collect();
-        if self.cert_path(ca.name).exists() {
-            found.insert(0, format!("{}.crt", ca.name));
-        }
-        found
-    }
-
-    /// Loads a CA; creates it when nothing of it exists yet.
-    fn load_or_create_ca(&self, spec: &CaSpec, issued: &mut Vec<Issued>) -> Result<Ca, PkiError> {
-        let cert_path = self.cert_path(spec.name);
-        let key_path = self.key_path(spec.name);
-        let bad = |path: &Path, what: &str, reason: String| PkiError::BadCa {
-            path: path.to_path_buf(),
-            what: what.to_string(),
-            reason,
-            certs_dir: self.certs.clone(),
-        };
-        let Some(key_pem) = read_optional(&key_path)? else {
-            let dependents = self.dependents_of(spec);
-            if !dependents.is_empty() {
-                let title = match spec.id {
-                    CaId::Cluster => "cluster CA",
-                    CaId::FrontProxy => "front-proxy CA",
-                    CaId::Etcd => "etcd CA",
-                };
-                return Err(PkiError::KeyMissing {
-                    what: title.to_string(),
-                    key: key_path,
-                    dependents: dependents.join(", "),
-                    certs_dir: self.certs.clone(),
-                });
-            }
-            let key = issue::generate_key(self.config.certs.key_algorithm, spec.name)?;
-            let pem = issue::self_signed_ca(spec.common_name, &key, self.now)?;
-            write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-            write(&cert_path, pem.as_bytes(), 0o644)?;
-            tracing::info!(ca = spec.name, "CA created");
-            issued.push(Issued {
-                name: spec.name.to_string(),
-                reason: "created".into(),
-                services: spec.services.iter().map(|s| s.to_string()).collect(),
-            });
-            return self.load_or_create_ca(spec, &mut Vec::new());
-        };
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| bad(&key_path, "CA key", format!("not a PEM private key ({e})")))?;
-        let file_pem = match read_optional(&cert_path)? {
-            Some(pem) => pem,
-            None => {
-                // the key is what matters: the same key and name re-make an equivalent
-                // CA certificate under which every existing leaf still verifies
-                let pem = issue::self_signed_ca(spec.common_name, &key, self.now)?;
-                write(&cert_path, pem.as_bytes(), 0o644)?;
-                tracing::warn!(
-                    ca = spec.name,
-                    "CA certificate was missing; re-made from its key"
-                );
-                issued.push(Issued {
-                    name: spec.name.to_string(),
-                    reason: "certificate re-made from the existing key".into(),
-                    services: spec.services.iter().map(|s| s.to_string()).collect(),
-                });
-                pem
-            }
-        };
-        let bundle = inspect::parse_pem_bundle(file_pem.as_bytes())
-            .map_err(|reason| bad(&cert_path, "CA certificate", reason))?;
-        let signing_pem = keep_matching(&file_pem, Some(&key));
-        if signing_pem.is_empty() {
-            return Err(bad(
-                &cert_path,
-                "CA certificate",
-                format!("no certificate in it matches {}", key_path.display()),
-            ));
-        }
-        Ok(Ca {
-            bundle,
-            signing_pem,
-            file_pem,
-            key,
-        })
-    }
-
-    /// Ends a cluster CA rotation whose overlap is over: only the new CA stays.
-    fn finish_rotation(&self, ca: &mut Ca, issued: &mut Vec<Issued>) -> Result<(), PkiError> {
-        let path = self.certs.join(ROTATION_FILE);
-        let Some(text) = read_optional(&path)? else {
-            return Ok(());
-        };
-        let until: i64 = text.trim().parse().unwrap_or(0);
-        if until > self.now.unix_timestamp() {
-            return Ok(());
-        }
-        let spec = spec::ca(CaId::Cluster);
-        write(&self.cert_path(spec.name), ca.signing_pem.as_bytes(), 0o644)?;
-        std::fs::remove_file(&path).map_err(io_err(&path))?;
-        ca.file_pem = ca.signing_pem.clone();
-        ca.bundle = inspect::parse_pem_bundle(ca.file_pem.as_bytes()).map_err(|reason| {
-            PkiError::BadCa {
-                path: self.cert_path(spec.name),
-                what: "CA certificate".into(),
-                reason,
-                certs_dir: self.certs.clone(),
-            }
-        })?;
-        tracing::info!("cluster CA rotation finished; the old CA is no longer trusted");
-        issued.push(Issued {
-            name: spec.name.to_string(),
-            reason: "rotation finished; old CA no longer trusted".into(),
-            services: spec.services.iter().map(|s| s.to_string()).collect(),
-        });
-        Ok(())
-    }
-
-    fn leaf_state(
-        &self,
-        leaf: &LeafSpec,
-        ca_bundle: &[CertInfo],
-    ) -> Result<(Option<CertInfo>, LeafState), PkiError> {
-        let cert_path = self.cert_path(leaf.name);
-        let key_path = self.key_path(leaf.name);
-        let Some(cert_pem) = read_optional(&cert_path)? else {
-            return Ok((
-                None,
-                LeafState::Missing(format!("{} is missing", cert_path.display())),
-            ));
-        };
-        let Some(key_pem) = read_optional(&key_path)? else {
-            return Ok((
-                None,
-                LeafState::Missing(format!("{} is missing", key_path.display())),
-            ));
-        };
-        let info = match inspect::parse_pem_bundle(cert_pem.as_bytes()) {
-            Ok(mut certs) => certs.remove(0),
-            Err(reason) => {
-                return Ok((
-                    None,
-                    LeafState::Invalid(format!("{}: {reason}", cert_path.display())),
-                ));
-            }
-        };
-        let expected_cn = self.common_name(leaf);
-        let state = match KeyPair::from_pem(&key_pem) {
-            Err(e) => LeafState::Invalid(format!(
-                "{} is not a PEM private key ({e})",
-                key_path.display()
-            )),
-            Ok(key) if !inspect::key_matches(&info, &key) => LeafState::Invalid(format!(
-                "{} does not belong to {}",
-                key_path.display(),
-                cert_path.display()
-            )),
-            Ok(_) if !ca_bundle.iter().any(|ca| inspect::signed_by(&info, ca)) => {
-                LeafState::Invalid(format!("not signed by {}", spec::ca(leaf.ca).name))
-            }
-            // the node name is in some subjects: a renamed node needs them issued again
-            Ok(_) if info.common_name.as_deref() != Some(expected_cn.as_str()) => {
-                LeafState::Invalid(format!(
-                    "its subject is CN={}, not CN={expected_cn} (was the node renamed?)",
-                    info.common_name.as_deref().unwrap_or("(none)"),
-                ))
-            }
-            Ok(_) => {
-                let now = self.now.unix_timestamp();
-                let lacking: Vec<San> = self
-                    .expected_sans(leaf)?
-                    .into_iter()
-                    .filter(|s| !info.sans.contains(s))
-                    .collect();
-                if info.not_after <= now {
-                    LeafState::Expired
-                } else if info.not_before > now + 300 {
-                    LeafState::Invalid("not valid yet (clock skew?)".into())
-                } else if !lacking.is_empty() {
-                    LeafState::LacksNames(lacking)
-                } else if info.not_after - now <= self.window() {
-                    LeafState::Expiring
-                } else {
-                    LeafState::Ok
-                }
-            }
-        };
-        Ok((Some(info), state))
-    }
-
-    fn issue_leaf(&self, leaf: &LeafSpec, ca: &Ca) -> Result<(), PkiError> {
-        let key_path = self.key_path(leaf.name);
-        let algorithm = match self.config.certs.key_algorithm {
-            crate::config::KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            crate::config::KeyAlgorithm::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
-        };
-        // keep a sound key of the configured type: only the certificate changes, so no
-        // reader can ever pair a new certificate with an old key
-        let existing = read_optional(&key_path)?
-            .and_then(|pem| KeyPair::from_pem(&pem).ok())
-            .filter(|k| k.algorithm() == algorithm);
-        let key = match existing {
-            Some(key) => key,
-            None => {
-                let key = issue::generate_key(self.config.certs.key_algorithm, leaf.name)?;
-                write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-                key
-            }
-        };
-        let common_name = self.common_name(leaf);
-        let request = issue::LeafRequest {
-            name: leaf.name,
-            common_name: &common_name,
-            org: leaf.org,
-            server: leaf.server,
-            client: leaf.client,
-            sans: self.expected_sans(leaf)?.into_iter().collect(),
-            validity: self.config.certs.leaf_validity.duration(),
-        };
-        let pem = issue::sign_leaf(&request, &key, &ca.signing_pem, &ca.key, self.now)?;
-        write(&self.cert_path(leaf.name), pem.as_bytes(), 0o644)
-    }
-
-    fn ensure_sa(&self, issued: &mut Vec<Issued>) -> Result<(), PkiError> {
-        let key_path = self.key_path(SA);
-        let pub_path = self.certs.join(format!("{SA}.pub"));
-        let key = match read_optional(&key_path)? {
-            Some(pem) => KeyPair::from_pem(&pem).map_err(|e| PkiError::BadCa {
-                path: key_path.clone(),
-                what: "service-account key".into(),
-                reason: format!("not a PEM private key ({e})"),
-                certs_dir: self.certs.clone(),
-            })?,
-            None if pub_path.exists() => {
-                return Err(PkiError::KeyMissing {
-                    what: "service-account".into(),
-                    key: key_path,
-                    dependents: format!("{} and every issued token", pub_path.display()),
-                    certs_dir: self.certs.clone(),
-                });
-            }
-            None => {
-                let key = issue::generate_key(self.config.certs.key_algorithm, SA)?;
-                write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-                issued.push(Issued {
-                    name: SA.into(),
-                    reason: "created".into(),
-                    services: vec!["kube-apiserver".into(), "kube-controller-manager".into()],
-                });
-                key
-            }
-        };
-        let public = key.public_key_pem();
-        if read_optional(&pub_path)?.as_deref() != Some(public.as_str()) {
-            write(&pub_path, public.as_bytes(), 0o644)?;
-        }
-        Ok(())
     }
 
     /// One pass: CAs, SA pair, leaves (those in `force` re-issued regardless), kubeconfigs.
@@ -779,225 +418,6 @@ impl Pki {
             }
         }
         Ok(issued)
-    }
-
-    fn check(&self) -> Vec<CertReport> {
-        let mut reports = Vec::new();
-        let mut bundles: Vec<(CaId, Vec<CertInfo>)> = Vec::new();
-        for spec in spec::CAS {
-            let path = self.cert_path(spec.name);
-            let key_path = self.key_path(spec.name);
-            let mut report = blank(spec.name, "ca", &path);
-            match std::fs::read(&path) {
-                Err(e) => {
-                    report.status = CertStatus::Missing;
-                    report.problem = Some(format!("{}: {e}", path.display()));
-                }
-                Ok(pem) => match inspect::parse_pem_bundle(&pem) {
-                    Err(reason) => {
-                        report.status = CertStatus::Invalid;
-                        report.problem = Some(reason);
-                    }
-                    Ok(bundle) => {
-                        let key = std::fs::read_to_string(&key_path)
-                            .ok()
-                            .and_then(|k| KeyPair::from_pem(&k).ok());
-                        let signing = key.as_ref().and_then(|k| {
-                            bundle.iter().find(|c| inspect::key_matches(c, k)).cloned()
-                        });
-                        let shown = signing.clone().unwrap_or_else(|| bundle[0].clone());
-                        self.fill(&mut report, &shown);
-                        if key.is_none() {
-                            report.status = CertStatus::Invalid;
-                            report.problem = Some(format!(
-                                "its key {} is missing or unreadable; restore it from a backup",
-                                key_path.display()
-                            ));
-                        } else if !shown.is_ca {
-                            report.status = CertStatus::Invalid;
-                            report.problem = Some("not a CA certificate".into());
-                        } else if signing.is_none() {
-                            report.status = CertStatus::Invalid;
-                            report.problem =
-                                Some(format!("{} does not match it", key_path.display()));
-                        } else if report.status != CertStatus::Ok {
-                            report.problem = Some("run `kdist certs rotate-ca`".into());
-                        } else if bundle.len() > 1 {
-                            report.problem = Some(format!(
-                                "rotation in progress: {} CAs trusted",
-                                bundle.len()
-                            ));
-                        }
-                        bundles.push((spec.id, bundle));
-                    }
-                },
-            }
-            reports.push(report);
-        }
-        reports.push(self.check_sa());
-        for leaf in spec::LEAVES {
-            let path = self.cert_path(leaf.name);
-            let mut report = blank(leaf.name, "leaf", &path);
-            let bundle = bundles
-                .iter()
-                .find(|(id, _)| *id == leaf.ca)
-                .map(|(_, b)| b.as_slice())
-                .unwrap_or(&[]);
-            let renew = format!("run `kdist certs renew {}`", leaf.name);
-            match self.leaf_state(leaf, bundle) {
-                Err(e) => {
-                    report.status = CertStatus::Invalid;
-                    report.problem = Some(e.to_string());
-                }
-                Ok((info, state)) => {
-                    if let Some(info) = &info {
-                        self.fill(&mut report, info);
-                    }
-                    let (status, problem) = match state {
-                        LeafState::Ok => (CertStatus::Ok, None),
-                        LeafState::Missing(why) => (CertStatus::Missing, Some(why)),
-                        LeafState::Invalid(why) => (CertStatus::Invalid, Some(why)),
-                        LeafState::Expired => (CertStatus::Expired, Some("expired".into())),
-                        LeafState::Expiring => (
-                            CertStatus::Expiring,
-                            Some("inside the renewal window".into()),
-                        ),
-                        LeafState::LacksNames(names) => {
-                            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-                            (
-                                CertStatus::Invalid,
-                                Some(format!("lacks {}", names.join(", "))),
-                            )
-                        }
-                    };
-                    report.status = status;
-                    report.problem = problem.map(|p| format!("{p}; {renew}"));
-                }
-            }
-            reports.push(report);
-        }
-        for leaf in spec::LEAVES {
-            if let Some(file) = leaf.kubeconfig {
-                reports.push(self.check_kubeconfig(leaf, file));
-            }
-        }
-        reports
-    }
-
-    /// A kubeconfig must embed the current CA file and the current client certificate.
-    fn check_kubeconfig(&self, leaf: &LeafSpec, file: &str) -> CertReport {
-        let path = self.kubeconfigs.join(file);
-        let mut report = blank(&format!("kubeconfig/{file}"), "kubeconfig", &path);
-        let fix = "run `kdist certs init`";
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) => {
-                report.status = CertStatus::Missing;
-                report.problem = Some(format!("{}: {e}; {fix}", path.display()));
-                return report;
-            }
-        };
-        let decoded = |value: &serde_yaml::Value| -> Option<String> {
-            use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(value.as_str()?)
-                .ok()?;
-            String::from_utf8(bytes).ok()
-        };
-        let parsed: Option<serde_yaml::Value> = serde_yaml::from_str(&text).ok();
-        let embedded = parsed.as_ref().and_then(|v| {
-            Some((
-                decoded(&v["clusters"][0]["cluster"]["certificate-authority-data"])?,
-                decoded(&v["users"][0]["user"]["client-certificate-data"])?,
-            ))
-        });
-        let Some((ca_pem, cert_pem)) = embedded else {
-            report.status = CertStatus::Invalid;
-            report.problem = Some(format!(
-                "not a kubeconfig with embedded certificates; {fix}"
-            ));
-            return report;
-        };
-        if let Ok(mut certs) = inspect::parse_pem_bundle(cert_pem.as_bytes()) {
-            self.fill(&mut report, &certs.remove(0));
-        }
-        let current = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
-        if cert_pem != current(self.cert_path(leaf.name)) {
-            report.status = CertStatus::Invalid;
-            report.problem = Some(format!(
-                "does not embed the current {}.crt; {fix}",
-                leaf.name
-            ));
-        } else if ca_pem != current(self.cert_path(spec::ca(leaf.ca).name)) {
-            report.status = CertStatus::Invalid;
-            report.problem = Some(format!("does not embed the current CA; {fix}"));
-        } else if report.status != CertStatus::Ok {
-            report.problem = Some(format!("run `kdist certs renew {}`", leaf.name));
-        }
-        report
-    }
-
-    fn check_sa(&self) -> CertReport {
-        let key_path = self.key_path(SA);
-        let pub_path = self.certs.join(format!("{SA}.pub"));
-        let mut report = blank(SA, "key-pair", &key_path);
-        let key = match std::fs::read_to_string(&key_path) {
-            Err(e) => {
-                report.status = CertStatus::Missing;
-                report.problem = Some(format!("{}: {e}", key_path.display()));
-                return report;
-            }
-            Ok(pem) => match KeyPair::from_pem(&pem) {
-                Ok(key) => key,
-                Err(e) => {
-                    report.status = CertStatus::Invalid;
-                    report.problem = Some(format!("not a PEM private key ({e})"));
-                    return report;
-                }
-            },
-        };
-        if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(key.public_key_pem().as_str())
-        {
-            report.status = CertStatus::Invalid;
-            report.problem = Some(format!(
-                "{} is missing or does not match {}; run `kdist certs init`",
-                pub_path.display(),
-                key_path.display()
-            ));
-        }
-        report
-    }
-
-    fn fill(&self, report: &mut CertReport, info: &CertInfo) {
-        let now = self.now.unix_timestamp();
-        let left = info.not_after - now;
-        report.subject = Some(info.subject.clone());
-        report.issuer = Some(info.issuer.clone());
-        report.sans = info.sans.iter().map(|s| s.to_string()).collect();
-        report.not_after = Some(inspect::rfc3339(info.not_after));
-        report.days_left = Some((left as f64 / 86_400.0 * 100.0).round() / 100.0);
-        report.status = if left <= 0 {
-            CertStatus::Expired
-        } else if left <= self.window() {
-            CertStatus::Expiring
-        } else {
-            CertStatus::Ok
-        };
-    }
-}
-
-fn blank(name: &str, kind: &'static str, path: &Path) -> CertReport {
-    CertReport {
-        name: name.to_string(),
-        kind,
-        path: path.to_path_buf(),
-        subject: None,
-        issuer: None,
-        sans: Vec::new(),
-        not_after: None,
-        days_left: None,
-        status: CertStatus::Ok,
-        problem: None,
     }
 }
 

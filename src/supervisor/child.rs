@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -15,8 +15,7 @@ use super::error::SupervisorError;
 use crate::config::{DataDir, MARKER_ENV};
 use crate::fsutil;
 
-/// Environment variable naming the service a child belongs to.
-pub const SERVICE_ENV: &str = "KDIST_SERVICE";
+pub use crate::node::{SERVICE_ENV, find_marked};
 
 /// A running child: the tokio handle and its pid (= its process group id).
 pub struct Running {
@@ -103,34 +102,6 @@ pub async fn stop(
     };
     let _ = killpg(pgid, Signal::SIGKILL);
     Ok(status)
-}
-
-/// The value of environment variable `name` in process `pid`, if it has one.
-pub(crate) fn env_of(pid: i32, name: &str) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{name}=");
-    environ
-        .split(|b| *b == 0)
-        .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))
-        .map(|value| String::from_utf8_lossy(value).into_owned())
-}
-
-/// Reads the marker of process `pid`: the data dir it was started for, if any.
-fn marker_of(pid: i32) -> Option<PathBuf> {
-    env_of(pid, MARKER_ENV).map(PathBuf::from)
-}
-
-/// Every live process that carries our marker for `data`.
-pub fn find_marked(data: &DataDir) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let me = std::process::id() as i32;
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| marker_of(*pid).as_deref() == Some(data.root()))
-        .collect()
 }
 
 /// Stops whatever an earlier daemon of this data dir left running: only processes that

@@ -132,12 +132,15 @@ impl Daemon {
         };
         let specs = {
             let (plan_data, config) = (data.clone(), config.clone());
-            tokio::task::spawn_blocking(move || service::plan(&plan_data, &config))
-                .await
-                .map_err(|e| SupervisorError::Io {
-                    path: data.root().to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
-                })??
+            tokio::task::spawn_blocking(move || {
+                let host = service::HostInputs::probe(&plan_data, &config)?;
+                service::plan(&plan_data, &config, &host)
+            })
+            .await
+            .map_err(|e| SupervisorError::Io {
+                path: data.root().to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })??
         };
         service::write_default_args(&specs)?;
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
@@ -242,7 +245,7 @@ impl Daemon {
         renew_task.abort();
         let _ = renew_task.await;
         info!("stopping services");
-        fleet.lock().await.stop_all().await;
+        super::fleet::stop_all(&fleet).await;
         let (data, config) = (self.data.clone(), self.config.clone());
         let _ = tokio::task::spawn_blocking(move || crate::node::teardown(&data, &config)).await;
         notify_task.abort();

@@ -74,9 +74,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, SupervisorError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SupervisorError::Io {
-            path: "migration".into(),
-            source: std::io::Error::other(e.to_string()),
+        .map_err(|source| SupervisorError::Task {
+            what: "migration".into(),
+            source,
         })?
 }
 
@@ -120,63 +120,15 @@ pub(crate) async fn migrate(
     to: DatastoreKind,
 ) -> Result<MigrationReport, SupervisorError> {
     let started = Instant::now();
-    let config = NodeConfig::load(data)?;
+    let Prepared {
+        config,
+        new_specs,
+        src,
+        source_name,
+    } = prepare(fleet, data, to).await?;
     let from = config.datastore;
-    if from == to {
-        return Err(refused(format!(
-            "this node already runs the {} datastore ({})",
-            to.as_str(),
-            data.config_file().display()
-        )));
-    }
-    if config.role == Role::Worker {
-        return Err(refused(
-            "a worker runs no datastore; migrate on a control-plane node",
-        ));
-    }
     let (old_name, new_name) = (from.service_name(), to.service_name());
-    let running_old = fleet.lock().await.sender(old_name).is_some();
-    if !running_old {
-        return Err(refused(format!(
-            "the {old_name} service does not run on this node (config.yaml `disable`?)"
-        )));
-    }
-    copy::check_target_free(data, to)?;
-    let mut new_config = config.clone();
-    new_config.datastore = to;
-    let new_specs = {
-        let (d, c) = (data.clone(), new_config.clone());
-        blocking(move || {
-            let specs = service::plan(&d, &c)?;
-            service::write_default_args(&specs)?;
-            Ok(specs)
-        })
-        .await?
-    };
-    let source = Side::of(data, from, config.etcd.client_port);
-    let source_name = source.name();
-    let src = source.connect().await?;
-    if from == DatastoreKind::Etcd {
-        let members = copy::member_count(&src, &source_name).await?;
-        if members > 1 {
-            return Err(refused(format!(
-                "this node's etcd has {members} members; remove the other nodes first \
-                 (`kdist remove-node`), the embedded datastore serves one node"
-            )));
-        }
-    }
-
-    let (old_specs, restarted) = {
-        let fleet = fleet.lock().await;
-        (fleet.specs.clone(), dependents(&fleet.specs, old_name))
-    };
-    info!(from = from.as_str(), to = to.as_str(), stopping = ?restarted, "datastore migration: stopping writers");
-    {
-        let mut fleet = fleet.lock().await;
-        for name in restarted.iter().rev() {
-            fleet.stop(name).await;
-        }
-    }
+    let (old_specs, restarted) = stop_writers(fleet, old_name, from, to).await;
 
     let mut target_started = false;
     let outcome = copy_and_check(
@@ -223,27 +175,8 @@ pub(crate) async fn migrate(
         to = to.as_str(),
         "datastore migration: config.yaml switched"
     );
-    {
-        let mut fleet = fleet.lock().await;
-        fleet.stop(old_name).await;
-        fleet.specs = new_specs.clone();
-        let names: Vec<String> = new_specs.iter().map(|s| s.name.clone()).collect();
-        fleet.board.set_services(&names);
-        for spec in new_specs.iter().filter(|s| restarted.contains(&s.name)) {
-            fleet.spawn(spec.clone());
-        }
-    }
-    let old_data = {
-        let d = data.clone();
-        match blocking(move || Ok(copy::retire(&d, from)?)).await {
-            Ok(path) => path.display().to_string(),
-            Err(e) => {
-                let kept = copy::location(data, from);
-                warn!(error = %crate::report::error_chain(&e), "old datastore data left in place");
-                kept.display().to_string()
-            }
-        }
-    };
+    hand_over(fleet, old_name, &new_specs, &restarted).await;
+    let old_data = retire_old(data, from).await;
     let ready = wait_ready(fleet, &restarted, SERVICES_READY).await;
     let report = MigrationReport {
         from: from.as_str().into(),
@@ -262,6 +195,128 @@ pub(crate) async fn migrate(
     };
     info!(keys = report.keys, sha256 = %report.sha256, seconds = report.seconds, "datastore migration done");
     Ok(report)
+}
+
+/// What a migration that may go ahead starts from.
+struct Prepared {
+    config: NodeConfig,
+    /// The services planned for the target datastore, their args files written.
+    new_specs: Vec<ServiceSpec>,
+    /// A connection to the source datastore, and its name in errors.
+    src: tonic::transport::Channel,
+    source_name: String,
+}
+
+/// Refuses what cannot be migrated (same kind, a worker, the source not running, a
+/// target with data, a multi-member etcd), plans the target's services and connects to
+/// the source.
+async fn prepare(
+    fleet: &SharedFleet,
+    data: &DataDir,
+    to: DatastoreKind,
+) -> Result<Prepared, SupervisorError> {
+    let config = NodeConfig::load(data)?;
+    let from = config.datastore;
+    if from == to {
+        return Err(refused(format!(
+            "this node already runs the {} datastore ({})",
+            to.as_str(),
+            data.config_file().display()
+        )));
+    }
+    if config.role == Role::Worker {
+        return Err(refused(
+            "a worker runs no datastore; migrate on a control-plane node",
+        ));
+    }
+    let old_name = from.service_name();
+    let running_old = fleet.lock().await.sender(old_name).is_some();
+    if !running_old {
+        return Err(refused(format!(
+            "the {old_name} service does not run on this node (config.yaml `disable`?)"
+        )));
+    }
+    copy::check_target_free(data, to)?;
+    let mut new_config = config.clone();
+    new_config.datastore = to;
+    let new_specs = {
+        let (d, c) = (data.clone(), new_config.clone());
+        blocking(move || {
+            let host = service::HostInputs::probe(&d, &c)?;
+            let specs = service::plan(&d, &c, &host)?;
+            service::write_default_args(&specs)?;
+            Ok(specs)
+        })
+        .await?
+    };
+    let source = Side::of(data, from, config.etcd.client_port);
+    let source_name = source.name();
+    let src = source.connect().await?;
+    if from == DatastoreKind::Etcd {
+        let members = copy::member_count(&src, &source_name).await?;
+        if members > 1 {
+            return Err(refused(format!(
+                "this node's etcd has {members} members; remove the other nodes first \
+                 (`kdist remove-node`), the embedded datastore serves one node"
+            )));
+        }
+    }
+    Ok(Prepared {
+        config,
+        new_specs,
+        src,
+        source_name,
+    })
+}
+
+/// Stops the services that depend on the old datastore, dependents first; returns the
+/// specs as they were (for a rollback) and the names of the stopped services.
+async fn stop_writers(
+    fleet: &SharedFleet,
+    old_name: &str,
+    from: DatastoreKind,
+    to: DatastoreKind,
+) -> (Vec<ServiceSpec>, Vec<String>) {
+    let (old_specs, restarted) = {
+        let fleet = fleet.lock().await;
+        (fleet.specs.clone(), dependents(&fleet.specs, old_name))
+    };
+    info!(from = from.as_str(), to = to.as_str(), stopping = ?restarted, "datastore migration: stopping writers");
+    let writers: Vec<String> = restarted.iter().rev().cloned().collect();
+    super::fleet::stop(fleet, &writers).await;
+    (old_specs, restarted)
+}
+
+/// After the switch: the old datastore stops, the fleet takes the new specs and the
+/// stopped services start again, on the target.
+async fn hand_over(
+    fleet: &SharedFleet,
+    old_name: &str,
+    new_specs: &[ServiceSpec],
+    restarted: &[String],
+) {
+    super::fleet::stop(fleet, &[old_name.to_string()]).await;
+    let mut fleet = fleet.lock().await;
+    fleet.specs = new_specs.to_vec();
+    let names: Vec<String> = new_specs.iter().map(|s| s.name.clone()).collect();
+    fleet.board.set_services(&names);
+    for spec in new_specs.iter().filter(|s| restarted.contains(&s.name)) {
+        fleet.spawn(spec.clone());
+    }
+}
+
+/// Moves the old datastore's data aside; says where it is (left in place when that
+/// failed, with a warning).
+async fn retire_old(data: &DataDir, from: DatastoreKind) -> String {
+    let d = data.clone();
+    match blocking(move || Ok(copy::retire(&d, from)?)).await {
+        Ok(path) => path.display().to_string(),
+        Err(e) => {
+            let kept = copy::location(data, from);
+            warn!(error = %crate::report::error_chain(&e), "old datastore data left in place");
+            kept.display().to_string()
+        }
+    }
 }
 
 /// What the checks found on the target.
@@ -283,11 +338,6 @@ async fn copy_and_check(
     new_specs: &[ServiceSpec],
     target_started: &mut bool,
 ) -> Result<(Snapshot, Checked), (String, SupervisorError)> {
-    let to = target.kind();
-    let at = |step: &str| {
-        let step = step.to_string();
-        move |e: crate::datastore::DatastoreError| (step, SupervisorError::from(e))
-    };
     let snap = copy::read(src, source_name)
         .await
         .map_err(at("reading the source datastore"))?;
@@ -296,6 +346,31 @@ async fn copy_and_check(
         revision = snap.revision,
         "datastore migration: source read"
     );
+    start_target(fleet, data, target.kind(), new_specs, &snap, target_started).await?;
+    let written = fill_target(&target, &snap).await?;
+    let source = (src, source_name);
+    let checked = verify_copy(source, &target, &snap, &written).await?;
+    Ok((snap, checked))
+}
+
+/// Maps a datastore error to the step it happened in.
+fn at(
+    step: &str,
+) -> impl FnOnce(crate::datastore::DatastoreError) -> (String, SupervisorError) + use<> {
+    let step = step.to_string();
+    move |e| (step, SupervisorError::from(e))
+}
+
+/// Starts the target datastore next to the source (the embedded one already holding
+/// the snapshot) and waits until it is ready.
+async fn start_target(
+    fleet: &SharedFleet,
+    data: &DataDir,
+    to: DatastoreKind,
+    new_specs: &[ServiceSpec],
+    snap: &Snapshot,
+    target_started: &mut bool,
+) -> Result<(), (String, SupervisorError)> {
     let new_name = to.service_name();
     let spec = new_specs
         .iter()
@@ -307,7 +382,6 @@ async fn copy_and_check(
                 refused(format!("the {new_name} service is disabled in config.yaml")),
             )
         })?;
-    let target_name = target.name();
     if to == DatastoreKind::Embedded {
         let (path, s) = (crate::datastore::db_path(data), snap.clone());
         blocking(move || Ok(copy::write_embedded(&path, &s)?))
@@ -329,12 +403,22 @@ async fn copy_and_check(
         ));
     }
     info!(service = new_name, "datastore migration: target ready");
+    Ok(())
+}
+
+/// Writes the snapshot into an etcd target (the embedded one got it before it started)
+/// and reads the target back.
+async fn fill_target(
+    target: &Side,
+    snap: &Snapshot,
+) -> Result<Snapshot, (String, SupervisorError)> {
+    let target_name = target.name();
     let dst = target
         .connect()
         .await
         .map_err(at("connecting to the target"))?;
-    if to == DatastoreKind::Etcd {
-        let copied = copy::copy_to_etcd(&dst, &target_name, &snap)
+    if target.kind() == DatastoreKind::Etcd {
+        let copied = copy::copy_to_etcd(&dst, &target_name, snap)
             .await
             .map_err(at("copying into etcd"))?;
         info!(
@@ -343,9 +427,26 @@ async fn copy_and_check(
             "datastore migration: keys written"
         );
     }
-    let written = copy::read(&dst, &target_name)
+    copy::read(&dst, &target_name)
         .await
-        .map_err(at("reading the target back"))?;
+        .map_err(at("reading the target back"))
+}
+
+/// Compares the target with the source's snapshot (keys whose lease ran out aside), and
+/// the source with itself: nothing may have written to it meanwhile.
+async fn verify_copy(
+    (src, source_name): (&tonic::transport::Channel, &str),
+    target: &Side,
+    snap: &Snapshot,
+    written: &Snapshot,
+) -> Result<Checked, (String, SupervisorError)> {
+    let target_name = target.name();
+    let verify = |step: &str, reason: String| {
+        (
+            step.to_string(),
+            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify { reason }),
+        )
+    };
     // a lease may have run out meanwhile, on either side: compare what both still hold
     let alive = |kv: &crate::datastore::proto::mvccpb::KeyValue| {
         kv.lease == 0 || written.leases.contains_key(&kv.lease)
@@ -353,29 +454,25 @@ async fn copy_and_check(
     let mut expected = snap.clone();
     expected.kvs.retain(alive);
     // the embedded target keeps create revision and version too
-    let exact = to == DatastoreKind::Embedded;
+    let exact = target.kind() == DatastoreKind::Embedded;
     let (want, got) = (expected.checksum(exact), written.checksum(exact));
     if want != got {
-        return Err((
-            "checking the copy".into(),
-            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify {
-                reason: format!(
-                    "source {source_name} has {} keys with SHA-256 {}, target {target_name} \
-                     has {} keys with SHA-256 {}",
-                    want.keys, want.sha256, got.keys, got.sha256
-                ),
-            }),
+        return Err(verify(
+            "checking the copy",
+            format!(
+                "source {source_name} has {} keys with SHA-256 {}, target {target_name} \
+                 has {} keys with SHA-256 {}",
+                want.keys, want.sha256, got.keys, got.sha256
+            ),
         ));
     }
     if written.revision < snap.revision {
-        return Err((
-            "checking the copy".into(),
-            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify {
-                reason: format!(
-                    "target revision {} is below the source's {}",
-                    written.revision, snap.revision
-                ),
-            }),
+        return Err(verify(
+            "checking the copy",
+            format!(
+                "target revision {} is below the source's {}",
+                written.revision, snap.revision
+            ),
         ));
     }
     // nobody else may have written to the source meanwhile
@@ -387,15 +484,13 @@ async fn copy_and_check(
         .kvs
         .retain(|kv| kv.lease == 0 || after.leases.contains_key(&kv.lease));
     if still.checksum(true) != after.checksum(true) {
-        return Err((
-            "checking the source did not change".into(),
-            SupervisorError::Datastore(crate::datastore::DatastoreError::Verify {
-                reason: format!(
-                    "{source_name} changed during the migration (revision {} then {}): \
-                     something other than the stopped services writes to it",
-                    snap.revision, after.revision
-                ),
-            }),
+        return Err(verify(
+            "checking the source did not change",
+            format!(
+                "{source_name} changed during the migration (revision {} then {}): \
+                 something other than the stopped services writes to it",
+                snap.revision, after.revision
+            ),
         ));
     }
     let by_key: std::collections::HashMap<&[u8], i64> = expected
@@ -408,15 +503,12 @@ async fn copy_and_check(
         .iter()
         .filter(|kv| by_key.get(kv.key.as_slice()) == Some(&kv.mod_revision))
         .count();
-    Ok((
-        snap,
-        Checked {
-            revision: written.revision,
-            keys: got.keys,
-            sha256: got.sha256,
-            mod_revisions_kept,
-        },
-    ))
+    Ok(Checked {
+        revision: written.revision,
+        keys: got.keys,
+        sha256: got.sha256,
+        mod_revisions_kept,
+    })
 }
 
 /// Undoes a migration that did not switch: the target stops and its new data goes, the
@@ -430,11 +522,11 @@ async fn rollback(
     old_specs: &[ServiceSpec],
     restarted: &[String],
 ) {
-    let mut fleet = fleet.lock().await;
     if target_started {
-        fleet.stop(new_name).await;
+        super::fleet::stop(fleet, &[new_name.to_string()]).await;
     }
     copy::discard_target(data, to);
+    let mut fleet = fleet.lock().await;
     let names: Vec<String> = old_specs.iter().map(|s| s.name.clone()).collect();
     fleet.board.set_services(&names);
     fleet.specs = old_specs.to_vec();

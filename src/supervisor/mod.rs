@@ -26,12 +26,10 @@ mod status;
 pub use api::Client;
 pub use backoff::{Backoff, RestartPolicy};
 pub use builtin::{Builtin, BuiltinError, BuiltinFuture, Builtins};
-pub(crate) use child::env_of;
 pub use child::{SERVICE_ENV, find_marked};
 pub use daemon::{Daemon, bind_control_socket, stop_leftovers};
 pub use error::SupervisorError;
 pub use runner::log_tail;
-pub use service::{
-    Origin, Probe, ServiceSpec, known_services, plan, read_args, resolve_binary, write_default_args,
-};
+pub use service::{HostInputs, Probe, ServiceSpec, plan, read_args, write_default_args};
+
 pub use status::{Board, HostFact, ReportSections, ServiceState, ServiceStatus, StatusReport};

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::error::ProbeError;
 use super::service::Probe;
 
 /// A probe with whatever it needs prepared once (an HTTP client with its TLS material).
@@ -26,17 +27,14 @@ impl Prober {
         }
     }
 
-    fn http_client(&mut self) -> Result<reqwest::Client, String> {
-        let Probe::Http {
-            ca,
-            cert,
-            key,
-            insecure,
-            ..
-        } = &self.probe
-        else {
-            return Err("not an http probe".into());
-        };
+    /// The client for an HTTP probe with this TLS material, built again when a file changed.
+    fn http_client(
+        &mut self,
+        ca: &Option<String>,
+        cert: &Option<String>,
+        key: &Option<String>,
+        insecure: bool,
+    ) -> Result<reqwest::Client, ProbeError> {
         let stamp: Vec<_> = [ca, cert, key]
             .into_iter()
             .map(|f| {
@@ -54,65 +52,87 @@ impl Prober {
             .timeout(self.timeout)
             .no_proxy()
             .pool_max_idle_per_host(1)
-            .tls_danger_accept_invalid_certs(*insecure);
+            .tls_danger_accept_invalid_certs(insecure);
+        let read = |what: &'static str, path: &String| {
+            std::fs::read(path).map_err(|source| ProbeError::ReadTls {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        let unusable = |what: &'static str, path: &String| {
+            let path = path.clone();
+            move |source| ProbeError::BadTls { what, path, source }
+        };
         if let Some(ca) = ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read probe CA {ca}: {e}"))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("probe CA {ca} is not a PEM certificate: {e}"))?;
+            let pem = read("CA", ca)?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(unusable("CA", ca))?;
             builder = builder.add_root_certificate(cert);
         }
         if let (Some(cert), Some(key)) = (cert, key) {
-            let mut pem =
-                std::fs::read(cert).map_err(|e| format!("cannot read probe cert {cert}: {e}"))?;
-            pem.extend(
-                std::fs::read(key).map_err(|e| format!("cannot read probe key {key}: {e}"))?,
-            );
-            let identity = reqwest::Identity::from_pem(&pem)
-                .map_err(|e| format!("probe client cert {cert} is unusable: {e}"))?;
+            let mut pem = read("cert", cert)?;
+            pem.extend(read("key", key)?);
+            let identity =
+                reqwest::Identity::from_pem(&pem).map_err(unusable("client cert", cert))?;
             builder = builder.identity(identity);
         }
-        let client = builder
-            .build()
-            .map_err(|e| format!("cannot build probe client: {e}"))?;
+        let client = builder.build().map_err(ProbeError::Client)?;
         self.http = Some(client.clone());
         Ok(client)
     }
 
-    /// Runs the probe once. `Err` carries a short reason for `kdist status`.
-    pub async fn check(&mut self) -> Result<(), String> {
+    /// Runs the probe once. The error is a short reason for `kdist status`.
+    pub async fn check(&mut self) -> Result<(), ProbeError> {
         let timeout = self.timeout;
         match self.probe.clone() {
-            Probe::Http { url, .. } => {
-                let client = self.http_client()?;
-                let response = client.get(&url).send().await.map_err(|e| {
+            Probe::Http {
+                url,
+                ca,
+                cert,
+                key,
+                insecure,
+            } => {
+                let client = self.http_client(&ca, &cert, &key, insecure)?;
+                let response = client.get(&url).send().await.map_err(|source| {
                     // the TLS material may have been rotated: rebuild next time
                     self.http = None;
-                    format!("GET {url}: {e}")
+                    ProbeError::Get {
+                        url: url.clone(),
+                        source,
+                    }
                 })?;
                 if response.status().is_success() {
                     Ok(())
                 } else {
-                    Err(format!("GET {url}: HTTP {}", response.status()))
+                    Err(ProbeError::Status {
+                        url,
+                        status: response.status().to_string(),
+                    })
                 }
             }
             Probe::Tcp { address } => {
                 tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&address))
                     .await
-                    .map_err(|_| format!("connect {address}: timed out"))?
+                    .map_err(|_| ProbeError::ConnectTimeout {
+                        address: address.clone(),
+                    })?
                     .map(drop)
-                    .map_err(|e| format!("connect {address}: {e}"))
+                    .map_err(|source| ProbeError::Connect { address, source })
             }
             Probe::Unix { path } => {
                 tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&path))
                     .await
-                    .map_err(|_| format!("connect {path}: timed out"))?
+                    .map_err(|_| ProbeError::ConnectTimeout {
+                        address: path.clone(),
+                    })?
                     .map(drop)
-                    .map_err(|e| format!("connect {path}: {e}"))
+                    .map_err(|source| ProbeError::Connect {
+                        address: path,
+                        source,
+                    })
             }
             Probe::Command { argv } => {
-                let (program, args) = argv
-                    .split_first()
-                    .ok_or_else(|| "probe command is empty".to_string())?;
+                let (program, args) = argv.split_first().ok_or(ProbeError::EmptyCommand)?;
                 let mut command = tokio::process::Command::new(program);
                 command
                     .args(args)
@@ -122,12 +142,20 @@ impl Prober {
                     .kill_on_drop(true);
                 let status = tokio::time::timeout(timeout, command.status())
                     .await
-                    .map_err(|_| format!("{program}: timed out"))?
-                    .map_err(|e| format!("{program}: {e}"))?;
+                    .map_err(|_| ProbeError::CommandTimeout {
+                        program: program.clone(),
+                    })?
+                    .map_err(|source| ProbeError::Command {
+                        program: program.clone(),
+                        source,
+                    })?;
                 if status.success() {
                     Ok(())
                 } else {
-                    Err(format!("{program}: {status}"))
+                    Err(ProbeError::CommandFailed {
+                        program: program.clone(),
+                        status: status.to_string(),
+                    })
                 }
             }
         }
@@ -151,7 +179,8 @@ mod tests {
         });
         assert!(p.check().await.is_ok());
         drop(listener);
-        assert!(p.check().await.unwrap_err().contains(&address));
+        let err = crate::report::error_chain(&p.check().await.unwrap_err());
+        assert!(err.contains(&address) && err.contains("refused"), "{err}");
     }
 
     #[tokio::test]
@@ -197,6 +226,6 @@ mod tests {
             insecure: false,
         });
         assert!(p.check().await.is_ok());
-        assert!(p.check().await.unwrap_err().contains("503"));
+        assert!(p.check().await.unwrap_err().to_string().contains("503"));
     }
 }

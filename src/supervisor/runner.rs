@@ -13,8 +13,9 @@ use super::builtin::Builtins;
 use super::child::{self, Running};
 use super::pageout;
 use super::probe::Prober;
-use super::service::{self, Origin, ServiceSpec};
+use super::service::{self, ServiceSpec};
 use super::status::{Board, ServiceState};
+use crate::components::Origin;
 use crate::config::DataDir;
 
 /// Orders the supervisor gives a runner; the reply comes once it is carried out.
@@ -304,7 +305,8 @@ impl Runner {
                                 s.log_tail.clear();
                             });
                         }
-                        Err(reason) => {
+                        Err(error) => {
+                            let reason = crate::report::error_chain(&error);
                             failures += 1;
                             let unhealthy = was_ready && failures >= UNHEALTHY_AFTER;
                             if unhealthy {
@@ -568,8 +570,12 @@ mod tests {
         assert_eq!(s.state, ServiceState::Ready);
         assert!(f.data.pidfile("s").exists());
         stop(&tx).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!alive(pid), "child {pid} survived stop");
+        let gone = tokio::time::timeout(Duration::from_secs(5), async {
+            while alive(pid) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(gone.await.is_ok(), "child {pid} survived stop");
         assert!(!f.data.pidfile("s").exists());
         assert_eq!(f.board.snapshot()[0].state, ServiceState::Stopped);
     }
@@ -606,15 +612,24 @@ mod tests {
         let mut b = f.spec("b", Some(&sleeper(&f)), "", command_probe(true));
         b.after = vec!["a".into()];
         let tb = f.runner(b, Builtins::new());
-        let a = f.wait_for("a", |s| s.pid.is_some()).await;
+        // a runs and its probe has failed; b has seen that and waits
+        let a = f
+            .wait_for("a", |s| s.pid.is_some() && s.message.is_some())
+            .await;
         assert_eq!(a.state, ServiceState::Starting);
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let b = &f.board.snapshot()[1];
+        let b = f
+            .wait_for("b", |s| s.message.as_deref() == Some("waiting for a"))
+            .await;
         assert_eq!(b.pid, None, "b started before a was ready");
-        assert_eq!(b.message.as_deref(), Some("waiting for a"));
+        // a can be ready only from here on: b's start must come later
+        let flagged = SystemTime::now();
         std::fs::write(&flag, "").unwrap();
         f.wait_for("a", |s| s.ready).await;
-        f.wait_for("b", |s| s.ready).await;
+        let b = f.wait_for("b", |s| s.ready).await;
+        assert!(
+            b.started_at.is_some_and(|t| t >= flagged),
+            "b started before a could be ready: {b:?}"
+        );
         stop(&tb).await;
         stop(&ta).await;
     }

@@ -6,38 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::error::SupervisorError;
-use crate::config::{DataDir, DatastoreKind, NodeConfig};
+use super::error::{ArgsError, SupervisorError};
+use crate::components::Origin;
+use crate::config::{DataDir, DatastoreKind, NodeConfig, Service};
 use crate::fsutil;
-
-/// A service as shipped in `services/`: the definition and the default args file.
-struct Embedded {
-    name: &'static str,
-    definition: &'static str,
-    args: &'static str,
-}
-
-/// Embeds `services/<name>.toml` and `services/<name>.args` of each named service.
-macro_rules! embedded_services {
-    ($($name:literal),* $(,)?) => {
-        &[$(Embedded {
-            name: $name,
-            definition: include_str!(concat!("../../services/", $name, ".toml")),
-            args: include_str!(concat!("../../services/", $name, ".args")),
-        }),*]
-    };
-}
-
-const EMBEDDED: &[Embedded] = embedded_services![
-    "datastore",
-    "etcd",
-    "containerd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubelet",
-    "kube-proxy",
-];
 
 /// How readiness is decided.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -118,44 +90,77 @@ pub struct ServiceSpec {
     pub page_out_after: Option<Duration>,
 }
 
-/// The services this node runs, in dependency order, for `config`.
+/// What planning needs to know about the host, probed once by the caller so that
+/// [`plan`] itself does no I/O.
+#[derive(Debug, Clone)]
+pub struct HostInputs {
+    /// `network.node_ip`, else the address of the default route's interface.
+    pub node_ip: std::net::IpAddr,
+    /// The Kubernetes binaries found and their versions.
+    pub kube: crate::node::kube::Detection,
+    /// `--initial-cluster` and its state, left by a control-plane join.
+    pub etcd_initial: Option<(String, String)>,
+    /// The components release active now (see [`ServiceSpec::release`]).
+    pub release: Option<PathBuf>,
+}
+
+impl HostInputs {
+    /// Probes this host for `config`. Blocking: it runs each Kubernetes binary's
+    /// `--version`.
+    pub fn probe(data: &DataDir, config: &NodeConfig) -> Result<Self, SupervisorError> {
+        Ok(Self {
+            node_ip: config
+                .network
+                .node_ip
+                .unwrap_or_else(crate::node::host::detect_node_ip),
+            kube: crate::node::kube::detect(data, config.role)?,
+            etcd_initial: crate::cluster::etcd_initial_cluster(data),
+            release: crate::components::active_release(data),
+        })
+    }
+}
+
+/// The services this node runs, in dependency order, for `config` on a host described
+/// by `host`. Pure: `data` only names paths.
 ///
 /// The Kubernetes services are planned as a set, and only when every one of their
 /// binaries resolves (components dir, then PATH): without them the node still runs its
-/// datastore and containerd, and `kdist status` says what is missing. Blocking: it runs
-/// each Kubernetes binary's `--version`.
-pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, SupervisorError> {
+/// datastore and containerd, and `kdist status` says what is missing.
+pub fn plan(
+    data: &DataDir,
+    config: &NodeConfig,
+    host: &HostInputs,
+) -> Result<Vec<ServiceSpec>, SupervisorError> {
     let worker = config.role == crate::config::Role::Worker;
-    let datastore_service = (!worker).then(|| config.datastore.service_name());
-    let mut names: Vec<&str> = datastore_service.into_iter().collect();
-    names.push("containerd");
-    let kube = crate::node::kube::detect(data, config.role)?;
+    let datastore_service = (!worker).then(|| config.datastore.service());
+    let mut names: Vec<Service> = datastore_service.into_iter().collect();
+    names.push(Service::Containerd);
+    let kube = &host.kube;
     if kube.complete() {
         // a worker runs only the node services; its control plane is elsewhere
         names.extend(crate::node::kube::services_for(config.role));
     }
     for name in &config.disable {
-        if !EMBEDDED.iter().any(|e| e.name == name) {
+        if Service::parse(name).is_none() {
             return Err(SupervisorError::Disabled {
                 name: name.clone(),
-                known: known_services().join(", "),
+                known: crate::config::known_services().join(", "),
             });
         }
     }
-    names.retain(|n| !config.disable.iter().any(|d| d == n));
+    names.retain(|n| !config.disable.iter().any(|d| n == d));
     let planned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let vars = variables(data, config);
-    let release = active_release(data);
+    let vars = variables(data, config, host);
+    let release = host.release.clone();
     names
         .iter()
         .map(|name| {
             let mut vars = vars.clone();
-            if let Some(minor) = kube.minor(name) {
+            if let Some(minor) = kube.minor(name.as_str()) {
                 vars.insert("KUBE_MINOR".into(), minor.to_string());
             }
-            let embedded = embedded(name)?;
             let origin = PathBuf::from(format!("services/{name}.toml"));
-            let def: Definition = toml::from_str(embedded.definition).map_err(|source| {
+            let def: Definition = toml::from_str(name.definition()).map_err(|source| {
                 SupervisorError::Definition {
                     path: origin.clone(),
                     source,
@@ -174,13 +179,13 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                 .after
                 .into_iter()
                 .filter_map(|dep| match dep.as_str() {
-                    "datastore" => datastore_service.map(str::to_string),
+                    "datastore" => datastore_service.map(|s| s.to_string()),
                     _ => Some(dep),
                 })
                 // a disabled dependency is the operator's choice: do not wait for it
                 .filter(|dep| planned.contains(dep))
                 .collect();
-            let settings = config.services.get(*name);
+            let settings = config.services.get(name.as_str());
             let env = effective_env(def.env, settings.map(|s| &s.env));
             Ok(ServiceSpec {
                 env,
@@ -194,7 +199,7 @@ pub fn plan(data: &DataDir, config: &NodeConfig) -> Result<Vec<ServiceSpec>, Sup
                 after,
                 stop_grace: Duration::from_secs(def.stop_grace_secs),
                 probe,
-                args_file: data.args_file(name),
+                args_file: data.args_file(name.as_str()),
                 vars: vars.clone(),
             })
         })
@@ -217,18 +222,10 @@ fn effective_env(
     defaults
 }
 
-fn embedded(name: &str) -> Result<&'static Embedded, SupervisorError> {
-    EMBEDDED
-        .iter()
-        .find(|e| e.name == name)
-        .ok_or_else(|| SupervisorError::UnknownService {
-            name: name.to_string(),
-        })
-}
-
-/// Names of every service kdist knows, for error messages and completion.
-pub fn known_services() -> Vec<&'static str> {
-    EMBEDDED.iter().map(|e| e.name).collect()
+fn service(name: &str) -> Result<Service, SupervisorError> {
+    Service::parse(name).ok_or_else(|| SupervisorError::UnknownService {
+        name: name.to_string(),
+    })
 }
 
 /// Writes the default args file of each planned service that has none yet. Existing
@@ -238,8 +235,7 @@ pub fn write_default_args(specs: &[ServiceSpec]) -> Result<(), SupervisorError> 
         if spec.binary.is_none() || spec.args_file.exists() {
             continue;
         }
-        let embedded = embedded(&spec.name)?;
-        let text = default_args(embedded);
+        let text = default_args(service(&spec.name)?);
         fsutil::atomic_write(&spec.args_file, text.as_bytes(), 0o644).map_err(|source| {
             SupervisorError::Io {
                 path: spec.args_file.clone(),
@@ -252,15 +248,15 @@ pub fn write_default_args(specs: &[ServiceSpec]) -> Result<(), SupervisorError> 
 
 /// The default args file of a service: the embedded text, plus the Kubernetes
 /// version-conditional lines for the Kubernetes services.
-fn default_args(embedded: &Embedded) -> String {
-    if crate::node::kube::SERVICES.contains(&embedded.name) {
-        crate::node::kube::default_args(embedded.name, embedded.args)
+fn default_args(service: Service) -> String {
+    if crate::node::kube::SERVICES.contains(&service) {
+        crate::node::kube::default_args(service.as_str(), service.default_args())
     } else {
-        embedded.args.to_string()
+        service.default_args().to_string()
     }
 }
 
-fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
+fn variables(data: &DataDir, config: &NodeConfig, host: &HostInputs) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
     vars.insert("DATA".into(), data.root().display().to_string());
     vars.insert("CERTS".into(), data.certs_dir().display().to_string());
@@ -279,10 +275,7 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
     vars.insert("KUBECONFIGS".into(), dir(data.kubeconfig_dir()));
     vars.insert("NODE_DIR".into(), dir(data.node_dir()));
     vars.insert("KUBELET_DIR".into(), dir(data.kubelet_dir()));
-    let node_ip = config
-        .network
-        .node_ip
-        .unwrap_or_else(crate::node::host::detect_node_ip);
+    let node_ip = host.node_ip;
     vars.insert("NODE_IP".into(), node_ip.to_string());
     let (client, peer) = (config.etcd.client_port, config.etcd.peer_port);
     let url = |ip: std::net::IpAddr, port: u16| {
@@ -299,7 +292,7 @@ fn variables(data: &DataDir, config: &NodeConfig) -> BTreeMap<String, String> {
     };
     vars.insert("ETCD_LISTEN_CLIENT_URLS".into(), listen_client);
     vars.insert("ETCD_LISTEN_PEER_URLS".into(), listen_peer);
-    let (initial, state) = crate::cluster::etcd_initial_cluster(data).unwrap_or_else(|| {
+    let (initial, state) = host.etcd_initial.clone().unwrap_or_else(|| {
         (
             format!("{}={}", config.node_name(), url(node_ip, peer)),
             "new".into(),
@@ -353,10 +346,10 @@ pub fn parse_args(
                         reason: "unclosed `[` condition".into(),
                     })?;
             let holds =
-                condition_holds(condition, vars).map_err(|reason| SupervisorError::ArgsLine {
+                condition_holds(condition, vars).map_err(|error| SupervisorError::ArgsExpand {
                     path: origin.to_path_buf(),
                     line: line_no,
-                    reason,
+                    error,
                 })?;
             if !holds {
                 continue;
@@ -370,10 +363,10 @@ pub fn parse_args(
                 reason: format!("`{line}` is not a flag; each line must be one `--flag=value`"),
             });
         }
-        let expanded = expand(line, vars).map_err(|reason| SupervisorError::ArgsLine {
+        let expanded = expand(line, vars).map_err(|error| SupervisorError::ArgsExpand {
             path: origin.to_path_buf(),
             line: line_no,
-            reason,
+            error,
         })?;
         argv.push(expanded);
     }
@@ -381,21 +374,21 @@ pub fn parse_args(
 }
 
 /// Evaluates an args-line condition: `1.A-1.B`, `1.A+`, `-1.B` or `NAME=value`.
-fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<bool, String> {
+fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<bool, ArgsError> {
     let condition = condition.trim();
     if let Some((name, value)) = condition.split_once('=') {
         let name = name.trim().to_ascii_uppercase();
-        let actual = vars
-            .get(&name)
-            .ok_or_else(|| format!("condition `[{condition}]` names an unknown setting"))?;
+        let actual = vars.get(&name).ok_or_else(|| ArgsError::UnknownSetting {
+            condition: condition.to_string(),
+        })?;
         return Ok(actual == value.trim());
     }
-    let minor = |text: &str| -> Result<u32, String> {
+    let minor = |text: &str| -> Result<u32, ArgsError> {
         text.trim()
             .strip_prefix("1.")
             .and_then(|m| m.parse().ok())
-            .ok_or_else(|| {
-                format!("`[{condition}]` is not a version range like [1.28-1.34] or [1.31+]")
+            .ok_or_else(|| ArgsError::BadRange {
+                condition: condition.to_string(),
             })
     };
     let (low, high) = if let Some(low) = condition.strip_suffix('+') {
@@ -411,8 +404,8 @@ fn condition_holds(condition: &str, vars: &BTreeMap<String, String>) -> Result<b
     let actual: u32 = vars
         .get("KUBE_MINOR")
         .and_then(|m| m.parse().ok())
-        .ok_or_else(|| {
-            format!("`[{condition}]` needs the Kubernetes version of the binary, which is unknown")
+        .ok_or_else(|| ArgsError::UnknownVersion {
+            condition: condition.to_string(),
         })?;
     Ok(low.is_none_or(|l| actual >= l) && high.is_none_or(|h| actual <= h))
 }
@@ -426,9 +419,9 @@ pub fn read_args(spec: &ServiceSpec) -> Result<Vec<String>, SupervisorError> {
     })?;
     let mut argv = parse_args(&text, &spec.vars, &spec.args_file)?;
     for (i, arg) in spec.extra_args.iter().enumerate() {
-        let expanded = expand(arg, &spec.vars).map_err(|reason| SupervisorError::Setting {
+        let expanded = expand(arg, &spec.vars).map_err(|error| SupervisorError::SettingExpand {
             field: format!("services.{}.args[{i}]", spec.name),
-            reason,
+            error,
         })?;
         argv.push(expanded);
     }
@@ -436,19 +429,22 @@ pub fn read_args(spec: &ServiceSpec) -> Result<Vec<String>, SupervisorError> {
 }
 
 /// Expands `${NAME}` references; an unknown name is an error naming it.
-pub fn expand(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+fn expand(text: &str, vars: &BTreeMap<String, String>) -> Result<String, ArgsError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+        let end = after.find('}').ok_or_else(|| ArgsError::Unclosed {
+            text: text.to_string(),
+        })?;
         let name = &after[..end];
         let value = vars.get(name).ok_or_else(|| {
             let known: Vec<_> = vars.keys().map(String::as_str).collect();
-            format!("unknown variable ${{{name}}} (known: {})", known.join(", "))
+            ArgsError::UnknownVariable {
+                name: name.to_string(),
+                known: known.join(", "),
+            }
         })?;
         out.push_str(value);
         rest = &after[end + 1..];
@@ -463,10 +459,10 @@ fn expand_probe(
     origin: &Path,
 ) -> Result<Probe, SupervisorError> {
     let x = |s: &str| {
-        expand(s, vars).map_err(|reason| SupervisorError::ArgsLine {
+        expand(s, vars).map_err(|error| SupervisorError::ArgsExpand {
             path: origin.to_path_buf(),
             line: 0,
-            reason,
+            error,
         })
     };
     let xo = |s: &Option<String>| s.as_deref().map(x).transpose();
@@ -494,75 +490,37 @@ fn expand_probe(
     })
 }
 
-/// Where a binary comes from, shown by `kdist status` and `kdist version`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// `<data>/components/current/bin`, installed from an EKS-D release.
-    Components,
-    /// Found on PATH: a documented fallback (e.g. Debian's etcd).
-    Path,
-    /// An absolute path from the service definition.
-    Explicit,
-}
-
-/// The release directory `<data>/components/current` points to now, if any.
-fn active_release(data: &DataDir) -> Option<PathBuf> {
-    std::fs::canonicalize(data.components_dir().join("current")).ok()
-}
-
-/// Finds the program for `binary`: the active components first, then PATH.
-pub fn resolve_binary(data: &DataDir, binary: &str) -> Result<(PathBuf, Origin), SupervisorError> {
-    resolve_in(data.components_dir().join("current"), binary)
-}
-
 /// Finds the program of `spec`: in the release it was planned with (see
-/// [`ServiceSpec::release`]), else as [`resolve_binary`] does.
+/// [`ServiceSpec::release`]), else the active components, else PATH.
 pub fn resolve_binary_for(
     data: &DataDir,
     spec: &ServiceSpec,
     binary: &str,
 ) -> Result<(PathBuf, Origin), SupervisorError> {
-    match &spec.release {
-        Some(release) if release.join("bin").join(binary).is_file() => {
-            resolve_in(release.clone(), binary)
-        }
-        _ => resolve_binary(data, binary),
-    }
-}
-
-/// `binary` under `<release>/bin`, else on PATH; a path is taken as it is.
-fn resolve_in(release: PathBuf, binary: &str) -> Result<(PathBuf, Origin), SupervisorError> {
-    if binary.contains('/') {
-        return Ok((PathBuf::from(binary), Origin::Explicit));
-    }
-    let installed = release.join("bin").join(binary);
-    if installed.is_file() {
-        return Ok((installed, Origin::Components));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(binary);
-            if is_executable(&candidate) {
-                return Ok((candidate, Origin::Path));
-            }
-        }
-    }
-    Err(SupervisorError::BinaryNotFound {
-        binary: binary.to_string(),
-        searched: installed,
-    })
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    Ok(crate::components::resolve_binary_in(
+        data,
+        spec.release.as_deref(),
+        binary,
+    )?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host with no Kubernetes binaries, not joined, at `network.node_ip` or a
+    /// documentation address: planning reads nothing else.
+    fn host(config: &NodeConfig) -> HostInputs {
+        HostInputs {
+            node_ip: config
+                .network
+                .node_ip
+                .unwrap_or_else(|| "192.0.2.1".parse().unwrap()),
+            kube: Default::default(),
+            etcd_initial: None,
+            release: None,
+        }
+    }
 
     fn vars() -> BTreeMap<String, String> {
         let mut v = BTreeMap::new();
@@ -633,9 +591,9 @@ mod tests {
             Path::new("c.yaml"),
         )
         .unwrap();
-        let specs = plan(&data, &config).unwrap();
+        let specs = plan(&data, &config, &host(&config)).unwrap();
         let etcd = specs.iter().find(|s| s.name == "etcd").unwrap();
-        let defaults: Definition = toml::from_str(embedded("etcd").unwrap().definition).unwrap();
+        let defaults: Definition = toml::from_str(Service::Etcd.definition()).unwrap();
         assert!(
             defaults.env.contains_key("GOGC"),
             "etcd ships a default GOGC: {:?}",
@@ -676,7 +634,7 @@ mod tests {
 
     /// Names of the services `plan` gives, in order.
     fn planned(data: &DataDir, config: &NodeConfig) -> Vec<String> {
-        plan(data, config)
+        plan(data, config, &host(config))
             .unwrap()
             .into_iter()
             .map(|s| s.name)
@@ -697,7 +655,9 @@ mod tests {
             disable: vec!["kube-proxi".into()],
             ..NodeConfig::default()
         };
-        let err = plan(&data, &config).unwrap_err().to_string();
+        let err = plan(&data, &config, &host(&config))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("kube-proxi") && err.contains("kube-proxy"),
             "{err}"
@@ -724,7 +684,7 @@ mod tests {
             ..NodeConfig::default()
         };
         config.network.node_ip = Some("192.0.2.10".parse().unwrap());
-        let vars = variables(&data, &config);
+        let vars = variables(&data, &config, &host(&config));
         assert_eq!(
             vars["ETCD_LISTEN_PEER_URLS"],
             "https://127.0.0.1:2380,https://192.0.2.10:2380"
@@ -735,22 +695,32 @@ mod tests {
         );
         assert_eq!(vars["ETCD_INITIAL_CLUSTER"], "n1=https://192.0.2.10:2380");
         assert_eq!(vars["ETCD_INITIAL_CLUSTER_STATE"], "new");
+        // a joined member starts with what the join left
+        let mut joined = host(&config);
+        joined.etcd_initial = Some((
+            "n0=https://192.0.2.9:2380,n1=https://192.0.2.10:2380".into(),
+            "existing".into(),
+        ));
+        let vars = variables(&data, &config, &joined);
+        assert_eq!(vars["ETCD_INITIAL_CLUSTER_STATE"], "existing");
+        assert!(vars["ETCD_INITIAL_CLUSTER"].starts_with("n0="));
         config.network.node_ip = Some("127.0.0.1".parse().unwrap());
-        let vars = variables(&data, &config);
+        let vars = variables(&data, &config, &host(&config));
         assert_eq!(vars["ETCD_LISTEN_PEER_URLS"], "https://127.0.0.1:2380");
     }
 
     #[test]
     fn embedded_definitions_parse() {
         let data = DataDir::new("/tmp/kdist-plan-test");
-        let default_plan = plan(&data, &NodeConfig::default()).unwrap();
+        let default_plan =
+            plan(&data, &NodeConfig::default(), &host(&NodeConfig::default())).unwrap();
         assert_eq!(default_plan[0].name, "datastore", "embedded is the default");
         assert_eq!(default_plan[0].binary, None);
         let config = NodeConfig {
             datastore: DatastoreKind::Etcd,
             ..NodeConfig::default()
         };
-        let specs = plan(&data, &config).unwrap();
+        let specs = plan(&data, &config, &host(&config)).unwrap();
         assert_eq!(specs[0].name, "etcd");
         assert_eq!(
             specs[0].probe,
@@ -763,8 +733,8 @@ mod tests {
             }
         );
         for spec in &specs {
-            let embedded = embedded(&spec.name).unwrap();
-            parse_args(embedded.args, &spec.vars, Path::new("embedded")).unwrap();
+            let service = service(&spec.name).unwrap();
+            parse_args(service.default_args(), &spec.vars, Path::new("embedded")).unwrap();
         }
     }
 
@@ -805,14 +775,14 @@ mod tests {
                 (DatastoreKind::Etcd, ".etcd"),
             ] {
                 config.datastore = datastore;
-                let mut vars = variables(&data, &config);
+                let mut vars = variables(&data, &config, &host(&config));
                 vars.insert("KUBE_MINOR".into(), minor.to_string());
                 for service in kube::SERVICES {
-                    if !suffix.is_empty() && *service != "kube-apiserver" {
+                    if !suffix.is_empty() && *service != Service::KubeApiserver {
                         continue;
                     }
-                    let text = default_args(embedded(service).unwrap());
-                    let argv = parse_args(&text, &vars, Path::new(service)).unwrap();
+                    let text = default_args(*service);
+                    let argv = parse_args(&text, &vars, Path::new(service.as_str())).unwrap();
                     files.push((format!("{service}{suffix}.args"), argv.join("\n") + "\n"));
                 }
             }

@@ -93,16 +93,7 @@ pub struct DaemonStatus {
     pub rss_bytes: Option<u64>,
 }
 
-/// One fact about the host that shaped the node's configuration, or a change kdist made
-/// to it (e.g. `restrict_oom_score_adj = true`, `net.ipv4.ip_forward 0 -> 1`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostFact {
-    pub name: String,
-    pub value: String,
-    /// Why, when it is not obvious.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
+pub use crate::node::HostFact;
 
 /// The answer of `GET /v1/status`, printed by `kdist status -o json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

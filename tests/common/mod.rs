@@ -47,6 +47,25 @@ pub fn wait_until(timeout: Duration, every: Duration, mut check: impl FnMut() ->
     }
 }
 
+/// `wait_until` for async tests: polls `check` every `every` without blocking a runtime
+/// worker.
+pub async fn wait_until_async(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Polls `f` until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
@@ -542,6 +561,7 @@ impl Datastore {
 pub struct Etcd {
     pub proc: Proc,
     pub port: u16,
+    pub peer_port: u16,
 }
 
 pub fn etcd_available() -> bool {
@@ -550,9 +570,22 @@ pub fn etcd_available() -> bool {
 
 impl Etcd {
     pub fn start(dir: &Path) -> Etcd {
-        let port = free_port();
-        let peer = free_port();
-        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+        Self::start_with(dir, &[])
+    }
+
+    /// etcd with extra flags, on free ports.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Etcd {
+        Self::start_at(dir, free_port(), free_port(), extra)
+    }
+
+    /// etcd on the given client and peer ports (the same ones again to restart a member
+    /// on its data dir), logging to `<dir>/etcd.log` (appended).
+    pub fn start_at(dir: &Path, port: u16, peer: u16, extra: &[&str]) -> Etcd {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"))
+            .expect("etcd log");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let client_url = format!("http://127.0.0.1:{port}");
         let proc = Proc::spawn(
@@ -564,10 +597,15 @@ impl Etcd {
                 .arg(format!("--listen-peer-urls={peer_url}"))
                 .arg(format!("--initial-advertise-peer-urls={peer_url}"))
                 .arg(format!("--initial-cluster=default={peer_url}"))
+                .args(extra)
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log),
         );
-        let mut etcd = Etcd { proc, port };
+        let mut etcd = Etcd {
+            proc,
+            port,
+            peer_port: peer,
+        };
         let up = poll_until(Duration::from_secs(30), || {
             tcp_up(port)
                 && Command::new("etcdctl")

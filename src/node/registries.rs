@@ -1,0 +1,780 @@
+//! containerd's registry host configuration, rendered at every start from the
+//! `registries:` section of config.yaml: one `<data>/containerd/certs.d/<registry>/hosts.toml`
+//! per registry in containerd's own format (the CRI plugin's `config_path`), read by
+//! containerd at each pull.
+//!
+//! Mirrors are `[host."<endpoint>"]` entries tried in order; the registry itself is the
+//! file's `server`, tried last unless `fallback: false` takes its pull capability away.
+//! TLS settings of a host (`configs.<host>.tls`) go with every entry for that host.
+//! Credentials are not here: containerd's hosts.toml has no username or password, so
+//! they go to the CRI plugin's `registry.configs."<host>".auth` in config.toml (0600),
+//! which answers both basic and token challenges (see `containerd::render`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::error::NodeError;
+use crate::config::{
+    DataDir, EKS_REGISTRY, Endpoint, HostConfig, RegistriesConfig, RegistryTls, Scheme,
+};
+use crate::fsutil;
+
+/// The CRI plugin's `config_path`.
+pub fn hosts_dir(data: &DataDir) -> PathBuf {
+    data.containerd_dir().join("certs.d")
+}
+
+/// One registry as kdist resolves it: mirrors in order, and whether the registry itself
+/// is tried after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resolved {
+    endpoints: Vec<Endpoint>,
+    fallback: bool,
+}
+
+/// The registries that get a hosts.toml: every mirrored one (with `eks_mirror` first for
+/// public.ecr.aws) and every configured host with TLS settings.
+fn resolve(config: &RegistriesConfig) -> BTreeMap<String, Resolved> {
+    let mut out = BTreeMap::new();
+    for (name, mirror) in &config.mirrors {
+        out.insert(
+            name.clone(),
+            Resolved {
+                // validated with the config; a bad one cannot reach here
+                endpoints: mirror
+                    .endpoint
+                    .iter()
+                    .filter_map(|e| Endpoint::parse(e, None).ok())
+                    .collect(),
+                fallback: mirror.fallback,
+            },
+        );
+    }
+    if let Some(Ok(eks)) = config.eks_endpoint() {
+        let entry = out.entry(EKS_REGISTRY.to_string()).or_insert(Resolved {
+            endpoints: Vec::new(),
+            fallback: true,
+        });
+        entry.endpoints.insert(0, eks);
+    }
+    for (host, settings) in &config.configs {
+        if settings.tls.is_some() && !out.contains_key(host) {
+            out.insert(
+                host.clone(),
+                Resolved {
+                    endpoints: Vec::new(),
+                    fallback: true,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// containerd's own choice for a registry without configuration: plain HTTP for a
+/// local one, Docker Hub's API host for docker.io.
+fn server(name: &str, config: &RegistriesConfig) -> Endpoint {
+    let host = if name == "docker.io" {
+        "registry-1.docker.io"
+    } else {
+        name
+    };
+    let bare = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok())
+        .map_or(host, |(h, _)| h);
+    let local = matches!(bare, "localhost" | "[::1]") || bare.starts_with("127.");
+    let has_tls = config.configs.get(name).is_some_and(|c| c.tls.is_some());
+    Endpoint {
+        scheme: if local && !has_tls {
+            Scheme::Http
+        } else {
+            Scheme::Https
+        },
+        host: host.to_string(),
+        path: String::new(),
+    }
+}
+
+fn q(text: impl AsRef<str>) -> String {
+    toml::Value::String(text.as_ref().to_string()).to_string()
+}
+
+fn p(path: &Path) -> String {
+    q(path.display().to_string())
+}
+
+fn tls_lines(out: &mut String, indent: &str, tls: Option<&RegistryTls>) {
+    let Some(tls) = tls else { return };
+    if let Some(ca) = &tls.ca_file {
+        let _ = writeln!(out, "{indent}ca = {}", p(ca));
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        let _ = writeln!(out, "{indent}client = [[{}, {}]]", p(cert), p(key));
+    }
+    if tls.insecure_skip_verify {
+        let _ = writeln!(out, "{indent}skip_verify = true");
+    }
+}
+
+fn tls_of<'a>(config: &'a RegistriesConfig, host: &str) -> Option<&'a RegistryTls> {
+    config
+        .configs
+        .get(host)
+        .and_then(|c: &HostConfig| c.tls.as_ref())
+}
+
+/// The `[host."..."]` key and whether the path replaces containerd's `/v2`.
+fn host_key(ep: &Endpoint) -> (String, bool) {
+    match ep.path.as_str() {
+        "" | "/v2" => (format!("{}://{}", ep.scheme.as_str(), ep.host), false),
+        _ => (ep.to_string(), true),
+    }
+}
+
+/// Renders one hosts.toml per registry: directory name (`_default` for `*`) -> text.
+pub fn render(config: &RegistriesConfig) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    for (name, resolved) in resolve(config) {
+        let mut out = String::from(
+            "# Generated by kdist at every start from `registries:` in config.yaml; edits are lost.\n",
+        );
+        let dir = if name == "*" {
+            "_default".to_string()
+        } else {
+            name.clone()
+        };
+        let mut endpoints = resolved.endpoints.clone();
+        let mut root_push_only = !resolved.fallback;
+        if name != "*" {
+            let server = server(&name, config);
+            let _ = writeln!(out, "server = {}", q(server.to_string()));
+            if endpoints.is_empty() {
+                // containerd 1.6 refuses a file without any [host] table; the registry
+                // itself is that entry, and the root entry stays for pushes only
+                endpoints.push(server.clone());
+                root_push_only = true;
+            } else if !resolved.fallback {
+                out.push_str(
+                    "# fallback: false — the registry itself is never pulled from, only the mirrors\n",
+                );
+            }
+            if root_push_only {
+                out.push_str("capabilities = [\"push\"]\n");
+            }
+            if server.scheme == Scheme::Https {
+                tls_lines(&mut out, "", tls_of(config, &name));
+            }
+        }
+        let own_entry = resolved.endpoints.is_empty();
+        for ep in &endpoints {
+            let (key, override_path) = host_key(ep);
+            let _ = writeln!(out, "\n[host.{}]", q(&key));
+            let caps = if own_entry {
+                "[\"pull\", \"resolve\", \"push\"]"
+            } else {
+                "[\"pull\", \"resolve\"]"
+            };
+            let _ = writeln!(out, "  capabilities = {caps}");
+            if override_path {
+                out.push_str("  override_path = true\n");
+            }
+            if ep.scheme == Scheme::Https {
+                let host = if own_entry { name.as_str() } else { &ep.host };
+                tls_lines(&mut out, "  ", tls_of(config, host));
+            }
+        }
+        files.insert(dir, out);
+    }
+    files
+}
+
+/// Checks the files that the TLS settings name, so that a start fails with the key to
+/// fix rather than every pull failing later.
+fn check_files(config: &RegistriesConfig) -> Result<(), NodeError> {
+    for (host, settings) in &config.configs {
+        let Some(tls) = &settings.tls else { continue };
+        for (sub, file) in [
+            ("ca_file", &tls.ca_file),
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+        ] {
+            if let Some(file) = file
+                && !file.is_file()
+            {
+                return Err(NodeError::RegistryFile {
+                    key: format!("registries.configs.\"{host}\".tls.{sub}"),
+                    path: file.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes config.yaml readable by its owner only when it holds registry credentials (a
+/// hand-written file may have come with 0644); says so when it changed the mode.
+pub fn protect_config(
+    data: &DataDir,
+    config: &RegistriesConfig,
+) -> Result<Option<String>, NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data.config_file();
+    if !config.has_credentials() {
+        return Ok(None);
+    }
+    let mode = match std::fs::metadata(&path) {
+        Ok(meta) => meta.permissions().mode() & 0o777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(NodeError::io(&path)(e)),
+    };
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+        .map_err(NodeError::io(&path))?;
+    Ok(Some(format!(
+        "{} holds registry credentials: its mode was {mode:o}, now {:o}",
+        path.display(),
+        mode & 0o700
+    )))
+}
+
+/// Writes `certs.d/` afresh: what an earlier config rendered and this one does not is
+/// removed with it.
+pub fn write(data: &DataDir, config: &RegistriesConfig) -> Result<(), NodeError> {
+    check_files(config)?;
+    let dir = hosts_dir(data);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(NodeError::io(&dir)(e)),
+    }
+    fsutil::ensure_dir(&dir, 0o755).map_err(NodeError::io(&dir))?;
+    for (name, text) in render(config) {
+        let sub = dir.join(&name);
+        fsutil::ensure_dir(&sub, 0o755).map_err(NodeError::io(&sub))?;
+        let path = sub.join("hosts.toml");
+        fsutil::atomic_write(&path, text.as_bytes(), 0o644).map_err(NodeError::io(&path))?;
+    }
+    Ok(())
+}
+
+/// One `(registry, how it is reached)` pair per configured registry or host, for
+/// `kdist status`; never a credential.
+pub fn summary(config: &RegistriesConfig) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, resolved) in resolve(config) {
+        if resolved.endpoints.is_empty() {
+            continue;
+        }
+        let mut via: Vec<String> = resolved.endpoints.iter().map(|e| e.to_string()).collect();
+        if resolved.fallback {
+            via.push(if name == "*" {
+                "then the registry itself".into()
+            } else {
+                format!("then {name}")
+            });
+        } else {
+            via.push("no fallback".into());
+        }
+        out.push((name, via.join(", ")));
+    }
+    for (host, settings) in &config.configs {
+        let mut what = Vec::new();
+        if settings.auth.is_some() {
+            what.push("credentials");
+        }
+        if let Some(tls) = &settings.tls {
+            if tls.ca_file.is_some() {
+                what.push("CA");
+            }
+            if tls.cert_file.is_some() {
+                what.push("client certificate");
+            }
+            if tls.insecure_skip_verify {
+                what.push("TLS verification off");
+            }
+        }
+        if !what.is_empty() {
+            out.push((host.clone(), what.join(", ")));
+        }
+    }
+    out
+}
+
+/// `summary` as `registry: how` lines.
+pub fn mirror_summary(config: &RegistriesConfig) -> Vec<String> {
+    summary(config)
+        .into_iter()
+        .map(|(name, how)| format!("{name}: {how}"))
+        .collect()
+}
+
+/// The parts of a Release manifest that name images; the rest is ignored.
+#[derive(serde::Deserialize)]
+struct ManifestImages {
+    #[serde(default)]
+    status: ManifestStatus,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ManifestStatus {
+    #[serde(default)]
+    components: Vec<ManifestComponent>,
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestComponent {
+    #[serde(default)]
+    assets: Vec<ManifestAsset>,
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestAsset {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    image: Option<ImageUri>,
+}
+
+#[derive(serde::Deserialize)]
+struct ImageUri {
+    uri: String,
+}
+
+/// The images of a release manifest (`type: Image` assets' `image.uri`), in order.
+pub fn release_images(manifest: &str, origin: &Path) -> Result<Vec<String>, NodeError> {
+    let doc: ManifestImages =
+        serde_saphyr::from_str(manifest).map_err(|e| NodeError::BadManifest {
+            path: origin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let mut images: Vec<String> = Vec::new();
+    let assets = doc.status.components.into_iter().flat_map(|c| c.assets);
+    for asset in assets.filter(|a| a.kind == "Image") {
+        if let Some(image) = asset.image
+            && !images.contains(&image.uri)
+        {
+            images.push(image.uri);
+        }
+    }
+    if images.is_empty() {
+        return Err(NodeError::BadManifest {
+            path: origin.to_path_buf(),
+            reason: "it lists no image (no `type: Image` asset with image.uri)".into(),
+        });
+    }
+    Ok(images)
+}
+
+/// Where `image` goes in `to`: its repository path (and tag or digest) kept below
+/// `to`'s host and prefix, as `eks_mirror` looks it up: `public.ecr.aws/eks-distro/x:t`
+/// to `reg:5000/eks` is `reg:5000/eks/eks-distro/x:t`.
+pub fn target_name(image: &str, to: &Endpoint) -> String {
+    let rest = match image.split_once('/') {
+        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => rest,
+        _ => image,
+    };
+    format!("{}{}/{}", to.host, to.path, rest)
+}
+
+/// What `push_release` did with one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    /// Pushed as this name.
+    To(String),
+    /// Not in this node's containerd: pull or import it first.
+    Missing,
+}
+
+/// The hosts.toml that `ctr images push` gets for `to`: its TLS settings and, for basic
+/// authentication, an Authorization header; kept in a private temporary directory
+/// (never on a command line, where `ps` would show it).
+fn push_hosts(to: &Endpoint, host: &HostConfig) -> Result<String, NodeError> {
+    let root = format!("{}://{}", to.scheme.as_str(), to.host);
+    let mut out = format!("server = {}\n\n[host.{}]\n", q(&root), q(&root));
+    out.push_str("  capabilities = [\"pull\", \"resolve\", \"push\"]\n");
+    if to.scheme == Scheme::Https {
+        tls_lines(&mut out, "  ", host.tls.as_ref());
+    }
+    if let Some(auth) = &host.auth {
+        let Some((user, password)) = auth.basic() else {
+            return Err(NodeError::PushAuth {
+                host: to.host.clone(),
+            });
+        };
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let _ = writeln!(out, "  [host.{}.header]", q(&root));
+        let _ = writeln!(out, "    Authorization = {}", q(format!("Basic {token}")));
+    }
+    Ok(out)
+}
+
+/// Copies `images` from this node's containerd (namespace k8s.io) to the registry `to`
+/// (`[http://]host[:port][/prefix]`) with `ctr`, using `registries.configs.<host>` for
+/// credentials and TLS. Each image is tagged with its target name for the push and the
+/// tag removed after.
+pub fn push_release(
+    data: &DataDir,
+    images: &[String],
+    to: &Endpoint,
+    host: &HostConfig,
+) -> Result<Vec<(String, Pushed)>, NodeError> {
+    let ctr = super::images::ctr(data)?;
+    let address = data.containerd_socket().display().to_string();
+    let base = [
+        "--address",
+        address.as_str(),
+        "--namespace",
+        super::images::NAMESPACE,
+    ];
+    let run = |args: &[&str]| {
+        let all: Vec<&str> = base.iter().chain(args).copied().collect();
+        super::cmd::run(&ctr, &all)
+    };
+    let present: Vec<String> = run(&["images", "ls", "-q"])?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let dir = tempfile::Builder::new()
+        .prefix("kdist-push-")
+        .tempdir()
+        .map_err(NodeError::io(std::env::temp_dir()))?;
+    let host_dir = dir.path().join(&to.host);
+    fsutil::ensure_dir(&host_dir, 0o700).map_err(NodeError::io(&host_dir))?;
+    let hosts_file = host_dir.join("hosts.toml");
+    fsutil::atomic_write(&hosts_file, push_hosts(to, host)?.as_bytes(), 0o600)
+        .map_err(NodeError::io(&hosts_file))?;
+    let hosts_dir = dir.path().display().to_string();
+    let platform = format!("linux/{}", crate::components::host_arch());
+    let mut out = Vec::new();
+    for image in images {
+        if !present.iter().any(|p| p == image) {
+            out.push((image.clone(), Pushed::Missing));
+            continue;
+        }
+        let target = target_name(image, to);
+        run(&["images", "tag", "--force", image, &target])?;
+        let pushed = run(&[
+            "images",
+            "push",
+            "--hosts-dir",
+            &hosts_dir,
+            "--platform",
+            &platform,
+            &target,
+        ]);
+        if target != *image {
+            let _ = run(&["images", "rm", &target]);
+        }
+        pushed?;
+        tracing::info!(%image, %target, "pushed");
+        out.push((image.clone(), Pushed::To(target)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_images_and_their_targets() {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/kubernetes-1-31-eks-12.yaml"),
+        )
+        .unwrap();
+        let images = release_images(&manifest, Path::new("m.yaml")).unwrap();
+        assert!(
+            images.contains(
+                &"public.ecr.aws/eks-distro/coredns/coredns:v1.11.3-eks-1-31-12".to_string()
+            ),
+            "{images:?}"
+        );
+        let to = Endpoint::parse("reg.example:5000/eks", Some(Scheme::Https)).unwrap();
+        assert_eq!(
+            target_name("public.ecr.aws/eks-distro/kubernetes/pause:3.9", &to),
+            "reg.example:5000/eks/eks-distro/kubernetes/pause:3.9"
+        );
+        let to = Endpoint::parse("http://127.0.0.1:5000", None).unwrap();
+        assert_eq!(target_name("busybox:1", &to), "127.0.0.1:5000/busybox:1");
+        assert_eq!(
+            target_name("localhost/a/b@sha256:00", &to),
+            "127.0.0.1:5000/a/b@sha256:00"
+        );
+        let err = release_images("kind: Release\n", Path::new("/m.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/m.yaml") && err.contains("no image"), "{err}");
+    }
+
+    #[test]
+    fn the_push_hosts_file_carries_basic_auth_and_tls() {
+        let to = Endpoint::parse("https://reg:5000/eks", None).unwrap();
+        let host = HostConfig {
+            auth: Some(crate::config::RegistryAuth {
+                username: Some("alice".into()),
+                password: Some("pw".into()),
+                ..Default::default()
+            }),
+            tls: Some(RegistryTls {
+                ca_file: Some("/ca.pem".into()),
+                ..Default::default()
+            }),
+        };
+        let doc: toml::Table = toml::from_str(&push_hosts(&to, &host).unwrap()).unwrap();
+        let entry = &doc["host"]["https://reg:5000"];
+        assert_eq!(entry["ca"].as_str(), Some("/ca.pem"));
+        // base64("alice:pw")
+        assert_eq!(
+            entry["header"]["Authorization"].as_str(),
+            Some("Basic YWxpY2U6cHc=")
+        );
+        let token = HostConfig {
+            auth: Some(crate::config::RegistryAuth {
+                identity_token: Some("t".into()),
+                ..Default::default()
+            }),
+            tls: None,
+        };
+        let err = push_hosts(&to, &token).unwrap_err().to_string();
+        assert!(err.contains("reg:5000"), "{err}");
+    }
+
+    fn registries(yaml: &str) -> RegistriesConfig {
+        crate::config::NodeConfig::parse(yaml, Path::new("c.yaml"))
+            .unwrap()
+            .registries
+    }
+
+    fn golden(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/registries")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Compares with `tests/golden/registries/<name>`; KDIST_UPDATE_GOLDEN=1 rewrites it.
+    fn check_golden(name: &str, text: &str) {
+        if std::env::var_os("KDIST_UPDATE_GOLDEN").is_some() {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/golden/registries")
+                .join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        assert_eq!(text, golden(name), "{name} differs from its golden file");
+    }
+
+    const FULL: &str = r#"registries:
+  mirrors:
+    docker.io:
+      endpoint: ["https://mirror.example:5000", "http://127.0.0.1:5001/v2/dockerhub"]
+    quay.io:
+      endpoint: ["https://mirror.example:5000/v2"]
+      fallback: false
+    "*":
+      endpoint: ["http://cache.lan:5000"]
+  configs:
+    "mirror.example:5000":
+      auth: {username: alice, password: s3cretPW}
+      tls: {ca_file: /etc/ssl/mirror-ca.pem, cert_file: /etc/ssl/c.pem, key_file: /etc/ssl/c.key}
+    "registry.corp":
+      tls: {insecure_skip_verify: true}
+  eks_mirror: registry.example:5000/eks
+"#;
+
+    #[test]
+    fn hosts_files_match_their_golden_files() {
+        let files = render(&registries(FULL));
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            [
+                "_default",
+                "docker.io",
+                "mirror.example:5000",
+                "public.ecr.aws",
+                "quay.io",
+                "registry.corp"
+            ]
+        );
+        for (dir, text) in &files {
+            // containerd's parser reads TOML: every file must be valid
+            let doc: toml::Table = toml::from_str(text).unwrap_or_else(|e| panic!("{dir}: {e}"));
+            assert!(
+                doc.contains_key("host"),
+                "{dir}: containerd 1.6 needs a [host]"
+            );
+            check_golden(&format!("{}.hosts.toml", dir.replace(':', "_")), text);
+        }
+    }
+
+    #[test]
+    fn the_structure_says_what_containerd_does() {
+        let files = render(&registries(FULL));
+        let doc: toml::Table = toml::from_str(&files["docker.io"]).unwrap();
+        assert_eq!(doc["server"].as_str(), Some("https://registry-1.docker.io"));
+        // fallback on: the root keeps its default capabilities
+        assert!(!doc.contains_key("capabilities"));
+        let hosts = doc["host"].as_table().unwrap();
+        let mirror = &hosts["https://mirror.example:5000"];
+        assert_eq!(mirror["ca"].as_str(), Some("/etc/ssl/mirror-ca.pem"));
+        assert_eq!(
+            mirror["client"].as_array().unwrap()[0].as_array().unwrap()[1].as_str(),
+            Some("/etc/ssl/c.key")
+        );
+        let plain = &hosts["http://127.0.0.1:5001/v2/dockerhub"];
+        assert_eq!(plain["override_path"].as_bool(), Some(true));
+        assert!(plain.get("ca").is_none());
+        // order is the order given (toml keeps insertion order only in the text)
+        let text = &files["docker.io"];
+        assert!(text.find("mirror.example").unwrap() < text.find("127.0.0.1:5001").unwrap());
+
+        // fallback off: the registry itself may not serve pulls
+        let doc: toml::Table = toml::from_str(&files["quay.io"]).unwrap();
+        assert_eq!(doc["capabilities"].as_array().unwrap().len(), 1);
+        assert_eq!(doc["capabilities"][0].as_str(), Some("push"));
+        assert!(
+            doc["host"]["https://mirror.example:5000"]
+                .get("override_path")
+                .is_none()
+        );
+
+        // eks_mirror: the prefix is the API root, EKS-D's repository path kept below it
+        let doc: toml::Table = toml::from_str(&files["public.ecr.aws"]).unwrap();
+        assert_eq!(doc["server"].as_str(), Some("https://public.ecr.aws"));
+        assert_eq!(
+            doc["host"]["https://registry.example:5000/v2/eks"]["override_path"].as_bool(),
+            Some(true)
+        );
+
+        // `*` has no server: containerd fills in the registry being pulled from
+        let doc: toml::Table = toml::from_str(&files["_default"]).unwrap();
+        assert!(!doc.contains_key("server"));
+
+        // TLS-only host: its own entry, and the root for pushes only
+        let doc: toml::Table = toml::from_str(&files["registry.corp"]).unwrap();
+        assert_eq!(
+            doc["host"]["https://registry.corp"]["skip_verify"].as_bool(),
+            Some(true)
+        );
+        assert_eq!(doc["skip_verify"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn eks_mirror_goes_before_other_public_ecr_mirrors_and_keeps_fallback_off() {
+        let files = render(&registries(
+            "registries:\n  eks_mirror: http://127.0.0.1:5000\n  mirrors:\n    public.ecr.aws:\n      endpoint: [\"https://m2\"]\n      fallback: false\n",
+        ));
+        let text = &files["public.ecr.aws"];
+        let doc: toml::Table = toml::from_str(text).unwrap();
+        assert_eq!(doc["capabilities"][0].as_str(), Some("push"));
+        let first = text.find("[host.").unwrap();
+        assert!(
+            text[first..].starts_with("[host.\"http://127.0.0.1:5000\"]\n"),
+            "{text}"
+        );
+        assert!(text.find("127.0.0.1:5000").unwrap() < text.find("https://m2").unwrap());
+    }
+
+    #[test]
+    fn local_registries_default_to_plain_http_unless_given_tls() {
+        let files = render(&registries(
+            "registries:\n  mirrors:\n    \"127.0.0.1:5000\":\n      endpoint: [\"http://127.0.0.1:6000\"]\n    \"localhost:5001\":\n      endpoint: [\"http://127.0.0.1:6000\"]\n  configs:\n    \"127.0.0.1:5443\":\n      tls: {ca_file: /ca.pem}\n",
+        ));
+        for (dir, server) in [
+            ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+            ("localhost:5001", "http://localhost:5001"),
+            ("127.0.0.1:5443", "https://127.0.0.1:5443"),
+        ] {
+            let doc: toml::Table = toml::from_str(&files[dir]).unwrap();
+            assert_eq!(doc["server"].as_str(), Some(server), "{dir}");
+        }
+    }
+
+    #[test]
+    fn the_summary_names_mirrors_and_never_credentials() {
+        let lines = mirror_summary(&registries(FULL));
+        let all = lines.join("\n");
+        assert!(
+            lines.contains(
+                &"docker.io: https://mirror.example:5000, http://127.0.0.1:5001/v2/dockerhub, then docker.io"
+                    .to_string()
+            ),
+            "{all}"
+        );
+        assert!(
+            lines.contains(&"quay.io: https://mirror.example:5000/v2, no fallback".to_string()),
+            "{all}"
+        );
+        assert!(
+            all.contains("mirror.example:5000: credentials, CA, client certificate"),
+            "{all}"
+        );
+        assert!(!all.contains("alice") && !all.contains("s3cretPW"), "{all}");
+        // a host with TLS settings only is listed once, by what it has
+        assert!(!all.contains("registry.corp: then"), "{all}");
+        assert!(mirror_summary(&RegistriesConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn a_config_with_credentials_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let mode = || {
+            std::fs::metadata(data.config_file())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        let plain = registries(
+            "registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"https://m\"]\n",
+        );
+        let secret =
+            registries("registries:\n  configs:\n    m:\n      auth: {username: u, password: p}\n");
+        std::fs::write(data.config_file(), "x").unwrap();
+        std::fs::set_permissions(data.config_file(), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        assert_eq!(protect_config(&data, &plain).unwrap(), None);
+        assert_eq!(mode(), 0o644);
+        let note = protect_config(&data, &secret).unwrap().unwrap();
+        assert!(note.contains("644") && note.contains("600"), "{note}");
+        assert_eq!(mode(), 0o600);
+        assert_eq!(protect_config(&data, &secret).unwrap(), None);
+    }
+
+    #[test]
+    fn write_replaces_what_an_earlier_start_left_and_checks_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let old = hosts_dir(&data).join("gone.example");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("hosts.toml"), "x").unwrap();
+        write(
+            &data,
+            &registries("registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"http://127.0.0.1:1\"]\n"),
+        )
+        .unwrap();
+        assert!(!old.exists());
+        assert!(hosts_dir(&data).join("docker.io/hosts.toml").is_file());
+        let err = write(
+            &data,
+            &registries(
+                "registries:\n  configs:\n    m:\n      tls: {ca_file: /nonexistent/ca.pem}\n",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("registries.configs.\"m\".tls.ca_file")
+                && err.contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
+    }
+}
