@@ -91,6 +91,15 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     print_table(&report);
     if ready && report.services.iter().any(|s| s.name == "kubelet") {
         let config = NodeConfig::load(&data)?;
+        if config.network.cni == crate::config::Cni::None {
+            // kubelet reports NotReady until the user's CNI is installed
+            println!(
+                "kdist is ready; network.cni is none: the node becomes Ready once you install \
+                 a CNI for pod CIDR {} (see README, Networking)",
+                config.network.pod_cidr
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         let node = config.node_name();
         let worker = config.role == crate::config::Role::Worker;
         let kubeconfig = crate::node::rbac::node_kubeconfig(&data, &config);

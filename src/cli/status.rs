@@ -86,6 +86,40 @@ pub fn controllers(report: &StatusReport) -> Vec<ControllerStatus> {
         .unwrap_or_default()
 }
 
+/// The pod network's state in `report` (none when the node runs no Kubernetes
+/// components).
+pub fn network(report: &StatusReport) -> Option<crate::controllers::NetworkStatus> {
+    report
+        .sections
+        .get("network")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+fn print_network(network: &crate::controllers::NetworkStatus) {
+    println!();
+    println!("NETWORK");
+    println!("  {:<16} {}", "cni", network.cni);
+    if let Some(backend) = &network.backend {
+        println!("  {:<16} {backend}", "backend");
+    }
+    if let Some(cidr) = &network.pod_cidr {
+        println!("  {:<16} {cidr}", "pod CIDR");
+    }
+    if let Some(mtu) = network.mtu {
+        println!("  {:<16} {mtu}", "pod MTU");
+    }
+    println!("  {:<16} {}", "NetworkPolicy", network.network_policy);
+    for peer in &network.peers {
+        println!(
+            "  peer {:<11} {:<15} {:<18} {}",
+            peer.node,
+            peer.node_ip.as_deref().unwrap_or("-"),
+            peer.pod_cidr.as_deref().unwrap_or("-"),
+            peer.route
+        );
+    }
+}
+
 /// What keeps the node from being ready: services by name, controllers as
 /// `controller NAME`.
 pub fn not_ready(report: &StatusReport) -> Vec<String> {
@@ -187,6 +221,9 @@ pub fn print_table(report: &StatusReport) {
                 c.message.as_deref().unwrap_or("-"),
             );
         }
+    }
+    if let Some(network) = network(report) {
+        print_network(&network);
     }
     if !report.host.is_empty() {
         println!();

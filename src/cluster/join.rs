@@ -323,6 +323,8 @@ fn write_worker(
     }
     config.network.cluster_domain = answer.cluster_domain.clone();
     config.network.service_cidr = answer.service_cidr.clone();
+    // the egress guard and kube-proxy tell pod traffic by the cluster's pod CIDR
+    config.network.pod_cidr = answer.pod_cidr.clone();
     config.save(data)?;
     nodes::write_joined(data, joined)
 }

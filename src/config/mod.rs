@@ -216,6 +216,30 @@ pub enum Egress {
     None,
 }
 
+/// How pods reach pods on other nodes (`network.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// host-gw when every peer is on a directly attached subnet, vxlan otherwise.
+    #[default]
+    Auto,
+    /// A route to each peer's pod CIDR via the peer's node IP (one L2 segment).
+    HostGw,
+    /// A VXLAN device; each peer's pod CIDR through it (any IP connectivity).
+    Vxlan,
+}
+
+/// Who provides the pod network (`network.cni`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Cni {
+    /// kdist's bridge CNI config and routes between nodes.
+    #[default]
+    Builtin,
+    /// No CNI config and no routes: the user installs Calico, Cilium, flannel, ...
+    None,
+}
+
 /// Pod and service networking of this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -230,6 +254,15 @@ pub struct NetworkConfig {
     /// The CNI bridge interface.
     pub bridge: String,
     pub egress: Egress,
+    /// The prefix length of each node's pod CIDR, cut from `pod_cidr` by
+    /// kube-controller-manager (`--node-cidr-mask-size`).
+    pub node_cidr_mask: u8,
+    pub cni: Cni,
+    pub backend: Backend,
+    /// VXLAN network identifier of the vxlan backend.
+    pub vxlan_vni: u32,
+    /// UDP port of the vxlan backend.
+    pub vxlan_port: u16,
 }
 
 impl NetworkConfig {
@@ -251,6 +284,11 @@ impl Default for NetworkConfig {
             cluster_domain: "cluster.local".into(),
             bridge: "kdist0".into(),
             egress: Egress::All,
+            node_cidr_mask: 24,
+            cni: Cni::Builtin,
+            backend: Backend::Auto,
+            vxlan_vni: 1,
+            vxlan_port: 8472,
         }
     }
 }
@@ -488,6 +526,29 @@ impl NodeConfig {
         let net = &self.network;
         let pods = parse_cidr(&net.pod_cidr).map_err(bad_value("network.pod_cidr"))?;
         let services = parse_cidr(&net.service_cidr).map_err(bad_value("network.service_cidr"))?;
+        let mask = net.node_cidr_mask;
+        if mask < pods.prefix_len() || mask > 28 || mask - pods.prefix_len() > 16 {
+            return Err(invalid(
+                "network.node_cidr_mask",
+                format!(
+                    "{mask} must be from {} (the prefix of network.pod_cidr {pods}) to 28, \
+                     and at most 16 more than it",
+                    pods.prefix_len()
+                ),
+            ));
+        }
+        if net.vxlan_vni == 0 || net.vxlan_vni > 0xff_ffff {
+            return Err(invalid(
+                "network.vxlan_vni",
+                format!("{} must be from 1 to 16777215", net.vxlan_vni),
+            ));
+        }
+        if net.vxlan_port == 0 {
+            return Err(invalid(
+                "network.vxlan_port",
+                "must be a port number from 1 to 65535".into(),
+            ));
+        }
         if pods.contains(&services.network()) || services.contains(&pods.network()) {
             return Err(invalid(
                 "network.service_cidr",
@@ -788,6 +849,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("network.cluster_dns"), "{err}");
+        assert_eq!(config.network.node_cidr_mask, 24);
+        assert_eq!(config.network.backend, Backend::Auto);
+        assert_eq!(config.network.cni, Cni::Builtin);
+        let config = NodeConfig::parse(
+            "network:\n  backend: host-gw\n  cni: none\n  node_cidr_mask: 20\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(config.network.backend, Backend::HostGw);
+        assert_eq!(config.network.cni, Cni::None);
+        for bad in [
+            "node_cidr_mask: 15",
+            "node_cidr_mask: 29",
+            "pod_cidr: 10.0.0.0/8\n  node_cidr_mask: 25",
+            "vxlan_vni: 0",
+            "vxlan_port: 0",
+        ] {
+            let err = NodeConfig::parse(&format!("network:\n  {bad}\n"), Path::new("c"))
+                .unwrap_err()
+                .to_string();
+            let key = bad.split(':').next().unwrap();
+            let key = if key.starts_with("pod_cidr") {
+                "node_cidr_mask"
+            } else {
+                key
+            };
+            assert!(err.contains(&format!("network.{key}")), "{bad}: {err}");
+        }
         let err = NodeConfig::parse("network:\n  pod_cidr: 10.1.0.1/16\n", Path::new("c"))
             .unwrap_err()
             .to_string();

@@ -18,6 +18,7 @@ mod agent;
 mod apply;
 mod error;
 mod host;
+mod network;
 mod rbac;
 pub mod storage;
 
@@ -32,6 +33,7 @@ pub use agent::ClusterAgent;
 pub use apply::{Applier, FIELD_MANAGER, parse_manifests};
 pub use error::ControllerError;
 pub use host::{Board, ControllerState, ControllerStatus, Controllers, Reporter};
+pub use network::{Network, NetworkStatus, PeerStatus};
 pub use rbac::Rbac;
 pub use storage::Storage;
 

@@ -35,24 +35,35 @@ impl Builtin for EmbeddedDatastore {
     }
 }
 
-/// The controllers' board as the status report's `controllers` section.
-struct ControllerSection(controllers::Board);
+/// The controllers' board as the status report's `controllers` section, and the
+/// network controller's state as its `network` section.
+struct ControllerSection(controllers::Board, Option<Arc<controllers::Network>>);
 
 impl ReportSections for ControllerSection {
     fn sections(&self) -> BTreeMap<String, serde_json::Value> {
         let value = serde_json::to_value(self.0.snapshot()).unwrap_or_default();
-        BTreeMap::from([("controllers".to_string(), value)])
+        let mut sections = BTreeMap::from([("controllers".to_string(), value)]);
+        if let Some(network) = &self.1 {
+            let value = serde_json::to_value(network.status()).unwrap_or_default();
+            sections.insert("network".to_string(), value);
+        }
+        sections
     }
 }
 
-/// The controllers this node runs, in start order.
-pub fn controllers_for(config: &NodeConfig) -> Vec<Arc<dyn Controller>> {
+/// The controllers this node runs, in start order; `network` is the pod network's (every
+/// role runs it).
+pub fn controllers_for(
+    config: &NodeConfig,
+    network: Arc<controllers::Network>,
+) -> Vec<Arc<dyn Controller>> {
     let mut list: Vec<Arc<dyn Controller>> = Vec::new();
     if config.role != Role::Worker {
         list.push(Arc::new(controllers::Rbac));
         list.push(Arc::new(controllers::ClusterAgent));
     }
     list.push(Arc::new(controllers::Storage));
+    list.push(network);
     list
 }
 
@@ -81,13 +92,17 @@ pub async fn run(
         .snapshot()
         .iter()
         .any(|s| s.name == "kube-apiserver" || s.name == "kubelet");
+    let network = Arc::new(controllers::Network::default());
     let controllers = Controllers::new(
-        controllers_for(&config)
+        controllers_for(&config, network.clone())
             .into_iter()
             .filter(|c| runs_kubernetes || !c.needs_apiserver())
             .collect(),
     );
-    let daemon = daemon.with_sections(Arc::new(ControllerSection(controllers.board())));
+    let daemon = daemon.with_sections(Arc::new(ControllerSection(
+        controllers.board(),
+        runs_kubernetes.then_some(network),
+    )));
 
     let (apiserver_tx, apiserver_rx) = watch::channel(Apiserver::default());
     let controllers_stop = CancellationToken::new();

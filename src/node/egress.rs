@@ -50,6 +50,27 @@ pub fn rules(pod_cidr: &str, service_cidr: &str, bridge: &str) -> Vec<Vec<String
     rules
 }
 
+/// With the built-in pod network, rules that go before [`rules`]' drops: traffic to pod
+/// addresses passes (the kernel sends those only to this node's bridge or a peer: the
+/// network controller's blackhole route keeps the rest of the pod CIDR on the node), and
+/// so does pods' traffic to the peers' node IPs (the apiserver behind the `kubernetes`
+/// Service, hostNetwork pods). Nothing else from the pod CIDR leaves.
+pub fn peer_rules(pod_cidr: &str, peers: &[std::net::Ipv4Addr]) -> Vec<Vec<String>> {
+    let v = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut rules = vec![v(&["-d", pod_cidr, "-j", "RETURN"])];
+    for peer in peers {
+        rules.push(v(&[
+            "-s",
+            pod_cidr,
+            "-d",
+            &format!("{peer}/32"),
+            "-j",
+            "RETURN",
+        ]));
+    }
+    rules
+}
+
 fn iptables() -> Result<PathBuf, NodeError> {
     cmd::which("iptables").ok_or_else(|| NodeError::NotFound {
         program: "iptables".into(),
@@ -96,6 +117,16 @@ fn quote(arg: &str) -> String {
 
 /// Installs (or refreshes) the guard of the node in `data` for `config`.
 pub fn apply(data: &DataDir, config: &NodeConfig) -> Result<(), NodeError> {
+    apply_with_peers(data, config, &[])
+}
+
+/// Like [`apply`], letting pod traffic reach the node IPs `peers` (the network
+/// controller refreshes it when the peers change).
+pub fn apply_with_peers(
+    data: &DataDir,
+    config: &NodeConfig,
+    peers: &[std::net::Ipv4Addr],
+) -> Result<(), NodeError> {
     let program = iptables()?;
     let restore = program.with_file_name("iptables-restore");
     let restore = if restore.exists() {
@@ -110,11 +141,14 @@ pub fn apply(data: &DataDir, config: &NodeConfig) -> Result<(), NodeError> {
     let chain = chain(data);
     let jump = ipt(&program, &["-C", HOOK, "-j", &chain]).is_err();
     let net = &config.network;
-    let script = restore_script(
-        &chain,
-        &rules(&net.pod_cidr, &net.service_cidr, &net.bridge),
-        jump,
-    );
+    let mut all = rules(&net.pod_cidr, &net.service_cidr, &net.bridge);
+    if net.cni == crate::config::Cni::Builtin {
+        // after the lo and bridge RETURNs, before the drops
+        let drops = all.split_off(2);
+        all.extend(peer_rules(&net.pod_cidr, peers));
+        all.extend(drops);
+    }
+    let script = restore_script(&chain, &all, jump);
     cmd::run_with_input(&restore, &["-w", "5", "--noflush"], Some(script.as_bytes()))?;
     tracing::info!(%chain, "egress guard on: pod and service traffic stays on this node");
     Ok(())
@@ -172,6 +206,17 @@ mod tests {
                 "-d 10.152.183.0/24"
             ]
         );
+    }
+
+    #[test]
+    fn pod_addresses_and_peers_node_ips_pass_and_nothing_else_of_the_pods() {
+        let rules = peer_rules("10.1.0.0/16", &["10.203.0.2".parse().unwrap()]);
+        assert_eq!(rules[0], ["-d", "10.1.0.0/16", "-j", "RETURN"]);
+        assert_eq!(
+            rules[1],
+            ["-s", "10.1.0.0/16", "-d", "10.203.0.2/32", "-j", "RETURN"]
+        );
+        assert_eq!(rules.len(), 2);
     }
 
     #[test]

@@ -65,6 +65,12 @@ pub enum NodeError {
     },
     #[error("{path} is not an image archive: {reason}")]
     BadArchive { path: PathBuf, reason: String },
+    #[error("netlink: {action} failed; kdist needs CAP_NET_ADMIN in the node's network namespace")]
+    NetlinkRequest {
+        action: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("{path} is not a kubeconfig: {reason}; run `kdist certs init` to write it again")]
     BadKubeconfig { path: PathBuf, reason: &'static str },
     #[error("{path} is not a kubeconfig; run `kdist certs init` to write it again")]

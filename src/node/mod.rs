@@ -20,6 +20,7 @@ pub mod images;
 pub mod inspect;
 pub mod kube;
 pub mod kubeconfig;
+pub mod masquerade;
 pub mod netlink;
 pub mod proc;
 mod procs;
@@ -31,7 +32,8 @@ pub use error::NodeError;
 pub use host::{HostFact, HostFacts};
 pub use procs::{DAEMON_GROUP, PODS_GROUP, ProcessUsage, SERVICE_ENV, find_marked, tree_usage};
 
-use crate::config::{DataDir, Egress, NodeConfig};
+use crate::config::{Cni, DataDir, Egress, NodeConfig};
+use crate::fsutil;
 
 /// What preparing the node found and did, for `kdist status`.
 #[derive(Debug, Clone)]
@@ -51,7 +53,13 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
     containerd::write(data, &settings)?;
     let mut notes = Vec::new();
     notes.extend(registries::protect_config(data, &config.registries)?);
-    let missing = cni::write(data, config, &settings.cni_bin_dir)?;
+    // the network controller writes it again with this node's pod CIDR
+    cni::remove(data)?;
+    migrate_controller_manager_args(data)?;
+    let missing = match config.network.cni {
+        Cni::Builtin => cni::missing_plugins(&settings.cni_bin_dir),
+        Cni::None => Vec::new(),
+    };
     if !missing.is_empty() {
         notes.push(format!(
             "CNI plugins missing from {}: {}; pods cannot get a network until they are \
@@ -117,6 +125,10 @@ pub fn prepare(data: &DataDir, config: &NodeConfig) -> Result<NodeSetup, NodeErr
         ));
     }
     report.extend(hostprep::prepare(data, kube.complete())?);
+    match config.network.cni {
+        Cni::Builtin => masquerade::apply(data, &config.network.pod_cidr)?,
+        Cni::None => masquerade::remove(data)?,
+    }
     match config.network.egress {
         Egress::None => {
             egress::apply(data, config)?;
@@ -178,4 +190,21 @@ pub fn teardown(data: &DataDir, config: &NodeConfig) {
     if let Err(e) = egress::remove(data) {
         tracing::warn!("removing the egress guard: {e}");
     }
+    if let Err(e) = masquerade::remove(data) {
+        tracing::warn!("removing the pod masquerade chain: {e}");
+    }
+}
+
+/// Moves an args file of kube-controller-manager written by an earlier kdist (one pod
+/// CIDR for the whole node) to per-node pod CIDRs; a file the user edited stays theirs.
+fn migrate_controller_manager_args(data: &DataDir) -> Result<(), NodeError> {
+    let path = data.args_file("kube-controller-manager");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    if let Some(new) = cni::migrate_controller_manager_args(&text) {
+        fsutil::atomic_write(&path, new.as_bytes(), 0o644).map_err(NodeError::io(&path))?;
+        tracing::info!(path = %path.display(), "kube-controller-manager now allocates a pod CIDR per node");
+    }
+    Ok(())
 }

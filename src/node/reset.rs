@@ -182,6 +182,12 @@ pub fn reset(data: &DataDir, config: &NodeConfig) -> Result<Vec<String>, NodeErr
             }
         }
     }
+    super::masquerade::remove(data)?;
+    match super::netlink::remove_all_blocking() {
+        Ok(true) => done.push("removed kdist's pod routes and VXLAN device".into()),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("pod routes left: {e}"),
+    }
     if super::netlink::delete_link_blocking(&config.network.bridge)? {
         done.push(format!("removed bridge {}", config.network.bridge));
     }

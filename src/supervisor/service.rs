@@ -301,6 +301,10 @@ fn variables(data: &DataDir, config: &NodeConfig, host: &HostInputs) -> BTreeMap
     vars.insert("ETCD_INITIAL_CLUSTER".into(), initial);
     vars.insert("ETCD_INITIAL_CLUSTER_STATE".into(), state);
     vars.insert("POD_CIDR".into(), config.network.pod_cidr.clone());
+    vars.insert(
+        "NODE_CIDR_MASK".into(),
+        config.network.node_cidr_mask.to_string(),
+    );
     vars.insert("SERVICE_CIDR".into(), config.network.service_cidr.clone());
     vars.insert(
         "CLUSTER_DOMAIN".into(),

@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 pub const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
-    "sh", "sleep", "echo", "cat", "ls", "nc", "hostname", "httpd", "env", "true",
+    "sh", "sleep", "echo", "cat", "ls", "nc", "hostname", "httpd", "env", "true", "wget", "dd",
+    "mkdir",
 ];
 
 fn sha(bytes: &[u8]) -> String {
