@@ -3,6 +3,7 @@
 //! Owns where every file of kdist lives and how `config.yaml` is parsed and validated.
 //! It must not start processes or touch anything outside the data directory.
 
+pub mod addons;
 mod certs;
 mod cluster;
 mod components;
@@ -10,6 +11,7 @@ mod embedded;
 mod error;
 mod services;
 
+pub use addons::{AddonsConfig, DnsAddon, MetricsAddon, Toggle};
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use cluster::{ClusterConfig, Role};
 pub use components::{
@@ -307,6 +309,8 @@ pub struct NodeConfig {
     /// `services: {kube-apiserver: {env: {GOMEMLIMIT: 300MiB}, args: [--v=2]}}`.
     pub services: BTreeMap<String, ServiceSettings>,
     pub memory: MemoryConfig,
+    /// Cluster addons this node seeds as enabled (`kdist addons enable|disable`).
+    pub addons: AddonsConfig,
 }
 
 impl NodeConfig {
@@ -439,6 +443,7 @@ impl NodeConfig {
             }
         }
         self.certs.validate(origin)?;
+        self.addons.validate(origin)?;
         services::validate(&self.services, &crate::supervisor::known_services(), origin)?;
         Ok(())
     }

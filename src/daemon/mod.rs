@@ -35,22 +35,32 @@ impl Builtin for EmbeddedDatastore {
     }
 }
 
-/// The controllers' board as the status report's `controllers` section.
-struct ControllerSection(controllers::Board);
+/// The controllers' board as the status report's `controllers` section, and the addons'
+/// states as its `addons` section.
+struct ControllerSection(controllers::Board, controllers::AddonBoard);
 
 impl ReportSections for ControllerSection {
     fn sections(&self) -> BTreeMap<String, serde_json::Value> {
         let value = serde_json::to_value(self.0.snapshot()).unwrap_or_default();
-        BTreeMap::from([("controllers".to_string(), value)])
+        let addons = serde_json::to_value(self.1.snapshot()).unwrap_or_default();
+        BTreeMap::from([
+            ("controllers".to_string(), value),
+            ("addons".to_string(), addons),
+        ])
     }
 }
 
-/// The controllers this node runs, in start order.
-pub fn controllers_for(config: &NodeConfig) -> Vec<Arc<dyn Controller>> {
+/// The controllers this node runs, in start order; `addons` is where the addons
+/// controller publishes its addons' states.
+pub fn controllers_for(
+    config: &NodeConfig,
+    addons: &controllers::AddonBoard,
+) -> Vec<Arc<dyn Controller>> {
     let mut list: Vec<Arc<dyn Controller>> = Vec::new();
     if config.role != Role::Worker {
         list.push(Arc::new(controllers::Rbac));
         list.push(Arc::new(controllers::ClusterAgent));
+        list.push(Arc::new(controllers::Addons::new(addons.clone())));
     }
     list
 }
@@ -79,12 +89,13 @@ pub async fn run(
         .snapshot()
         .iter()
         .any(|s| s.name == "kube-apiserver" || s.name == "kubelet");
+    let addons = controllers::AddonBoard::new();
     let controllers = Controllers::new(if runs_kubernetes {
-        controllers_for(&config)
+        controllers_for(&config, &addons)
     } else {
         Vec::new()
     });
-    let daemon = daemon.with_sections(Arc::new(ControllerSection(controllers.board())));
+    let daemon = daemon.with_sections(Arc::new(ControllerSection(controllers.board(), addons)));
 
     let (apiserver_tx, apiserver_rx) = watch::channel(Apiserver::default());
     let controllers_stop = CancellationToken::new();
