@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod add_node;
+mod addons;
 mod bench;
 mod certs;
 mod completion;
@@ -99,6 +100,8 @@ pub enum Command {
     RemoveNode(remove_node::Args),
     /// Leave the cluster and become a fresh single node.
     Leave(leave::Args),
+    /// Cluster addons: list, enable, disable (dns, metrics-server, storage, manifests).
+    Addons(addons::Args),
     /// Measure kdist against its peers (figures, not pass/fail): `idle`, `datastore`.
     Bench(bench::Args),
 }
@@ -143,5 +146,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RemoveNode(args) => remove_node::run(args, data).await,
         Command::Leave(args) => leave::run(args, data).await,
         Command::Bench(args) => bench::run(args, data).await,
+        Command::Addons(args) => addons::run(args, data).await,
     }
 }
