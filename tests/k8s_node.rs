@@ -249,7 +249,7 @@ fn suite(datastore: &str) {
     let data = TempData::new(&format!("k8s-{datastore}"));
     let _standins = prepare(&data, datastore == "embedded");
     let mut config = format!(
-        "datastore: {datastore}\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n"
+        "datastore: {datastore}\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\n"
     );
     if datastore == "etcd" {
         config.push_str(&format!(
@@ -547,7 +547,7 @@ fn node_migrates_from_embedded_to_etcd() {
     let data = TempData::new("k8s-mig");
     let _standins = prepare(&data, false);
     let config = data.config(&format!(
-        "datastore: embedded\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
+        "datastore: embedded\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\n\
          etcd:\n  client_port: {}\n  peer_port: {}\n",
         free_port(),
         free_port()
@@ -681,7 +681,7 @@ fn bench_node_with_real_binaries() {
     let data = TempData::new("k8s-bench");
     let _standins = prepare(&data, true);
     let config = data.config(&format!(
-        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\nmemory:\n  page_out_after: 5s\n"
+        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\nmemory:\n  page_out_after: 5s\n"
     ));
     let path = format!(
         "{}:{}",
