@@ -2,7 +2,7 @@
 //! (KDIST_TEST_K8S_BIN, KDIST_TEST_COREDNS_IMAGE, KDIST_TEST_METRICS_IMAGE: OCI archives).
 //! The node runs an EKS-D-shaped active release whose manifest names the images, with
 //! `egress: none`; CoreDNS forwards outside names to a tiny DNS server the test runs on
-//! an address of a dummy interface it creates: nothing leaves the machine.
+//! an address of a veth pair it creates (this kernel may lack the dummy module): nothing leaves the machine.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -20,9 +20,10 @@ const BUSYBOX: &str = "kdist.local/test/busybox:1";
 const PAUSE: &str = "kdist.local/test/pause:1";
 const COREDNS: &str = "public.ecr.aws/eks-distro/coredns/coredns:v1.12.1-eks-test";
 const METRICS: &str = "public.ecr.aws/eks-distro/kubernetes-sigs/metrics-server:v0.7.2-eks-test";
-/// The upstream resolver the test serves, on a dummy interface of its own.
+/// The upstream resolver the test serves, on an interface of its own.
 const UPSTREAM: &str = "198.18.53.53";
 const DUMMY: &str = "kdtdns0";
+const DUMMY_PEER: &str = "kdtdns1";
 /// What the upstream answers for OUTSIDE_NAME.
 const OUTSIDE_NAME: &str = "outside.kdist.test";
 const OUTSIDE_IP: [u8; 4] = [198, 18, 7, 7];
@@ -39,7 +40,7 @@ fn node_name() -> String {
         .to_lowercase()
 }
 
-/// A dummy interface with UPSTREAM, and a DNS server on UPSTREAM:53 that answers
+/// A host-local veth pair with UPSTREAM on one end, and a DNS server on UPSTREAM:53 that answers
 /// OUTSIDE_NAME with OUTSIDE_IP and every other name with NXDOMAIN. Removed on drop.
 struct Upstream {
     answered: Arc<AtomicU64>,
@@ -49,9 +50,12 @@ impl Upstream {
     fn start() -> Self {
         let _ = Command::new("ip").args(["link", "del", DUMMY]).output();
         for args in [
-            vec!["link", "add", DUMMY, "type", "dummy"],
+            vec![
+                "link", "add", DUMMY, "type", "veth", "peer", "name", DUMMY_PEER,
+            ],
             vec!["addr", "add", &format!("{UPSTREAM}/32"), "dev", DUMMY],
             vec!["link", "set", DUMMY, "up"],
+            vec!["link", "set", DUMMY_PEER, "up"],
         ] {
             let out = Command::new("ip").args(&args).output().unwrap();
             assert!(out.status.success(), "ip {args:?}: {}", text(&out));
@@ -175,6 +179,11 @@ fn release(data: &TempData) {
         image("metrics-server", "metrics-server-image", METRICS),
     );
     std::fs::write(dir.join("manifest.yaml"), manifest).unwrap();
+    let record = serde_json::json!({
+        "release": "1-28-7", "channel": "1-28", "number": 7, "os": "linux", "arch": "amd64",
+        "manifest_sha256": "", "source": "test", "installed_at": 0, "assets": [], "files": [],
+    });
+    std::fs::write(dir.join("record.json"), record.to_string()).unwrap();
     std::os::unix::fs::symlink("1-28-7", data.path("components/current")).unwrap();
 }
 
@@ -269,7 +278,17 @@ fn addons_on_a_node_with_real_binaries() {
     });
     assert!(
         found.as_deref().is_some_and(|o| o.contains(&web_ip)),
-        "{found:?}"
+        "{found:?}: {}\n{}\n{}",
+        text(&data.kdist(&[
+            "kubectl",
+            "exec",
+            "client",
+            "--",
+            "nslookup",
+            "web.default.svc.cluster.local"
+        ])),
+        text(&data.kdist(&["kubectl", "exec", "client", "--", "cat", "/etc/resolv.conf"])),
+        text(&data.kdist(&["kubectl", "-n", "kube-system", "logs", "deployment/coredns"])),
     );
     let found = common::wait_for(Duration::from_secs(30), || {
         lookup(&data, "kubernetes.default.svc.cluster.local")

@@ -245,11 +245,15 @@ impl Default for NetworkConfig {
     }
 }
 
+/// The sandbox image when neither config.yaml nor the active release names one.
+pub const DEFAULT_SANDBOX_IMAGE: &str = "public.ecr.aws/eks-distro/kubernetes/pause:3.9";
+
 /// Container runtime settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// The pod sandbox ("pause") image; import it with `kdist images import` on air-gapped hosts.
+    /// The pod sandbox ("pause") image; left at the default, the active release's
+    /// `pause-image` is used. Import it with `kdist images import` on air-gapped hosts.
     pub sandbox_image: String,
     /// The cgroup under which kubelet puts its pods (kubelet's `cgroupRoot`, e.g.
     /// `/kdist-w1`); unset, kubelet's default `/`. Give each node its own when several
@@ -261,7 +265,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            sandbox_image: "public.ecr.aws/eks-distro/kubernetes/pause:3.9".into(),
+            sandbox_image: DEFAULT_SANDBOX_IMAGE.into(),
             cgroup_root: None,
         }
     }
