@@ -140,9 +140,21 @@ fn apply(data: &TempData, manifest: &str) {
     kubectl(data, &["apply", "-f", path.to_str().unwrap()]);
 }
 
-/// `nslookup name` in the client pod: its output when it succeeded.
+/// `nslookup name` in the client pod (busybox's, which sends its own queries and applies
+/// no search domains): its output when it succeeded.
 fn lookup(data: &TempData, name: &str) -> Option<String> {
-    kubectl_ok(data, &["exec", "client", "--", "nslookup", "-type=a", name])
+    kubectl_ok(
+        data,
+        &[
+            "exec",
+            "client",
+            "--",
+            "/bin/busybox",
+            "nslookup",
+            "-type=a",
+            name,
+        ],
+    )
 }
 
 fn addons(data: &TempData) -> Vec<serde_json::Value> {
@@ -246,9 +258,10 @@ fn addons_on_a_node_with_real_binaries() {
     );
     assert!(
         out.status.success(),
-        "{}\n{}",
+        "{}\n{}\n{}",
         text(&out),
-        std::fs::read_to_string(data.path("logs/kdist.log")).unwrap_or_default()
+        text(&data.kdist(&["kubectl", "get", "pods", "-A", "-o", "wide"])),
+        text(&data.kdist(&["kubectl", "-n", "kube-system", "describe", "pods"])),
     );
     eprintln!("kdist start -> ready with addons: {:?}", started.elapsed());
 
@@ -284,6 +297,7 @@ fn addons_on_a_node_with_real_binaries() {
             "exec",
             "client",
             "--",
+            "/bin/busybox",
             "nslookup",
             "web.default.svc.cluster.local"
         ])),

@@ -86,18 +86,18 @@ async fn list(data: DataDir, output: Output) -> anyhow::Result<ExitCode> {
         Output::Yaml => print!("{}", serde_saphyr::to_string(&rows)?),
         Output::Table => {
             println!(
-                "{:<16} {:<8} {:<12} {:<48} MESSAGE",
-                "NAME", "ENABLED", "STATE", "IMAGE"
+                "{:<16} {:<8} {:<12} {:<40} IMAGE",
+                "NAME", "ENABLED", "STATE", "MESSAGE"
             );
             for row in &rows {
                 let s = |k: &str| row[k].as_str().unwrap_or("-").to_string();
                 println!(
-                    "{:<16} {:<8} {:<12} {:<48} {}",
+                    "{:<16} {:<8} {:<12} {:<40} {}",
                     s("name"),
                     if row["enabled"] == true { "yes" } else { "no" },
                     s("state"),
-                    s("image"),
                     s("message"),
+                    s("image"),
                 );
             }
         }
