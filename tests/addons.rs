@@ -485,12 +485,24 @@ fn addons_on_a_node_with_real_binaries() {
     assert!(config.contains("enabled: false"), "{config}");
     let out = data.kdist(&["addons", "enable", "dns"]);
     assert!(out.status.success(), "{}", text(&out));
-    let found = common::wait_for(Duration::from_secs(120), || {
+    let found = common::wait_for(Duration::from_secs(180), || {
         lookup(&data, "web.default.svc.cluster.local")
     });
     assert!(
         found.as_deref().is_some_and(|o| o.contains(&web_ip)),
-        "{found:?}"
+        "{found:?} after enable: {:#?}\n{}\n{}\n{}",
+        addons(&data),
+        text(&data.kdist(&["kubectl", "get", "pods,svc,endpoints", "-A", "-o", "wide"])),
+        text(&data.kdist(&[
+            "kubectl",
+            "exec",
+            "client",
+            "--",
+            "/bin/busybox",
+            "nslookup",
+            "web.default.svc.cluster.local"
+        ])),
+        text(&data.kdist(&["kubectl", "-n", "kube-system", "logs", "deployment/coredns"])),
     );
     let out = data.kdist(&["addons", "enable", "helm"]);
     assert!(!out.status.success());
