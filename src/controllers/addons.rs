@@ -741,10 +741,11 @@ impl Addons {
                             info!(addon, objects = gone.len(), "disabled addon removed");
                         }
                     }
+                    // not transient: it changes with the release or config, which the
+                    // fingerprint covers
                     Some(Err(e)) => {
                         warn!(addon, "addon not applied: {e}");
                         failures.insert(addon.to_string(), e.clone());
-                        clean = false;
                     }
                     Some(Ok(objects)) => match apply_all(applier, objects).await {
                         Ok(keep) => {
@@ -779,11 +780,6 @@ impl Addons {
                 if let Err(e) = &file.parsed {
                     file_failures.insert(file.stem.clone(), e.clone());
                 }
-            }
-        }
-        if !file_failures.is_empty() && changed {
-            for (stem, e) in &file_failures {
-                warn!(file = %stem, "manifest not applied: {e}");
             }
         }
 
@@ -845,7 +841,8 @@ impl Addons {
 
     /// Applies the manifests folder's files that parse, then deletes what removed (or,
     /// with the addon disabled, all) files had applied. A file that fails keeps what it
-    /// applied before. Returns whether every file went in.
+    /// applied before. Returns false when the API refused a file (tried again next
+    /// tick); a file that does not parse waits until it changes.
     async fn apply_files(
         &self,
         ctx: &Context,
@@ -872,10 +869,12 @@ impl Addons {
         let known_before = kinds.clone();
         let mut keep = BTreeSet::new();
         let mut excluded = Vec::new();
+        let mut refused = false;
         if enabled {
             for file in files {
                 match &file.parsed {
                     Err(e) => {
+                        warn!(file = %file.path.display(), "manifest not applied: {e}");
                         failures.insert(file.stem.clone(), e.clone());
                         excluded.push(file.stem.clone());
                     }
@@ -889,11 +888,11 @@ impl Addons {
                         match apply_all(applier, objects).await {
                             Ok(applied) => keep.extend(applied),
                             Err(e) => {
-                                failures.insert(
-                                    file.stem.clone(),
-                                    format!("{}: {}", file.path.display(), error_chain(&e)),
-                                );
+                                let e = format!("{}: {}", file.path.display(), error_chain(&e));
+                                warn!("manifest not applied: {e}");
+                                failures.insert(file.stem.clone(), e);
                                 excluded.push(file.stem.clone());
+                                refused = true;
                             }
                         }
                     }
@@ -930,7 +929,7 @@ impl Addons {
         for key in &gone {
             info!(object = %key, "object of a removed manifest deleted");
         }
-        Ok(failures.is_empty())
+        Ok(!refused)
     }
 }
 
