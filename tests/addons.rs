@@ -271,6 +271,11 @@ fn addons_on_a_node_with_real_binaries() {
     assert_eq!(dns["state"], "ready", "{dns:#}");
     assert_eq!(dns["image"], COREDNS, "the release's coredns-image");
     assert_eq!(addon(&data, "metrics-server")["state"], "ready");
+    let images = text(&data.kdist(&["images", "list"]));
+    assert!(
+        images.contains(COREDNS) && images.contains(METRICS) && images.contains(PAUSE),
+        "{images}"
+    );
     let status = text(&data.kdist(&["status"]));
     assert!(status.contains("ADDON"), "{status}");
 
