@@ -1345,7 +1345,7 @@ fn worker_registers_and_becomes_ready() {
         format!(
             "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.203.0.{i}\n  \
              pod_cidr: 10.{i}.0.0/16\nruntime:\n  sandbox_image: kdist.local/test/pause:1\n  \
-             cgroup_root: /kdist-test-{name}\n"
+             cgroup_root: /kdist-test-{name}\naddons:\n  dns:\n    enabled: false\n"
         )
     };
     // the worker has only the node binaries (and kubectl, for `kdist start`'s Ready check)

@@ -1067,7 +1067,11 @@ fn bundle_installs_identically_without_network() {
         "the rejected copy is not kept"
     );
 
-    // a missing file is named
+    // a missing file is named (the tampered one put right first: a digest refusal is
+    // reported before other errors)
+    let good = walk_find(&third.path().join("components/1-31-2"), "kube-proxy")
+        .expect("installed kube-proxy");
+    std::fs::copy(good, dir.join("kube-proxy")).unwrap();
     std::fs::remove_file(dir.join("kubelet")).unwrap();
     let fourth = TempDir::new("bundle-d");
     let err = failed(kdist(
@@ -1527,4 +1531,19 @@ fn outdated_compares_the_active_release_with_the_channel() {
     assert!(table.contains("kdist upgrade --release latest"), "{table}");
     // nothing was installed by looking
     assert_eq!(release_dirs(data.path()), vec!["1-31-1"]);
+}
+
+/// The first file named `name` under `dir`.
+fn walk_find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() && !path.is_symlink() {
+            if let Some(found) = walk_find(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
 }

@@ -289,7 +289,9 @@ fn refreshing_the_egress_guard_never_lets_a_packet_out() {
 
     let data = kdist::config::DataDir::new(format!("/tmp/kdist-guard-refresh-{id}"));
     let mut config = kdist::config::NodeConfig::default();
-    config.network.pod_cidr = "10.155.0.0/24".into();
+    // the sender (10.155.0.1) is a pod address, the listener (10.155.0.2) is not: traffic
+    // to pod addresses is the cluster's own and passes the guard
+    config.network.pod_cidr = "10.155.0.0/31".into();
     config.network.service_cidr = "10.156.0.0/24".into();
     config.network.bridge = "kdtgbr0".into();
 

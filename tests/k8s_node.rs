@@ -152,7 +152,7 @@ fn suite(datastore: &str) {
     let data = TempData::new(&format!("k8s-{datastore}"));
     prepare(&data);
     let mut config = format!(
-        "datastore: {datastore}\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n"
+        "datastore: {datastore}\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\n"
     );
     if datastore == "etcd" {
         config.push_str(&format!(
@@ -487,7 +487,7 @@ fn node_migrates_from_embedded_to_etcd() {
     let data = TempData::new("k8s-mig");
     prepare(&data);
     let config = data.config(&format!(
-        "datastore: embedded\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
+        "datastore: embedded\nnetwork:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\n\
          etcd:\n  client_port: {}\n  peer_port: {}\n",
         free_port(),
         free_port()
@@ -621,7 +621,7 @@ fn bench_node_with_real_binaries() {
     let data = TempData::new("k8s-bench");
     prepare(&data);
     let config = data.config(&format!(
-        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\nmemory:\n  page_out_after: 5s\n"
+        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\nmemory:\n  page_out_after: 5s\n"
     ));
     let path = format!(
         "{}:{}",

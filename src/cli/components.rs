@@ -110,6 +110,10 @@ pub struct BundleArgs {
     /// Release to bundle; default the active one.
     #[arg(long)]
     pub release: Option<String>,
+    /// A directory of image archives (OCI or `docker save` tars: the release's pause,
+    /// CoreDNS, metrics-server images) to add; `install --from` imports them.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
 }
 
 pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
@@ -165,6 +169,19 @@ async fn install(args: InstallArgs, data: DataDir) -> anyhow::Result<ExitCode> {
                 "kdist is running the release it started with: `kdist upgrade --channel {} --release {}` moves it service by service (or `kdist stop && kdist start`)",
                 outcome.id.channel, outcome.id.number
             );
+        }
+    }
+    // image archives the source carried are in <data>/images/: imported at the next
+    // start, or now when containerd runs
+    if std::os::unix::net::UnixStream::connect(data.containerd_socket()).is_ok() {
+        let d = data.clone();
+        let imported =
+            tokio::task::spawn_blocking(move || crate::node::images::import_dropped(&d)).await?;
+        for (archive, result) in imported {
+            match result {
+                Ok(names) => println!("imported {} from {}", names.join(", "), archive.display()),
+                Err(e) => eprintln!("{}: {}", archive.display(), crate::report::error_chain(&e)),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -335,7 +352,7 @@ fn remove(args: RemoveArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 
 async fn bundle(args: BundleArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let id = args.release.as_deref().map(ReleaseId::parse).transpose()?;
-    let (id, size) = components::write_bundle(&data, id, &args.out).await?;
+    let (id, size) = components::write_bundle(&data, id, &args.out, args.images.as_deref()).await?;
     println!(
         "wrote EKS-D {} to {} ({:.1} MiB); install it with `kdist components install --from {}`",
         id.eks_name(),

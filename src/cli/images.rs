@@ -32,10 +32,27 @@ pub enum Sub {
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
     },
+    /// List the images the node's containerd holds (name and size).
+    List,
 }
 
 pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
+    let socket = data.containerd_socket();
+    if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        anyhow::bail!(
+            "containerd does not answer on {}; run `kdist start` first",
+            socket.display()
+        );
+    }
     match args.command {
+        Sub::List => {
+            let listed = tokio::task::spawn_blocking(move || images::list(&data)).await??;
+            println!("{:<80} SIZE", "IMAGE");
+            for (name, size) in listed {
+                println!("{name:<80} {size}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Sub::Import { file } => {
             check_containerd(&data)?;
             let file = std::path::absolute(&file).context("resolving the archive path")?;

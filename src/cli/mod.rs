@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod add_node;
+mod addons;
 mod bench;
 mod certs;
 mod completion;
@@ -106,6 +107,8 @@ pub enum Command {
     Upgrade(upgrade::Args),
     /// Start the node at boot: install, uninstall or show its systemd unit or OpenRC script.
     Service(service::Args),
+    /// Cluster addons: list, enable, disable (dns, metrics-server, storage, manifests).
+    Addons(addons::Args),
     /// Measure kdist against its peers (figures, not pass/fail): `idle`, `datastore`.
     Bench(bench::Args),
 }
@@ -152,5 +155,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args, data).await,
         Command::Service(args) => service::run(args, data).await,
         Command::Upgrade(args) => upgrade::run(args, data).await,
+        Command::Addons(args) => addons::run(args, data).await,
     }
 }

@@ -225,6 +225,20 @@ pub fn print_table(report: &StatusReport) {
     if let Some(network) = network(report) {
         print_network(&network);
     }
+    let addons = super::addons::addons(report);
+    if !addons.is_empty() {
+        println!();
+        println!("{:<24} {:<8} {:<12} MESSAGE", "ADDON", "ENABLED", "STATE");
+        for a in &addons {
+            println!(
+                "{:<24} {:<8} {:<12} {}",
+                a.name,
+                if a.enabled { "yes" } else { "no" },
+                a.state.to_string(),
+                a.message.as_deref().unwrap_or("-"),
+            );
+        }
+    }
     if !report.host.is_empty() {
         println!();
         println!("HOST");

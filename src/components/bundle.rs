@@ -1,6 +1,9 @@
 //! Air-gap bundles: one `.tar.gz` holding a release's `manifest.yaml` and its verified
 //! asset files under `assets/`, exactly what `install --from` and the build-time
-//! embedding read. Installing a bundle re-verifies every file against the manifest.
+//! embedding read, and optionally container image archives under `images/` (the
+//! release's pause, CoreDNS, metrics-server images), which `install --from` puts into
+//! `<data>/images/` for import. Installing a bundle re-verifies every file against the
+//! manifest.
 
 use std::io::Read;
 use std::path::{Component, Path};
@@ -14,9 +17,26 @@ use super::manifest::ReleaseId;
 use super::store::{MANIFEST_FILE, Store};
 use crate::fsutil;
 
-/// Writes release `id` as a bundle to `out` (atomically: a temp file renamed at the end).
-/// Blocking.
-pub fn create(store: &Store, id: &ReleaseId, out: &Path) -> Result<u64, ComponentsError> {
+/// The image archives (`*.tar`) directly in `dir`, in name order.
+pub fn image_archives(dir: &Path) -> Result<Vec<std::path::PathBuf>, ComponentsError> {
+    let entries = std::fs::read_dir(dir).map_err(ComponentsError::io(dir))?;
+    let mut found: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar") && p.is_file())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Writes release `id` as a bundle to `out` (atomically: a temp file renamed at the end),
+/// with the image archives `images`. Blocking.
+pub fn create(
+    store: &Store,
+    id: &ReleaseId,
+    out: &Path,
+    images: &[std::path::PathBuf],
+) -> Result<u64, ComponentsError> {
     let record = store.record(id)?;
     let dir = store.release_dir(id);
     let parent = out
@@ -44,6 +64,11 @@ pub fn create(store: &Store, id: &ReleaseId, out: &Path) -> Result<u64, Componen
             tar.append_path_with_name(&path, format!("assets/{}", asset.file))
                 .map_err(io(&path))?;
         }
+        for image in images {
+            let name = image.file_name().unwrap_or_default().to_string_lossy();
+            tar.append_path_with_name(image, format!("images/{name}"))
+                .map_err(io(image))?;
+        }
         let encoder = tar.into_inner().map_err(io(&tmp))?;
         let file = encoder.finish().map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
@@ -68,6 +93,7 @@ pub fn unpack(reader: impl Read, origin: &Path, dest: &Path) -> Result<(), Compo
         source,
     };
     fsutil::ensure_dir(&dest.join("assets"), 0o755).map_err(ComponentsError::io(dest))?;
+    fsutil::ensure_dir(&dest.join("images"), 0o755).map_err(ComponentsError::io(dest))?;
     let mut tar = tar::Archive::new(GzDecoder::new(reader));
     let mut saw_manifest = false;
     for entry in tar.entries().map_err(archive_err)? {
@@ -85,10 +111,13 @@ pub fn unpack(reader: impl Read, origin: &Path, dest: &Path) -> Result<(), Compo
             [Component::Normal(a), Component::Normal(n)] if *a == "assets" => {
                 dest.join("assets").join(n)
             }
-            [Component::Normal(a)] if *a == "assets" => continue,
+            [Component::Normal(a), Component::Normal(n)] if *a == "images" => {
+                dest.join("images").join(n)
+            }
+            [Component::Normal(a)] if *a == "assets" || *a == "images" => continue,
             _ => {
                 return Err(bad(format!(
-                    "unexpected entry {} in the bundle; a bundle holds only {MANIFEST_FILE} and assets/",
+                    "unexpected entry {} in the bundle; a bundle holds only {MANIFEST_FILE}, assets/ and images/",
                     path.display()
                 )));
             }
@@ -105,6 +134,38 @@ pub fn unpack(reader: impl Read, origin: &Path, dest: &Path) -> Result<(), Compo
         )));
     }
     Ok(())
+}
+
+/// Copies the image archives of `from` (a bundle's or a --from directory's `images/`)
+/// into `images_dir`, where the node imports them; returns the copies. Each copy is
+/// written under a temporary name and renamed, so a node never imports half a file.
+/// Blocking.
+pub fn stage_images(
+    from: &Path,
+    images_dir: &Path,
+) -> Result<Vec<std::path::PathBuf>, ComponentsError> {
+    if !from.is_dir() {
+        return Ok(Vec::new());
+    }
+    let archives = image_archives(from)?;
+    if archives.is_empty() {
+        return Ok(Vec::new());
+    }
+    fsutil::ensure_dir(images_dir, 0o755).map_err(ComponentsError::io(images_dir))?;
+    let mut staged = Vec::new();
+    for archive in archives {
+        let name = archive
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let target = images_dir.join(&name);
+        let tmp = images_dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        std::fs::copy(&archive, &tmp).map_err(ComponentsError::io(&tmp))?;
+        std::fs::rename(&tmp, &target).map_err(ComponentsError::io(&target))?;
+        staged.push(target);
+    }
+    Ok(staged)
 }
 
 /// Reads only the manifest text of a bundle. Blocking.
@@ -160,7 +221,18 @@ mod tests {
         let good = tar_gz(&[("manifest.yaml", b"m"), ("./assets/kubelet", b"k")]);
         unpack(good.as_slice(), Path::new("b.tar.gz"), &dest).unwrap();
         assert_eq!(std::fs::read(dest.join("assets/kubelet")).unwrap(), b"k");
-        for bad in ["etc/passwd", "assets/sub/x", "bin/kubelet"] {
+        let with_image = tar_gz(&[("manifest.yaml", b"m"), ("images/coredns.tar", b"i")]);
+        unpack(with_image.as_slice(), Path::new("b.tar.gz"), &dest).unwrap();
+        let node_images = dest.join("node-images");
+        let staged = stage_images(&dest.join("images"), &node_images).unwrap();
+        assert_eq!(staged, [node_images.join("coredns.tar")]);
+        assert_eq!(std::fs::read(&staged[0]).unwrap(), b"i");
+        for bad in [
+            "etc/passwd",
+            "assets/sub/x",
+            "bin/kubelet",
+            "images/sub/x.tar",
+        ] {
             let archive = tar_gz(&[("manifest.yaml", b"m"), (bad, b"x")]);
             let err = unpack(archive.as_slice(), Path::new("b.tar.gz"), &dest)
                 .unwrap_err()

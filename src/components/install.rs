@@ -90,7 +90,25 @@ pub async fn install(
     let _lock = store.lock()?;
     store.clean_leftovers();
     let unpack = store.root().join(format!(".unpack-{}", std::process::id()));
-    let result = install_locked(&store, request, progress, &unpack).await;
+    let mut result = install_locked(&store, request, progress, &unpack).await;
+    // image archives of a bundle or --from directory go where the node imports them
+    if result.is_ok()
+        && let Source::Local(path) = &request.source
+    {
+        let from = if path.is_dir() {
+            path.join("images")
+        } else {
+            unpack.join("images")
+        };
+        match bundle::stage_images(&from, &data.images_dir()) {
+            Ok(staged) => {
+                for image in staged {
+                    progress.line(&format!("image archive {} staged", image.display()));
+                }
+            }
+            Err(e) => result = Err(e),
+        }
+    }
     if unpack.exists() {
         let _ = std::fs::remove_dir_all(&unpack);
     }

@@ -105,6 +105,14 @@ pub struct Asset {
     pub arch: Vec<String>,
     #[serde(default)]
     pub archive: Option<Archive>,
+    /// An Image asset's reference (`pause-image`, `coredns-image`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ImageRef {
+    pub uri: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -238,6 +246,19 @@ impl Release {
         self.component(component)
             .map(|c| c.git_tag.as_str())
             .filter(|t| !t.is_empty())
+    }
+
+    /// The image reference of the Image asset `asset` (e.g. `coredns-image`) of any
+    /// component.
+    pub fn image(&self, asset: &str) -> Option<&str> {
+        self.status
+            .components
+            .iter()
+            .flat_map(|c| &c.assets)
+            .filter(|a| a.kind == "Image" && a.name == asset)
+            .find_map(|a| a.image.as_ref())
+            .map(|i| i.uri.as_str())
+            .filter(|u| !u.is_empty())
     }
 
     /// Picks the archive assets this node needs for `os`/`arch`; names everything that is

@@ -41,12 +41,18 @@ use std::path::Path;
 use crate::config::{ComponentsConfig, DataDir};
 use crate::report::error_chain;
 
-/// Writes release `id` (or the active one) as an air-gap bundle; returns its size.
+/// Writes release `id` (or the active one) as an air-gap bundle, with the image
+/// archives (`*.tar`) of `images` when given; returns its size.
 pub async fn write_bundle(
     data: &DataDir,
     id: Option<ReleaseId>,
     out: &Path,
+    images: Option<&Path>,
 ) -> Result<(ReleaseId, u64), ComponentsError> {
+    let images = match images {
+        Some(dir) => bundle::image_archives(dir)?,
+        None => Vec::new(),
+    };
     let store = Store::new(data);
     let id = match id {
         Some(id) => id,
@@ -56,7 +62,7 @@ pub async fn write_bundle(
     };
     let out = out.to_path_buf();
     let owned = id.clone();
-    let size = tokio::task::spawn_blocking(move || bundle::create(&store, &owned, &out))
+    let size = tokio::task::spawn_blocking(move || bundle::create(&store, &owned, &out, &images))
         .await
         .map_err(|source| ComponentsError::Task {
             path: data.components_dir(),

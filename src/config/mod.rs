@@ -3,6 +3,7 @@
 //! Owns where every file of kdist lives and how `config.yaml` is parsed and validated.
 //! It must not start processes or touch anything outside the data directory.
 
+pub mod addons;
 mod certs;
 mod cluster;
 mod components;
@@ -12,6 +13,7 @@ mod registries;
 mod services;
 mod storage;
 
+pub use addons::{AddonsConfig, DnsAddon, MetricsAddon, Toggle};
 pub use certs::{CertsConfig, KeyAlgorithm, Lifetime, is_valid_san};
 pub use cluster::{ClusterConfig, Role};
 pub use components::{
@@ -293,11 +295,15 @@ impl Default for NetworkConfig {
     }
 }
 
+/// The sandbox image when neither config.yaml nor the active release names one.
+pub const DEFAULT_SANDBOX_IMAGE: &str = "public.ecr.aws/eks-distro/kubernetes/pause:3.9";
+
 /// Container runtime settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// The pod sandbox ("pause") image; import it with `kdist images import` on air-gapped hosts.
+    /// The pod sandbox ("pause") image; left at the default, the active release's
+    /// `pause-image` is used. Import it with `kdist images import` on air-gapped hosts.
     pub sandbox_image: String,
     /// The cgroup under which kubelet puts its pods (kubelet's `cgroupRoot`, e.g.
     /// `/kdist-w1`); unset, kubelet's default `/`. Give each node its own when several
@@ -309,7 +315,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            sandbox_image: "public.ecr.aws/eks-distro/kubernetes/pause:3.9".into(),
+            sandbox_image: DEFAULT_SANDBOX_IMAGE.into(),
             cgroup_root: None,
         }
     }
@@ -361,6 +367,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     /// Registry mirrors, credentials and TLS for containerd (k3s' `registries.yaml`).
     pub registries: RegistriesConfig,
+    /// Cluster addons this node seeds as enabled (`kdist addons enable|disable`).
+    pub addons: AddonsConfig,
 }
 
 impl NodeConfig {
@@ -508,6 +516,7 @@ impl NodeConfig {
         }
         self.certs.validate(origin)?;
         self.registries.validate(origin)?;
+        self.addons.validate(origin)?;
         services::validate(&self.services, &services::known_services(), origin)?;
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Node-local volumes: where the storage provisioner keeps them.
+//! Node-local volumes: where the storage provisioner keeps them. Whether it runs is the
+//! `storage` addon's switch (`kdist addons enable|disable storage`).
 
 use std::path::{Path, PathBuf};
 
@@ -7,23 +8,11 @@ use serde::{Deserialize, Serialize};
 use super::DataDir;
 
 /// `storage:` in config.yaml.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Whether this node provisions node-local volumes (and, on a control plane, keeps
-    /// the `kdist-local` StorageClasses).
-    pub enabled: bool,
     /// Where volumes live; `<data>/storage` when unset. An absolute path.
     pub dir: Option<PathBuf>,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            dir: None,
-        }
-    }
 }
 
 impl StorageConfig {

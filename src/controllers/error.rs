@@ -39,6 +39,8 @@ pub enum ControllerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the {addon} addon was turned on or off: starting again in the new state")]
+    Toggled { addon: &'static str },
     #[error("{path}: i/o error")]
     Io {
         path: PathBuf,
@@ -51,6 +53,30 @@ pub enum ControllerError {
         #[source]
         source: tokio::task::JoinError,
     },
+    #[error(
+        "the active release {release} names no {asset} for the {addon} addon: install a \
+         release that has one, set addons.{addon}.image in config.yaml, or run \
+         `kdist addons disable {addon}`"
+    )]
+    NoAddonImage {
+        addon: String,
+        asset: &'static str,
+        release: String,
+    },
+    #[error(
+        "no EKS-D release is active (the binaries come from PATH), so the {addon} addon has \
+         no image: set addons.{addon}.image in config.yaml, install a release with \
+         `kdist components install`, or run `kdist addons disable {addon}`"
+    )]
+    NoRelease { addon: String },
+    #[error("addon {addon}: {file} has an unfilled placeholder {placeholder}")]
+    Template {
+        addon: String,
+        file: String,
+        placeholder: String,
+    },
+    #[error("unknown addon `{name}`; known addons: {known}")]
+    UnknownAddon { name: String, known: String },
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
 }

@@ -14,6 +14,7 @@
 //! what a resident controller owns; the composition root (`crate::daemon`) decides which
 //! controllers run and feeds the apiserver signal.
 
+pub mod addons;
 mod agent;
 mod apply;
 mod error;
@@ -29,6 +30,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use addons::{AddonBoard, Addons};
 pub use agent::ClusterAgent;
 pub use apply::{Applier, FIELD_MANAGER, parse_manifests};
 pub use error::ControllerError;

@@ -35,15 +35,24 @@ impl Builtin for EmbeddedDatastore {
     }
 }
 
-/// The controllers' board as the status report's `controllers` section, and the
-/// network controller's state as its `network` section.
-struct ControllerSection(controllers::Board, Option<Arc<controllers::Network>>);
+/// The controllers' board as the status report's `controllers` section, the addons'
+/// states as its `addons` section and the network controller's state as its `network`
+/// section.
+struct ControllerSection {
+    board: controllers::Board,
+    addons: controllers::AddonBoard,
+    network: Option<Arc<controllers::Network>>,
+}
 
 impl ReportSections for ControllerSection {
     fn sections(&self) -> BTreeMap<String, serde_json::Value> {
-        let value = serde_json::to_value(self.0.snapshot()).unwrap_or_default();
-        let mut sections = BTreeMap::from([("controllers".to_string(), value)]);
-        if let Some(network) = &self.1 {
+        let value = serde_json::to_value(self.board.snapshot()).unwrap_or_default();
+        let addons = serde_json::to_value(self.addons.snapshot()).unwrap_or_default();
+        let mut sections = BTreeMap::from([
+            ("controllers".to_string(), value),
+            ("addons".to_string(), addons),
+        ]);
+        if let Some(network) = &self.network {
             let value = serde_json::to_value(network.status()).unwrap_or_default();
             sections.insert("network".to_string(), value);
         }
@@ -52,15 +61,17 @@ impl ReportSections for ControllerSection {
 }
 
 /// The controllers this node runs, in start order; `network` is the pod network's (every
-/// role runs it).
+/// role runs it), `addons` where the addons controller publishes its addons' states.
 pub fn controllers_for(
     config: &NodeConfig,
     network: Arc<controllers::Network>,
+    addons: &controllers::AddonBoard,
 ) -> Vec<Arc<dyn Controller>> {
     let mut list: Vec<Arc<dyn Controller>> = Vec::new();
     if config.role != Role::Worker {
         list.push(Arc::new(controllers::Rbac));
         list.push(Arc::new(controllers::ClusterAgent));
+        list.push(Arc::new(controllers::Addons::new(addons.clone())));
     }
     list.push(Arc::new(controllers::Storage));
     list.push(network);
@@ -93,16 +104,18 @@ pub async fn run(
         .iter()
         .any(|s| s.name == "kube-apiserver" || s.name == "kubelet");
     let network = Arc::new(controllers::Network::default());
+    let addons = controllers::AddonBoard::new();
     let controllers = Controllers::new(
-        controllers_for(&config, network.clone())
+        controllers_for(&config, network.clone(), &addons)
             .into_iter()
             .filter(|c| runs_kubernetes || !c.needs_apiserver())
             .collect(),
     );
-    let daemon = daemon.with_sections(Arc::new(ControllerSection(
-        controllers.board(),
-        runs_kubernetes.then_some(network),
-    )));
+    let daemon = daemon.with_sections(Arc::new(ControllerSection {
+        board: controllers.board(),
+        addons,
+        network: runs_kubernetes.then_some(network),
+    }));
 
     let (apiserver_tx, apiserver_rx) = watch::channel(Apiserver::default());
     let controllers_stop = CancellationToken::new();

@@ -39,7 +39,7 @@ impl ContainerdSettings {
             opt: dir.join("opt"),
             cni_bin_dir: cni_bin_dir(data),
             cni_conf_dir: data.cni_conf_dir(),
-            sandbox_image: config.runtime.sandbox_image.clone(),
+            sandbox_image: sandbox_image(data, config),
             systemd_cgroup: facts.systemd,
             restrict_oom_score_adj: facts.restrict_oom_score_adj(),
             registry_hosts: super::registries::hosts_dir(data),
@@ -66,6 +66,21 @@ fn registry_auths(registries: &RegistriesConfig) -> BTreeMap<String, RegistryAut
         }
     }
     auths
+}
+
+/// The pod sandbox image: `runtime.sandbox_image` when config.yaml sets one other than
+/// the built-in default, else the active release's `pause-image`, else the default.
+pub fn sandbox_image(data: &DataDir, config: &NodeConfig) -> String {
+    let configured = &config.runtime.sandbox_image;
+    if configured != crate::config::DEFAULT_SANDBOX_IMAGE {
+        return configured.clone();
+    }
+    let store = crate::components::Store::new(data);
+    store
+        .active()
+        .and_then(|id| store.manifest(&id).ok())
+        .and_then(|m| m.image("pause-image").map(str::to_string))
+        .unwrap_or_else(|| configured.clone())
 }
 
 /// Where the CNI plugins are: the active components' `cni/` (EKS-D's plugins), else the

@@ -72,6 +72,46 @@ pub fn import(data: &DataDir, archive: &Path) -> Result<Vec<String>, NodeError> 
     Ok(imported_names(&output))
 }
 
+/// The images containerd holds for Kubernetes (namespace k8s.io): name, size as ctr
+/// shows it. Blocking.
+pub fn list(data: &DataDir) -> Result<Vec<(String, String)>, NodeError> {
+    let socket = data.containerd_socket();
+    let ctr = ctr(data)?;
+    let output = cmd::run(
+        &ctr,
+        &[
+            "--address",
+            &socket.display().to_string(),
+            "--namespace",
+            NAMESPACE,
+            "images",
+            "list",
+        ],
+    )?;
+    Ok(listed(&output))
+}
+
+/// (name, size) from `ctr images list`: REF TYPE DIGEST SIZE(two words) PLATFORMS LABELS;
+/// digests-only references (`name@sha256:...`, `sha256:...`) are left out.
+fn listed(output: &str) -> Vec<(String, String)> {
+    output
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let name = *words.first()?;
+            if name.starts_with("sha256:") || name.contains('@') {
+                return None;
+            }
+            let size = match (words.get(3), words.get(4)) {
+                (Some(n), Some(unit)) => format!("{n} {unit}"),
+                _ => "-".into(),
+            };
+            Some((name.to_string(), size))
+        })
+        .collect()
+}
+
 /// Image names from ctr's "unpacking NAME (sha256:...)...done" lines.
 fn imported_names(output: &str) -> Vec<String> {
     output
@@ -148,6 +188,18 @@ mod tests {
         assert_eq!(
             imported_names(out),
             ["docker.io/library/busybox:1", "kdist.local/pause:t"]
+        );
+    }
+
+    #[test]
+    fn listed_images_leave_out_digest_references() {
+        let out = "REF TYPE DIGEST SIZE PLATFORMS LABELS\n\
+                   kdist.local/p:1 application/vnd.oci.image.index.v1+json sha256:ab 1.2 MiB linux/amd64 io.cri-containerd.image=managed\n\
+                   kdist.local/p@sha256:ab application/vnd.oci.image.index.v1+json sha256:ab 1.2 MiB linux/amd64 -\n\
+                   sha256:cd application/vnd.oci.image.index.v1+json sha256:cd 1.2 MiB linux/amd64 -\n";
+        assert_eq!(
+            listed(out),
+            [("kdist.local/p:1".to_string(), "1.2 MiB".to_string())]
         );
     }
 

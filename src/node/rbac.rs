@@ -98,6 +98,35 @@ subjects:
 - apiGroup: rbac.authorization.k8s.io
   kind: Group
   name: system:nodes
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: kdist:addons-reader
+  namespace: kube-system
+  labels:
+    app.kubernetes.io/managed-by: kdist
+rules:
+- apiGroups: [\"\"]
+  resources: [configmaps]
+  resourceNames: [kdist-addons]
+  verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: kdist:addons-reader
+  namespace: kube-system
+  labels:
+    app.kubernetes.io/managed-by: kdist
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: kdist:addons-reader
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: Group
+  name: system:nodes
 ";
 
 /// kubectl: the components' first, then PATH.
@@ -154,7 +183,7 @@ mod tests {
     #[test]
     fn manifest_has_the_bindings() {
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(MANIFEST).unwrap();
-        assert_eq!(docs.len(), 5);
+        assert_eq!(docs.len(), 7);
         assert_eq!(
             docs[4]["roleRef"]["name"],
             "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"

@@ -92,13 +92,13 @@ async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
     let control_plane = ctx.config.role != Role::Worker;
-    if !ctx.config.storage.enabled {
+    let enabled = super::addons::enabled(&ctx, "storage").await?;
+    if !enabled {
         if control_plane {
             remove_classes(&ctx.client).await?;
         }
-        reporter.ready("off (storage.enabled: false)");
-        shutdown.cancelled().await;
-        return Ok(());
+        reporter.ready("off: `kdist addons enable storage` turns it on");
+        return watch_toggle(&ctx, false, &shutdown).await;
     }
     let wanted = ctx.config.storage.dir(&ctx.data);
     let storage_dir = blocking(move || volumes::ensure_storage_dir(&wanted)).await?;
@@ -121,14 +121,16 @@ async fn run(
     provisioner.announce(&shutdown).await?;
     provisioner.collect_orphans().await?;
 
+    // the reconcilers stop at shutdown, or when the storage addon is turned off
+    let stop_all = shutdown.child_token();
     let classes = control_plane.then(|| {
         let (client, apiserver, stop) =
-            (ctx.client.clone(), ctx.apiserver.clone(), shutdown.clone());
+            (ctx.client.clone(), ctx.apiserver.clone(), stop_all.clone());
         tokio::spawn(keep_classes(client, apiserver, stop))
     });
     let claims = {
         let p = provisioner.clone();
-        let stop = shutdown.clone();
+        let stop = stop_all.clone();
         Runtime::new(
             Api::<PersistentVolumeClaim>::all(ctx.client.clone()),
             watcher::Config::default(),
@@ -139,7 +141,7 @@ async fn run(
     };
     let pvs = {
         let p = provisioner.clone();
-        let stop = shutdown.clone();
+        let stop = stop_all.clone();
         Runtime::new(
             Api::<PersistentVolume>::all(ctx.client.clone()),
             watcher::Config::default(),
@@ -148,8 +150,14 @@ async fn run(
         .run(reconcile_volume, requeue_after_error, p)
         .for_each(|_| async {})
     };
-    let status = provisioner.clone().report(reporter, shutdown.clone());
-    tokio::join!(claims, pvs, status);
+    let status = provisioner.clone().report(reporter, stop_all.clone());
+    let toggle = async {
+        let result = watch_toggle(&ctx, true, &shutdown).await;
+        // turned off: stop the reconcilers, then start again in the new state
+        stop_all.cancel();
+        result
+    };
+    let (_, _, _, toggled) = tokio::join!(claims, pvs, status, toggle);
     if let Some(task) = classes {
         match task.await {
             Ok(result) => result?,
@@ -161,7 +169,34 @@ async fn run(
             }
         }
     }
-    Ok(())
+    toggled
+}
+
+/// How often the storage addon's switch is looked at.
+const TOGGLE_CHECK: Duration = Duration::from_secs(15);
+
+/// Returns `Ok(())` at shutdown, and an error (so the host starts the controller again in
+/// the new state) once the storage addon is no longer `enabled`.
+async fn watch_toggle(
+    ctx: &Context,
+    enabled: bool,
+    shutdown: &CancellationToken,
+) -> Result<(), ControllerError> {
+    loop {
+        if !pause(TOGGLE_CHECK, shutdown).await {
+            return Ok(());
+        }
+        match super::addons::enabled(ctx, "storage").await {
+            Ok(now) if now != enabled => {
+                return Err(ControllerError::Toggled { addon: "storage" });
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                "storage: cannot read the addon switch: {}",
+                crate::report::error_chain(&e)
+            ),
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(
