@@ -30,7 +30,8 @@ fn start_node(tag: &str, env: &[(&str, &str)]) -> TempData {
         &["/bin/sleep", "infinity"],
     );
     let config = data.config(&format!(
-        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n"
+        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
+         addons:\n  dns:\n    enabled: false\n"
     ));
     start(&data, Some(&config), env);
     // pods need the namespace's default ServiceAccount
