@@ -138,7 +138,7 @@ impl EtcdClient {
             let dial = crate::datastore::client::connect_with(endpoint, Some(&self.tls));
             match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
                 Ok(Ok(channel)) => return Ok(channel),
-                Ok(Err(e)) => last = format!("{endpoint}: {}", chain(&e)),
+                Ok(Err(e)) => last = format!("{endpoint}: {}", crate::report::error_chain(&e)),
                 Err(_) => last = format!("{endpoint}: no answer within {DIAL_TIMEOUT:?}"),
             }
         }
@@ -334,16 +334,4 @@ impl EtcdClient {
             Ok(Some(_))
         )
     }
-}
-
-/// An error with its causes, for a message that names the root cause.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -72,6 +72,31 @@ pub async fn next_ready(rx: &mut watch::Receiver<Apiserver>, seen: u64) -> Optio
         .map(|a| a.epoch)
 }
 
+/// Runs `work` every time the apiserver becomes ready in a new epoch, until `shutdown`
+/// (or the signal's end); an error of `work` ends it.
+pub async fn on_every_ready<F, Fut>(
+    mut apiserver: watch::Receiver<Apiserver>,
+    shutdown: &CancellationToken,
+    mut work: F,
+) -> Result<(), ControllerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ControllerError>>,
+{
+    let mut seen = 0;
+    loop {
+        let epoch = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            epoch = next_ready(&mut apiserver, seen) => match epoch {
+                Some(epoch) => epoch,
+                None => return Ok(()),
+            },
+        };
+        work().await?;
+        seen = epoch;
+    }
+}
+
 /// What every controller is handed.
 #[derive(Clone)]
 pub struct Context {

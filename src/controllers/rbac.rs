@@ -8,7 +8,9 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Applier, Context, Controller, ControllerError, Reporter, next_ready, parse_manifests};
+use super::{
+    Applier, Context, Controller, ControllerError, Reporter, on_every_ready, parse_manifests,
+};
 
 pub struct Rbac;
 
@@ -26,24 +28,16 @@ impl Controller for Rbac {
         Box::pin(async move {
             let objects = parse_manifests(crate::node::rbac::MANIFEST, "kdist's RBAC")?;
             let applier = Applier::new(ctx.client.clone());
-            let mut apiserver = ctx.apiserver.clone();
-            let mut applied = 0;
-            loop {
-                let epoch = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    epoch = next_ready(&mut apiserver, applied) => match epoch {
-                        Some(epoch) => epoch,
-                        None => return Ok(()),
-                    },
-                };
+            on_every_ready(ctx.apiserver.clone(), &shutdown, || async {
                 reporter.progressing("applying");
                 for object in &objects {
                     applier.apply(object).await?;
                 }
-                applied = epoch;
                 info!(objects = objects.len(), "RBAC for the components applied");
                 reporter.ready(format!("{} objects applied", objects.len()));
-            }
+                Ok(())
+            })
+            .await
         })
     }
 }

@@ -35,7 +35,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Context, Controller, ControllerError, FIELD_MANAGER, Reporter, next_ready, pause};
+use super::{Context, Controller, ControllerError, FIELD_MANAGER, Reporter, pause};
 use crate::config::Role;
 
 /// The provisioner name in StorageClasses and on the objects it makes.
@@ -242,22 +242,15 @@ fn classes() -> Vec<StorageClass> {
 
 /// Applies the StorageClasses every time the apiserver becomes ready. Their fields are
 /// immutable but for the annotations: a class somebody made with another
-/// provisioner under the same name is reported, not replaced.
+/// provisioner under the same name is refused by the apiserver, and that error shows
+/// in `kdist status`.
 async fn keep_classes(
     client: kube::Client,
-    mut apiserver: tokio::sync::watch::Receiver<super::Apiserver>,
+    apiserver: tokio::sync::watch::Receiver<super::Apiserver>,
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
     let api = Api::<StorageClass>::all(client);
-    let mut applied = 0;
-    loop {
-        let epoch = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            epoch = next_ready(&mut apiserver, applied) => match epoch {
-                Some(epoch) => epoch,
-                None => return Ok(()),
-            },
-        };
+    super::on_every_ready(apiserver, &shutdown, || async {
         for class in classes() {
             let name = class.name_any();
             api.patch(
@@ -268,8 +261,9 @@ async fn keep_classes(
             .await
             .map_err(|e| ControllerError::api(format!("applying StorageClass {name}"), e))?;
         }
-        applied = epoch;
-    }
+        Ok(())
+    })
+    .await
 }
 
 /// Deletes kdist's StorageClasses (storage turned off).
