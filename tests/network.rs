@@ -265,7 +265,8 @@ fn cluster(lab: (Lab, Vec<String>, Vec<String>), extra: &str) -> Cluster {
         let node = Node::new(&format!("net{name}"));
         node.write_config(&format!(
             "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: {}\n{extra}runtime:\n  \
-             sandbox_image: kdist.local/test/pause:1\n  cgroup_root: /kdist-net-{name}\n",
+             sandbox_image: kdist.local/test/pause:1\n  cgroup_root: /kdist-net-{name}\n\
+             addons:\n  dns:\n    enabled: false\n",
             ips[i]
         ));
         NsNode {
@@ -747,7 +748,8 @@ fn cni_none_leaves_the_network_to_the_user() {
     let node = Node::new("netnone");
     node.write_config(
         "node_name: solo\nnetwork:\n  cni: none\n  egress: none\n  node_ip: 10.205.9.1\n\
-         runtime:\n  sandbox_image: kdist.local/test/pause:1\n  cgroup_root: /kdist-net-solo\n",
+         runtime:\n  sandbox_image: kdist.local/test/pause:1\n  cgroup_root: /kdist-net-solo\n\
+         addons:\n  dns:\n    enabled: false\n",
     );
     let n = NsNode { ns, path, node };
     let out = n.ok(&["start", "--timeout", "300"]);
