@@ -2,7 +2,6 @@
 //! `kdist leave` (on the node itself). Blocking.
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use super::error::ClusterError;
@@ -35,29 +34,46 @@ fn delete_kube_node(data: &DataDir, name: &str, removed: &mut Removed) {
             .push("no apiserver on this node: Kubernetes Node object left alone".into());
         return;
     }
-    let kubectl = crate::components::resolve_binary(data, "kubectl")
-        .map(|(p, _)| p)
-        .unwrap_or_else(|_| "kubectl".into());
-    let out = Command::new(kubectl)
-        .arg(format!(
-            "--kubeconfig={}",
-            data.kubeconfig_dir().join("admin.conf").display()
-        ))
-        .args([
-            "delete",
-            "node",
-            name,
-            "--ignore-not-found",
-            "--request-timeout=20s",
-        ])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => removed.kubernetes_node = Some(true),
-        Ok(o) => removed.notes.push(format!(
-            "deleting Kubernetes Node {name} failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => removed.notes.push(format!("cannot run kubectl: {e}")),
+    let kubeconfig = data.kubeconfig_dir().join("admin.conf");
+    let deleted = std::thread::scope(|scope| {
+        // a runtime of its own: callers may be on a blocking thread of another runtime
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(delete_node_object(&kubeconfig, name))
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the deleting thread panicked".into()))
+    });
+    match deleted {
+        Ok(()) => removed.kubernetes_node = Some(true),
+        Err(reason) => removed
+            .notes
+            .push(format!("deleting Kubernetes Node {name} failed: {reason}")),
+    }
+}
+
+/// Deletes Node `name` through the apiserver named in `kubeconfig`; a Node that is
+/// already gone is fine. The reason, on failure, is for a note to the user.
+async fn delete_node_object(kubeconfig: &std::path::Path, name: &str) -> Result<(), String> {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
+    let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let params = kube::api::DeleteParams::default();
+    let request = nodes.delete(name, &params);
+    match tokio::time::timeout(Duration::from_secs(20), request).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(kube::Error::Api(status))) if status.code == 404 => Ok(()),
+        Ok(Err(e)) => Err(crate::report::error_chain(&e)),
+        Err(_) => Err("the apiserver did not answer within 20 s".into()),
     }
 }
 
