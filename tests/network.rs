@@ -616,6 +616,58 @@ fn host_gw_pods_reach_pods_and_services_across_nodes() {
     );
     assert_eq!(c.cp.routes(), before);
 
+    // a claim of a pod pinned to the worker gets its volume on the worker, provisioned by
+    // the worker's own daemon (as its node, with kdist's RBAC for node provisioners)
+    let claim = c.cp.node.path("claim.yaml");
+    std::fs::write(
+        &claim,
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: worker-data}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 8Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: claimer}
+spec:
+  nodeSelector: {kubernetes.io/hostname: w1}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: kdist.local/test/busybox:1
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "echo on-w1 > /data/f && exec sleep 3600"]
+    volumeMounts: [{name: v, mountPath: /data}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: worker-data}}]
+"#,
+    )
+    .unwrap();
+    c.cp.ok(&["kubectl", "apply", "-f", claim.to_str().unwrap()]);
+    c.wait_running("claimer");
+    let pv = c.field("pvc", "worker-data", "{.spec.volumeName}");
+    let volume = std::path::PathBuf::from(c.field("pv", &pv, "{.spec.local.path}"));
+    let worker_storage = c.worker.node.path("storage").canonicalize().unwrap();
+    assert_eq!(
+        volume.parent(),
+        Some(worker_storage.as_path()),
+        "{volume:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.join("f")).unwrap(),
+        "on-w1\n"
+    );
+    assert!(
+        !c.cp
+            .node
+            .path("storage")
+            .join(volume.file_name().unwrap())
+            .exists(),
+        "not on the control plane"
+    );
+
     // remove-node: the worker's route is gone on the control plane
     c.cp.ok(&["remove-node", "w1"]);
     assert!(
