@@ -21,7 +21,19 @@ fn send(target: &str) {
     let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
     // EPERM when the guard drops it locally: that is the point
     let _ = socket.send_to(b"kdist egress test", format!("{target}:9"));
-    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Packets the DROP rules of `chain` (mangle) have dropped so far.
+fn dropped(chain: &str) -> u64 {
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "mangle", "-L", chain, "-v", "-x", "-n"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("DROP"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn sysctl(key: &str) -> String {
@@ -63,7 +75,8 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
     let propagation_before = root_propagation();
 
     // control: without the guard the packet reaches the namespace
-    // a packet that may pass is waited for; one that must not gets send()'s 300 ms
+    // a packet that may pass is waited for; one that must not is counted by the guard's
+    // DROP rules before the check that it did not arrive
     let arrives = |n: u64| poll_until(Duration::from_secs(5), || outside.arrived() == n);
     let before = outside.arrived();
     send(TARGET);
@@ -101,8 +114,14 @@ fn host_preparation_and_egress_guard_are_applied_and_undone() {
 
     // with the guard: the packet to an unserved service IP never leaves
     let guarded = outside.arrived();
+    let chain = common::egress_chain(&data.root);
+    let drops = dropped(&chain);
     send(TARGET);
     send(TARGET);
+    assert!(
+        poll_until(Duration::from_secs(5), || dropped(&chain) >= drops + 2),
+        "the guard's DROP rules did not see the packets"
+    );
     assert_eq!(outside.arrived(), guarded, "egress guard let a packet out");
 
     let out = data.kdist(&["stop"]);
