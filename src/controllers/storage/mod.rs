@@ -616,31 +616,20 @@ impl Provisioner {
         )
         .await;
 
-        let (storage, dir) = (self.storage_dir.clone(), path.clone());
-        let created = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            if !dir.exists() {
-                let free = volumes::free_bytes(&storage).map_err(|e| e.to_string())?;
-                if free < bytes {
-                    return Err(format!(
-                        "not enough space in {}: {free} bytes free, the claim requests {bytes}",
-                        storage.display()
-                    ));
-                }
-            }
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            volumes::create(&storage, &name)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|source| ControllerError::Task {
-            controller: "storage",
-            source,
-        })?;
-        if let Err(reason) = created {
+        let storage = self.storage_dir.clone();
+        let dir_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let created =
+            tokio::task::spawn_blocking(move || volumes::create_for(&storage, &dir_name, bytes))
+                .await
+                .map_err(|source| ControllerError::Task {
+                    controller: "storage",
+                    source,
+                })?;
+        if let Err(e) = created {
+            let reason = crate::report::error_chain(&e);
             self.event(claim, EventType::Warning, "ProvisioningFailed", reason)
                 .await;
             return Ok(Action::requeue(Duration::from_secs(60)));

@@ -25,6 +25,15 @@ pub enum VolumeError {
         storage_dir: PathBuf,
         reason: &'static str,
     },
+    #[error(
+        "not enough space in {storage_dir}: {free} bytes free, the claim requests {requested}; \
+         free some space or set storage.dir to a larger disk"
+    )]
+    NoSpace {
+        storage_dir: PathBuf,
+        free: u64,
+        requested: u64,
+    },
     #[error("{path}: i/o error")]
     Io {
         path: PathBuf,
@@ -99,6 +108,22 @@ pub fn create(storage_dir: &Path, name: &str) -> Result<PathBuf, VolumeError> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(VOLUME_MODE))
         .map_err(io_error(&path))?;
     Ok(path)
+}
+
+/// Creates volume directory `name` for a claim of `requested` bytes: refused when the
+/// storage dir's file system has less free, unless a previous run made it already.
+pub fn create_for(storage_dir: &Path, name: &str, requested: u64) -> Result<PathBuf, VolumeError> {
+    if !storage_dir.join(name).exists() {
+        let free = free_bytes(storage_dir)?;
+        if free < requested {
+            return Err(VolumeError::NoSpace {
+                storage_dir: storage_dir.to_path_buf(),
+                free,
+                requested,
+            });
+        }
+    }
+    create(storage_dir, name)
 }
 
 /// Checks that `path` is a directory kdist created: directly under `storage_dir` (the
@@ -248,5 +273,10 @@ mod tests {
         assert!(!path.exists());
         assert!(!remove(&storage, &path).unwrap(), "already gone is fine");
         assert!(free_bytes(&storage).unwrap() > 0);
+        let err = create_for(&storage, "default_big_pvc-8", u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not enough space"), "{err}");
+        assert!(!storage.join("default_big_pvc-8").exists());
     }
 }
