@@ -6,6 +6,7 @@
 
 pub mod oci;
 pub mod outside;
+pub mod release;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
