@@ -1688,7 +1688,7 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
             "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.203.0.{i}\n  \
              pod_cidr: 10.{i}.0.0/16\nruntime:\n  sandbox_image: kdist.local/test/pause:1\n  \
              cgroup_root: /kdist-renew-{name}\ncerts:\n  leaf_validity: 4m\n  \
-             renewal_window: 90s\n  check_interval: 10s\n"
+             renewal_window: 90s\n  check_interval: 10s\naddons:\n  dns:\n    enabled: false\n"
         )
     };
     let worker_bin = common::temp_dir("kdist-worker-bin");
