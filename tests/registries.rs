@@ -601,6 +601,9 @@ fn pods_start_through_the_mirrors_and_bad_credentials_are_an_event() {
         "datastore: embedded
 network:
   egress: none
+addons:
+  dns:
+    enabled: false
 registries:
   eks_mirror: http://127.0.0.1:{plain_port}/eks
   mirrors:
