@@ -628,6 +628,16 @@ fn happy_path_installs_latest_verified_and_lists_it() {
     assert!(stderr.contains("verified sha256+sha512"), "{stderr}");
 
     assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
+    // the channel's document is kept as published, for the cluster's ReleaseChannel
+    let kept = std::fs::read_to_string(
+        data.path()
+            .join(format!("components/channels/{CHANNEL}.yaml")),
+    )
+    .unwrap();
+    assert!(
+        kept.contains("latestRelease: 2") && kept.contains("snsTopicARN"),
+        "{kept}"
+    );
     let current = data.path().join("components/current");
     for bin in [
         "kube-apiserver",

@@ -1,0 +1,249 @@
+//! The running EKS-D release in the cluster, with real Kubernetes binaries
+//! (KDIST_TEST_K8S_BIN): a node started on release 1 of a local EKS-D-shaped release
+//! shows it as a `Release` object (the manifest as published) with its `ReleaseChannel`,
+//! its Node carries `kdist.io/release`, and `kdist status` lists the node with it; a
+//! Release deleted by hand comes back; after `components use 2` the cluster shows
+//! release 2, the published channel document kdist kept, and release 1 is pruned.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::release::{KUBE, release_dir};
+use common::{TempData, poll_until, text};
+
+const RELEASES: &str = "releases.distro.eks.amazonaws.com";
+const CHANNELS: &str = "releasechannels.distro.eks.amazonaws.com";
+
+fn k8s_bin() -> PathBuf {
+    PathBuf::from(std::env::var_os("KDIST_TEST_K8S_BIN").expect(
+        "set KDIST_TEST_K8S_BIN to a directory with kube-apiserver, kube-controller-manager, \
+         kube-scheduler, kubelet and kube-proxy",
+    ))
+}
+
+fn ok(data: &TempData, args: &[&str]) -> String {
+    let out = data.kdist(args);
+    assert!(out.status.success(), "kdist {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl get ... -o json` as JSON, or None while it fails.
+fn get_json(data: &TempData, args: &[&str]) -> Option<serde_json::Value> {
+    let out = data.kdist(&[&["kubectl", "get"], args, &["-o", "json"]].concat());
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// The names of the objects of `resource` in namespace default.
+fn names(data: &TempData, resource: &str) -> Vec<String> {
+    get_json(data, &[resource, "-n", "default"])
+        .and_then(|list| {
+            list["items"].as_array().map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// The node's `kdist.io/release` annotation.
+fn annotation(data: &TempData) -> Option<String> {
+    let nodes = get_json(data, &["nodes"])?;
+    nodes["items"][0]["metadata"]["annotations"]["kdist.io/release"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The NODES rows of `kdist status -o json`.
+fn status_nodes(data: &TempData) -> Vec<serde_json::Value> {
+    data.status()["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn the_cluster_shows_the_release_each_node_runs() {
+    let bin = k8s_bin();
+    let data = TempData::new("releases");
+    let work = data.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let kubectl_bin = common::on_path("kubectl")
+        .then(|| PathBuf::from("/usr/bin/kubectl"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| bin.join("kubectl"));
+    let real: Vec<(&str, PathBuf)> = KUBE
+        .iter()
+        .map(|b| {
+            let path = if *b == "kubectl" {
+                kubectl_bin.clone()
+            } else {
+                bin.join(b)
+            };
+            (*b, path)
+        })
+        .collect();
+    let version = {
+        let out = Command::new(bin.join("kube-apiserver"))
+            .arg("--version")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+    let channel = format!("1-{minor}");
+    let r1 = release_dir(&work, &channel, &version, 1, &real);
+    let r2 = release_dir(&work, &channel, &version, 2, &real);
+    let name1 = format!("kubernetes-{channel}-eks-1");
+    let name2 = format!("kubernetes-{channel}-eks-2");
+
+    ok(
+        &data,
+        &["components", "install", "--from", r1.to_str().unwrap()],
+    );
+    // no CoreDNS image is given: the DNS addon stays off
+    let config = data.config("network:\n  egress: none\naddons:\n  dns:\n    enabled: false\n");
+    ok(
+        &data,
+        &[
+            "start",
+            "--config",
+            config.to_str().unwrap(),
+            "--timeout",
+            "180",
+        ],
+    );
+
+    // release 1 as a Release object: the manifest as published, in namespace default
+    assert!(
+        poll_until(Duration::from_secs(90), || names(&data, RELEASES)
+            == vec![name1.clone()]),
+        "no Release {name1}: {:?}\n{}",
+        names(&data, RELEASES),
+        ok(&data, &["status"])
+    );
+    let table = ok(&data, &["kubectl", "get", RELEASES]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&name1))
+        .unwrap_or_else(|| panic!("{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[1..3], [channel.as_str(), "1"], "{table}");
+    let object = get_json(&data, &[RELEASES, &name1, "-n", "default"]).unwrap();
+    let published: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(r1.join("manifest.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(object["spec"], published["spec"]);
+    assert_eq!(object["status"], published["status"]);
+    assert_eq!(
+        object["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "kdist"
+    );
+
+    // its channel: the air gap's (installed from a directory), latest = newest known
+    let channel_object = get_json(&data, &[CHANNELS, &channel, "-n", "default"]).unwrap();
+    assert_eq!(channel_object["status"]["latestRelease"], 1);
+    assert_eq!(channel_object["status"]["active"], true);
+    let table = ok(&data, &["kubectl", "get", "releasechannels"]);
+    assert!(
+        table.lines().any(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            c.first() == Some(&channel.as_str()) && c.get(1..3) == Some(&["true", "1"][..])
+        }),
+        "{table}"
+    );
+
+    // the Node says which release it runs, and that it is a control plane
+    assert_eq!(annotation(&data).as_deref(), Some(name1.as_str()));
+    let nodes = ok(&data, &["kubectl", "get", "nodes"]);
+    assert!(nodes.contains("control-plane"), "{nodes}");
+    // kdist status lists it
+    assert!(
+        poll_until(Duration::from_secs(30), || status_nodes(&data)
+            .first()
+            .is_some_and(|n| n["release"] == name1.as_str())),
+        "{:#}",
+        data.status()
+    );
+    let row = &status_nodes(&data)[0];
+    assert_eq!(row["control_plane"], true, "{row}");
+    assert_eq!(row["ready"], true, "{row}");
+    assert_eq!(row["kubelet"], version.as_str(), "{row}");
+    let human = ok(&data, &["status"]);
+    let line = human
+        .lines()
+        .skip_while(|l| !l.starts_with("NODE "))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no NODES section: {human}"));
+    assert!(
+        line.contains("control-plane") && line.contains(&version) && line.ends_with(&name1),
+        "{human}"
+    );
+
+    // a user's deletion is put back
+    ok(
+        &data,
+        &["kubectl", "delete", RELEASES, &name1, "-n", "default"],
+    );
+    assert!(
+        poll_until(Duration::from_secs(30), || names(&data, RELEASES)
+            == vec![name1.clone()]),
+        "the deleted Release did not come back: {:?}",
+        names(&data, RELEASES)
+    );
+
+    // release 2, with the channel document kdist keeps when it fetched one
+    ok(
+        &data,
+        &[
+            "components",
+            "install",
+            "--no-activate",
+            "--from",
+            r2.to_str().unwrap(),
+        ],
+    );
+    std::fs::create_dir_all(data.path("components/channels")).unwrap();
+    std::fs::write(
+        data.path(&format!("components/channels/{channel}.yaml")),
+        format!(
+            "apiVersion: distro.eks.amazonaws.com/v1alpha1\nkind: ReleaseChannel\nmetadata:\n  creationTimestamp: null\n  name: {channel}\nspec:\n  snsTopicARN: arn:aws:sns:us-east-1:000000000000:test\nstatus:\n  active: true\n  latestRelease: 9\n"
+        ),
+    )
+    .unwrap();
+    ok(&data, &["components", "use", &format!("{channel}-2")]);
+    assert!(
+        poll_until(Duration::from_secs(60), || names(&data, RELEASES)
+            == vec![name2.clone()]),
+        "release 2 not shown or release 1 not pruned: {:?}",
+        names(&data, RELEASES)
+    );
+    assert_eq!(annotation(&data).as_deref(), Some(name2.as_str()));
+    let channel_object = get_json(&data, &[CHANNELS, &channel, "-n", "default"]).unwrap();
+    assert_eq!(channel_object["status"]["latestRelease"], 9);
+    assert_eq!(
+        channel_object["spec"]["snsTopicARN"],
+        "arn:aws:sns:us-east-1:000000000000:test"
+    );
+    assert_eq!(names(&data, CHANNELS), vec![channel.clone()]);
+    assert!(
+        poll_until(Duration::from_secs(30), || status_nodes(&data)
+            .first()
+            .is_some_and(|n| n["release"] == name2.as_str())),
+        "{:#}",
+        data.status()
+    );
+}
