@@ -1,8 +1,9 @@
 //! The running EKS-D release in the cluster, with real Kubernetes binaries
 //! (KDIST_TEST_K8S_BIN): a node started on release 1 of a local EKS-D-shaped release
 //! shows it as a `Release` object (the manifest as published) with its `ReleaseChannel`,
-//! its Node carries `kdist.io/release`, and `kdist status` lists the node with it; a
-//! Release deleted by hand comes back; after `components use 2` the cluster shows
+//! its Node carries `kdist.io/release` (which the node's own identity may set, as a
+//! worker does), and `kdist status` lists the node with it; a Release deleted by hand
+//! and a wrong annotation come back; after `components use 2` the cluster shows
 //! release 2, the published channel document kdist kept, and release 1 is pruned.
 #![allow(clippy::unwrap_used)]
 
@@ -191,6 +192,33 @@ fn the_cluster_shows_the_release_each_node_runs() {
     assert!(
         line.contains("control-plane") && line.contains(&version) && line.ends_with(&name1),
         "{human}"
+    );
+
+    // the node's own identity (system:node:NAME, what a worker's controller uses) may
+    // patch its own Node's annotation: a wrong value set that way is put back
+    let me = get_json(&data, &["nodes"]).unwrap()["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kubelet_conf = data.path("kubeconfig/kubelet.conf");
+    let out = Command::new(&kubectl_bin)
+        .arg("--kubeconfig")
+        .arg(&kubelet_conf)
+        .args([
+            "annotate",
+            "node",
+            &me,
+            &format!("kdist.io/release=kubernetes-{channel}-eks-7"),
+            "--overwrite",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "as system:node:{me}: {}", text(&out));
+    assert!(
+        poll_until(Duration::from_secs(30), || annotation(&data).as_deref()
+            == Some(name1.as_str())),
+        "the annotation was not put back: {:?}",
+        annotation(&data)
     );
 
     // a user's deletion is put back
