@@ -674,6 +674,20 @@ status:
     }
 
     #[test]
+    fn a_published_eks_d_manifest_becomes_its_release_object() {
+        let text = include_str!("../../tests/fixtures/kubernetes-1-31-eks-12.yaml");
+        let object = release_object(text, "fixture").unwrap();
+        assert_eq!(
+            object.metadata.name.as_deref(),
+            Some("kubernetes-1-31-eks-12")
+        );
+        let published: Value = crate::yaml::from_str(text).unwrap();
+        assert_eq!(object.data["spec"], published["spec"]);
+        assert_eq!(object.data["status"], published["status"]);
+        assert!(object.metadata.creation_timestamp.is_none());
+    }
+
+    #[test]
     fn a_release_without_a_name_gets_eks_ds_and_a_bad_one_is_refused() {
         let unnamed = MANIFEST.replace("  name: kubernetes-1-28-eks-5\n", "");
         let object = release_object(&unnamed, "m.yaml").unwrap();
