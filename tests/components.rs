@@ -565,7 +565,8 @@ fn release_dirs(data: &Path) -> Vec<String> {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| !n.starts_with('.') && n != "current")
+                // `channels/` keeps fetched channel documents, not a release
+                .filter(|n| !n.starts_with('.') && n != "current" && n != "channels")
                 .collect()
         })
         .unwrap_or_default();
@@ -628,6 +629,16 @@ fn happy_path_installs_latest_verified_and_lists_it() {
     assert!(stderr.contains("verified sha256+sha512"), "{stderr}");
 
     assert_eq!(active(data.path()).as_deref(), Some("1-31-2"));
+    // the channel's document is kept as published, for the cluster's ReleaseChannel
+    let kept = std::fs::read_to_string(
+        data.path()
+            .join(format!("components/channels/{CHANNEL}.yaml")),
+    )
+    .unwrap();
+    assert!(
+        kept.contains("latestRelease: 2") && kept.contains("snsTopicARN"),
+        "{kept}"
+    );
     let current = data.path().join("components/current");
     for bin in [
         "kube-apiserver",
@@ -1529,8 +1540,14 @@ fn outdated_compares_the_active_release_with_the_channel() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("1 release behind"), "{table}");
     assert!(table.contains("kdist upgrade --release latest"), "{table}");
-    // nothing was installed by looking
+    // nothing was installed by looking; the channel's document was kept as it is now
     assert_eq!(release_dirs(data.path()), vec!["1-31-1"]);
+    let kept = std::fs::read_to_string(
+        data.path()
+            .join(format!("components/channels/{CHANNEL}.yaml")),
+    )
+    .unwrap();
+    assert!(kept.contains("latestRelease: 2"), "{kept}");
 }
 
 /// The first file named `name` under `dir`.

@@ -95,6 +95,37 @@ pub fn network(report: &StatusReport) -> Option<crate::controllers::NetworkStatu
         .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
+/// Every node's release in `report` (control planes only).
+pub fn nodes(report: &StatusReport) -> Vec<crate::controllers::NodeRelease> {
+    report
+        .sections
+        .get("nodes")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
+
+fn print_nodes(nodes: &[crate::controllers::NodeRelease]) {
+    println!();
+    println!(
+        "{:<24} {:<14} {:<6} {:<16} RELEASE",
+        "NODE", "ROLE", "READY", "KUBELET"
+    );
+    for n in nodes {
+        println!(
+            "{:<24} {:<14} {:<6} {:<16} {}",
+            n.name,
+            if n.control_plane {
+                "control-plane"
+            } else {
+                "worker"
+            },
+            if n.ready { "yes" } else { "no" },
+            n.kubelet.as_deref().unwrap_or("-"),
+            n.release.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
 fn print_network(network: &crate::controllers::NetworkStatus) {
     println!();
     println!("NETWORK");
@@ -221,6 +252,10 @@ pub fn print_table(report: &StatusReport) {
                 c.message.as_deref().unwrap_or("-"),
             );
         }
+    }
+    let nodes = nodes(report);
+    if !nodes.is_empty() {
+        print_nodes(&nodes);
     }
     if let Some(network) = network(report) {
         print_network(&network);

@@ -60,7 +60,7 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
     let retry = components::retry_with(args.retries);
     let number = match args.release {
         ReleasePin::Number(n) => n,
-        ReleasePin::Latest => components::latest_number(&base, &channel, retry).await?,
+        ReleasePin::Latest => components::latest_number(&data, &base, &channel, retry).await?,
     };
     let to = ReleaseId { channel, number };
     if to == from {

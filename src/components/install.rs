@@ -142,7 +142,7 @@ async fn install_locked(
         text,
         origin,
         local,
-    } = read_manifest(request, &client, &base, progress, unpack).await?;
+    } = read_manifest(store, request, &client, &base, progress, unpack).await?;
     let release = Release::parse(&text, &origin)?;
     let id = release.id();
     let (os, arch) = (manifest::host_os(), manifest::host_arch());
@@ -245,6 +245,7 @@ struct ManifestSource {
 /// Reads the manifest `request` names: from the channel (resolving `latest`), a URL or
 /// file, or a local directory or bundle (unpacked into `unpack`), or the embedded one.
 async fn read_manifest(
+    store: &Store,
     request: &Request,
     client: &reqwest::Client,
     base: &str,
@@ -261,7 +262,9 @@ async fn read_manifest(
                         "resolving the latest release of channel {channel} ({url})"
                     ));
                     let text = fetch::get_text(client, &url, request.retry).await?;
-                    manifest::parse_channel(&text, &url)?
+                    let number = manifest::parse_channel(&text, &url)?;
+                    super::outdated::keep_channel(store, channel, &text);
+                    number
                 }
             };
             let id = ReleaseId {

@@ -29,7 +29,7 @@ pub use manifest::{Release, ReleaseId, binaries, host_arch, host_os};
 pub use outdated::{Outdated, VersionChange, compare, fetch_release, latest_number, outdated};
 pub use progress::Progress;
 pub use resolve::{BinaryNotFound, Origin, active_release, resolve_binary, resolve_binary_in};
-pub use store::{Record, Store};
+pub use store::{MANIFEST_FILE, Record, Store};
 pub use upgrade::{
     NodeControl, Plan as UpgradePlan, RESTART_ORDER, Upgraded, execute as execute_upgrade,
     plan as upgrade_plan,

@@ -31,8 +31,10 @@ pub struct VersionChange {
     pub changed: bool,
 }
 
-/// The newest release number of `channel` from the release channel manifest.
+/// The newest release number of `channel` from the release channel manifest, which is
+/// kept under `<data>/components/channels/` for the cluster's `ReleaseChannel` object.
 pub async fn latest_number(
+    data: &DataDir,
     base_url: &str,
     channel: &str,
     retry: RetryPolicy,
@@ -40,7 +42,20 @@ pub async fn latest_number(
     let client = fetch::client()?;
     let url = manifest::channel_url(base_url.trim_end_matches('/'), channel);
     let text = fetch::get_text(&client, &url, retry).await?;
-    manifest::parse_channel(&text, &url)
+    let number = manifest::parse_channel(&text, &url)?;
+    keep_channel(&Store::new(data), channel, &text);
+    Ok(number)
+}
+
+/// Saves a fetched channel document; a failure only costs the cluster the published
+/// form of the channel (kdist then writes its own), so it is logged, not returned.
+pub(crate) fn keep_channel(store: &Store, channel: &str, text: &str) {
+    if let Err(e) = store.save_channel(channel, text) {
+        tracing::warn!(
+            "cannot keep the published channel {channel}: {}",
+            crate::report::error_chain(&e)
+        );
+    }
 }
 
 /// Fetches the `Release` manifest of `id` from `base_url` (EKS-D or a mirror).
@@ -73,7 +88,7 @@ pub async fn outdated(
         path: store.current_link(),
     })?;
     let installed = store.manifest(&active)?;
-    let number = latest_number(base_url, &active.channel, retry).await?;
+    let number = latest_number(data, base_url, &active.channel, retry).await?;
     let latest_id = ReleaseId {
         channel: active.channel.clone(),
         number,

@@ -16,6 +16,9 @@ use crate::fsutil;
 
 pub const MANIFEST_FILE: &str = "manifest.yaml";
 pub const RECORD_FILE: &str = "record.json";
+/// Where the published `ReleaseChannel` documents kdist fetched are kept, one
+/// `<channel>.yaml` each, as published.
+pub const CHANNELS_DIR: &str = "channels";
 
 /// Paths of the components part of the data dir.
 #[derive(Debug, Clone)]
@@ -92,6 +95,26 @@ impl Store {
     /// `<data>/components/current/bin/<name>`: where the supervisor looks first.
     pub fn current_bin(&self, name: &str) -> PathBuf {
         self.current_link().join("bin").join(name)
+    }
+
+    /// `<data>/components/channels/<channel>.yaml`: the channel's document as EKS-D
+    /// (or the mirror) last published it to this node.
+    pub fn channel_file(&self, channel: &str) -> PathBuf {
+        self.root.join(CHANNELS_DIR).join(format!("{channel}.yaml"))
+    }
+
+    /// Keeps the published document of `channel` (already parsed and checked), written
+    /// atomically, for the cluster's `ReleaseChannel` object.
+    pub fn save_channel(&self, channel: &str, text: &str) -> Result<(), ComponentsError> {
+        let dir = self.root.join(CHANNELS_DIR);
+        fsutil::ensure_dir(&dir, 0o755).map_err(ComponentsError::io(&dir))?;
+        let path = self.channel_file(channel);
+        fsutil::atomic_write(&path, text.as_bytes(), 0o644).map_err(ComponentsError::io(&path))
+    }
+
+    /// The saved published document of `channel`, if kdist ever fetched it.
+    pub fn saved_channel(&self, channel: &str) -> Option<String> {
+        std::fs::read_to_string(self.channel_file(channel)).ok()
     }
 
     pub fn ensure(&self) -> Result<(), ComponentsError> {

@@ -77,6 +77,11 @@ pub enum ControllerError {
     },
     #[error("unknown addon `{name}`; known addons: {known}")]
     UnknownAddon { name: String, known: String },
+    #[error(
+        "the CustomResourceDefinition {crd} is not established after {secs} s: see \
+         `kubectl describe crd {crd}` and `kdist logs kube-apiserver`"
+    )]
+    NotEstablished { crd: String, secs: u64 },
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
 }

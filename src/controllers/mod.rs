@@ -21,6 +21,7 @@ mod error;
 mod host;
 mod network;
 mod rbac;
+mod releases;
 pub mod storage;
 
 use std::path::Path;
@@ -37,6 +38,7 @@ pub use error::ControllerError;
 pub use host::{Board, ControllerState, ControllerStatus, Controllers, Reporter};
 pub use network::{Network, NetworkStatus, PeerStatus};
 pub use rbac::Rbac;
+pub use releases::{CONTROL_PLANE_LABEL, NodeRelease, RELEASE_ANNOTATION, Releases};
 pub use storage::Storage;
 
 use crate::config::{DataDir, NodeConfig};

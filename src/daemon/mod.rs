@@ -36,12 +36,13 @@ impl Builtin for EmbeddedDatastore {
 }
 
 /// The controllers' board as the status report's `controllers` section, the addons'
-/// states as its `addons` section and the network controller's state as its `network`
-/// section.
+/// states as its `addons` section, the network controller's state as its `network`
+/// section and, on a control plane, every node's release as its `nodes` section.
 struct ControllerSection {
     board: controllers::Board,
     addons: controllers::AddonBoard,
     network: Option<Arc<controllers::Network>>,
+    releases: Option<Arc<controllers::Releases>>,
 }
 
 impl ReportSections for ControllerSection {
@@ -56,15 +57,24 @@ impl ReportSections for ControllerSection {
             let value = serde_json::to_value(network.status()).unwrap_or_default();
             sections.insert("network".to_string(), value);
         }
+        if let Some(releases) = &self.releases {
+            let nodes = releases.nodes();
+            if !nodes.is_empty() {
+                let value = serde_json::to_value(nodes).unwrap_or_default();
+                sections.insert("nodes".to_string(), value);
+            }
+        }
         sections
     }
 }
 
-/// The controllers this node runs, in start order; `network` is the pod network's (every
-/// role runs it), `addons` where the addons controller publishes its addons' states.
+/// The controllers this node runs, in start order; `network` is the pod network's and
+/// `releases` the one showing each node's EKS-D release (every role runs both),
+/// `addons` where the addons controller publishes its addons' states.
 pub fn controllers_for(
     config: &NodeConfig,
     network: Arc<controllers::Network>,
+    releases: Arc<controllers::Releases>,
     addons: &controllers::AddonBoard,
 ) -> Vec<Arc<dyn Controller>> {
     let mut list: Vec<Arc<dyn Controller>> = Vec::new();
@@ -75,6 +85,7 @@ pub fn controllers_for(
     }
     list.push(Arc::new(controllers::Storage));
     list.push(network);
+    list.push(releases);
     list
 }
 
@@ -104,9 +115,10 @@ pub async fn run(
         .iter()
         .any(|s| s.name == "kube-apiserver" || s.name == "kubelet");
     let network = Arc::new(controllers::Network::default());
+    let releases = Arc::new(controllers::Releases::default());
     let addons = controllers::AddonBoard::new();
     let controllers = Controllers::new(
-        controllers_for(&config, network.clone(), &addons)
+        controllers_for(&config, network.clone(), releases.clone(), &addons)
             .into_iter()
             .filter(|c| runs_kubernetes || !c.needs_apiserver())
             .collect(),
@@ -115,6 +127,7 @@ pub async fn run(
         board: controllers.board(),
         addons,
         network: runs_kubernetes.then_some(network),
+        releases: (runs_kubernetes && config.role != Role::Worker).then_some(releases),
     }));
 
     let (apiserver_tx, apiserver_rx) = watch::channel(Apiserver::default());
