@@ -218,7 +218,8 @@ fn upgrade_keeps_pods_and_a_broken_release_rolls_back() {
         &["components", "install", "--from", r1.to_str().unwrap()],
     );
     let config = data.config(&format!(
-        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n"
+        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
+         addons:\n  dns:\n    enabled: false\n"
     ));
     ok(
         &data,
