@@ -2,7 +2,8 @@
 //! directories, and, with real Kubernetes binaries (KDIST_TEST_K8S_BIN), an upgrade of a
 //! running node from release 1 to 2 that keeps its pods, then a release 3 whose
 //! kube-apiserver exits at once: the upgrade fails, names kube-apiserver and leaves the
-//! node healthy on release 2.
+//! node healthy on release 2. On a control plane and a worker in network namespaces, the
+//! version-skew refusals: each names the node to upgrade first and changes nothing.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::netns::{self, NsNode};
 use common::release::{KUBE, fake_bins, release_dir, script};
 use common::{TempData, oci, poll_until, text};
 
@@ -94,6 +96,37 @@ fn k8s_bin() -> PathBuf {
     ))
 }
 
+/// The Kubernetes binaries of `bin` (kubectl from PATH when there is one).
+fn real_bins(bin: &Path) -> Vec<(&'static str, PathBuf)> {
+    let kubectl_bin = common::on_path("kubectl")
+        .then(|| PathBuf::from("/usr/bin/kubectl"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| bin.join("kubectl"));
+    KUBE.iter()
+        .map(|b| {
+            let path = if *b == "kubectl" {
+                kubectl_bin.clone()
+            } else {
+                bin.join(b)
+            };
+            (*b, path)
+        })
+        .collect()
+}
+
+/// `v1.28.7`: what `kube-apiserver --version` of `bin` says.
+fn binary_version(bin: &Path) -> String {
+    let out = Command::new(bin.join("kube-apiserver"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
 fn kubectl(data: &TempData, args: &[&str]) -> String {
     ok(data, &[&["kubectl"], args].concat())
 }
@@ -143,32 +176,8 @@ fn upgrade_keeps_pods_and_a_broken_release_rolls_back() {
     let data = TempData::new("upgrade");
     let work = data.path("work");
     std::fs::create_dir_all(&work).unwrap();
-    let kubectl_bin = common::on_path("kubectl")
-        .then(|| PathBuf::from("/usr/bin/kubectl"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| bin.join("kubectl"));
-    let real: Vec<(&str, PathBuf)> = KUBE
-        .iter()
-        .map(|b| {
-            let path = if *b == "kubectl" {
-                kubectl_bin.clone()
-            } else {
-                bin.join(b)
-            };
-            (*b, path)
-        })
-        .collect();
-    let version = {
-        let out = Command::new(bin.join("kube-apiserver"))
-            .arg("--version")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    };
+    let real = real_bins(&bin);
+    let version = binary_version(&bin);
     let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
     let channel = format!("1-{minor}");
     // release 2: the same programs, kube-apiserver and kubelet behind wrappers (other
@@ -209,7 +218,8 @@ fn upgrade_keeps_pods_and_a_broken_release_rolls_back() {
         &["components", "install", "--from", r1.to_str().unwrap()],
     );
     let config = data.config(&format!(
-        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\naddons:\n  dns:\n    enabled: false\n"
+        "network:\n  egress: none\nruntime:\n  sandbox_image: {PAUSE}\n\
+         addons:\n  dns:\n    enabled: false\n"
     ));
     ok(
         &data,
@@ -355,4 +365,184 @@ fn upgrade_keeps_pods_and_a_broken_release_rolls_back() {
     );
     kubectl(&data, &["get", "--raw", "/readyz"]);
     assert_eq!(pod(&data), before, "the pod and its container are the same");
+}
+
+/// What an upgrade must leave alone when it is refused: `components list`, the active
+/// release and the programs the daemon runs.
+fn untouched(node: &NsNode) -> (String, String, Vec<String>) {
+    let list = node.ok(&["components", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&node.ok(&["version", "-o", "json"])).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&node.ok(&["status", "-o", "json"])).unwrap();
+    let programs = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {} {}", s["name"], s["program"], s["pid"]))
+        .collect();
+    (list, v["release"].to_string(), programs)
+}
+
+/// The error of a refused `kdist upgrade args` on `node`.
+fn refused(node: &NsNode, args: &[&str]) -> String {
+    let out = node.kdist(&[&["upgrade"], args].concat());
+    assert!(
+        !out.status.success(),
+        "upgrade {args:?} on {}: {}",
+        node.ns,
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A control plane (cp1) and a worker (w1) on release 1 (the real binaries), in network
+/// namespaces. Further releases claim other Kubernetes versions (the binaries stay the
+/// same: a refusal comes before anything runs). The worker may not move its kubelet ahead
+/// of cp1's apiserver; the control plane may not move more than three minors ahead of
+/// w1's kubelet; each refusal names the node to upgrade first, in a dry run too, and
+/// leaves the node as it was. A move the rules allow is planned.
+#[test]
+#[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
+fn skew_refusals_name_the_node_to_upgrade_first() {
+    let bin = k8s_bin();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let work = common::temp_dir("kdskew");
+    let real = real_bins(&bin);
+    let version = binary_version(&bin);
+    let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+    let channel = format!("1-{minor}");
+    let (next, far) = (format!("1-{}", minor + 1), format!("1-{}", minor + 4));
+    let dir = |c: &str| {
+        let d = work.path().join(c);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let r1 = release_dir(&dir(&channel), &channel, &version, 1, &real);
+    let r2 = release_dir(&dir(&channel), &channel, &version, 2, &real);
+    let r_next = release_dir(&dir(&next), &next, &format!("v1.{}.0", minor + 1), 1, &real);
+    let r_far = release_dir(&dir(&far), &far, &format!("v1.{}.0", minor + 4), 1, &real);
+
+    let (lab, namespaces, ips) = netns::Lab::pair("kdu", "10.207.0");
+    let make = |i: usize, name: &str| {
+        let node = common::Node::new(&format!("skew{name}"));
+        node.write_config(&format!(
+            "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: {}\nruntime:\n  \
+             sandbox_image: {PAUSE}\n  cgroup_root: /kdist-skew-{name}\n\
+             addons:\n  dns:\n    enabled: false\n",
+            ips[i]
+        ));
+        NsNode {
+            ns: namespaces[i].clone(),
+            path: path.clone(),
+            node,
+        }
+    };
+    let cp = make(0, "cp1");
+    let worker = make(1, "w1");
+    for n in [&cp, &worker] {
+        n.ok(&["components", "install", "--from", r1.to_str().unwrap()]);
+    }
+    let started = std::time::Instant::now();
+    cp.ok(&["start", "--timeout", "300"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&cp.ok(&["add-node", "--worker", "-o", "json"])).unwrap();
+    let connection = format!(
+        "{}:25000/{}/{}",
+        ips[0],
+        v["token"].as_str().unwrap(),
+        v["ca_sha256"].as_str().unwrap()
+    );
+    worker.ok(&["join", &connection, "--worker", "--timeout", "300"]);
+    eprintln!("both nodes started: {:?}", started.elapsed());
+    // the worker's Node with its kubelet version, as the control plane sees it
+    assert!(
+        poll_until(Duration::from_secs(120), || {
+            cp.kdist(&[
+                "kubectl",
+                "get",
+                "node",
+                "w1",
+                "-o",
+                "jsonpath={.status.nodeInfo.kubeletVersion}",
+            ])
+            .stdout
+            .starts_with(version.as_bytes())
+        }),
+        "w1 never registered"
+    );
+    for n in [&cp, &worker] {
+        for r in [&r2, &r_next, &r_far] {
+            n.ok(&[
+                "components",
+                "install",
+                "--no-activate",
+                "--from",
+                r.to_str().unwrap(),
+            ]);
+        }
+    }
+    let before = [untouched(&cp), untouched(&worker)];
+
+    // the worker's kubelet may not get ahead of cp1's apiserver
+    for dry in [&["--dry-run"][..], &[]] {
+        let err = refused(
+            &worker,
+            &[&["--channel", &next, "--release", "1"], dry].concat(),
+        );
+        assert!(
+            err.contains(&format!(
+                "kubelet v1.{}.0 would be newer than the kube-apiserver of control plane cp1 ({version})",
+                minor + 1
+            )),
+            "{err}"
+        );
+        assert!(err.contains("upgrade cp1 first"), "{err}");
+    }
+    // the control plane may not get more than three minors ahead of w1's kubelet
+    for dry in [&["--dry-run"][..], &[]] {
+        let err = refused(&cp, &[&["--channel", &far, "--release", "1"], dry].concat());
+        assert!(
+            err.contains(&format!("the kubelet of node w1 ({version})")),
+            "{err}"
+        );
+        assert!(err.contains("upgrade w1 first"), "{err}");
+    }
+    assert_eq!(
+        untouched(&cp),
+        before[0],
+        "cp1 changed by a refused upgrade"
+    );
+    assert_eq!(
+        untouched(&worker),
+        before[1],
+        "w1 changed by a refused upgrade"
+    );
+    assert_eq!(
+        std::fs::read_link(cp.path("components/current")).unwrap(),
+        Path::new(&format!("{channel}-1"))
+    );
+
+    // what the rules allow: the same version under another number on either node, and
+    // the control plane one minor ahead of w1's kubelet
+    for n in [&cp, &worker] {
+        let plan = n.ok(&["upgrade", "--release", "2", "--dry-run"]);
+        assert!(
+            plan.contains(&format!("upgrade {channel}-1 -> {channel}-2")),
+            "{plan}"
+        );
+    }
+    let plan = cp.ok(&["upgrade", "--channel", &next, "--release", "1", "--dry-run"]);
+    assert!(
+        plan.contains(&format!("Kubernetes {version} -> v1.{}.0", minor + 1)),
+        "{plan}"
+    );
+    assert_eq!(untouched(&cp), before[0]);
+    assert_eq!(untouched(&worker), before[1]);
+    drop(worker);
+    drop(cp);
+    drop(lab);
 }

@@ -84,6 +84,12 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             .collect(),
     };
     let plan = components::upgrade_plan(&from_release, &to_release, &running);
+    // before anything is installed or switched, and in a dry run too: a refusal names the
+    // node to upgrade first. A stopped node cannot ask the cluster; its next start runs
+    // what `components install` made current, which is the user's call.
+    if status.is_ok() {
+        check_skew(&data, &config, &to_release).await?;
+    }
     if args.dry_run {
         print_plan(&plan, status.is_ok());
         return Ok(ExitCode::SUCCESS);
@@ -95,7 +101,6 @@ pub async fn run(args: Args, data: DataDir) -> anyhow::Result<ExitCode> {
             to.number
         );
     }
-    check_skew(&data, &config, &to_release).await?;
 
     if store.record(&to).is_ok() {
         // installed before (`components install --no-activate`, or from a bundle on an
@@ -174,7 +179,10 @@ fn print_plan(plan: &UpgradePlan, running: bool) {
         version(&plan.kubernetes_to)
     );
     if !running {
-        println!("kdist is not running here: the plan shows what a running node would do");
+        println!(
+            "kdist is not running here: the plan shows what a running node would do \
+             (the version skew with the other nodes is checked when it runs)"
+        );
     }
     println!(
         "  1. install release {} verified (or verify it again when installed), not active yet",
@@ -303,47 +311,81 @@ fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
+type Version = (u32, u32, u32);
+
+fn show(v: Version) -> String {
+    format!("v{}.{}.{}", v.0, v.1, v.2)
+}
+
 /// A node of the cluster as the skew rules see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ClusterNode {
     name: String,
-    kubelet: (u32, u32, u32),
-    control_plane: bool,
+    /// Its kubelet's version; None for an apiserver that is no Node kdist can see.
+    kubelet: Option<Version>,
+    /// Its kube-apiserver's version, on control planes.
+    apiserver: Option<Version>,
+}
+
+/// How many minors a kubelet may be older than kube-apiserver: three from Kubernetes
+/// 1.28 on, two before.
+fn kubelet_lag(apiserver: Version) -> u32 {
+    if apiserver >= (1, 28, 0) { 3 } else { 2 }
+}
+
+/// The node with the oldest version `of` picks, among the nodes other than `this`.
+fn oldest<'a>(
+    this: &str,
+    nodes: &'a [ClusterNode],
+    of: impl Fn(&ClusterNode) -> Option<Version>,
+) -> Option<(&'a ClusterNode, Version)> {
+    nodes
+        .iter()
+        .filter(|n| n.name != this)
+        .filter_map(|n| Some((n, of(n)?)))
+        .min_by_key(|(_, v)| *v)
 }
 
 /// Kubernetes' version skew rules for moving `this` node to `target`: a control plane
-/// is at most one minor ahead of every other control plane; a worker's kubelet is not
-/// newer than any control plane. Returns the refusal, naming the node to upgrade first.
-fn skew_refusal(
-    this: &str,
-    role: Role,
-    target: (u32, u32, u32),
-    nodes: &[ClusterNode],
-) -> Option<String> {
-    let show = |v: (u32, u32, u32)| format!("v{}.{}.{}", v.0, v.1, v.2);
-    let planes = nodes.iter().filter(|n| n.control_plane && n.name != this);
+/// is at most one minor ahead of every other control plane's kube-apiserver and at most
+/// three minors (two before 1.28) ahead of every node's kubelet; a worker's kubelet is
+/// not newer than any control plane's kube-apiserver. Returns the refusal, naming the
+/// node to upgrade first.
+fn skew_refusal(this: &str, role: Role, target: Version, nodes: &[ClusterNode]) -> Option<String> {
     match role {
         Role::ControlPlane => {
-            let oldest = planes.min_by_key(|n| n.kubelet)?;
-            (target.0 != oldest.kubelet.0 || target.1 > oldest.kubelet.1 + 1).then(|| {
-                format!(
-                    "Kubernetes {} is more than one minor ahead of control plane {} ({}); upgrade {} first",
+            if let Some((plane, v)) = oldest(this, nodes, |n| n.apiserver)
+                && (target.0 != v.0 || target.1 > v.1 + 1)
+            {
+                return Some(format!(
+                    "Kubernetes {} is more than one minor ahead of control plane {} (kube-apiserver {}); upgrade {} first",
                     show(target),
-                    oldest.name,
-                    show(oldest.kubelet),
-                    oldest.name
+                    plane.name,
+                    show(v),
+                    plane.name
+                ));
+            }
+            let lag = kubelet_lag(target);
+            let (node, v) = oldest(this, nodes, |n| n.kubelet)?;
+            (target.0 != v.0 || target.1 > v.1 + lag).then(|| {
+                format!(
+                    "Kubernetes {} is more than {lag} minors ahead of the kubelet of node {} ({}); upgrade {} first",
+                    show(target),
+                    node.name,
+                    show(v),
+                    node.name
                 )
             })
         }
         Role::Worker => {
-            let oldest = planes.min_by_key(|n| n.kubelet)?;
-            (target > oldest.kubelet).then(|| {
+            let (plane, v) = oldest(this, nodes, |n| n.apiserver)?;
+            (target > v).then(|| {
                 format!(
-                    "kubelet {} would be newer than the apiserver of control plane {} ({}); upgrade {} first",
+                    "kubelet {} would be newer than the kube-apiserver of control plane {} ({}); upgrade {} first",
                     show(target),
-                    oldest.name,
-                    show(oldest.kubelet),
-                    oldest.name
+                    plane.name,
+                    show(v),
+                    plane.name
                 )
             })
         }
@@ -351,7 +393,10 @@ fn skew_refusal(
 }
 
 /// Refuses an upgrade that would break the version skew with the other nodes, read from
-/// the cluster's Node objects (control planes: the nodes behind the `kubernetes` service).
+/// the cluster's Node objects. Control planes are the nodes behind the `kubernetes`
+/// service, and the node at the address this node reaches the apiserver on (a worker may
+/// not read Endpoints); a control plane's kubelet version stands for its apiserver's,
+/// except where the apiserver answers itself.
 async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow::Result<()> {
     let Some(target) = to.version_of("kubernetes").and_then(parse_version) else {
         return Ok(());
@@ -368,6 +413,11 @@ async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow
     )
     .await
     .with_context(|| format!("loading {}", kubeconfig_path.display()))?;
+    let server_host = client_config
+        .cluster_url
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .unwrap_or_default();
     let client = kube::Client::try_from(client_config).context("building the Kubernetes client")?;
     let hint = "the upgrade checks the other nodes' versions first; make sure the cluster's API answers (`kdist status`)";
     let nodes: kube::Api<Node> = kube::Api::all(client.clone());
@@ -375,8 +425,6 @@ async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow
         .list(&Default::default())
         .await
         .with_context(|| format!("listing the cluster's nodes: {hint}"))?;
-    // a worker may not read Endpoints: every node with the control-plane apiserver's
-    // version counts then, which the kubelet version of control planes stands for
     let endpoints: kube::Api<Endpoints> = kube::Api::namespaced(client.clone(), "default");
     let apiservers: Vec<String> = endpoints
         .get_opt("kubernetes")
@@ -388,33 +436,46 @@ async fn check_skew(data: &DataDir, config: &NodeConfig, to: &Release) -> anyhow
         .flat_map(|s| s.addresses.unwrap_or_default())
         .map(|a| a.ip)
         .collect();
+    let answering = match client.apiserver_version().await {
+        Ok(info) => parse_version(&info.git_version),
+        Err(_) => None,
+    };
+    let mut seen_answering = false;
     let mut cluster: Vec<ClusterNode> = list
         .items
         .iter()
         .filter_map(|n| {
             let status = n.status.as_ref()?;
             let kubelet = parse_version(&status.node_info.as_ref()?.kubelet_version)?;
-            let control_plane = status
+            let addresses: Vec<&str> = status
                 .addresses
                 .iter()
                 .flatten()
-                .any(|a| apiservers.contains(&a.address));
+                .map(|a| a.address.as_str())
+                .collect();
+            let answers = addresses.contains(&server_host.as_str());
+            seen_answering |= answers;
+            let apiserver = if answers && answering.is_some() {
+                answering
+            } else if answers || addresses.iter().any(|a| apiservers.iter().any(|s| s == a)) {
+                Some(kubelet)
+            } else {
+                None
+            };
             Some(ClusterNode {
                 name: n.metadata.name.clone()?,
-                kubelet,
-                control_plane,
+                kubelet: Some(kubelet),
+                apiserver,
             })
         })
         .collect();
-    // the apiserver this node talks to counts as a control plane too, so a worker that
-    // may not read Endpoints still never gets a kubelet newer than it
-    if let Ok(info) = client.apiserver_version().await
-        && let Some(version) = parse_version(&info.git_version)
-    {
+    // a worker reaching the apiserver through an address no Node has (a load balancer)
+    // still never gets a kubelet newer than it; a control plane's is its own
+    if config.role == Role::Worker && !seen_answering {
         cluster.push(ClusterNode {
-            name: "the apiserver this node talks to".into(),
-            kubelet: version,
-            control_plane: config.role == Role::Worker,
+            name: format!("the apiserver at {server_host}"),
+            kubelet: None,
+            apiserver: answering,
         });
     }
     match skew_refusal(&config.node_name(), config.role, target, &cluster) {
@@ -430,8 +491,8 @@ mod tests {
     fn node(name: &str, minor: u32, control_plane: bool) -> ClusterNode {
         ClusterNode {
             name: name.into(),
-            kubelet: (1, minor, 3),
-            control_plane,
+            kubelet: Some((1, minor, 3)),
+            apiserver: control_plane.then_some((1, minor, 3)),
         }
     }
 
@@ -473,5 +534,83 @@ mod tests {
         let refusal = skew_refusal("w1", Role::Worker, (1, 29, 0), &nodes).unwrap();
         assert!(refusal.contains("control plane cp2"), "{refusal}");
         assert!(refusal.contains("upgrade cp2 first"), "{refusal}");
+    }
+
+    #[test]
+    fn a_control_plane_stays_within_three_minors_of_every_kubelet() {
+        let nodes = [
+            node("cp1", 28, true),
+            node("cp2", 29, true),
+            node("w1", 28, false),
+            node("w2", 27, false),
+        ];
+        // one minor ahead of cp1, two ahead of w2's kubelet: allowed
+        assert_eq!(
+            skew_refusal("cp2", Role::ControlPlane, (1, 29, 0), &nodes),
+            None
+        );
+        let refusal = skew_refusal("cp1", Role::ControlPlane, (1, 31, 0), &nodes[..1]);
+        assert_eq!(refusal, None, "alone");
+        // two planes at 1.31 (one already moved), a worker left at 1.28
+        let moved = [
+            node("cp1", 31, true),
+            node("cp2", 30, true),
+            node("w1", 28, false),
+        ];
+        assert_eq!(
+            skew_refusal("cp2", Role::ControlPlane, (1, 31, 0), &moved),
+            None
+        );
+        let refusal = skew_refusal("cp2", Role::ControlPlane, (1, 32, 0), &moved).unwrap();
+        assert!(
+            refusal.contains("kubelet of node w1 (v1.28.3)"),
+            "{refusal}"
+        );
+        assert!(refusal.contains("upgrade w1 first"), "{refusal}");
+        // the other planes' rule is checked first: cp1 is further behind than w2 is
+        let refusal = skew_refusal("cp2", Role::ControlPlane, (1, 31, 0), &nodes).unwrap();
+        assert!(refusal.contains("upgrade cp1 first"), "{refusal}");
+        // before 1.28 the kubelet lag was two minors
+        let old = [node("w1", 24, false)];
+        assert!(skew_refusal("cp1", Role::ControlPlane, (1, 27, 0), &old).is_some());
+        assert_eq!(
+            skew_refusal("cp1", Role::ControlPlane, (1, 26, 0), &old),
+            None
+        );
+    }
+
+    #[test]
+    fn this_nodes_own_kubelet_and_apiserver_never_count() {
+        let nodes = [node("cp1", 28, true), node("w1", 28, false)];
+        assert_eq!(
+            skew_refusal("w1", Role::Worker, (1, 28, 7), &nodes[1..]),
+            None
+        );
+        assert_eq!(
+            skew_refusal("cp1", Role::ControlPlane, (1, 29, 0), &nodes),
+            None
+        );
+    }
+
+    #[test]
+    fn an_apiserver_behind_an_address_no_node_has_still_bounds_a_worker() {
+        let nodes = [
+            node("w1", 28, false),
+            ClusterNode {
+                name: "the apiserver at 192.0.2.10".into(),
+                kubelet: None,
+                apiserver: Some((1, 28, 7)),
+            },
+        ];
+        let refusal = skew_refusal("w1", Role::Worker, (1, 29, 0), &nodes).unwrap();
+        assert!(
+            refusal.contains("upgrade the apiserver at 192.0.2.10 first"),
+            "{refusal}"
+        );
+        // and is no kubelet a control plane must stay near
+        assert_eq!(
+            skew_refusal("cp1", Role::ControlPlane, (1, 29, 0), &nodes[1..]),
+            None
+        );
     }
 }

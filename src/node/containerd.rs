@@ -68,19 +68,25 @@ fn registry_auths(registries: &RegistriesConfig) -> BTreeMap<String, RegistryAut
     auths
 }
 
-/// The pod sandbox image: `runtime.sandbox_image` when config.yaml sets one other than
-/// the built-in default, else the active release's `pause-image`, else the default.
+/// The pod sandbox image, one choice for containerd (its CRI plugin's `sandbox_image`)
+/// and kubelet (`--pod-infra-container-image`, which keeps the image from garbage
+/// collection): see [`choose_sandbox_image`], with the active release's `pause-image`.
 pub fn sandbox_image(data: &DataDir, config: &NodeConfig) -> String {
-    let configured = &config.runtime.sandbox_image;
-    if configured != crate::config::DEFAULT_SANDBOX_IMAGE {
-        return configured.clone();
-    }
     let store = crate::components::Store::new(data);
-    store
+    let pause = store
         .active()
         .and_then(|id| store.manifest(&id).ok())
-        .and_then(|m| m.image("pause-image").map(str::to_string))
-        .unwrap_or_else(|| configured.clone())
+        .and_then(|m| m.image("pause-image").map(str::to_string));
+    choose_sandbox_image(&config.runtime.sandbox_image, pause)
+}
+
+/// `runtime.sandbox_image` when config.yaml sets one other than the built-in default,
+/// else the release's `pause-image`, else the default.
+pub fn choose_sandbox_image(configured: &str, release_pause: Option<String>) -> String {
+    if configured != crate::config::DEFAULT_SANDBOX_IMAGE {
+        return configured.to_string();
+    }
+    release_pause.unwrap_or_else(|| configured.to_string())
 }
 
 /// Where the CNI plugins are: the active components' `cni/` (EKS-D's plugins), else the
@@ -233,6 +239,22 @@ mod tests {
             cri["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"].as_bool(),
             Some(false)
         );
+    }
+
+    #[test]
+    fn the_sandbox_image_is_the_releases_pause_unless_config_sets_one() {
+        let default = crate::config::DEFAULT_SANDBOX_IMAGE;
+        let pause =
+            || Some("public.ecr.aws/eks-distro/kubernetes/pause:v1.28.7-eks-1-28-12".into());
+        assert_eq!(
+            choose_sandbox_image(default, pause()),
+            "public.ecr.aws/eks-distro/kubernetes/pause:v1.28.7-eks-1-28-12"
+        );
+        assert_eq!(
+            choose_sandbox_image("mirror.example/pause:3.9", pause()),
+            "mirror.example/pause:3.9"
+        );
+        assert_eq!(choose_sandbox_image(default, None), default);
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct HostInputs {
     pub etcd_initial: Option<(String, String)>,
     /// The components release active now (see [`ServiceSpec::release`]).
     pub release: Option<PathBuf>,
+    /// The pod sandbox image, the one containerd's config names too.
+    pub sandbox_image: String,
 }
 
 impl HostInputs {
@@ -116,6 +118,7 @@ impl HostInputs {
             kube: crate::node::kube::detect(data, config.role)?,
             etcd_initial: crate::cluster::etcd_initial_cluster(data),
             release: crate::components::active_release(data),
+            sandbox_image: crate::node::containerd::sandbox_image(data, config),
         })
     }
 }
@@ -310,7 +313,7 @@ fn variables(data: &DataDir, config: &NodeConfig, host: &HostInputs) -> BTreeMap
         "CLUSTER_DOMAIN".into(),
         config.network.cluster_domain.clone(),
     );
-    vars.insert("SANDBOX_IMAGE".into(), config.runtime.sandbox_image.clone());
+    vars.insert("SANDBOX_IMAGE".into(), host.sandbox_image.clone());
     // a Go duration: what kube-controller-manager signs lives as long as kdist's leaves
     vars.insert(
         "LEAF_VALIDITY".into(),
@@ -524,6 +527,7 @@ mod tests {
             kube: Default::default(),
             etcd_initial: None,
             release: None,
+            sandbox_image: config.runtime.sandbox_image.clone(),
         }
     }
 
@@ -666,6 +670,26 @@ mod tests {
         assert!(
             err.contains("kube-proxi") && err.contains("kube-proxy"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn kubelet_keeps_the_sandbox_image_containerd_runs() {
+        let data = DataDir::new("/var/lib/kdist");
+        let config = NodeConfig::default();
+        let mut host = host(&config);
+        host.sandbox_image =
+            "public.ecr.aws/eks-distro/kubernetes/pause:v1.28.7-eks-1-28-12".into();
+        let mut vars = variables(&data, &config, &host);
+        vars.insert("KUBE_MINOR".into(), "28".into());
+        let text = default_args(Service::Kubelet);
+        let argv = parse_args(&text, &vars, Path::new("kubelet")).unwrap();
+        assert!(
+            argv.contains(
+                &"--pod-infra-container-image=public.ecr.aws/eks-distro/kubernetes/pause:v1.28.7-eks-1-28-12"
+                    .to_string()
+            ),
+            "{argv:?}"
         );
     }
 

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod netns;
 pub mod oci;
 pub mod outside;
 pub mod release;
