@@ -9,22 +9,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::release::{KUBE, release_dir};
+use common::netns::{self, NsNode};
+use common::release::{binary_version, k8s_bin, real_bins, release_dir};
 use common::{TempData, poll_until, text};
 
 const RELEASES: &str = "releases.distro.eks.amazonaws.com";
 const CHANNELS: &str = "releasechannels.distro.eks.amazonaws.com";
-
-fn k8s_bin() -> PathBuf {
-    PathBuf::from(std::env::var_os("KDIST_TEST_K8S_BIN").expect(
-        "set KDIST_TEST_K8S_BIN to a directory with kube-apiserver, kube-controller-manager, \
-         kube-scheduler, kubelet and kube-proxy",
-    ))
-}
 
 fn ok(data: &TempData, args: &[&str]) -> String {
     let out = data.kdist(args);
@@ -78,32 +71,14 @@ fn the_cluster_shows_the_release_each_node_runs() {
     let data = TempData::new("releases");
     let work = data.path("work");
     std::fs::create_dir_all(&work).unwrap();
-    let kubectl_bin = common::on_path("kubectl")
-        .then(|| PathBuf::from("/usr/bin/kubectl"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| bin.join("kubectl"));
-    let real: Vec<(&str, PathBuf)> = KUBE
+    let real = real_bins(&bin);
+    let kubectl_bin = real
         .iter()
-        .map(|b| {
-            let path = if *b == "kubectl" {
-                kubectl_bin.clone()
-            } else {
-                bin.join(b)
-            };
-            (*b, path)
-        })
-        .collect();
-    let version = {
-        let out = Command::new(bin.join("kube-apiserver"))
-            .arg("--version")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    };
+        .find(|(b, _)| *b == "kubectl")
+        .unwrap()
+        .1
+        .clone();
+    let version = binary_version(&bin);
     let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
     let channel = format!("1-{minor}");
     let r1 = release_dir(&work, &channel, &version, 1, &real);
@@ -276,145 +251,35 @@ fn the_cluster_shows_the_release_each_node_runs() {
     );
 }
 
-/// Network namespaces on a bridge the test creates, in 10.204.0.0/24 (the host side of
-/// the bridge is .254). Everything is removed on drop, even when the test fails.
-struct Lab {
-    bridge: String,
-    namespaces: Vec<String>,
-    veths: Vec<String>,
+/// (name, control plane, release) of each row of NODES in `kdist status -o json`.
+fn nodes(node: &NsNode) -> Vec<(String, bool, Option<String>)> {
+    let status: serde_json::Value =
+        serde_json::from_str(&node.ok(&["status", "-o", "json"])).unwrap();
+    status["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or_default().to_string(),
+                n["control_plane"] == true,
+                n["release"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", text(&out));
-}
-
-impl Lab {
-    fn new(nodes: usize) -> Self {
-        let tag = std::process::id() % 100_000;
-        let mut lab = Lab {
-            bridge: format!("krbr{tag}"),
-            namespaces: Vec::new(),
-            veths: Vec::new(),
-        };
-        ip(&["link", "add", &lab.bridge, "type", "bridge"]);
-        ip(&["addr", "add", "10.204.0.254/24", "dev", &lab.bridge]);
-        ip(&["link", "set", &lab.bridge, "up"]);
-        for i in 1..=nodes {
-            let ns = format!("krns{tag}-{i}");
-            let (host, inner) = (format!("krh{tag}-{i}"), format!("krn{tag}-{i}"));
-            ip(&["netns", "add", &ns]);
-            lab.namespaces.push(ns.clone());
-            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner]);
-            lab.veths.push(host.clone());
-            ip(&["link", "set", &inner, "netns", &ns]);
-            ip(&["link", "set", &host, "master", &lab.bridge]);
-            ip(&["link", "set", &host, "up"]);
-            let address = format!("10.204.0.{i}/24");
-            ip(&["-n", &ns, "addr", "add", &address, "dev", &inner]);
-            ip(&["-n", &ns, "link", "set", &inner, "up"]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        lab
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        for veth in &self.veths {
-            let _ = Command::new("ip").args(["link", "del", veth]).output();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
-    }
-}
-
-/// A node whose `kdist` commands run inside a network namespace of the lab. Dropping it
-/// stops the daemon and resets the node, even when the test failed.
-struct NsNode {
-    ns: String,
-    node: common::Node,
-}
-
-impl NsNode {
-    fn new(lab: &Lab, i: usize, tag: &str, config: &str) -> Self {
-        let node = common::Node::new(tag);
-        node.write_config(config);
-        Self {
-            ns: lab.namespaces[i - 1].clone(),
-            node,
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, common::KDIST, "--data-dir"])
-            .arg(&self.node.root)
-            .args(args)
-            .env_remove("KDIST_DATA_DIR")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kdist {args:?} in {}: {}\n--- kdist.log\n{}",
-            self.ns,
-            text(&out),
-            self.node.log("kdist")
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// (name, control plane, release) of each row of NODES in `kdist status -o json`.
-    fn nodes(&self) -> Vec<(String, bool, Option<String>)> {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.ok(&["status", "-o", "json"])).unwrap();
-        status["nodes"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .map(|n| {
-                (
-                    n["name"].as_str().unwrap_or_default().to_string(),
-                    n["control_plane"] == true,
-                    n["release"].as_str().map(str::to_string),
-                )
-            })
-            .collect()
-    }
-
-    fn releases(&self) -> Vec<String> {
-        let out = self.ok(&["kubectl", "get", RELEASES, "-n", "default", "-o", "json"]);
-        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
-            .collect()
-    }
-}
-
-impl Drop for NsNode {
-    fn drop(&mut self) {
-        let run = |args: &[&str]| {
-            Command::new("ip")
-                .args(["netns", "exec", &self.ns, common::KDIST, "--data-dir"])
-                .arg(&self.node.root)
-                .args(args)
-                .output()
-        };
-        if self.node.path("run/kdist.sock").exists() {
-            let _ = run(&["stop", "--timeout", "60"]);
-        }
-        if self.node.path("node/host-state.json").exists() {
-            let _ = run(&["reset"]);
-        }
-    }
+/// The names of the Release objects, through `node`'s kubectl.
+fn releases(node: &NsNode) -> Vec<String> {
+    let out = node.ok(&["kubectl", "get", RELEASES, "-n", "default", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// A rolling upgrade on a control plane and a worker (each in its own network
@@ -426,28 +291,8 @@ impl Drop for NsNode {
 fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
     let bin = k8s_bin();
     let work = common::temp_dir("kdist-releases-work");
-    let kubectl_bin = common::on_path("kubectl")
-        .then(|| PathBuf::from("/usr/bin/kubectl"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| bin.join("kubectl"));
-    let real: Vec<(&str, PathBuf)> = KUBE
-        .iter()
-        .map(|b| match *b {
-            "kubectl" => (*b, kubectl_bin.clone()),
-            _ => (*b, bin.join(b)),
-        })
-        .collect();
-    let version = {
-        let out = Command::new(bin.join("kube-apiserver"))
-            .arg("--version")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    };
+    let real = real_bins(&bin);
+    let version = binary_version(&bin);
     let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
     let channel = format!("1-{minor}");
     let r1 = release_dir(work.path(), &channel, &version, 1, &real);
@@ -458,7 +303,7 @@ fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
     );
 
     // dropped last: the nodes (declared after) stop and reset first
-    let lab = Lab::new(2);
+    let (_lab, namespaces, _) = netns::Lab::pair("krns", "10.204.0");
     let config = |name: &str, i: usize| {
         format!(
             "node_name: {name}\nnetwork:\n  egress: none\n  node_ip: 10.204.0.{i}\n  \
@@ -466,8 +311,17 @@ fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
              addons:\n  dns:\n    enabled: false\n"
         )
     };
-    let cp = NsNode::new(&lab, 1, "rlcp", &config("cp1", 1));
-    let worker = NsNode::new(&lab, 2, "rlw", &config("w1", 2));
+    let make = |i: usize, tag: &str, name: &str| {
+        let node = common::Node::new(tag);
+        node.write_config(&config(name, i + 1));
+        NsNode {
+            ns: namespaces[i].clone(),
+            path: std::env::var("PATH").unwrap_or_default(),
+            node,
+        }
+    };
+    let cp = make(0, "rlcp", "cp1");
+    let worker = make(1, "rlw", "w1");
     for node in [&cp, &worker] {
         node.ok(&["components", "install", "--from", r1.to_str().unwrap()]);
     }
@@ -489,11 +343,11 @@ fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
         ]
     };
     assert!(
-        poll_until(Duration::from_secs(60), || cp.nodes() == both_on(&name1)),
+        poll_until(Duration::from_secs(60), || nodes(&cp) == both_on(&name1)),
         "{:?}",
-        cp.nodes()
+        nodes(&cp)
     );
-    assert_eq!(cp.releases(), vec![name1.clone()]);
+    assert_eq!(releases(&cp), vec![name1.clone()]);
     let table = cp.ok(&["status"]);
     let w1 = table
         .lines()
@@ -515,11 +369,11 @@ fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
         ("w1".to_string(), false, Some(name1.clone())),
     ];
     assert!(
-        poll_until(Duration::from_secs(60), || cp.nodes() == rolling
-            && cp.releases() == vec![name1.clone(), name2.clone()]),
+        poll_until(Duration::from_secs(60), || nodes(&cp) == rolling
+            && releases(&cp) == vec![name1.clone(), name2.clone()]),
         "{:?} {:?}",
-        cp.nodes(),
-        cp.releases()
+        nodes(&cp),
+        releases(&cp)
     );
 
     // then the worker: its own identity annotates its Node, release 1 goes
@@ -532,11 +386,11 @@ fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
     ]);
     worker.ok(&["components", "use", &format!("{channel}-2")]);
     assert!(
-        poll_until(Duration::from_secs(60), || cp.nodes() == both_on(&name2)
-            && cp.releases() == vec![name2.clone()]),
+        poll_until(Duration::from_secs(60), || nodes(&cp) == both_on(&name2)
+            && releases(&cp) == vec![name2.clone()]),
         "{:?} {:?}",
-        cp.nodes(),
-        cp.releases()
+        nodes(&cp),
+        releases(&cp)
     );
     let status: serde_json::Value =
         serde_json::from_str(&worker.ok(&["status", "-o", "json"])).unwrap();

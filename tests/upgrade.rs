@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::netns::{self, NsNode};
-use common::release::{KUBE, fake_bins, release_dir, script};
+use common::release::{binary_version, fake_bins, k8s_bin, real_bins, release_dir, script};
 use common::{TempData, oci, poll_until, text};
 
 const BUSYBOX: &str = "kdist.local/test/busybox:1";
@@ -87,44 +86,6 @@ fn dry_run_plans_restarts_of_changed_binaries_only() {
     // the same release: nothing to do
     let same = ok(&data, &["upgrade", "--release", "1"]);
     assert!(same.contains("already"), "{same}");
-}
-
-fn k8s_bin() -> PathBuf {
-    PathBuf::from(std::env::var_os("KDIST_TEST_K8S_BIN").expect(
-        "set KDIST_TEST_K8S_BIN to a directory with kube-apiserver, kube-controller-manager, \
-         kube-scheduler, kubelet and kube-proxy",
-    ))
-}
-
-/// The Kubernetes binaries of `bin` (kubectl from PATH when there is one).
-fn real_bins(bin: &Path) -> Vec<(&'static str, PathBuf)> {
-    let kubectl_bin = common::on_path("kubectl")
-        .then(|| PathBuf::from("/usr/bin/kubectl"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| bin.join("kubectl"));
-    KUBE.iter()
-        .map(|b| {
-            let path = if *b == "kubectl" {
-                kubectl_bin.clone()
-            } else {
-                bin.join(b)
-            };
-            (*b, path)
-        })
-        .collect()
-}
-
-/// `v1.28.7`: what `kube-apiserver --version` of `bin` says.
-fn binary_version(bin: &Path) -> String {
-    let out = Command::new(bin.join("kube-apiserver"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string()
 }
 
 fn kubectl(data: &TempData, args: &[&str]) -> String {

@@ -144,3 +144,42 @@ pub fn fake_bins(dir: &Path, tag: &str) -> Vec<(&'static str, PathBuf)> {
         })
         .collect()
 }
+
+/// KDIST_TEST_K8S_BIN: the directory of the real Kubernetes server binaries.
+pub fn k8s_bin() -> PathBuf {
+    PathBuf::from(std::env::var_os("KDIST_TEST_K8S_BIN").expect(
+        "set KDIST_TEST_K8S_BIN to a directory with kube-apiserver, kube-controller-manager, \
+         kube-scheduler, kubelet and kube-proxy",
+    ))
+}
+
+/// The Kubernetes binaries of `bin` (kubectl from PATH when there is one).
+pub fn real_bins(bin: &Path) -> Vec<(&'static str, PathBuf)> {
+    let kubectl_bin = super::on_path("kubectl")
+        .then(|| PathBuf::from("/usr/bin/kubectl"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| bin.join("kubectl"));
+    KUBE.iter()
+        .map(|b| {
+            let path = if *b == "kubectl" {
+                kubectl_bin.clone()
+            } else {
+                bin.join(b)
+            };
+            (*b, path)
+        })
+        .collect()
+}
+
+/// `v1.28.7`: what `kube-apiserver --version` of `bin` says.
+pub fn binary_version(bin: &Path) -> String {
+    let out = Command::new(bin.join("kube-apiserver"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
