@@ -315,20 +315,9 @@ impl Controller for Addons {
             let mut applied: Option<(u64, String)> = None;
             let mut last_full = Instant::now();
             loop {
-                let epoch = {
-                    let now = *apiserver.borrow_and_update();
-                    if now.ready {
-                        now.epoch
-                    } else {
-                        reporter.progressing("waiting for kube-apiserver");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            ready = apiserver.wait_for(|a| a.ready) => match ready {
-                                Ok(a) => a.epoch,
-                                Err(_) => return Ok(()),
-                            },
-                        }
-                    }
+                let Some(epoch) = super::ready_epoch(&mut apiserver, &reporter, &shutdown).await
+                else {
+                    return Ok(());
                 };
                 let force = last_full.elapsed() >= RESYNC;
                 match self.pass(&ctx, &applier, epoch, &mut applied, force).await {

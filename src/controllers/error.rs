@@ -82,6 +82,11 @@ pub enum ControllerError {
          `kubectl describe crd {crd}` and `kdist logs kube-apiserver`"
     )]
     NotEstablished { crd: String, secs: u64 },
+    #[error("the {what} of the {controller} controller ended before it listed anything")]
+    WatchEnded {
+        controller: &'static str,
+        what: &'static str,
+    },
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
 }

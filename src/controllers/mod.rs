@@ -74,6 +74,24 @@ pub async fn next_ready(rx: &mut watch::Receiver<Apiserver>, seen: u64) -> Optio
         .map(|a| a.epoch)
 }
 
+/// The epoch of the ready apiserver: at once when it is ready, else after saying so on
+/// `reporter` and waiting; None when `shutdown` comes first or the signal ends.
+pub async fn ready_epoch(
+    rx: &mut watch::Receiver<Apiserver>,
+    reporter: &Reporter,
+    shutdown: &CancellationToken,
+) -> Option<u64> {
+    let now = *rx.borrow_and_update();
+    if now.ready {
+        return Some(now.epoch);
+    }
+    reporter.progressing("waiting for kube-apiserver");
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        ready = rx.wait_for(|a| a.ready) => ready.ok().map(|a| a.epoch),
+    }
+}
+
 /// Runs `work` every time the apiserver becomes ready in a new epoch, until `shutdown`
 /// (or the signal's end); an error of `work` ends it.
 pub async fn on_every_ready<F, Fut>(

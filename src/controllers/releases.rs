@@ -15,14 +15,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::addons::MANAGED_BY;
@@ -357,24 +360,46 @@ impl Controller for Releases {
             let applier = Applier::new(ctx.client.clone());
             let mut apiserver = ctx.apiserver.clone();
             let mut applied = Applied::default();
+            // the Nodes as one watch keeps them (a worker watches only its own)
+            let config = match ctx.config.role {
+                Role::Worker => watcher::Config::default()
+                    .fields(&format!("metadata.name={}", ctx.config.node_name())),
+                Role::ControlPlane => watcher::Config::default(),
+            };
+            let (nodes, writer) = reflector::store();
+            let feed = reflector(
+                writer,
+                watcher(Api::<Node>::all(ctx.client.clone()), config),
+            )
+            .default_backoff()
+            .for_each(|event| {
+                if let Err(e) = event {
+                    debug!("Node watch: {e}");
+                }
+                futures::future::ready(())
+            });
+            let _feed = AbortOnDropHandle::new(tokio::spawn(feed));
+            reporter.progressing("listing Nodes");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                listed = nodes.wait_until_ready() => if listed.is_err() {
+                    return Err(ControllerError::WatchEnded { controller: "releases", what: "Node watch" });
+                },
+            }
             loop {
-                let epoch = {
-                    let now = *apiserver.borrow_and_update();
-                    if now.ready {
-                        now.epoch
-                    } else {
-                        reporter.progressing("waiting for kube-apiserver");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            ready = apiserver.wait_for(|a| a.ready) => match ready {
-                                Ok(a) => a.epoch,
-                                Err(_) => return Ok(()),
-                            },
-                        }
-                    }
+                let Some(epoch) = super::ready_epoch(&mut apiserver, &reporter, &shutdown).await
+                else {
+                    return Ok(());
                 };
                 match self
-                    .pass(&ctx, &applier, epoch, &mut applied, &shutdown)
+                    .pass(
+                        &ctx,
+                        &applier,
+                        &nodes.state(),
+                        epoch,
+                        &mut applied,
+                        &shutdown,
+                    )
                     .await
                 {
                     Ok((true, message)) => reporter.ready(message),
@@ -402,6 +427,7 @@ impl Releases {
         &self,
         ctx: &Context,
         applier: &Applier,
+        watched: &[Arc<Node>],
         epoch: u64,
         applied: &mut Applied,
         shutdown: &CancellationToken,
@@ -410,11 +436,7 @@ impl Releases {
         let me = ctx.config.node_name();
         let nodes: Api<Node> = Api::all(ctx.client.clone());
         let (mut listed, named) = if control_plane {
-            let list = nodes
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| ControllerError::api("listing nodes", e))?;
-            let listed: Vec<Node> = list.items;
+            let listed: Vec<Node> = watched.iter().map(|n| Node::clone(n)).collect();
             let named: BTreeSet<String> = listed
                 .iter()
                 .filter(|n| n.metadata.name.as_deref() != Some(me.as_str()))
@@ -436,16 +458,10 @@ impl Releases {
         let active_name = local.active.as_ref().map(|a| a.name.clone());
 
         // this node's own Node
-        let own = match &listed {
-            Some(listed) => listed
-                .iter()
-                .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
-                .cloned(),
-            None => nodes
-                .get_opt(&me)
-                .await
-                .map_err(|e| ControllerError::api(format!("reading Node {me}"), e))?,
-        };
+        let own = watched
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
+            .map(|n| Node::clone(n));
         let Some(own) = own else {
             return Ok((false, format!("waiting for Node {me} to register")));
         };
