@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     }
     let cli = kdist::cli::Cli::parse();
     quiet_on_closed_stdout();
-    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(&cli.log_level);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -63,4 +63,35 @@ fn quiet_on_closed_stdout() {
         }
         default(info);
     }));
+}
+
+/// The log filter of `--log-level`. kube-rs logs every failed request at ERROR without
+/// saying what it was for; the controllers report the same error with its context (and
+/// retry), so while the apiserver restarts (certificate renewal, upgrade) the log would
+/// fill with alarms: those are off unless the level names kube_client itself.
+fn log_filter(level: &str) -> EnvFilter {
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if !level.contains("kube_client")
+        && let Ok(directive) = "kube_client::client::builder=off".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
+    filter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn kube_rs_request_errors_are_off_unless_asked_for() {
+        assert!(
+            log_filter("info")
+                .to_string()
+                .contains("kube_client::client::builder=off")
+        );
+        let asked = log_filter("info,kube_client=debug").to_string();
+        assert!(!asked.contains("=off"), "{asked}");
+        assert!(asked.contains("kube_client=debug"), "{asked}");
+    }
 }
