@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::netns::NsNode;
 use common::{KDIST, Node, describe, free_port};
 use http_body_util::{BodyExt, Full};
 use rustls::pki_types::pem::PemObject;
@@ -1240,70 +1241,6 @@ fn control_plane_join_on_the_embedded_datastore_says_to_migrate() {
     cp.kdist_ok(&["join", &conn(port, &token, &fp), "--worker", "--no-start"]);
 }
 
-/// A node whose every `kdist` command runs inside network namespace `ns`, with the
-/// Kubernetes binaries on PATH. Dropping it stops the daemon and resets the node (mounts,
-/// iptables, cgroups, host paths), even when the test failed.
-struct NsNode {
-    ns: String,
-    path: String,
-    node: Node,
-}
-
-impl NsNode {
-    fn new(lab: &Lab, i: usize, tag: &str, path: &str, config: &str) -> Self {
-        let node = Node::new(tag);
-        node.write_config(config);
-        Self {
-            ns: lab.ns(i).to_string(),
-            path: path.to_string(),
-            node,
-        }
-    }
-
-    fn kdist(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns, KDIST, "--data-dir"])
-            .arg(&self.node.root)
-            .args(args)
-            .env("PATH", &self.path)
-            .env_remove("KDIST_DATA_DIR")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.kdist(args);
-        assert!(
-            out.status.success(),
-            "kdist {args:?} in {}: {}\n--- kdist.log\n{}",
-            self.ns,
-            describe(&out),
-            self.node.log("kdist")
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// A command run inside the namespace (not kdist).
-    fn inside(&self, program: &str, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns, program])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for NsNode {
-    fn drop(&mut self) {
-        if self.node.path("run/kdist.sock").exists() {
-            let _ = self.kdist(&["stop", "--timeout", "60"]);
-        }
-        if self.node.path("node/host-state.json").exists() {
-            let _ = self.kdist(&["reset"]);
-        }
-    }
-}
-
 const ON_WORKER: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -1362,8 +1299,8 @@ fn worker_registers_and_becomes_ready() {
         worker_bin.path().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let cp = NsNode::new(&lab, 1, "k8cp", &path, &node_config("cp1", 1));
-    let worker = NsNode::new(&lab, 2, "k8w", &worker_path, &node_config("w1", 2));
+    let cp = NsNode::new(lab.ns(1), "k8cp", &path, &node_config("cp1", 1));
+    let worker = NsNode::new(lab.ns(2), "k8w", &worker_path, &node_config("w1", 2));
     let started = Instant::now();
     cp.ok(&["start", "--timeout", "300"]);
     let cp_ready = started.elapsed();
@@ -1704,8 +1641,8 @@ fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
         worker_bin.path().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let cp = NsNode::new(&lab, 1, "k8rcp", &path, &node_config("cp1", 1));
-    let worker = NsNode::new(&lab, 2, "k8rw", &worker_path, &node_config("w1", 2));
+    let cp = NsNode::new(lab.ns(1), "k8rcp", &path, &node_config("cp1", 1));
+    let worker = NsNode::new(lab.ns(2), "k8rw", &worker_path, &node_config("w1", 2));
     cp.ok(&["start", "--timeout", "300"]);
     let v: serde_json::Value =
         serde_json::from_str(&cp.ok(&["add-node", "--worker", "-o", "json"])).unwrap();

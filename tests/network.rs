@@ -7,10 +7,11 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{KDIST, Node, describe};
+use common::netns::NsNode;
+use common::{Node, describe};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -151,73 +152,6 @@ impl Drop for Lab {
     }
 }
 
-/// A node whose `kdist` runs inside namespace `ns`; dropping it stops and resets it.
-struct NsNode {
-    ns: String,
-    path: String,
-    node: Node,
-}
-
-impl NsNode {
-    fn kdist(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns, KDIST, "--data-dir"])
-            .arg(&self.node.root)
-            .args(args)
-            .env("PATH", &self.path)
-            .env_remove("KDIST_DATA_DIR")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.kdist(args);
-        assert!(
-            out.status.success(),
-            "kdist {args:?} in {}: {}\n--- kdist.log\n{}",
-            self.ns,
-            describe(&out),
-            self.node.log("kdist")
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn inside(&self, program: &str, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, program])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// kdist's routes (proto 75) in this node's namespace, one per line.
-    fn routes(&self) -> Vec<String> {
-        self.inside("ip", &["route", "show", "proto", "75"])
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
-    }
-
-    fn network(&self) -> serde_json::Value {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.ok(&["status", "-o", "json"])).unwrap();
-        status["network"].clone()
-    }
-}
-
-impl Drop for NsNode {
-    fn drop(&mut self) {
-        if self.node.path("run/kdist.sock").exists() {
-            let _ = self.kdist(&["stop", "--timeout", "60"]);
-        }
-        if self.node.path("node/host-state.json").exists() {
-            let _ = self.kdist(&["reset"]);
-        }
-    }
-}
-
 /// A busybox httpd pod pinned to `node`, answering its node's name, with `big` (50 MB, in memory: the host's disk stays out of it)
 /// for the throughput figure.
 fn server_pod(name: &str, node: &str) -> String {
@@ -341,8 +275,8 @@ impl Cluster {
             "{}\n{}\n--- w1 network\n{}\n--- cp1 network\n{}",
             describe(&out),
             String::from_utf8_lossy(&self.cp.kdist(&["kubectl", "describe", "pod", pod]).stdout),
-            self.worker.network(),
-            self.cp.network()
+            network_status(&self.worker),
+            network_status(&self.cp)
         );
     }
 
@@ -389,20 +323,21 @@ impl Cluster {
         let ip_cp = self.field("pod", "web-cp1", "{.status.podIP}");
         let ip_w = self.field("pod", "web-w1", "{.status.podIP}");
         assert_ne!(ip_cp, ip_w, "pod IPs are unique across nodes");
-        let inside = |ip: &str, cidr: &str| {
+        let within = |ip: &str, cidr: &str| {
             let net: ipnet::Ipv4Net = cidr.parse().unwrap();
             net.contains(&ip.parse::<std::net::Ipv4Addr>().unwrap())
         };
-        assert!(inside(&ip_cp, &cidr_cp), "{ip_cp} not in {cidr_cp}");
-        assert!(inside(&ip_w, &cidr_w), "{ip_w} not in {cidr_w}");
+        assert!(within(&ip_cp, &cidr_cp), "{ip_cp} not in {cidr_cp}");
+        assert!(within(&ip_w, &cidr_w), "{ip_w} not in {cidr_w}");
         let diag = || {
             let dump = |n: &NsNode| {
                 format!(
                     "{}\n{}\n{}\n{}",
-                    n.inside("ip", &["-4", "addr"]),
-                    n.inside("ip", &["route"]),
-                    n.inside("iptables-save", &["-c"]),
-                    n.inside(
+                    inside(n, "ip", &["-4", "addr"]),
+                    inside(n, "ip", &["route"]),
+                    inside(n, "iptables-save", &["-c"]),
+                    inside(
+                        n,
                         "sysctl",
                         &["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter"]
                     )
@@ -421,8 +356,8 @@ impl Cluster {
                 "last fetch: {}\npods: {}\ncp1 network {}\nw1 network {}\n--- cp1\n{}\n--- w1\n{}",
                 describe(&out),
                 self.cp.ok(&["kubectl", "get", "pods", "-o", "wide"]),
-                self.cp.network(),
-                self.worker.network(),
+                network_status(&self.cp),
+                network_status(&self.worker),
                 dump(&self.cp),
                 dump(&self.worker)
             )
@@ -573,7 +508,7 @@ fn peer_route<'a>(network: &'a serde_json::Value, peer: &str) -> &'a str {
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn host_gw_pods_reach_pods_and_services_across_nodes() {
     let c = cluster(Lab::one_segment(), "");
-    let net = c.cp.network();
+    let net = network_status(&c.cp);
     assert_eq!(net["backend"], "host-gw", "{net:#}");
     assert!(
         net["network_policy"]
@@ -584,16 +519,13 @@ fn host_gw_pods_reach_pods_and_services_across_nodes() {
     c.check_traffic();
     let cidr_w = c.field("node", "w1", "{.spec.podCIDR}");
     let want = format!("{cidr_w} via {}", c.ips[1]);
-    let routes = c.cp.routes();
+    let routes = kdist_routes(&c.cp);
     assert!(
         routes.iter().filter(|r| r.starts_with(&want)).count() == 1,
         "{routes:?}"
     );
-    assert_eq!(peer_route(&c.worker.network(), "cp1"), "routed");
-    assert!(
-        c.cp.inside("ip", &["link", "show", "kdist.vxlan"])
-            .is_empty()
-    );
+    assert_eq!(peer_route(&network_status(&c.worker), "cp1"), "routed");
+    assert!(inside(&c.cp, "ip", &["link", "show", "kdist.vxlan"]).is_empty());
 
     let plain = plain_transfer_secs();
     let pods = c.transfer_secs();
@@ -604,17 +536,17 @@ fn host_gw_pods_reach_pods_and_services_across_nodes() {
     );
 
     // a stopped and started daemon: the same routes, once
-    let before = c.cp.routes();
+    let before = kdist_routes(&c.cp);
     c.cp.ok(&["stop", "--timeout", "60"]);
     c.cp.ok(&["start", "--timeout", "300"]);
     assert!(
         common::wait_until(Duration::from_secs(120), Duration::from_secs(2), || {
-            peer_route(&c.cp.network(), "w1") == "routed"
+            peer_route(&network_status(&c.cp), "w1") == "routed"
         }),
         "{}",
-        c.cp.network()
+        network_status(&c.cp)
     );
-    assert_eq!(c.cp.routes(), before);
+    assert_eq!(kdist_routes(&c.cp), before);
 
     // a claim of a pod pinned to the worker gets its volume on the worker, provisioned by
     // the worker's own daemon (as its node, with kdist's RBAC for node provisioners)
@@ -672,10 +604,10 @@ spec:
     c.cp.ok(&["remove-node", "w1"]);
     assert!(
         common::wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
-            !c.cp.routes().iter().any(|r| r.starts_with(&cidr_w))
+            !kdist_routes(&c.cp).iter().any(|r| r.starts_with(&cidr_w))
         }),
         "{:?}",
-        c.cp.routes()
+        kdist_routes(&c.cp)
     );
 }
 
@@ -686,7 +618,7 @@ spec:
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn vxlan_pods_reach_pods_and_services_across_subnets() {
     let c = cluster(Lab::two_subnets(), "");
-    let net = c.cp.network();
+    let net = network_status(&c.cp);
     assert_eq!(net["backend"], "vxlan", "{net:#}");
     assert_eq!(net["mtu"], 1450, "{net:#}");
     c.check_traffic();
@@ -696,8 +628,7 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
         "{.metadata.annotations.network\\.kdist\\.io/vxlan-mac}",
     );
     assert_eq!(mac_w.len(), 17, "{mac_w}");
-    let fdb =
-        c.cp.inside("bridge", &["fdb", "show", "dev", "kdist.vxlan"]);
+    let fdb = inside(&c.cp, "bridge", &["fdb", "show", "dev", "kdist.vxlan"]);
     assert!(
         fdb.lines()
             .any(|l| l.starts_with(&mac_w) && l.contains(&format!("dst {}", c.ips[1]))),
@@ -705,9 +636,9 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     );
     let cidr_w = c.field("node", "w1", "{.spec.podCIDR}");
     let vtep_w = cidr_w.split('/').next().unwrap().to_string();
-    let neigh = c.cp.inside("ip", &["neigh", "show", "dev", "kdist.vxlan"]);
+    let neigh = inside(&c.cp, "ip", &["neigh", "show", "dev", "kdist.vxlan"]);
     assert!(neigh.contains(&vtep_w) && neigh.contains(&mac_w), "{neigh}");
-    let routes = c.cp.routes();
+    let routes = kdist_routes(&c.cp);
     assert_eq!(
         routes
             .iter()
@@ -729,7 +660,7 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     let status: serde_json::Value =
         serde_json::from_str(&c.worker.ok(&["status", "-o", "json"])).unwrap();
     let pid = status["daemon"]["pid"].as_i64().unwrap();
-    let before = c.worker.routes();
+    let before = kdist_routes(&c.worker);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -750,12 +681,12 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     c.worker.ok(&["start", "--timeout", "300"]);
     assert!(
         common::wait_until(Duration::from_secs(120), Duration::from_secs(2), || {
-            peer_route(&c.worker.network(), "cp1") == "routed"
+            peer_route(&network_status(&c.worker), "cp1") == "routed"
         }),
         "{}",
-        c.worker.network()
+        network_status(&c.worker)
     );
-    assert_eq!(c.worker.routes(), before);
+    assert_eq!(kdist_routes(&c.worker), before);
     c.wait_running("web-w1");
     let ip_w = c.field("pod", "web-w1", "{.status.podIP}");
     assert!(c.reaches("web-cp1", &ip_w, "w1"));
@@ -765,15 +696,14 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
     c.cp.ok(&["remove-node", "w1"]);
     assert!(
         common::wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
-            !c.cp.routes().iter().any(|r| r.starts_with(&cidr_w))
+            !kdist_routes(&c.cp).iter().any(|r| r.starts_with(&cidr_w))
         }),
         "{:?}",
-        c.cp.routes()
+        kdist_routes(&c.cp)
     );
-    let fdb =
-        c.cp.inside("bridge", &["fdb", "show", "dev", "kdist.vxlan"]);
+    let fdb = inside(&c.cp, "bridge", &["fdb", "show", "dev", "kdist.vxlan"]);
     assert!(!fdb.contains(&mac_w), "{fdb}");
-    let neigh = c.cp.inside("ip", &["neigh", "show", "dev", "kdist.vxlan"]);
+    let neigh = inside(&c.cp, "ip", &["neigh", "show", "dev", "kdist.vxlan"]);
     assert!(!neigh.contains(&vtep_w), "{neigh}");
 }
 
@@ -809,7 +739,7 @@ fn cni_none_leaves_the_network_to_the_user() {
         out.contains("install") && out.contains("10.1.0.0/16"),
         "{out}"
     );
-    let net = n.network();
+    let net = network_status(&n);
     assert_eq!(net["cni"], "none", "{net:#}");
     assert!(
         common::wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
@@ -832,8 +762,8 @@ fn cni_none_leaves_the_network_to_the_user() {
             .is_none(),
         "a CNI config was written"
     );
-    assert!(n.routes().is_empty(), "{:?}", n.routes());
-    assert!(n.inside("ip", &["link", "show", "kdist.vxlan"]).is_empty());
+    assert!(kdist_routes(&n).is_empty(), "{:?}", kdist_routes(&n));
+    assert!(inside(&n, "ip", &["link", "show", "kdist.vxlan"]).is_empty());
     let ready = n.ok(&[
         "kubectl",
         "get",
@@ -845,4 +775,24 @@ fn cni_none_leaves_the_network_to_the_user() {
     assert_eq!(ready, "False", "NotReady until a CNI is installed");
     drop(n);
     drop(lab);
+}
+
+/// stdout of `program` run inside `n`'s namespace.
+fn inside(n: &NsNode, program: &str, args: &[&str]) -> String {
+    String::from_utf8_lossy(&n.inside(program, args).stdout).into_owned()
+}
+
+/// kdist's routes (proto 75) in `n`'s namespace, one per line.
+fn kdist_routes(n: &NsNode) -> Vec<String> {
+    inside(n, "ip", &["route", "show", "proto", "75"])
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The NETWORK section of `n`'s `kdist status -o json`.
+fn network_status(n: &NsNode) -> serde_json::Value {
+    let status: serde_json::Value = serde_json::from_str(&n.ok(&["status", "-o", "json"])).unwrap();
+    status["network"].clone()
 }

@@ -67,7 +67,8 @@ impl Drop for Lab {
 }
 
 /// A node whose `kdist` runs inside namespace `ns` with `PATH` = `path`; dropping it
-/// stops and resets it (before its data dir goes).
+/// stops and resets it (before its data dir goes: iptables, cgroups, host paths), even
+/// when the test failed.
 pub struct NsNode {
     pub ns: String,
     pub path: String,
@@ -75,6 +76,17 @@ pub struct NsNode {
 }
 
 impl NsNode {
+    /// A node of data dir tag `tag` with `config`, run in namespace `ns` with `path`.
+    pub fn new(ns: &str, tag: &str, path: &str, config: &str) -> Self {
+        let node = Node::new(tag);
+        node.write_config(config);
+        Self {
+            ns: ns.to_string(),
+            path: path.to_string(),
+            node,
+        }
+    }
+
     pub fn kdist(&self, args: &[&str]) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &self.ns, KDIST, "--data-dir"])
@@ -98,6 +110,15 @@ impl NsNode {
             self.node.log("kdist")
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A command run inside the namespace (not kdist).
+    pub fn inside(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, program])
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     pub fn path(&self, relative: &str) -> std::path::PathBuf {
