@@ -222,6 +222,7 @@ spec:
 #[test]
 #[ignore = "needs Kubernetes server binaries and addon images: set KDIST_TEST_K8S_BIN, KDIST_TEST_COREDNS_IMAGE, KDIST_TEST_METRICS_IMAGE"]
 fn addons_on_a_node_with_real_binaries() {
+    let _host = common::exclusive_host();
     let bin = env_path("KDIST_TEST_K8S_BIN");
     let coredns = env_path("KDIST_TEST_COREDNS_IMAGE");
     let metrics = env_path("KDIST_TEST_METRICS_IMAGE");

@@ -1273,6 +1273,7 @@ fn cgroup_dir(root: &str) -> std::path::PathBuf {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn worker_registers_and_becomes_ready() {
+    let _host = common::exclusive_host();
     let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
     let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
     // dropped last: the nodes (declared after) stop and reset first
@@ -1617,6 +1618,7 @@ fn cert_fingerprint(path: &std::path::Path) -> String {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn worker_certificates_of_minutes_renew_while_its_pod_keeps_running() {
+    let _host = common::exclusive_host();
     let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
     let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
     let lab = Lab::new(2);

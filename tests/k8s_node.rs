@@ -428,12 +428,14 @@ fn suite(datastore: &str) {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn node_on_embedded_datastore() {
+    let _host = common::exclusive_host();
     suite("embedded");
 }
 
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN (and the PKI's etcd TLS)"]
 fn node_on_etcd() {
+    let _host = common::exclusive_host();
     suite("etcd");
 }
 
@@ -483,6 +485,7 @@ fn mig_pods(data: &TempData) -> Vec<(String, String, String, String)> {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn node_migrates_from_embedded_to_etcd() {
+    let _host = common::exclusive_host();
     let bin = k8s_bin();
     let data = TempData::new("k8s-mig");
     prepare(&data);
@@ -617,6 +620,7 @@ fn node_migrates_from_embedded_to_etcd() {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn bench_node_with_real_binaries() {
+    let _host = common::exclusive_host();
     let bin = k8s_bin();
     let data = TempData::new("k8s-bench");
     prepare(&data);

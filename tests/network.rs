@@ -507,6 +507,7 @@ fn peer_route<'a>(network: &'a serde_json::Value, peer: &str) -> &'a str {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn host_gw_pods_reach_pods_and_services_across_nodes() {
+    let _host = common::exclusive_host();
     let c = cluster(Lab::one_segment(), "");
     let net = network_status(&c.cp);
     assert_eq!(net["backend"], "host-gw", "{net:#}");
@@ -617,6 +618,7 @@ spec:
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn vxlan_pods_reach_pods_and_services_across_subnets() {
+    let _host = common::exclusive_host();
     let c = cluster(Lab::two_subnets(), "");
     let net = network_status(&c.cp);
     assert_eq!(net["backend"], "vxlan", "{net:#}");
@@ -713,6 +715,7 @@ fn vxlan_pods_reach_pods_and_services_across_subnets() {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn cni_none_leaves_the_network_to_the_user() {
+    let _host = common::exclusive_host();
     let bin = std::env::var("KDIST_TEST_K8S_BIN").unwrap();
     let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
     let mut lab = Lab {

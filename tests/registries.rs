@@ -569,6 +569,7 @@ spec:
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn pods_start_through_the_mirrors_and_bad_credentials_are_an_event() {
+    let _host = common::exclusive_host();
     let bin = PathBuf::from(std::env::var("KDIST_TEST_K8S_BIN").unwrap());
     let data = TempData::new("regpod");
     let dir = data.path("registries");

@@ -67,6 +67,7 @@ fn status_nodes(data: &TempData) -> Vec<serde_json::Value> {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn the_cluster_shows_the_release_each_node_runs() {
+    let _host = common::exclusive_host();
     let bin = k8s_bin();
     let data = TempData::new("releases");
     let work = data.path("work");
@@ -289,6 +290,7 @@ fn releases(node: &NsNode) -> Vec<String> {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn a_rolling_upgrade_shows_both_releases_until_every_node_moved() {
+    let _host = common::exclusive_host();
     let bin = k8s_bin();
     let work = common::temp_dir("kdist-releases-work");
     let real = real_bins(&bin);

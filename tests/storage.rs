@@ -151,6 +151,7 @@ spec:
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn claims_get_node_local_volumes_that_follow_their_reclaim_policy() {
+    let _host = common::exclusive_host();
     let data = start_node("storage", &[]);
     let classes = kubectl(&data, &["get", "storageclass"]);
     assert!(
@@ -409,6 +410,7 @@ fn kill_daemon(data: &TempData) {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn a_daemon_killed_while_provisioning_leaves_one_volume_per_claim() {
+    let _host = common::exclusive_host();
     for point in ["storage-after-dir", "storage-after-pv"] {
         let marker = format!("/tmp/kdt-storage-pause-{}-{point}", std::process::id());
         let _ = std::fs::remove_file(&marker);
@@ -451,6 +453,7 @@ fn a_daemon_killed_while_provisioning_leaves_one_volume_per_claim() {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn an_orphan_directory_of_a_claim_that_went_away_is_removed_at_start() {
+    let _host = common::exclusive_host();
     let marker = format!("/tmp/kdt-storage-orphan-{}", std::process::id());
     let _ = std::fs::remove_file(&marker);
     let pause = format!("storage-after-dir:{marker}");

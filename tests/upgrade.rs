@@ -133,6 +133,7 @@ fn version_release(data: &TempData) -> String {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn upgrade_keeps_pods_and_a_broken_release_rolls_back() {
+    let _host = common::exclusive_host();
     let bin = k8s_bin();
     let data = TempData::new("upgrade");
     let work = data.path("work");
@@ -365,6 +366,7 @@ fn refused(node: &NsNode, args: &[&str]) -> String {
 #[test]
 #[ignore = "needs Kubernetes server binaries: set KDIST_TEST_K8S_BIN"]
 fn skew_refusals_name_the_node_to_upgrade_first() {
+    let _host = common::exclusive_host();
     let bin = k8s_bin();
     let path = format!(
         "{}:{}",

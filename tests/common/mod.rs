@@ -677,3 +677,21 @@ pub fn kdist(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The lock every test that runs a whole node with real Kubernetes binaries holds: such
+/// nodes share host resources no namespace separates (port 6443 on the host's loopback
+/// for single nodes, /var/log/pods, the egress guards' view of bridged pod traffic,
+/// cgroup roots), so they run one at a time on a host, across test threads and
+/// processes alike (`cargo test -- --ignored` with any thread count).
+pub fn exclusive_host() -> nix::fcntl::Flock<std::fs::File> {
+    let path = std::env::temp_dir().join("kdist-real-node-tests.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()))
+}
