@@ -205,7 +205,7 @@ pub fn fingerprints(pem: &str) -> Vec<String> {
 /// The node a client certificate names: `<name>` of CN `system:node:<name>` with O
 /// `system:nodes`, the identity the apiserver gives a kubelet. The chain has been
 /// verified against the cluster CA by then.
-pub fn node_of_client_cert(der: &[u8]) -> Result<String, String> {
+pub(super) fn node_of_client_cert(der: &[u8]) -> Result<String, String> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;

@@ -64,4 +64,12 @@ pub enum ValueError {
         channel: String,
         example: &'static str,
     },
+    #[error("`{text}`: only http:// and https:// are supported")]
+    EndpointScheme { text: String },
+    #[error("`{text}` needs a scheme: https://{text} (or http:// for a plain-HTTP mirror)")]
+    EndpointNoScheme { text: String },
+    #[error("`{text}`: `{host}` is not a host[:port] (no user, query or spaces)")]
+    EndpointHost { text: String, host: String },
+    #[error("`{text}`: the path `{path}` has no place in a registry URL")]
+    EndpointPath { text: String, path: String },
 }

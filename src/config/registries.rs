@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
+use super::error::{ConfigError, ValueError};
 
 /// The registry EKS-D publishes its images to.
 pub const EKS_REGISTRY: &str = "public.ecr.aws";
@@ -148,22 +148,17 @@ impl fmt::Display for Endpoint {
 impl Endpoint {
     /// Parses `https://host[:port][/path]`; with `default_scheme`, the scheme may be left
     /// out (`host:port/prefix`).
-    pub fn parse(text: &str, default_scheme: Option<Scheme>) -> Result<Self, String> {
+    pub fn parse(text: &str, default_scheme: Option<Scheme>) -> Result<Self, ValueError> {
         let (scheme, rest) = if let Some(rest) = text.strip_prefix("https://") {
             (Scheme::Https, rest)
         } else if let Some(rest) = text.strip_prefix("http://") {
             (Scheme::Http, rest)
         } else if text.contains("://") {
-            return Err(format!("`{text}`: only http:// and https:// are supported"));
+            return Err(ValueError::EndpointScheme { text: text.into() });
         } else {
             match default_scheme {
                 Some(scheme) => (scheme, text),
-                None => {
-                    return Err(format!(
-                        "`{text}` needs a scheme: https://{text} (or http:// for a plain-HTTP \
-                         mirror)"
-                    ));
-                }
+                None => return Err(ValueError::EndpointNoScheme { text: text.into() }),
             }
         };
         let (host, path) = match rest.find('/') {
@@ -171,14 +166,16 @@ impl Endpoint {
             None => (rest, ""),
         };
         if !is_host(host) {
-            return Err(format!(
-                "`{text}`: `{host}` is not a host[:port] (no user, query or spaces)"
-            ));
+            return Err(ValueError::EndpointHost {
+                text: text.into(),
+                host: host.into(),
+            });
         }
         if path.contains(['?', '#', ' ']) || path.contains("//") {
-            return Err(format!(
-                "`{text}`: the path `{path}` has no place in a registry URL"
-            ));
+            return Err(ValueError::EndpointPath {
+                text: text.into(),
+                path: path.into(),
+            });
         }
         Ok(Self {
             scheme,
@@ -241,7 +238,7 @@ impl RegistriesConfig {
 
     /// `eks_mirror` as an endpoint whose path is the mirror's API root
     /// (`https://host/v2/PREFIX`), or `None` when unset.
-    pub fn eks_endpoint(&self) -> Option<Result<Endpoint, String>> {
+    pub fn eks_endpoint(&self) -> Option<Result<Endpoint, ValueError>> {
         self.eks_mirror.as_deref().map(|text| {
             let mut ep = Endpoint::parse(text, Some(Scheme::Https))?;
             ep.path = format!("/v2{}", ep.path);
@@ -283,7 +280,8 @@ impl RegistriesConfig {
                 ));
             }
             for endpoint in &mirror.endpoint {
-                Endpoint::parse(endpoint, None).map_err(|r| invalid(key("endpoint"), r))?;
+                Endpoint::parse(endpoint, None)
+                    .map_err(|r| invalid(key("endpoint"), r.to_string()))?;
             }
             let eks = name == EKS_REGISTRY && self.eks_mirror.is_some();
             if mirror.endpoint.is_empty() && !eks {
