@@ -110,6 +110,47 @@ struct Local {
     installed: BTreeMap<String, DynamicObject>,
 }
 
+/// What `Local` is made of: while none of it changes, the manifests are not read and
+/// parsed again (the controller looks every few seconds).
+#[derive(Debug, Clone, PartialEq)]
+struct LocalKey {
+    active: Option<ReleaseId>,
+    installed: Vec<ReleaseId>,
+    others: BTreeSet<String>,
+    channel_saved: Option<std::time::SystemTime>,
+}
+
+impl LocalKey {
+    fn read(data: &DataDir, others: &BTreeSet<String>) -> Self {
+        let store = Store::new(data);
+        let active = store.active();
+        let channel_saved = active.as_ref().and_then(|id| {
+            std::fs::metadata(store.channel_file(&id.channel))
+                .and_then(|m| m.modified())
+                .ok()
+        });
+        Self {
+            active,
+            installed: store.installed(),
+            others: others.clone(),
+            channel_saved,
+        }
+    }
+}
+
+/// `Local` for `others`, from `cached` when what it was made of is unchanged.
+fn read_local_cached(
+    data: &DataDir,
+    others: &BTreeSet<String>,
+    cached: Option<(LocalKey, Arc<Local>)>,
+) -> Result<(LocalKey, Arc<Local>), ControllerError> {
+    let key = LocalKey::read(data, others);
+    match cached {
+        Some((was, local)) if was == key => Ok((was, local)),
+        _ => Ok((key, Arc::new(read_local(data, others)?))),
+    }
+}
+
 fn read_local(data: &DataDir, others: &BTreeSet<String>) -> Result<Local, ControllerError> {
     let store = Store::new(data);
     let read = |id: &ReleaseId| -> Result<(String, DynamicObject), ControllerError> {
@@ -338,6 +379,8 @@ fn node_patch(node: &Node, release: Option<&str>, control_plane: bool) -> Option
 /// What the last applying pass did, to tell when to do it again.
 #[derive(Default)]
 struct Applied {
+    /// The data dir as last read.
+    local: Option<(LocalKey, Arc<Local>)>,
     epoch: u64,
     active: Option<String>,
     named: BTreeSet<String>,
@@ -448,12 +491,16 @@ impl Releases {
         };
         let local = {
             let (data, others) = (ctx.data.clone(), named.clone());
-            tokio::task::spawn_blocking(move || read_local(&data, &others))
-                .await
-                .map_err(|source| ControllerError::Task {
-                    controller: "releases",
-                    source,
-                })??
+            let cached = applied.local.take();
+            let (key, local) =
+                tokio::task::spawn_blocking(move || read_local_cached(&data, &others, cached))
+                    .await
+                    .map_err(|source| ControllerError::Task {
+                        controller: "releases",
+                        source,
+                    })??;
+            applied.local = Some((key, local.clone()));
+            local
         };
         let active_name = local.active.as_ref().map(|a| a.name.clone());
 
@@ -535,6 +582,7 @@ impl Releases {
             }
             debug!(objects = wanted.len(), "releases applied");
             *applied = Applied {
+                local: applied.local.take(),
                 epoch,
                 active: active_name.clone(),
                 named: named.clone(),
@@ -800,6 +848,26 @@ status:
             node.metadata.labels = Some(BTreeMap::from([(CONTROL_PLANE_LABEL.into(), "".into())]));
         }
         node
+    }
+
+    #[test]
+    fn the_data_dir_is_read_again_only_when_what_it_shows_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let none = BTreeSet::new();
+        let first = read_local_cached(&data, &none, None).unwrap();
+        let again = read_local_cached(&data, &none, Some(first.clone())).unwrap();
+        assert!(
+            Arc::ptr_eq(&first.1, &again.1),
+            "nothing changed: not read again"
+        );
+        let others = BTreeSet::from(["kubernetes-1-28-eks-3".to_string()]);
+        let other = read_local_cached(&data, &others, Some(again.clone())).unwrap();
+        assert!(
+            !Arc::ptr_eq(&again.1, &other.1),
+            "another node's release: read again"
+        );
+        assert_eq!(other.0.others, others);
     }
 
     #[test]
